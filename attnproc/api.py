@@ -1,0 +1,160 @@
+"""Public entry points: apply, remove, processor."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import hooks
+from .context import DenoiserContext
+from .families import FAMILIES, Family, attention_modules, family_of
+from .layout import TokenLayout
+from .method import Method
+from .processor import AttnProcessor, ModuleInfo
+from .registry import REGISTRY
+
+DENOISERS = ("unet", "transformer", "transformer_2")
+
+
+class AlreadyPatchedError(RuntimeError):
+    """apply() on a pipeline that already carries attnproc processors."""
+
+
+@dataclass(frozen=True)
+class DenoiserPatch:
+    """What apply() did to one denoiser."""
+
+    family: str
+    patched: tuple[str, ...]  # attention modules now running the method
+    skipped: tuple[str, ...]  # attention modules left stock (e.g. text-refiner attention)
+
+
+@dataclass
+class Handle:
+    """Returned by :func:`apply`: the method, its validated config and what was patched. ``remove()`` undoes it."""
+
+    method: Method
+    denoisers: dict[str, DenoiserPatch]
+    _target: Any = field(repr=False, default=None)
+    _contexts: dict[str, DenoiserContext] = field(repr=False, default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    @property
+    def config(self):
+        return self.method.config
+
+    @property
+    def num_patched(self) -> int:
+        return sum(len(d.patched) for d in self.denoisers.values())
+
+    def remove(self) -> bool:
+        return remove(self._target)
+
+    def last_layouts(self) -> dict[str, TokenLayout | None]:
+        """The full-resolution layout each denoiser saw in its most recent forward (for reports)."""
+        return {name: ctx.last_layout for name, ctx in self._contexts.items()}
+
+    def __str__(self) -> str:
+        parts = [f"{n}: {d.family}, {len(d.patched)} attention modules" + (
+            f" ({len(d.skipped)} left stock)" if d.skipped else "") for n, d in self.denoisers.items()]
+        return f"attnproc {self.name!r} on " + "; ".join(parts)
+
+
+def _denoisers(target) -> list[tuple[str, torch.nn.Module]]:
+    if isinstance(target, torch.nn.Module):
+        return [(type(target).__name__, target)]
+    found = [(n, getattr(target, n, None)) for n in DENOISERS]
+    found = [(n, m) for n, m in found if isinstance(m, torch.nn.Module)]
+    if not found:
+        raise ValueError(f"{type(target).__name__} has no denoiser ({', '.join(DENOISERS)}); attnproc.apply takes a "
+                         "diffusers pipeline or a denoiser model")
+    return found
+
+
+def _ours(module) -> AttnProcessor | None:
+    proc = getattr(module, "processor", None)
+    return proc if isinstance(proc, AttnProcessor) else None
+
+
+def apply(pipe, method: str | list[str], **options) -> Handle:
+    """Install ``method`` on every attention module of every denoiser of ``pipe``, plus the step/layout hooks.
+
+    ``method`` is a registered name with its options as keywords, or a list composing a base method with
+    steering edits, e.g. ``apply(pipe, ["radial", "maskmod"], radial={...}, maskmod={...})``. Options are
+    validated before anything is touched, so an error leaves the pipeline as it was. ``pipe`` may also be a
+    single denoiser model.
+    """
+    if isinstance(method, (list, tuple)):
+        instance = REGISTRY.create_many(method, options)
+    else:
+        instance = REGISTRY.create(method, **options)
+    denoisers = _denoisers(pipe)
+    families: dict[str, Family] = {name: family_of(model) for name, model in denoisers}
+    for name, model in denoisers:
+        for mod_name, module in attention_modules(model):
+            ours = _ours(module)
+            if ours is not None:
+                raise AlreadyPatchedError(
+                    f"{name}.{mod_name} already runs attnproc method {ours.method.name!r}; call "
+                    "attnproc.remove(pipe) before applying another method")
+            if getattr(module.processor, "_parallel_config", None) is not None:
+                raise RuntimeError(f"{name} uses diffusers context parallelism, which attnproc processors do not "
+                                   "support yet; apply attnproc to a pipeline without enable_parallelism")
+
+    instance.bind(pipe)
+    tracker = hooks.StepTracker(None if isinstance(pipe, torch.nn.Module) else pipe)
+    patches, contexts = {}, {}
+    for name, model in denoisers:
+        family = families[name]
+        context = contexts[name] = DenoiserContext(family.name, name)
+        patched, skipped, processors, layers = [], [], {}, {}
+        for mod_name, module in attention_modules(model):
+            kind = family.kind_of(mod_name, module)
+            if kind is None:
+                skipped.append(mod_name)
+                continue
+            layer = layers.setdefault(mod_name.rsplit(".", 1)[0], len(layers))
+            info = ModuleInfo(family, name, mod_name, len(patched), layer, kind)
+            processors[mod_name] = AttnProcessor(instance, stock=module.processor, info=info, context=context)
+            patched.append(mod_name)
+        modules = dict(attention_modules(model))
+        for mod_name, proc in processors.items():
+            modules[mod_name].set_processor(proc)
+        hooks.install(model, hooks.StepHook(family, context, tracker))
+        patches[name] = DenoiserPatch(family.name, tuple(patched), tuple(skipped))
+    return Handle(instance, patches, pipe, contexts)
+
+
+def remove(pipe) -> bool:
+    """Restore the stock processors and remove our hooks. Returns False (a no-op) if nothing was applied."""
+    removed = False
+    for _, model in _denoisers(pipe):
+        for _, module in attention_modules(model):
+            ours = _ours(module)
+            if ours is not None and ours.stock is not None:
+                module.set_processor(ours.stock)
+                removed = True
+        removed = hooks.uninstall(model) or removed
+    return removed
+
+
+def processor(method: str, *, family: str | None = None, layout: TokenLayout | None = None,
+              **options) -> AttnProcessor:
+    """A processor for diffusers' own ``model.set_attn_processor(...)``.
+
+    Without our hooks it knows neither layout nor step: methods that need them fail on the first call with a
+    message saying what to do, unless ``layout`` (the full-resolution visual grid of the calls to come) and
+    ``family`` (e.g. ``"wan"``) are given. ``family`` also picks the stock processor for legacy ``Attention``
+    modules whose processor cannot be told from the module alone (SD3, HunyuanVideo, CogVideoX).
+    """
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
+    if layout is not None and not isinstance(layout, TokenLayout):
+        raise TypeError(f"layout must be an attnproc.TokenLayout, got {type(layout).__name__}")
+    instance = REGISTRY.create(method, **options)
+    fam = FAMILIES[family] if family is not None else None
+    return AttnProcessor(instance, info=ModuleInfo(fam, None, None, None, None, None), layout=layout)

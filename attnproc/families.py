@@ -1,0 +1,250 @@
+"""Family adapters: the only code that knows how each diffusers model family lays out its attention.
+
+An adapter says which attention modules to patch and of what kind (self / cross / joint), how to read the
+visual token grid from the denoiser's forward inputs, and how a joint sequence orders text and visual tokens.
+Everything else (projections, norms, RoPE) stays in the stock processors, which we wrap.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .layout import TokenLayout
+
+
+class UnsupportedModelError(ValueError):
+    """A denoiser whose family has no adapter."""
+
+
+def _bind(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The forward's arguments by name (positional ones included)."""
+    sig = inspect.signature(type(model).forward)
+    bound = sig.bind_partial(model, *args, **kwargs)
+    return dict(bound.arguments)
+
+
+def _mask_valid(mask: torch.Tensor | None) -> int | None:
+    """Valid text length from a [B, L] padding mask, if all samples agree."""
+    if mask is None:
+        return None
+    counts = mask.reshape(mask.shape[0], -1).bool().sum(dim=1)
+    return int(counts[0]) if bool((counts == counts[0]).all()) else None
+
+
+def _grid_5d(x: torch.Tensor, pt: int, ph: int, pw: int, frames_dim: int = 2) -> tuple[int, int, int]:
+    f = x.shape[frames_dim]
+    h, w = x.shape[-2], x.shape[-1]
+    return (f // pt, h // ph, w // pw)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one diffusers model family lays out attention."""
+
+    name: str
+    model_classes: tuple[str, ...]
+    kind_of: Callable[[str, torch.nn.Module], str | None]
+    grid_of: Callable[[torch.nn.Module, dict], tuple[tuple[int, int, int], int | None]]
+    joint_text: str = "none"  # where text sits in a joint sequence: "before" | "after"
+    batched_cfg: bool = True  # pipelines run cond and uncond in one batch (vs. two passes)
+    timestep_scale: float = 1.0  # pipeline passes timestep / scale to the model
+    multiscale: bool = False  # UNet: attention runs at several resolutions
+    legacy_processors: dict[str, str] = field(default_factory=dict)  # kind -> stock class for legacy Attention
+
+    # ---- layout of one attention call ------------------------------------------------------------------
+    def site_layout(self, base: TokenLayout, kind: str, q_len: int, kv_len: int,
+                    text_valid: int | None = None) -> TokenLayout:
+        """The layout of a call with ``q_len`` queries and ``kv_len`` keys, given the forward's base layout
+        (visual grid at full resolution, batch branches) and the valid text length if known."""
+        grid = base.grid
+        if self.multiscale:
+            grid = _unet_level(base.grid, q_len if kind != "joint" else None)
+        visual = grid[0] * grid[1] * grid[2]
+        if kind == "joint":
+            text = q_len - visual
+            if text < 0 or kv_len != q_len:
+                raise RuntimeError(f"{self.name}: joint attention over {q_len} queries / {kv_len} keys does not fit "
+                                   f"the visual grid {grid} ({visual} tokens)")
+            return TokenLayout(*grid, text_len=text, text_position=self.joint_text if text else "none",
+                               text_valid=text_valid if text and text_valid is not None and text_valid <= text else None,
+                               branches=base.branches)
+        if q_len != visual:
+            raise RuntimeError(f"{self.name}: {kind}-attention over {q_len} queries does not match the visual grid "
+                               f"{grid} ({visual} tokens)")
+        if kind == "cross":
+            valid = text_valid if text_valid is not None and text_valid <= kv_len else None
+            return TokenLayout(*grid, text_len=kv_len, text_position="separate", text_valid=valid,
+                               branches=base.branches)
+        return TokenLayout(*grid, branches=base.branches)
+
+
+def _unet_level(grid: tuple[int, int, int], q_len: int | None) -> tuple[int, int, int]:
+    """The UNet resolution level whose token count is ``q_len`` (each level halves H and W, rounding up)."""
+    f, h, w = grid
+    for _ in range(8):
+        if q_len is None or f * h * w == q_len:
+            return (f, h, w)
+        h, w = (h + 1) // 2, (w + 1) // 2
+    raise RuntimeError(f"unet: no resolution level of the latent grid {grid} has {q_len} tokens")
+
+
+# ---- per-family layout readers ---------------------------------------------------------------------------
+def _unet_grid(model, a):
+    x = a["sample"]
+    return (1, x.shape[-2], x.shape[-1]), _mask_valid(a.get("encoder_attention_mask"))
+
+
+def _sd3_grid(model, a):
+    p = model.config.patch_size
+    x = a["hidden_states"]
+    return (1, x.shape[-2] // p, x.shape[-1] // p), None
+
+
+def _flux_grid(model, a):
+    ids = a.get("img_ids")
+    x = a["hidden_states"]
+    if ids is None:
+        raise RuntimeError("flux: cannot read the image grid without img_ids")
+    ids = ids[0] if ids.ndim == 3 else ids
+    frames = int(torch.unique(ids[:, 0]).numel())
+    h = int(ids[:, 1].max().item()) + 1
+    w = int(ids[:, 2].max().item()) + 1
+    if frames * h * w != x.shape[1]:
+        raise RuntimeError(f"flux: img_ids describe {frames}x{h}x{w} tokens but hidden_states has {x.shape[1]}")
+    return (frames, h, w), None
+
+
+def _wan_grid(model, a):
+    pt, ph, pw = model.config.patch_size
+    return _grid_5d(a["hidden_states"], pt, ph, pw), None
+
+
+def _hunyuan_grid(model, a):
+    p, pt = model.config.patch_size, model.config.patch_size_t
+    return _grid_5d(a["hidden_states"], pt, p, p), _mask_valid(a.get("encoder_attention_mask"))
+
+
+def _cogvideox_grid(model, a):
+    p, pt = model.config.patch_size, model.config.patch_size_t or 1
+    x = a["hidden_states"]  # [B, F, C, H, W]
+    return ((x.shape[1] + pt - 1) // pt, x.shape[-2] // p, x.shape[-1] // p), None
+
+
+def _ltx_grid(model, a):
+    f, h, w = a.get("num_frames"), a.get("height"), a.get("width")
+    if None in (f, h, w):
+        raise RuntimeError("ltx: the transformer needs num_frames, height and width to know its token grid")
+    return (int(f), int(h), int(w)), _mask_valid(a.get("encoder_attention_mask"))
+
+
+def _qwen_grid(model, a):
+    shapes = a.get("img_shapes")
+    if not shapes:
+        raise RuntimeError("qwenimage: cannot read the image grid without img_shapes")
+    first = shapes[0]
+    first = first[0] if isinstance(first, list) else first
+    f, h, w = (int(s) for s in first)
+    return (f, h, w), _mask_valid(a.get("encoder_hidden_states_mask"))
+
+
+# ---- per-family module kinds ---------------------------------------------------------------------------
+def _by_suffix(table: dict[str, str], prefixes: tuple[str, ...] = ()):
+    def kind_of(name: str, module) -> str | None:
+        if prefixes and not name.startswith(prefixes):
+            return None
+        return table.get(name.rsplit(".", 1)[-1])
+    return kind_of
+
+
+def _unet_kind(name: str, module) -> str | None:
+    return "cross" if getattr(module, "is_cross_attention", False) else "self"
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in [
+    Family("unet", ("UNet2DConditionModel",), _unet_kind, _unet_grid, multiscale=True,
+           legacy_processors={"self": "AttnProcessor2_0", "cross": "AttnProcessor2_0"}),
+    Family("sd3", ("SD3Transformer2DModel",), _by_suffix({"attn": "joint", "attn2": "self"}), _sd3_grid,
+           joint_text="after", legacy_processors={"joint": "JointAttnProcessor2_0", "self": "JointAttnProcessor2_0"}),
+    Family("flux", ("FluxTransformer2DModel",), _by_suffix({"attn": "joint"}), _flux_grid,
+           joint_text="before", batched_cfg=False, timestep_scale=1000.0),
+    Family("wan", ("WanTransformer3DModel",), _by_suffix({"attn1": "self", "attn2": "cross"}), _wan_grid,
+           batched_cfg=False),
+    Family("hunyuanvideo", ("HunyuanVideoTransformer3DModel",),
+           _by_suffix({"attn": "joint"}, prefixes=("transformer_blocks.", "single_transformer_blocks.")),
+           _hunyuan_grid, joint_text="after", batched_cfg=False,
+           legacy_processors={"joint": "HunyuanVideoAttnProcessor2_0"}),
+    Family("cogvideox", ("CogVideoXTransformer3DModel",), _by_suffix({"attn1": "joint"}), _cogvideox_grid,
+           joint_text="before", legacy_processors={"joint": "CogVideoXAttnProcessor2_0"}),
+    Family("ltx", ("LTXVideoTransformer3DModel",), _by_suffix({"attn1": "self", "attn2": "cross"}), _ltx_grid),
+    Family("qwenimage", ("QwenImageTransformer2DModel",), _by_suffix({"attn": "joint"}), _qwen_grid,
+           joint_text="before", batched_cfg=False, timestep_scale=1000.0),
+]}
+
+# Which pipelines each family covers (for error messages and the README's support matrix).
+FAMILY_MODELS = {
+    "unet": "Stable Diffusion 1.x/2.x, SDXL (UNet2DConditionModel)",
+    "sd3": "Stable Diffusion 3/3.5 (SD3Transformer2DModel)",
+    "flux": "Flux.1 (FluxTransformer2DModel)",
+    "wan": "Wan 2.1 / 2.2, both experts (WanTransformer3DModel)",
+    "hunyuanvideo": "HunyuanVideo (HunyuanVideoTransformer3DModel)",
+    "cogvideox": "CogVideoX (CogVideoXTransformer3DModel)",
+    "ltx": "LTX-Video (LTXVideoTransformer3DModel)",
+    "qwenimage": "Qwen-Image (QwenImageTransformer2DModel)",
+}
+
+
+def supported_models() -> str:
+    return "; ".join(FAMILY_MODELS.values())
+
+
+def family_of(model: torch.nn.Module) -> Family:
+    """The adapter for a denoiser, or a clear error naming the supported families."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    for family in FAMILIES.values():
+        if names.intersection(family.model_classes):
+            return family
+    raise UnsupportedModelError(f"attnproc has no adapter for {type(model).__name__}; supported denoisers: "
+                                f"{supported_models()}")
+
+
+def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Every module of ``model`` that runs an attention processor, in registration (execution) order."""
+    return [(name, m) for name, m in model.named_modules()
+            if name and hasattr(m, "processor") and hasattr(m, "set_processor")]
+
+
+def stock_processor_for(module: torch.nn.Module, family: Family | None, kind: str | None):
+    """A fresh stock processor for ``module`` (used when our processor was set without wrapping one)."""
+    default_cls = getattr(type(module), "_default_processor_cls", None)
+    if default_cls is not None:
+        return default_cls()
+    from diffusers.models import attention_processor as ap
+    from diffusers.models.transformers import transformer_hunyuan_video as hv
+
+    classes = {"AttnProcessor2_0": ap.AttnProcessor2_0, "JointAttnProcessor2_0": ap.JointAttnProcessor2_0,
+               "CogVideoXAttnProcessor2_0": ap.CogVideoXAttnProcessor2_0,
+               "HunyuanVideoAttnProcessor2_0": hv.HunyuanVideoAttnProcessor2_0}
+    if family is not None and kind in family.legacy_processors:
+        return classes[family.legacy_processors[kind]]()
+    plain = (getattr(module, "norm_q", None) is None and getattr(module, "added_kv_proj_dim", None) is None
+             and not getattr(module, "pre_only", False))
+    if plain:  # a plain legacy Attention runs AttnProcessor2_0 in every family (UNet, text refiners)
+        return ap.AttnProcessor2_0()
+    raise RuntimeError(
+        f"cannot tell which stock processor this {type(module).__name__} module uses; pass family=... "
+        f"({', '.join(FAMILIES)}) to attnproc.processor(), or use attnproc.apply(pipe, method, ...)")
+
+
+def module_kind(module: torch.nn.Module, family: Family | None, has_context: bool) -> str | None:
+    """Kind of a module seen without its name (plain set_attn_processor use); ``None`` for attention that is not
+    over visual tokens (e.g. HunyuanVideo's text refiner). ``has_context``: the call got encoder_hidden_states."""
+    if family is None or family.joint_text == "none":
+        return "cross" if has_context else "self"
+    if family.name == "sd3":
+        return "joint" if getattr(module, "added_kv_proj_dim", None) is not None else "self"
+    if family.name == "hunyuanvideo":
+        return "joint" if getattr(module, "norm_q", None) is not None else None
+    return "joint"

@@ -1,0 +1,157 @@
+"""AttnProcessor: a diffusers attention processor that runs the stock one with its attention call routed to a method.
+
+The stock processor keeps doing the projections, norms, RoPE and output projection, so every family is served by
+one class. While it runs, a scoped ``TorchFunctionMode`` hands its ``scaled_dot_product_attention`` call (legacy
+processors call it directly, new-style ones through diffusers' native backend) to ``method.attention``. Nothing
+in diffusers or torch is modified and the mode is active only inside ``__call__``.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .context import DenoiserContext
+from .families import Family, module_kind, stock_processor_for
+from .layout import TokenLayout
+from .method import Method
+from .site import Site
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """The static part of a site: known when the processor is installed."""
+
+    family: Family | None
+    denoiser: str | None
+    name: str | None
+    index: int | None
+    layer: int | None
+    kind: str | None
+
+
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class _RouteAttention(TorchFunctionMode):
+    """Sends SDPA calls made inside the ``with`` block to ``route``; every other op runs unchanged."""
+
+    def __init__(self, route):
+        super().__init__()
+        self.route = route
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.calls += 1
+            return self.route(**dict(zip(_SDPA_PARAMS, args)), **kwargs)
+        return func(*args, **kwargs)
+
+
+@lru_cache(maxsize=None)
+def _accepted_kwargs(stock_cls: type) -> tuple[frozenset, bool]:
+    params = inspect.signature(stock_cls.__call__).parameters
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return frozenset(params), var_kw
+
+
+class AttnProcessor:
+    """Runs ``stock`` (the module's original processor) with its attention computed by ``method``.
+
+    ``__call__`` takes new-style positional arguments through ``*args`` and names the keyword arguments legacy
+    ``Attention.forward`` would otherwise filter out (``image_rotary_emb``, ``temb``).
+    """
+
+    # diffusers sets these on processors (set_attention_backend, enable_parallelism): we check them.
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, method: Method, *, stock: Any = None, info: ModuleInfo | None = None,
+                 context: DenoiserContext | None = None, layout: TokenLayout | None = None):
+        self.method = method
+        self.stock = stock
+        self.info = info or ModuleInfo(None, None, None, None, None, None)
+        self.context = context
+        self.layout = layout  # a fixed base layout for use without our hooks
+        self._stocks: dict[int, Any] = {}  # per module, when one instance was set on many modules
+
+    def __repr__(self) -> str:
+        where = self.info.name or "unbound"
+        return f"AttnProcessor({self.method.name!r} at {where}, stock={type(self.stock).__name__})"
+
+    # ---------------------------------------------------------------------------------------------------
+    def __call__(self, attn, hidden_states, *args, image_rotary_emb=None, temb=None, **kwargs):
+        self._check_parallel()
+        context = args[0] if args else kwargs.get("encoder_hidden_states")
+        kind = self.info.kind or module_kind(attn, self.info.family, context is not None)
+        stock = self._stock_for(attn, kind)
+        if kind is None:  # not attention over visual tokens: the stock processor as is
+            return stock(attn, hidden_states, *args, **kwargs)
+        accepted, var_kw = _accepted_kwargs(type(stock))
+        for name, value in (("image_rotary_emb", image_rotary_emb), ("temb", temb)):
+            if value is not None:  # None is every stock processor's default
+                kwargs[name] = value
+        if not var_kw:
+            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        route = _RouteAttention(lambda **sdpa: self._attend(attn, kind, **sdpa))
+        with route:
+            out = stock(attn, hidden_states, *args, **kwargs)
+        if route.calls == 0:
+            raise RuntimeError(
+                f"attnproc: the stock {type(stock).__name__} made no scaled_dot_product_attention call, so method "
+                f"{self.method.name!r} could not run. A non-native attention backend is probably selected "
+                "(set_attention_backend / attention_backend / DIFFUSERS_ATTN_BACKEND); use the default 'native' "
+                "backend with attnproc processors.")
+        return out
+
+    def _check_parallel(self) -> None:
+        cfg = self._parallel_config or getattr(self.stock, "_parallel_config", None)
+        if cfg is not None:
+            raise RuntimeError(
+                "attnproc processors do not support diffusers context parallelism yet: each rank would see only "
+                "its shard of the sequence and a layout-dependent method would be silently wrong. Apply attnproc "
+                "without enable_parallelism (or disable it).")
+
+    def _stock_for(self, attn, kind):
+        if self.stock is not None:
+            return self.stock
+        stock = self._stocks.get(id(attn))
+        if stock is None:
+            stock = self._stocks[id(attn)] = stock_processor_for(attn, self.info.family, kind)
+        return stock
+
+    # ---------------------------------------------------------------------------------------------------
+    def _attend(self, attn, kind, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                enable_gqa=False):
+        site = self._site(attn, kind, query, key)
+        extra = {}
+        if dropout_p:
+            extra["dropout_p"] = dropout_p
+        if is_causal:
+            extra["is_causal"] = True
+        if enable_gqa:
+            extra["enable_gqa"] = True
+        if extra:
+            if self.method.name != "dense":
+                raise RuntimeError(f"method {self.method.name!r} does not support SDPA options {sorted(extra)}")
+            return self.method.attention(query, key, value, site, attn_mask=attn_mask, scale=scale, **extra)
+        return self.method.attention(query, key, value, site, attn_mask=attn_mask, scale=scale)
+
+    def _site(self, attn, kind, query, key) -> Site:
+        info = self.info
+        base, step, text_valid = self.layout, None, None
+        if self.context is not None and self.context.layout is not None:
+            base, step, text_valid = self.context.layout, self.context.step, self.context.text_valid
+        layout = None
+        if base is not None and info.family is not None:
+            layout = info.family.site_layout(base, kind, query.shape[-2], key.shape[-2], text_valid)
+        elif base is not None:
+            layout = base
+        return Site(family=info.family.name if info.family else None, denoiser=info.denoiser, name=info.name,
+                    index=info.index, layer=info.layer, kind=kind, layout=layout, step=step, module=attn)

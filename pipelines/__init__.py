@@ -1,0 +1,4 @@
+"""Pipeline-level glue: tiny offline pipelines for tests, the demo and benchmarks."""
+from .tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline
+
+__all__ = ["FAMILIES", "tiny_pipeline", "tiny_call_kwargs"]

@@ -1,0 +1,1 @@
+"""Batch rendering and ComfyUI export."""

@@ -1,0 +1,72 @@
+"""Writing rendered images and videos: mp4 when an encoder is installed, PNG frames otherwise; atomic."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8_frames(x) -> np.ndarray:
+    """Pipeline output (tensor or array, [F, H, W, C] or [F, C, H, W], values in [0, 1]) as uint8 [F, H, W, C]."""
+    arr = x.detach().cpu().float().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float32)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.shape[-1] not in (1, 3, 4) and arr.shape[1] in (1, 3, 4):
+        arr = arr.transpose(0, 2, 3, 1)
+    return (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def _mp4_writer_available() -> bool:
+    try:
+        import imageio_ffmpeg  # noqa: F401
+        import imageio.v2  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def save_image(frame: np.ndarray, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.png")
+    os.close(fd)
+    try:
+        Image.fromarray(frame.squeeze(-1) if frame.shape[-1] == 1 else frame).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_video(frames, path: Path, fps: int = 8) -> Path:
+    """Write ``frames`` to ``path`` (.mp4) if an encoder is installed, else to a folder of PNGs next to it.
+
+    Returns the path written (the .mp4 file, or the folder ``<stem>_frames``).
+    """
+    frames = to_uint8_frames(frames)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if _mp4_writer_available():
+        import imageio.v2 as imageio
+
+        h, w = frames.shape[1:3]
+        if h % 2 or w % 2:  # yuv420p needs even sizes
+            frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.mp4")
+        os.close(fd)
+        try:
+            imageio.mimwrite(tmp, list(frames), format="FFMPEG", fps=fps, macro_block_size=1, codec="libx264",
+                             pixelformat="yuv420p")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+    folder = path.with_name(path.stem + "_frames")
+    for i, frame in enumerate(frames):
+        save_image(frame, folder / f"{i:04d}.png")
+    return folder
