@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -64,8 +65,10 @@ _TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "str"}
 
 
 def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, str):
-        annotation = {"int": int, "float": float, "bool": bool, "str": str}.get(annotation, annotation)
+    """``int``, ``float | None`` and the like map to their scalar type; anything else is "any"."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if args and len(args) == 1 and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = args[0]
     return _TYPE_NAMES.get(annotation, "any")
 
 
@@ -88,6 +91,8 @@ def option_infos(config_cls: type) -> list[OptionInfo]:
 
 def _coerce(info: OptionInfo, value: Any, method: str) -> Any:
     where = f"option {info.name!r} of method {method!r}"
+    if value is None and info.default is None:  # None means "automatic" where it is the default
+        return None
     if info.type == "bool":
         if isinstance(value, bool):
             return value

@@ -101,3 +101,20 @@ def test_entry_point_name_must_match(monkeypatch):
     monkeypatch.setattr(registry_module, "entry_points", lambda group: [EP()])
     with pytest.raises(ValueError, match="names must match"):
         Registry().names()
+
+
+def test_optional_options_accept_none_and_typed_values():
+    from dataclasses import dataclass
+
+    from attnproc.options import build_config, option, option_infos
+
+    @dataclass
+    class Cfg:
+        decay: float | None = option(None, low=0.0, high=1.0, help="None: the family's default")
+
+    info = option_infos(Cfg)[0]
+    assert info.type == "float" and info.default is None
+    assert build_config(Cfg, "m", {"decay": None}).decay is None
+    assert build_config(Cfg, "m", {"decay": 1}).decay == 1.0
+    with pytest.raises(OptionError, match="out of range"):
+        build_config(Cfg, "m", {"decay": 2})
