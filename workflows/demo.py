@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 import attnproc
 from attnproc.pipelines import tiny_call_kwargs, tiny_pipeline
 
+from .maskviz import mask_image, method_mask
 from .media import save_video, to_uint8_frames
 
 
@@ -45,6 +46,8 @@ def run_demo(method: str = "dense", out_dir: str | Path = "attnproc-demo", optio
         frames = _render(pipe, call)
         seconds = time.perf_counter() - start
         layouts = {k: (asdict(v) if v is not None else None) for k, v in handle.last_layouts().items()}
+        if name == method:
+            report["mask_picture"] = _save_mask(handle, out_dir / f"{name}-mask.png")
         attnproc.remove(pipe)
         results[name] = frames
         path = save_video(frames, out_dir / f"{name}.mp4")
@@ -61,6 +64,22 @@ def run_demo(method: str = "dense", out_dir: str | Path = "attnproc-demo", optio
     report["frames"] = int(frames_u8.shape[0])
     _write_json(out_dir / "report.json", report)
     return report
+
+
+def _save_mask(handle, path: Path) -> str | None:
+    """Draw the method's sparsity pattern at the layout the first denoiser saw; None for dense methods."""
+    denoiser, patch = next(iter(handle.denoisers.items()))
+    layout = handle.last_layouts()[denoiser]
+    if layout is None:
+        return None
+    mask = method_mask(handle.method, patch.family, layout)
+    if mask is None:
+        return None
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.png")
+    os.close(fd)
+    mask_image(mask).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return str(path)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -43,3 +43,16 @@ def test_demo_cli_rejects_bad_option_before_rendering(tmp_path, capsys):
                                             ("d=hello", ("d", "hello")), ("e=[1,2]", ("e", [1, 2]))])
 def test_parse_option(text, expected):
     assert parse_option(text) == expected
+
+
+def test_mask_image_shows_kept_fraction():
+    import torch
+
+    from attnproc.workflows.maskviz import mask_image
+
+    mask = torch.zeros(1000, 600, dtype=torch.bool)
+    mask[:500] = True
+    img = mask_image(mask, max_side=100)
+    assert img.size == (100, 100)  # 600 wide /6 -> 100, 1000 tall /10 -> 100
+    px = torch.tensor(list(img.getdata())).reshape(100, 100)
+    assert (px[:50] == 255).all() and (px[50:] == 0).all()
