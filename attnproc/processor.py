@@ -64,8 +64,9 @@ def _accepted_kwargs(stock_cls: type) -> tuple[frozenset, bool]:
 class AttnProcessor:
     """Runs ``stock`` (the module's original processor) with its attention computed by ``method``.
 
-    ``__call__`` takes new-style positional arguments through ``*args`` and names the keyword arguments legacy
-    ``Attention.forward`` would otherwise filter out (``image_rotary_emb``, ``temb``).
+    ``__call__`` takes new-style positional arguments through ``*args`` and names every keyword argument a
+    supported stock processor takes beyond the common ones, because legacy ``Attention.forward`` drops keyword
+    arguments the processor's signature does not name.
     """
 
     # diffusers sets these on processors (set_attention_backend, enable_parallelism): we check them.
@@ -86,7 +87,8 @@ class AttnProcessor:
         return f"AttnProcessor({self.method.name!r} at {where}, stock={type(self.stock).__name__})"
 
     # ---------------------------------------------------------------------------------------------------
-    def __call__(self, attn, hidden_states, *args, image_rotary_emb=None, temb=None, **kwargs):
+    def __call__(self, attn, hidden_states, *args, image_rotary_emb=None, temb=None,
+                 encoder_hidden_states_mask=None, **kwargs):
         self._check_parallel()
         context = args[0] if args else kwargs.get("encoder_hidden_states")
         kind = self.info.kind or module_kind(attn, self.info.family, context is not None)
@@ -94,7 +96,8 @@ class AttnProcessor:
         if kind is None:  # not attention over visual tokens: the stock processor as is
             return stock(attn, hidden_states, *args, **kwargs)
         accepted, var_kw = _accepted_kwargs(type(stock))
-        for name, value in (("image_rotary_emb", image_rotary_emb), ("temb", temb)):
+        for name, value in (("image_rotary_emb", image_rotary_emb), ("temb", temb),
+                            ("encoder_hidden_states_mask", encoder_hidden_states_mask)):
             if value is not None:  # None is every stock processor's default
                 kwargs[name] = value
         if not var_kw:
