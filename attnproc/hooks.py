@@ -59,13 +59,16 @@ class StepTracker:
         return i, len(ts)
 
     def cfg_batched(self) -> bool | None:
+        """Whether the pipeline is running classifier-free guidance now (None without a pipeline). Pipelines
+        without the ``do_classifier_free_guidance`` property (CogVideoX) decide from ``_guidance_scale > 1``."""
         pipe = self.pipe
         if pipe is None:
             return None
         try:
             return bool(getattr(pipe, "do_classifier_free_guidance"))
-        except AttributeError:  # property reads attributes set only inside __call__
-            return None
+        except AttributeError:  # no such property, or it reads attributes set only inside __call__
+            scale = getattr(pipe, "_guidance_scale", None)
+            return None if scale is None else bool(scale > 1)
 
 
 class StepHook(ModelHook):

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 

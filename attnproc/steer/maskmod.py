@@ -21,7 +21,6 @@ The region format is in :mod:`attnproc.steer.regions` and docs/maskmod.md.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -146,12 +145,10 @@ class MaskMod(Edit):
         self.regions: list[Region] = list(parsed or [])
         self._maps: dict[tuple[int, int, int], GridMaps] = {}
         self._bound = all(r.tokens is not None for r in self.regions) and bool(self.regions)
-        self._pipe = None
         self.observers: list[Callable[[Site, dict], None]] = []  # called on each modulated call (tests, UIs)
 
     # ---- binding: phrase → text-token positions --------------------------------------------------------
     def bind(self, target) -> None:
-        self._pipe = None if isinstance(target, torch.nn.Module) else weakref.ref(target)
         if not self.regions:
             raise ValueError("maskmod needs regions=[{'phrase': ..., 'mask': ...}, ...]")
         missing = [r for r in self.regions if r.tokens is None]
@@ -162,7 +159,6 @@ class MaskMod(Edit):
             raise ValueError("maskmod applied to a bare denoiser cannot find phrase tokens: apply it to the "
                              "pipeline (its tokenizers locate each phrase) or give 'tokens' per region")
         from attnproc.pipelines.regions import text_token_spans  # pipeline glue, imported only here
-
 
         spans = text_token_spans(target, self.config.prompt, [r.phrase for r in missing])
         for r, s in zip(missing, spans):
@@ -189,10 +185,6 @@ class MaskMod(Edit):
 
     def _cond_rows(self, site: Site, batch: int) -> slice | None:
         branches = site.layout.branches
-        if site.family == "cogvideox" and branches == ("cond",) and batch % 2 == 0 and self._pipe_cfg():
-            # CogVideoXPipeline batches CFG ([uncond, cond]) under cache_context("cond_uncond") without a
-            # do_classifier_free_guidance property, so the step hook reports a cond-only batch
-            branches = ("uncond", "cond")
         if not branches or all(b == "cond" for b in branches):
             return slice(0, batch)
         if "cond" not in branches or batch % len(branches):
@@ -200,11 +192,6 @@ class MaskMod(Edit):
         n = batch // len(branches)
         i = branches.index("cond")
         return slice(i * n, (i + 1) * n)
-
-    def _pipe_cfg(self) -> bool:
-        pipe = self._pipe() if self._pipe is not None else None
-        scale = getattr(pipe, "_guidance_scale", None)
-        return isinstance(scale, (int, float)) and scale > 1.0
 
     def _plan(self, site: Site, q_len: int, k_len: int):
         """Which blocks to modulate: list of (query slice, key slice, 'cross'|'self', strength)."""

@@ -99,15 +99,17 @@ def test_step_context_separate_cfg_passes(steps, cfg):
     attnproc.remove(pipe)
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "cogvideox", "ltx"])
 @pytest.mark.parametrize("steps", [2, 3])
 @pytest.mark.parametrize("cfg", [True, False])
-def test_step_context_batched_cfg(steps, cfg):
-    pipe = tiny_pipeline("sd15")
+def test_step_context_batched_cfg(family, steps, cfg):
+    pipe = tiny_pipeline(family)
     handle = attnproc.apply(pipe, "probe")
-    pipe(**tiny_call_kwargs("sd15", num_inference_steps=steps, guidance_scale=7.5 if cfg else 1.0,
+    pipe(**tiny_call_kwargs(family, num_inference_steps=steps, guidance_scale=6.0 if cfg else 1.0,
                             output_type="latent"))
     branch = "batched" if cfg else "cond"
-    assert _trace(handle) == [("unet", i, branch) for i in range(steps)]
+    denoiser = "unet" if family in ("sd15", "sdxl") else "transformer"
+    assert _trace(handle) == [(denoiser, i, branch) for i in range(steps)]
     for s in handle.method.sites:
         assert s.layout.branches == (("uncond", "cond") if cfg else ("cond",))
         assert s.step.num_steps == steps

@@ -1,0 +1,164 @@
+"""`attnproc ui`: the gradio app driven by gradio_client and by a real headless Chromium (playwright)."""
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import numpy as np
+import torch
+
+import attnproc
+from attnproc.kernels import dense_attention
+from attnproc.registry import REGISTRY
+
+gr = pytest.importorskip("gradio", reason="the UI needs gradio (pip install 'attnproc[ui]')")
+from gradio_client import Client  # noqa: E402
+
+from attnproc.ui.app import build_app, widget_spec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Banded(attnproc.Method):
+    """Test method: dense attention that reports a banded sparsity pattern (for the mask picture)."""
+
+    name = "banded"
+    summary = "Test method: dense attention reporting a diagonal-band pattern."
+
+    def attention(self, q, k, v, site, *, attn_mask=None, scale=None):
+        return dense_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+
+    def token_mask(self, site, q_len, k_len):
+        i = torch.arange(q_len)[:, None]
+        j = torch.arange(k_len)[None, :]
+        return ((i - j).abs() < 8)[None]
+
+
+if "banded" not in REGISTRY.names():
+    attnproc.register(Banded)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app():
+    demo = build_app(["tiny:sd15", "tiny:wan21"])
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                allowed_paths=[str(demo.renderer.out_dir)])
+    yield demo, f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return Client(app[1], verbose=False)
+
+
+def test_widgets_follow_the_registry_schema():
+    infos = {m.name: m for m in attnproc.methods()}
+    knobs = {o.name: widget_spec(o) for o in infos["knobs"].options}
+    assert knobs["strength"]["kind"] == "slider" and (knobs["strength"]["minimum"], knobs["strength"]["maximum"]) == (0, 1)
+    assert knobs["width"] == {**knobs["width"], "kind": "slider", "minimum": 1, "maximum": 9, "step": 1}
+    assert knobs["mode"] == {"kind": "dropdown", "choices": ["a", "b"], "value": "a"}
+    assert knobs["dense_cross"]["kind"] == "checkbox"
+    assert widget_spec(attnproc.options.OptionInfo("regions", "any", None))["kind"] == "json"
+
+
+def test_binds_localhost_and_exposes_endpoints(app, client):
+    demo, url = app
+    assert url.startswith("http://127.0.0.1:") and demo.server_name == "127.0.0.1"
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert {"/generate", "/generate_json"} <= set(endpoints)
+    assert demo.config["components"]  # built from the registry
+    labels = {c.get("props", {}).get("label") for c in demo.config["components"]}
+    assert any(str(l).startswith("strength") for l in labels) and any(str(l).startswith("mode") for l in labels)
+
+
+def test_generate_image_side_by_side_with_mask(client):
+    res = client.predict("tiny:sd15", "banded", "a red fox", "", 1, 2, 64, 64, 0, True, "{}",
+                         api_name="/generate_json")
+    assert res["kind"] == "image" and res["shape"] == [1, 64, 64, 3]
+    assert set(res["outputs"]) == {"banded", "dense"} and all(Path(p).is_file() for p in res["outputs"].values())
+    assert set(res["timings"]) == {"banded", "dense"} and res["speedup"] > 0
+    assert res["max_abs_diff"] == 0.0  # banded computes dense attention
+    assert Path(res["mask"]).is_file() and res["mask_caption"].startswith("density ")
+    # the button's endpoint: gallery (method | dense), hidden video players, mask picture, stats
+    gallery, video, video_dense, mask, stats = client.predict(
+        "tiny:sd15", "knobs", "a red fox", "", 0, 1, 64, 64, 0, True, json.dumps({"strength": 0.3}), None, "",
+        api_name="/generate")
+    assert [g["caption"] for g in gallery] == ["knobs", "dense"]
+    assert Path(mask).is_file() and stats["options"]["strength"] == 0.3 and "dense" in stats["timings"]
+
+
+def test_generate_video(client):
+    res = client.predict("tiny:wan21", "knobs", "waves", "", 0, 1, 0, 0, 5, False, "{}", api_name="/generate_json")
+    assert res["kind"] == "video" and res["shape"][0] == 5 and set(res["outputs"]) == {"knobs"}
+    assert Path(res["outputs"]["knobs"]).exists()
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("knobs", {"strength": 7}, "out of range"),
+    ("knobs", {"nosuch": 1}, "unknown option"),
+    ("nosuch", {}, "registered methods"),
+    ("knobs", "{not json", "not valid JSON"),
+])
+def test_errors_reach_the_client(client, method, options, message):
+    from gradio_client.exceptions import AppError
+
+    text = options if isinstance(options, str) else json.dumps(options)
+    with pytest.raises(AppError, match=message):
+        client.predict("tiny:sd15", method, "a fox", "", 0, 1, 64, 64, 0, False, text, api_name="/generate_json")
+
+
+def test_chromium_loads_page_generates_and_screenshots(app):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Chromium is not installed (apt-get install -y chromium); CI installs it")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    artifacts = Path(os.environ.get("ATTNPROC_ARTIFACTS", ROOT / "tests-artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shot = artifacts / "ui.png"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            page.goto(app[1], wait_until="networkidle")
+            method = page.get_by_label("method", exact=True)
+            method.click()
+            method.fill("banded")
+            page.keyboard.press("Enter")
+            page.get_by_text("reporting a diagonal-band pattern").wait_for(timeout=30_000)  # the summary follows
+            page.get_by_label("prompt", exact=True).fill("a blue bird on a branch")
+            page.locator("#generate").click()
+            page.locator("#gallery img").nth(1).wait_for(timeout=90_000)
+            page.locator("#stats").get_by_text("speedup").first.wait_for(timeout=30_000)
+            page.locator("#stats").get_by_text("density").first.wait_for(timeout=10_000)
+            assert page.locator("#gallery img").count() == 2
+            assert page.locator("#mask img").count() == 1
+        finally:
+            page.screenshot(path=str(shot), full_page=True)  # also on failure, to see why
+            browser.close()
+    print(f"\nUI screenshot saved: {shot}")
+    assert shot.stat().st_size > 10_000
+
+
+def test_regions_editor_layers_become_region_masks():
+    from attnproc.ui.app import regions_from_editor
+
+    layer = np.zeros((16, 16, 4), dtype=np.uint8)
+    layer[:8, :8, 3] = 255
+    empty = np.zeros((16, 16, 4), dtype=np.uint8)
+    regions = regions_from_editor({"background": None, "layers": [layer, empty], "composite": None}, "a red fox\n")
+    assert len(regions) == 1 and regions[0]["phrase"] == "a red fox"
+    assert regions[0]["mask"].shape == (16, 16) and regions[0]["mask"].sum() == 64
+    assert regions_from_editor({"layers": []}, "") is None
+    with pytest.raises(ValueError, match="one phrase per line"):
+        regions_from_editor({"layers": [layer]}, "")

@@ -1,0 +1,260 @@
+"""`attnproc export-comfy`: the node pack, its generated widgets, and the attention override against stand-ins
+shaped like ComfyUI (q, k, v as [B, S, H*D] or [B, H, S, D], a transformer_options dict, a ModelPatcher)."""
+import copy
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import attnproc
+from attnproc.kernels import dense_attention
+from attnproc.registry import REGISTRY
+from attnproc.workflows.cli import main
+from attnproc.workflows.comfy import export_comfy, node_id
+from attnproc.workflows.comfy_runtime import OVERRIDE_KEY, layout_from, make_override, patch_model, step_from
+
+
+# ----------------------------------------------------------------------------- ComfyUI-shaped stand-ins
+def comfy_sdpa(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
+               **kwargs):
+    """Dense attention with ComfyUI's calling convention."""
+    if not skip_reshape:
+        b, s, hd = q.shape
+        q, k, v = (t.view(b, -1, heads, hd // heads).transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if skip_output_reshape:
+        return out
+    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+
+def with_override_dispatch(fn):
+    """ComfyUI's attention functions consult transformer_options' override once per call (not when re-entered)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if kwargs.get("_inside_attn_wrapper"):
+            return fn(*args, **kwargs)
+        kwargs["_inside_attn_wrapper"] = True
+        opts = kwargs.get("transformer_options") or {}
+        if OVERRIDE_KEY in opts:
+            return opts[OVERRIDE_KEY](fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+attention = with_override_dispatch(comfy_sdpa)
+
+
+class ModelPatcher:
+    def __init__(self, model_options=None):
+        self.model_options = model_options or {"transformer_options": {}}
+
+    def clone(self):
+        return ModelPatcher(copy.copy(self.model_options))
+
+
+def options(block=3, step=1, steps=4, layout=None, **extra):
+    sample_sigmas = torch.linspace(14.6, 0.0, steps + 1)
+    opts = {"block_index": block, "sigmas": sample_sigmas[step:step + 1], "sample_sigmas": sample_sigmas,
+            "cond_or_uncond": [1, 0], **extra}
+    if layout is not None:
+        opts["attnproc_layout"] = layout
+    return opts
+
+
+def qkv(b=2, s=64, heads=2, d=8, kv_len=None):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, s, heads * d, generator=g)
+    k = torch.randn(b, kv_len or s, heads * d, generator=g)
+    v = torch.randn(b, kv_len or s, heads * d, generator=g)
+    return q, k, v
+
+
+def bhsd(t, heads):
+    return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+
+def creatable_methods():
+    names = []
+    for name in REGISTRY.names():
+        try:
+            REGISTRY.create(name)
+        except Exception:  # a method whose defaults need user input (e.g. regions) is tested with inputs elsewhere
+            continue
+        names.append(name)
+    return names
+
+
+# ----------------------------------------------------------------------------- the override
+@pytest.mark.parametrize("method", creatable_methods())
+def test_node_override_equals_attnproc_method(method):
+    layout = attnproc.TokenLayout(1, 8, 8)
+    q, k, v = qkv()
+    model = patch_model(ModelPatcher(), method)
+    opts = {**model.model_options["transformer_options"], **options()}
+    # the same method, called directly with [B, H, S, D] tensors and the site ComfyUI's options describe
+    site = attnproc.Site("comfyui", "diffusion_model", None, 3, 3, "self", layout, step_from(opts))
+    ref = REGISTRY.create(method).attention(bhsd(q, 2), bhsd(k, 2), bhsd(v, 2), site)
+    opts["attnproc_layout"] = layout
+    out = attention(q, k, v, 2, transformer_options=opts)
+    torch.testing.assert_close(out, ref.transpose(1, 2).reshape(out.shape))
+    # ComfyUI's [B, H, S, D] variants
+    out4 = attention(bhsd(q, 2), bhsd(k, 2), bhsd(v, 2), 2, skip_reshape=True, skip_output_reshape=True,
+                     transformer_options=opts)
+    torch.testing.assert_close(out4, ref)
+
+
+def test_site_step_layer_and_sparse_path_served():
+    layout = attnproc.TokenLayout(1, 8, 8)
+    model = patch_model(ModelPatcher(), "knobs", strength=0.3, mode="b", width=5)
+    override = model.model_options["transformer_options"][OVERRIDE_KEY]
+    knobs = override.attnproc_method
+    assert knobs.config.strength == 0.3 and knobs.config.mode == "b" and knobs.config.width == 5
+    q, k, v = qkv()
+    attention(q, k, v, 2, transformer_options={**model.model_options["transformer_options"],
+                                               **options(block=5, step=2, steps=4, layout=layout)})
+    assert knobs.sparse_calls == 1  # served by the method, not the fallback
+    step = step_from(options(step=2, steps=4))
+    assert (step.index, step.num_steps, step.branch) == (2, 4, "batched")
+    assert step_from(options(step=0, steps=4, cond_or_uncond=[0])).branch == "cond"
+    probe = make_override(REGISTRY.create("probe"))
+    attention(q, k, v, 2, transformer_options={**options(block=7, step=3, layout=layout), OVERRIDE_KEY: probe})
+    site = probe.attnproc_method.sites[-1]
+    assert (site.layer, site.step.index, site.layout, site.kind) == (7, 3, layout, "self")
+
+
+def test_layout_from_comfy_shapes():
+    assert layout_from({"activations_shape": [2, 320, 8, 8]}, 64) == attnproc.TokenLayout(1, 8, 8)
+    assert layout_from({"original_shape": [1, 16, 3, 16, 16]}, 3 * 64) == attnproc.TokenLayout(3, 8, 8)
+    assert layout_from({"original_shape": [1, 4, 16, 16]}, 77) is None  # does not account for every token
+    assert layout_from({}, 64) is None
+
+
+def test_fallbacks_chain_to_previous_override():
+    calls = []
+
+    def previous(original, *args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    base = ModelPatcher({"transformer_options": {OVERRIDE_KEY: previous, "other": 1}})
+    model = patch_model(base, "knobs")
+    opts = model.model_options["transformer_options"]
+    assert base.model_options["transformer_options"][OVERRIDE_KEY] is previous  # the input MODEL is untouched
+    assert opts["other"] == 1 and opts[OVERRIDE_KEY].attnproc_previous is previous
+    knobs = opts[OVERRIDE_KEY].attnproc_method
+    q, k, v = qkv(kv_len=12)  # cross-attention → previous (then dense)
+    out = attention(q, k, v, 2, transformer_options={**opts, **options()})
+    torch.testing.assert_close(out, comfy_sdpa(q, k, v, 2))
+    q, k, v = qkv()  # self-attention without a layout: knobs needs one → previous
+    attention(q, k, v, 2, transformer_options={**opts, **options()})
+    mask = torch.zeros(64, 64)  # masked calls → previous
+    attention(q, k, v, 2, mask=mask, transformer_options={**opts, **options(layout=attnproc.TokenLayout(1, 8, 8))})
+    assert len(calls) == 3 and knobs.sparse_calls == 0
+    # two attnproc nodes in a row chain too
+    twice = patch_model(patch_model(ModelPatcher(), "dense"), "knobs")
+    assert twice.model_options["transformer_options"][OVERRIDE_KEY].attnproc_previous.attnproc_method.name == "dense"
+
+
+def test_bad_widget_values_raise_named_errors():
+    with pytest.raises(attnproc.OptionError, match="strength"):
+        patch_model(ModelPatcher(), "knobs", strength=3.0)
+
+
+# ----------------------------------------------------------------------------- the exported pack
+def _load_pack(path, name):
+    spec = importlib.util.spec_from_file_location(name, path / "__init__.py", submodule_search_locations=[str(path)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_comfy_api():
+    """A minimal `comfy_api.latest` (ComfyUI's V3 node API) recording what the pack declares."""
+    io = types.SimpleNamespace()
+
+    class _Input:
+        def __init__(self, id, **kw):
+            self.id, self.kw = id, kw
+
+    def kind(name):
+        return type(name, (), {"Input": type("Input", (_Input,), {"kind": name.upper()}),
+                               "Output": type("Output", (), {"__init__": lambda self, *a, **k: None})})
+
+    for name in ("Model", "Float", "Int", "Boolean", "Combo", "String"):
+        setattr(io, name, kind(name))
+    io.Schema = lambda **kw: types.SimpleNamespace(**kw)
+    io.NodeOutput = lambda *values: types.SimpleNamespace(values=values)
+    io.ComfyNode = type("ComfyNode", (), {})
+    latest = types.ModuleType("comfy_api.latest")
+    latest.io = io
+    latest.ComfyExtension = type("ComfyExtension", (), {})
+    root = types.ModuleType("comfy_api")
+    root.latest = latest
+    return {"comfy_api": root, "comfy_api.latest": latest}
+
+
+def test_export_pack_v1_and_v3(tmp_path, monkeypatch):
+    pack = export_comfy(tmp_path / "attnproc_nodes")
+    files = {p.relative_to(pack).as_posix() for p in pack.rglob("*") if p.is_file()}
+    names = REGISTRY.names()
+    assert {"__init__.py", "nodes.py", "nodes.json", "pyproject.toml", "README.md"} <= files
+    for n in names:
+        ui = json.loads((pack / "example_workflows" / f"attnproc_{n}.json").read_text())
+        api = json.loads((pack / "example_workflows_api" / f"attnproc_{n}_api.json").read_text())
+        assert any(node["type"] == node_id(n) for node in ui["nodes"]) and ui["links"]
+        assert api["2"]["class_type"] == node_id(n) and api["6"]["inputs"]["model"] == ["2", 0]
+    assert "[tool.comfy]" in (pack / "pyproject.toml").read_text()
+    # V1 (no comfy_api): mappings with widgets from the registry schema
+    v1 = _load_pack(pack, "attnproc_pack_v1")
+    assert not hasattr(v1, "comfy_entrypoint") and set(v1.NODE_CLASS_MAPPINGS) == {node_id(n) for n in names}
+    req = v1.NODE_CLASS_MAPPINGS["AttnProcKnobs"].INPUT_TYPES()["required"]
+    assert req["model"] == ("MODEL",)
+    assert req["strength"][0] == "FLOAT" and (req["strength"][1]["min"], req["strength"][1]["max"]) == (0.0, 1.0)
+    assert req["width"][0] == "INT" and (req["width"][1]["min"], req["width"][1]["max"]) == (1, 9)
+    assert req["mode"][0] == ["a", "b"] and req["dense_cross"][0] == "BOOLEAN"
+    node = v1.NODE_CLASS_MAPPINGS["AttnProcKnobs"]()
+    (patched,) = getattr(node, node.FUNCTION)(ModelPatcher(), strength=0.1, mode="a", width=3, dense_first_steps=0.0,
+                                              dense_last_steps=0.0, dense_first_layers=0, dense_cross=True,
+                                              min_tokens=0)
+    assert patched.model_options["transformer_options"][OVERRIDE_KEY].attnproc_method.config.strength == 0.1
+    # V3 (comfy_api.latest present): comfy_entrypoint only, V1 mappings not exported (ComfyUI would prefer them)
+    for k, mod in _fake_comfy_api().items():
+        monkeypatch.setitem(sys.modules, k, mod)
+    v3 = _load_pack(pack, "attnproc_pack_v3")
+    assert not hasattr(v3, "NODE_CLASS_MAPPINGS")
+    import asyncio
+
+    nodes = asyncio.run(asyncio.run(v3.comfy_entrypoint()).get_node_list())
+    schemas = {n.define_schema().node_id: n for n in nodes}
+    assert set(schemas) == {node_id(n) for n in names}
+    schema = schemas["AttnProcKnobs"].define_schema()
+    inputs = {i.id: i for i in schema.inputs}
+    assert inputs["model"].kind == "MODEL" and inputs["strength"].kind == "FLOAT"
+    assert inputs["strength"].kw["min"] == 0.0 and inputs["mode"].kw["options"] == ["a", "b"]
+    result = schemas["AttnProcKnobs"].execute(ModelPatcher(), strength=0.2)
+    assert result.values[0].model_options["transformer_options"][OVERRIDE_KEY].attnproc_method.config.strength == 0.2
+
+
+def _comfy_cli():
+    return os.environ.get("ATTNPROC_COMFY_CLI") or shutil.which("comfy")
+
+
+@pytest.mark.skipif(not _comfy_cli(), reason="comfy-cli not installed (pip install comfy-cli; CI installs it)")
+def test_exported_pack_passes_comfy_node_validate(tmp_path):
+    assert main(["export-comfy", str(tmp_path / "pack")]) == 0
+    assert main(["export-comfy", str(tmp_path / "pack")]) == 2  # refuses to overwrite without --force
+    assert main(["export-comfy", str(tmp_path / "pack"), "--force"]) == 0
+    proc = subprocess.run([_comfy_cli(), "--skip-prompt", "--no-enable-telemetry", "node", "validate"],
+                          cwd=tmp_path / "pack", capture_output=True, text=True, timeout=120)
+    print(proc.stdout, proc.stderr)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = proc.stdout + proc.stderr
+    assert "All validation checks passed" in text and "warning" not in text.lower()
