@@ -1,0 +1,280 @@
+"""``block_sparse_attention``: one entry point, backends behind it (flex, triton, gather, dense, xformers)."""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import _flex
+from ._gather import gather_attention
+from .blockmask import block_to_token_mask, normalize_block_size, num_blocks
+
+__all__ = ["block_sparse_attention", "select_backend", "BACKENDS", "AUTO_FLEX_MIN_PAIRS", "BackendFallbackWarning"]
+
+BACKENDS = ("auto", "flex", "triton", "gather", "dense", "xformers")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# ``auto`` on CPU uses flex only when B*H*Sq*(Sk+Se) reaches this many query-key pairs (a 4096x4096
+# attention with 4 heads); below it a first compile (1.5-9 s) costs more than it can save, so gather runs.
+AUTO_FLEX_MIN_PAIRS = 1 << 26
+
+_flex_failed: dict[str, str] = {}  # memo: device type -> why compiling flex failed there (auto stops trying)
+
+
+class BackendFallbackWarning(UserWarning):
+    """An explicitly requested backend could not serve a call and another backend ran instead."""
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _xformers_importable() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def select_backend(
+    backend: str,
+    device_type: str,
+    *,
+    needs_grad: bool = False,
+    return_lse: bool = False,
+    block_size: int | Sequence[int] = 128,
+    pairs: int | None = None,
+) -> tuple[str, str]:
+    """Resolve ``backend`` for a call; returns ``(name, reason)``.
+
+    ``pairs`` is ``B*H*Sq*(Sk+Se)`` (``None``: large). Rules for ``"auto"``:
+
+    * CUDA: ``triton`` when triton imports and no gradient is needed; otherwise ``flex``.
+    * CPU: ``flex`` when compiled flex can serve the call (no gradient, no LSE, a C++ compiler, power-of-two
+      blocks, no earlier compile failure) and the problem has at least ``AUTO_FLEX_MIN_PAIRS`` query-key pairs;
+      otherwise ``gather``.
+    * other devices: ``gather``.
+
+    An explicit ``"flex"`` that cannot serve the call resolves to ``gather`` and an explicit ``"triton"``
+    that needs a gradient resolves to ``flex`` (the caller warns with the reason).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    bq, bk = normalize_block_size(block_size)
+    flex_why = _flex.supports(device_type, needs_grad=needs_grad, return_lse=return_lse, bq=bq, bk=bk)
+    if flex_why is None and device_type in _flex_failed:
+        flex_why = f"compiling flex failed earlier on {device_type}: {_flex_failed[device_type]}"
+    if backend == "auto":
+        if device_type == "cuda":
+            if _triton_importable() and not needs_grad:
+                return "triton", "auto: CUDA with triton importable"
+            if flex_why is None:
+                return "flex", "auto: CUDA" + (" and a gradient is needed" if needs_grad else ", triton not importable")
+            return "gather", f"auto: flex unavailable ({flex_why})"
+        if device_type == "cpu":
+            if flex_why is not None:
+                return "gather", f"auto: flex cannot serve this call on CPU ({flex_why})"
+            if pairs is not None and pairs < AUTO_FLEX_MIN_PAIRS:
+                return "gather", f"auto: small problem ({pairs} < {AUTO_FLEX_MIN_PAIRS} pairs), compile not worth it"
+            return "flex", "auto: CPU, large problem, compiled flex available"
+        return "gather", f"auto: device type {device_type!r} has no compiled backend"
+    if backend == "flex" and flex_why is not None:
+        return "gather", f"flex cannot serve this call: {flex_why}"
+    if backend == "triton":
+        if device_type != "cuda" and not (device_type == "cpu" and _triton_interpret()):
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); got device type {device_type!r}"
+            )
+        if not _triton_importable():
+            raise ImportError("backend='triton' needs the triton package (pip install triton)")
+        if needs_grad:
+            if flex_why is None:
+                return "flex", "triton kernel is forward-only and a gradient is needed"
+            return "gather", f"triton kernel is forward-only and a gradient is needed; flex cannot serve ({flex_why})"
+    if backend == "xformers" and not _xformers_importable():
+        raise ImportError("backend='xformers' needs the xformers package, which is not installed")
+    return backend, "requested"
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape)
+
+
+def _validate(q, k, v, block_mask, bq, bk, extra_k, extra_v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, S, D]; got shape {_shape(t)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} dtype must be one of float32/float16/bfloat16; got {t.dtype}")
+    B, H, Sq, D = q.shape
+    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H):
+        raise ValueError(f"q, k, v must share [B, H]; got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+    if k.shape[-1] != D:
+        raise ValueError(f"k head dim must equal q's ({D}); got k {_shape(k)} vs q {_shape(q)}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"v must have k's length {k.shape[2]}; got v {_shape(v)} vs k {_shape(k)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    Sk, Dv = k.shape[2], v.shape[-1]
+    if Sq == 0 or Sk == 0:
+        raise ValueError(f"empty sequence: q length {Sq}, k length {Sk}")
+    if (extra_k is None) != (extra_v is None):
+        raise ValueError("extra_k and extra_v must be given together")
+    if extra_k is not None:
+        if extra_k.dim() != 4 or extra_k.shape[:2] != (B, H) or extra_k.shape[-1] != D:
+            raise ValueError(f"extra_k must be [B, H, Se, D] = [{B}, {H}, Se, {D}]; got {_shape(extra_k)}")
+        if extra_v.dim() != 4 or extra_v.shape[:3] != extra_k.shape[:3] or extra_v.shape[-1] != Dv:
+            raise ValueError(
+                f"extra_v must be [B, H, Se, Dv] = [{B}, {H}, {extra_k.shape[2]}, {Dv}]; got {_shape(extra_v)}"
+            )
+        if extra_k.dtype != q.dtype or extra_v.dtype != q.dtype:
+            raise TypeError(f"extra_k/extra_v dtype must be q's {q.dtype}; got {extra_k.dtype}, {extra_v.dtype}")
+        if extra_k.device != q.device or extra_v.device != q.device:
+            raise ValueError("extra_k/extra_v must be on q's device")
+    if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
+        got = block_mask.dtype if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__
+        raise TypeError(f"block_mask must be a bool tensor; got {got}")
+    nq, nk = num_blocks(Sq, bq), num_blocks(Sk, bk)
+    ok = (
+        block_mask.dim() == 4
+        and block_mask.shape[0] in (1, B)
+        and block_mask.shape[1] in (1, H)
+        and tuple(block_mask.shape[2:]) == (nq, nk)
+    )
+    if not ok:
+        raise ValueError(
+            f"block_mask must be [B or 1, H or 1, ceil(Sq/bq), ceil(Sk/bk)] = [{B} or 1, {H} or 1, "
+            f"ceil({Sq}/{bq})={nq}, ceil({Sk}/{bk})={nk}]; got {_shape(block_mask)}"
+        )
+    if block_mask.device != q.device:
+        raise ValueError(f"block_mask must be on q's device {q.device}; got {block_mask.device}")
+    if extra_k is None or extra_k.shape[2] == 0:
+        empty = ~block_mask.any(-1)
+        if bool(empty.any()):
+            rows = torch.nonzero(empty).tolist()
+            shown = ", ".join(str(tuple(r)) for r in rows[:8]) + (", ..." if len(rows) > 8 else "")
+            raise ValueError(
+                f"block_mask has {len(rows)} query-block row(s) with no key block (b, h, query_block): {shown}; "
+                f"every query block must attend at least one key block (or pass extra_k/extra_v)"
+            )
+
+
+def dense_block_sparse(q, k, v, block_mask, bq, bk, scale, extra_k=None, extra_v=None, return_lse=False):
+    """The oracle: SDPA (or float32 math when the LSE is wanted) with the expanded token mask."""
+    Sq, Sk = q.shape[2], k.shape[2]
+    tok = block_to_token_mask(block_mask, (bq, bk), Sq, Sk)
+    if extra_k is not None:
+        tok = torch.cat([tok, tok.new_ones(*tok.shape[:-1], extra_k.shape[2])], dim=-1)
+        k = torch.cat([k, extra_k], dim=2)
+        v = torch.cat([v, extra_v], dim=2)
+    if not return_lse:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=tok, scale=scale), None
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    s = s.masked_fill(~tok, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v.float()).to(q.dtype)
+    return out, lse
+
+
+def _xformers_block_sparse(q, k, v, block_mask, bq, bk, scale, extra_k=None, extra_v=None, return_lse=False):
+    """Dense xformers memory-efficient attention with the expanded mask as an additive bias (GPU helper)."""
+    import xformers.ops as xops
+
+    if return_lse:
+        raise NotImplementedError("backend='xformers' does not return the LSE; use another backend")
+    Sq, Sk = q.shape[2], k.shape[2]
+    tok = block_to_token_mask(block_mask, (bq, bk), Sq, Sk)
+    if extra_k is not None:
+        tok = torch.cat([tok, tok.new_ones(*tok.shape[:-1], extra_k.shape[2])], dim=-1)
+        k = torch.cat([k, extra_k], dim=2)
+        v = torch.cat([v, extra_v], dim=2)
+    B, H = q.shape[:2]
+    bias = torch.zeros(tok.shape, dtype=q.dtype, device=q.device).masked_fill(~tok, float("-inf"))
+    bias = bias.expand(B, H, Sq, k.shape[2])
+    out = xops.memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, scale=scale
+    )
+    return out.transpose(1, 2), None
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    block_size: int | Sequence[int] = 128,
+    *,
+    scale: float | None = None,
+    extra_k: torch.Tensor | None = None,
+    extra_v: torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Block-sparse softmax attention.
+
+    Query block ``i`` of head ``h`` in batch ``b`` attends key block ``j`` iff ``block_mask[b, h, i, j]``
+    (batch/head dims of size 1 broadcast), plus every key of ``extra_k``/``extra_v`` (joined exactly in one
+    softmax). ``q``: ``[B, H, Sq, D]``, ``k``: ``[B, H, Sk, D]``, ``v``: ``[B, H, Sk, Dv]``; lengths need not be
+    multiples of the block size (keys past ``Sk`` are never attended). ``block_size``: int or ``(bq, bk)``.
+
+    Returns ``out [B, H, Sq, Dv]`` in q's dtype, and with ``return_lse=True`` also ``lse [B, H, Sq]``
+    (float32, natural log) of the whole attention. ``backend``: ``"auto"``, ``"flex"``, ``"triton"``,
+    ``"gather"``, ``"dense"`` or ``"xformers"`` (see :func:`select_backend`).
+    """
+    bq, bk = normalize_block_size(block_size)
+    _validate(q, k, v, block_mask, bq, bk, extra_k, extra_v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    tensors = (q, k, v) + ((extra_k, extra_v) if extra_k is not None else ())
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    se = extra_k.shape[2] if extra_k is not None else 0
+    B, H, Sq = q.shape[:3]
+    pairs = B * H * Sq * (k.shape[2] + se)
+    dev = q.device.type
+    name, reason = select_backend(
+        backend, dev, needs_grad=needs_grad, return_lse=return_lse, block_size=(bq, bk), pairs=pairs
+    )
+    if backend not in ("auto", name):
+        warnings.warn(f"backend={backend!r} -> {name!r}: {reason}", BackendFallbackWarning, stacklevel=2)
+    args = (q, k, v, block_mask, bq, bk, scale, extra_k, extra_v, return_lse)
+    if name == "flex":
+        try:
+            out, lse = _flex.flex_attention_blocks(*args, needs_grad=needs_grad)
+        except Exception as exc:  # compile failures (no compiler, inductor bug): auto falls back once, memoised
+            if backend != "auto":
+                raise RuntimeError(f"flex backend failed: {exc}") from exc
+            _flex_failed[dev] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            warnings.warn(f"auto: flex failed ({_flex_failed[dev]}); using gather from now on",
+                          BackendFallbackWarning, stacklevel=2)
+            out, lse = gather_attention(*args, needs_grad=needs_grad)
+    elif name == "triton":
+        from . import _triton
+
+        out, lse = _triton.triton_block_sparse(*args)
+    elif name == "gather":
+        out, lse = gather_attention(*args, needs_grad=needs_grad)
+    elif name == "dense":
+        out, lse = dense_block_sparse(*args)
+    elif name == "xformers":
+        out, lse = _xformers_block_sparse(*args)
+    else:  # pragma: no cover
+        raise AssertionError(name)
+    return (out, lse) if return_lse else out
