@@ -13,7 +13,7 @@ from .registry import MethodInfo, UnknownMethodError, methods, register
 from .schedule import Schedule
 from .site import Site
 
-from . import dense, steer  # noqa: E402,F401  (importing registers the built-in methods)
+from . import dense, sparse, steer  # noqa: E402,F401  (importing registers the built-in methods)
 
 __version__ = "0.1.0"
 

@@ -1,1 +1,2 @@
-"""Sparse attention methods."""
+"""Sparse attention methods (each registers itself on import)."""
+from . import gna, radial  # noqa: F401

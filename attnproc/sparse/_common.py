@@ -154,3 +154,33 @@ def self_mask_ok(attn_mask, batch: int, k_len: int) -> bool:
         return True
     valid = key_padding(attn_mask, batch, k_len)
     return valid is not False and (valid is None or bool(valid.all()))
+
+
+def full_token_mask(vis_tok: torch.Tensor, layout, q_len: int, k_len: int) -> torch.Tensor:
+    """Embed a visual x visual token mask into the call's full sequence: visual queries see every valid text key,
+    text queries see every key."""
+    vs, ts = layout.visual_slice, layout.text_slice
+    out = torch.ones(1, q_len, k_len, dtype=torch.bool)
+    out[0, vs, vs] = vis_tok
+    if ts.stop > ts.start and layout.text_valid is not None:
+        out[0, vs, ts.start + layout.text_valid:ts.stop] = False
+    return out
+
+
+def run_static(q, k, v, site, layout, visual, attn_mask, scale):
+    """Dispatch one call of a static-mask method by kind (shared by radial and gna)."""
+    N = layout.visual_len
+    if site.kind == "joint" and layout.text_position in ("before", "after") and layout.text_len:
+        if q.shape[2] != layout.seq_len or k.shape[2] != layout.seq_len:
+            raise RuntimeError(f"{site.name}: joint call with {q.shape[2]} queries / {k.shape[2]} keys does not "
+                               f"match the layout ({layout.seq_len} tokens)")
+        out = joint_attention(q, k, v, layout, visual_attention=visual, attn_mask=attn_mask, scale=scale)
+        if out is None:
+            return dense_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        return out
+    if q.shape[2] != N or k.shape[2] != N:
+        raise RuntimeError(f"{site.name}: self-attention over {q.shape[2]} queries / {k.shape[2]} keys does not "
+                           f"match the visual grid {layout.grid} ({N} tokens)")
+    if not self_mask_ok(attn_mask, q.shape[0], k.shape[2]):
+        return dense_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    return visual(q, k, v, None, None, scale)
