@@ -9,7 +9,8 @@ skip_reshape=False, skip_output_reshape=False, transformer_options=..., **more)`
 The override here:
 
 * serves self-attention (query and key of the same length, no mask) with the method, building an
-  :class:`attnproc.Site` from ``transformer_options``: layer from ``block_index``, step from where ``sigmas``
+  :class:`attnproc.Site` from ``transformer_options`` and the model: family from ComfyUI's model class
+  (:func:`family_from`), layer from ``block_index``, step from where ``sigmas``
   sits in ``sample_sigmas``, branch from ``cond_or_uncond``, token layout from ``attnproc_layout`` (a
   :class:`attnproc.TokenLayout` or its fields, set by another node) or from the latent shape ComfyUI records
   (``activations_shape`` / ``original_shape``) when it accounts for every token exactly;
@@ -34,6 +35,23 @@ from attnproc.registry import REGISTRY
 log = logging.getLogger("attnproc.comfy")
 OVERRIDE_KEY = "optimized_attention_override"
 _ARG_NAMES = ("q", "k", "v", "heads")
+
+# ComfyUI's model classes (comfy.model_base; subclasses such as WAN22 match through their bases) -> our families
+_COMFY_FAMILIES = {"WAN21": "wan", "HunyuanVideo": "hunyuanvideo", "Flux": "flux", "LTXV": "ltx", "SD3": "sd3",
+                   "SDXL": "unet", "SDXLRefiner": "unet", "QwenImage": "qwenimage"}
+
+
+def family_from(model) -> str | None:
+    """Our family name for a ComfyUI ``ModelPatcher`` (from ``model.model``'s class), or None if unknown."""
+    inner = getattr(model, "model", None)
+    if inner is None:
+        return None
+    if type(inner).__name__ == "BaseModel":  # ComfyUI's SD 1.x / 2.x model
+        return "unet"
+    for cls in type(inner).__mro__:
+        if cls.__name__ in _COMFY_FAMILIES:
+            return _COMFY_FAMILIES[cls.__name__]
+    return None
 
 
 def step_from(transformer_options: dict) -> StepContext | None:
@@ -85,9 +103,10 @@ def _to_bhsd(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
     return t.view(b, s, heads, hd // heads).transpose(1, 2)
 
 
-def make_override(method: attnproc.Method, previous: Callable | None = None) -> Callable:
+def make_override(method: attnproc.Method, previous: Callable | None = None, family: str | None = None) -> Callable:
     """An ``optimized_attention_override`` running ``method``; ``previous`` (an override already installed) gets
-    every call this one does not serve."""
+    every call this one does not serve. ``family`` is the model's family (None: unknown; methods that need it
+    then fall back)."""
 
     def fallback(original, args, kwargs):
         if previous is not None:
@@ -110,7 +129,7 @@ def make_override(method: attnproc.Method, previous: Callable | None = None) -> 
         if layout is None and method.needs_layout:
             return fallback(original, args, kwargs)
         block = opts.get("block_index")
-        site = attnproc.Site(family="comfyui", denoiser="diffusion_model", name=None,
+        site = attnproc.Site(family=family, denoiser="diffusion_model", name=None,
                              index=int(block) if block is not None else None,
                              layer=int(block) if block is not None else None, kind="self", layout=layout,
                              step=step_from(opts))
@@ -156,6 +175,6 @@ def patch_model(model, method: str, **widget_values):
     instance = REGISTRY.create(method, **parse_widget_options(method, widget_values))
     patched = model.clone()
     options = dict(patched.model_options.get("transformer_options", {}))
-    options[OVERRIDE_KEY] = make_override(instance, options.get(OVERRIDE_KEY))
+    options[OVERRIDE_KEY] = make_override(instance, options.get(OVERRIDE_KEY), family_from(model))
     patched.model_options["transformer_options"] = options
     return patched

@@ -12,6 +12,7 @@ stride = tile and a window that is an odd multiple of it) with text tokens as ex
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -187,9 +188,13 @@ class GNAConfig(Schedule):
     block_target: int = option(128, low=1, high=4096, help="largest tile volume (kernel block size) for auto tiles")
     exact: bool = option(True, help="exact token windows; when the mask is not tile-aligned this runs a dense "
                                     "masked attention. False: attend whole tiles (a superset of the window), fast")
-    backend: str = option("auto", choices=BACKENDS, help="block-sparse kernel backend")
+    backend: str = option("auto", choices=BACKENDS + ("natten",),
+                           help="block-sparse kernel backend, or 'natten' to call NATTEN's na2d/na3d (if installed)")
 
     def validate(self):
+        if self.backend == "natten" and importlib.util.find_spec("natten") is None:
+            raise ValueError("backend='natten' needs the natten package (pip install natten; it ships CUDA builds "
+                             "matched to your torch), which is not installed; use backend='auto' for our kernels")
         for name in ("kernel_size", "stride", "dilation", "tile"):
             v = getattr(self, name)
             if v is None and name != "dilation":
@@ -337,6 +342,10 @@ class GNA(attnproc.SparseMethod):
         _common.check_family(self.name, site.family, SUPPORTED_FAMILIES)
         layout = site.require_layout(self.name)
         plan = self.plan_for(site)
+        if cfg.backend == "natten":
+            geometry = resolve_geometry(cfg, site.family, layout.grid)[:4]
+            return _common.run_static(q, k, v, site, layout, _natten_visual(layout.grid, *geometry), attn_mask,
+                                      scale)
         if cfg.exact and not plan.aligned:
             tm = self._visual_token_mask(plan, True).to(q.device)
 
@@ -357,3 +366,28 @@ class GNA(attnproc.SparseMethod):
                 return out[:, :, inv]
 
         return _common.run_static(q, k, v, site, layout, visual, attn_mask, scale)
+
+
+def _natten_visual(grid, kernel, stride, dilation, causal):
+    """Visual attention through NATTEN's ``na3d`` (``na2d`` for single-frame grids): its tensors are heads-last,
+    ``[B, *grid, heads, D]``, with text tokens as ``additional_keys``/``additional_values``."""
+    import natten
+
+    dims = slice(0, 3) if grid[0] > 1 else slice(1, 3)
+    shape = grid[dims]
+    na = natten.na3d if grid[0] > 1 else natten.na2d
+
+    def visual(qv, kv, vv, ek, ev, sc):
+        b, h, n, _ = qv.shape
+
+        def grid_major(t):
+            return t.transpose(1, 2).reshape(b, *shape, h, t.shape[-1])
+
+        extra = {}
+        if ek is not None:
+            extra = dict(additional_keys=ek.transpose(1, 2), additional_values=ev.transpose(1, 2))
+        out = na(grid_major(qv), grid_major(kv), grid_major(vv), kernel_size=kernel[dims], stride=stride[dims],
+                 dilation=dilation[dims], is_causal=causal[dims], scale=sc, **extra)
+        return out.reshape(b, n, h, -1).transpose(1, 2)
+
+    return visual

@@ -1,6 +1,7 @@
 """GNA: the mask against a literal statement of NATTEN's definition, the tile fast path, the method."""
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import random
@@ -207,3 +208,22 @@ def test_natten_backend_agrees_if_installed():
     flat = [t.reshape(1, 256, 2, 16).transpose(1, 2) for t in (q, kk, v)]
     ours = dense_attention(*flat, attn_mask=gna_mask(grid, k, s))
     assert torch.allclose(ours.transpose(1, 2).reshape(ref.shape), ref, atol=1e-4)
+
+
+def test_natten_backend_without_natten_is_a_clear_error():
+    if importlib.util.find_spec("natten") is not None:
+        pytest.skip("natten is installed: the parity test below covers the backend")
+    with pytest.raises(attnproc.OptionError, match="backend='natten' needs the natten package"):
+        attnproc.registry.REGISTRY.create("gna", backend="natten")
+
+
+@pytest.mark.parametrize("grid, text", [((4, 8, 8), 0), ((4, 8, 8), 5), ((1, 8, 16), 3)])
+def test_natten_backend_equals_our_kernels_if_installed(grid, text):
+    pytest.importorskip("natten")
+    layout = attnproc.TokenLayout(*grid, text_len=text, text_position="after" if text else "none")
+    kind = "joint" if text else "self"
+    site = attnproc.Site("wan" if grid[0] > 1 else "flux", "transformer", "blocks.3.attn1", 6, 3, kind, layout, None)
+    q, k, v = (torch.randn(2, 2, layout.seq_len, 16) for _ in range(3))
+    ours = attnproc.registry.REGISTRY.create("gna", dense_first_steps=0, backend="gather")
+    theirs = attnproc.registry.REGISTRY.create("gna", dense_first_steps=0, backend="natten")
+    torch.testing.assert_close(theirs.attention(q, k, v, site), ours.attention(q, k, v, site), atol=1e-4, rtol=1e-4)

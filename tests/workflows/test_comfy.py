@@ -51,12 +51,17 @@ def with_override_dispatch(fn):
 attention = with_override_dispatch(comfy_sdpa)
 
 
+class WAN21:
+    """Stands in for comfy.model_base.WAN21 (only the class name matters)."""
+
+
 class ModelPatcher:
-    def __init__(self, model_options=None):
+    def __init__(self, model_options=None, model=None):
         self.model_options = model_options or {"transformer_options": {}}
+        self.model = model
 
     def clone(self):
-        return ModelPatcher(copy.copy(self.model_options))
+        return ModelPatcher(copy.copy(self.model_options), self.model)
 
 
 def options(block=3, step=1, steps=4, layout=None, **extra):
@@ -92,14 +97,19 @@ def creatable_methods():
 
 
 # ----------------------------------------------------------------------------- the override
+def _never_called(original, *args, **kwargs):
+    raise AssertionError("the node handed a call it should serve to the previous override")
+
+
 @pytest.mark.parametrize("method", creatable_methods())
 def test_node_override_equals_attnproc_method(method):
-    layout = attnproc.TokenLayout(1, 8, 8)
-    q, k, v = qkv()
-    model = patch_model(ModelPatcher(), method)
+    layout = attnproc.TokenLayout(2, 8, 8)
+    q, k, v = qkv(s=layout.visual_len)
+    base = ModelPatcher({"transformer_options": {OVERRIDE_KEY: _never_called}}, model=WAN21())
+    model = patch_model(base, method)
     opts = {**model.model_options["transformer_options"], **options()}
     # the same method, called directly with [B, H, S, D] tensors and the site ComfyUI's options describe
-    site = attnproc.Site("comfyui", "diffusion_model", None, 3, 3, "self", layout, step_from(opts))
+    site = attnproc.Site("wan", "diffusion_model", None, 3, 3, "self", layout, step_from(opts))
     ref = REGISTRY.create(method).attention(bhsd(q, 2), bhsd(k, 2), bhsd(v, 2), site)
     opts["attnproc_layout"] = layout
     out = attention(q, k, v, 2, transformer_options=opts)
@@ -258,3 +268,37 @@ def test_exported_pack_passes_comfy_node_validate(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = proc.stdout + proc.stderr
     assert "All validation checks passed" in text and "warning" not in text.lower()
+
+
+def test_family_from_comfy_model_classes():
+    from attnproc.workflows.comfy_runtime import family_from
+
+    class WAN22(WAN21):
+        pass
+
+    class BaseModel:
+        pass
+
+    class CosmosVideo(BaseModel):
+        pass
+
+    assert family_from(ModelPatcher(model=WAN22())) == "wan"
+    assert family_from(ModelPatcher(model=BaseModel())) == "unet"
+    assert family_from(ModelPatcher(model=CosmosVideo())) is None  # unknown models are not guessed
+    assert family_from(ModelPatcher()) is None
+
+
+def test_family_dependent_method_falls_back_on_unknown_model():
+    calls = []
+
+    def previous(original, *args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    layout = attnproc.TokenLayout(2, 8, 8)
+    q, k, v = qkv(s=layout.visual_len)
+    model = patch_model(ModelPatcher({"transformer_options": {OVERRIDE_KEY: previous}}), "radial")
+    out = attention(q, k, v, 2, transformer_options={**model.model_options["transformer_options"],
+                                                     **options(layout=layout)})
+    assert calls == [1]  # radial needs the family: handed on, not run with a guess
+    torch.testing.assert_close(out, comfy_sdpa(q, k, v, 2))
