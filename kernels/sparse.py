@@ -177,14 +177,19 @@ def _validate(q, k, v, block_mask, bq, bk, extra_k, extra_v):
             )
 
 
-def dense_block_sparse(q, k, v, block_mask, bq, bk, scale, extra_k=None, extra_v=None, return_lse=False):
-    """The oracle: SDPA (or float32 math when the LSE is wanted) with the expanded token mask."""
-    Sq, Sk = q.shape[2], k.shape[2]
-    tok = block_to_token_mask(block_mask, (bq, bk), Sq, Sk)
+def _token_mask_with_extra(q, k, v, block_mask, bq, bk, extra_k, extra_v):
+    """The block mask expanded to tokens, with the extra keys (always attended) appended to it and to K/V."""
+    tok = block_to_token_mask(block_mask, (bq, bk), q.shape[2], k.shape[2])
     if extra_k is not None:
         tok = torch.cat([tok, tok.new_ones(*tok.shape[:-1], extra_k.shape[2])], dim=-1)
         k = torch.cat([k, extra_k], dim=2)
         v = torch.cat([v, extra_v], dim=2)
+    return tok, k, v
+
+
+def dense_block_sparse(q, k, v, block_mask, bq, bk, scale, extra_k=None, extra_v=None, return_lse=False):
+    """The oracle: SDPA (or float32 math when the LSE is wanted) with the expanded token mask."""
+    tok, k, v = _token_mask_with_extra(q, k, v, block_mask, bq, bk, extra_k, extra_v)
     if not return_lse:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=tok, scale=scale), None
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
@@ -200,12 +205,8 @@ def _xformers_block_sparse(q, k, v, block_mask, bq, bk, scale, extra_k=None, ext
 
     if return_lse:
         raise NotImplementedError("backend='xformers' does not return the LSE; use another backend")
-    Sq, Sk = q.shape[2], k.shape[2]
-    tok = block_to_token_mask(block_mask, (bq, bk), Sq, Sk)
-    if extra_k is not None:
-        tok = torch.cat([tok, tok.new_ones(*tok.shape[:-1], extra_k.shape[2])], dim=-1)
-        k = torch.cat([k, extra_k], dim=2)
-        v = torch.cat([v, extra_v], dim=2)
+    Sq = q.shape[2]
+    tok, k, v = _token_mask_with_extra(q, k, v, block_mask, bq, bk, extra_k, extra_v)
     B, H = q.shape[:2]
     bias = torch.zeros(tok.shape, dtype=q.dtype, device=q.device).masked_fill(~tok, float("-inf"))
     bias = bias.expand(B, H, Sq, k.shape[2])

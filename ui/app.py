@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 import attnproc
 from attnproc.options import OptionInfo
@@ -135,35 +136,24 @@ def _save(frames: np.ndarray, kind: str, stem: Path) -> Path:
 
 
 def mask_picture(handle, num_steps: int, size: int = 384) -> tuple[np.ndarray, str]:
-    """The method's sparsity pattern (``Method.token_mask``) for one self-attention call of the last forward,
-    as an RGB picture (white = computed pair, black = skipped; block-averaged to at most ``size`` pixels)."""
-    from attnproc.context import StepContext
+    """The method's sparsity pattern (``Method.token_mask``) at the layout of the last forward, as an RGB picture
+    (white = computed pair, black = skipped; block-averaged to at most ``size`` pixels). ``num_steps`` is kept for
+    the caller's signature; the pattern shown is the method's sparse one, whatever its dense warm-up."""
+    from attnproc.workflows.maskviz import mask_image, method_mask
 
     layouts = {k: v for k, v in handle.last_layouts().items() if v is not None}
     if not layouts:
         return _blank(size, 0.5), "no token layout was seen: pattern unknown"
     denoiser, layout = next(iter(layouts.items()))
-    n = layout.seq_len
-    site = attnproc.Site(family=handle.denoisers[denoiser].family, denoiser=denoiser, name=None, index=0, layer=0,
-                         kind="joint" if layout.text_position in ("before", "after") else "self", layout=layout,
-                         step=StepContext(index=num_steps - 1, num_steps=num_steps, timestep=0.0))
     try:
-        mask = handle.method.token_mask(site, n, n)
+        mask = method_mask(handle.method, handle.denoisers[denoiser].family, layout)
     except Exception as e:  # a method whose pattern needs more than the site gives
         return _blank(size, 0.5), f"pattern not available: {e}"
-    where = f"{denoiser}, grid {layout.frames}x{layout.height}x{layout.width}, {n} tokens, last step"
+    where = f"{denoiser}, grid {layout.frames}x{layout.height}x{layout.width}, {layout.visual_len} tokens"
     if mask is None:
         return _blank(size, 1.0), f"every query-key pair computed (dense); {where}"
-    m = mask[0].float()
-    density = float(mask.float().mean())
-    f = max(1, -(-n // size))
-    if f > 1:
-        pad = (-n) % f
-        m = torch.nn.functional.pad(m, (0, pad, 0, pad))
-        m = torch.nn.functional.avg_pool2d(m[None, None], f)[0, 0]
-    img = (m.clamp(0, 1).numpy() * 255).astype(np.uint8)
-    img = np.kron(img, np.ones((max(1, size // img.shape[0]),) * 2, dtype=np.uint8))
-    return np.repeat(img[..., None], 3, axis=-1), f"density {density:.3f} (head 0 shown); {where}"
+    img = mask_image(mask[0] if mask.ndim == 3 else mask, max_side=size).resize((size, size), Image.NEAREST)
+    return np.asarray(img.convert("RGB")), f"density {float(mask.float().mean()):.3f} (head 0 shown); {where}"
 
 
 def _blank(size: int, level: float) -> np.ndarray:

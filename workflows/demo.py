@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +14,7 @@ import attnproc
 from attnproc.pipelines import tiny_call_kwargs, tiny_pipeline
 
 from .maskviz import mask_image, method_mask
-from .media import save_video, to_uint8_frames
+from .media import atomic_path, save_video, to_uint8_frames
 
 
 def _render(pipe, call_kwargs):
@@ -75,15 +73,11 @@ def _save_mask(handle, path: Path) -> str | None:
     mask = method_mask(handle.method, patch.family, layout)
     if mask is None:
         return None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.png")
-    os.close(fd)
-    mask_image(mask).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path, ".tmp.png") as tmp:
+        mask_image(mask).save(tmp, format="PNG")
     return str(path)
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.json")
-    with os.fdopen(fd, "w") as f:
+    with atomic_path(path, ".tmp.json") as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +29,26 @@ def _mp4_writer_available() -> bool:
         return False
 
 
-def save_image(frame: np.ndarray, path: Path) -> Path:
+@contextmanager
+def atomic_path(path: Path, suffix: str = ".tmp"):
+    """A temporary path beside ``path`` to write to: it replaces ``path`` when the block succeeds and is removed
+    when it fails, so readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.png")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=suffix)
     os.close(fd)
     try:
-        Image.fromarray(frame.squeeze(-1) if frame.shape[-1] == 1 else frame).save(tmp, format="PNG")
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+
+
+def save_image(frame: np.ndarray, path: Path) -> Path:
+    with atomic_path(path, ".tmp.png") as tmp:
+        Image.fromarray(frame.squeeze(-1) if frame.shape[-1] == 1 else frame).save(tmp, format="PNG")
+    return Path(path)
 
 
 def save_video(frames, path: Path, fps: int = 8) -> Path:
@@ -56,15 +65,9 @@ def save_video(frames, path: Path, fps: int = 8) -> Path:
         h, w = frames.shape[1:3]
         if h % 2 or w % 2:  # yuv420p needs even sizes
             frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.mp4")
-        os.close(fd)
-        try:
+        with atomic_path(path, ".tmp.mp4") as tmp:
             imageio.mimwrite(tmp, list(frames), format="FFMPEG", fps=fps, macro_block_size=1, codec="libx264",
                              pixelformat="yuv420p")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
     folder = path.with_name(path.stem + "_frames")
     for i, frame in enumerate(frames):

@@ -18,7 +18,6 @@ import json
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 import attnproc
 
 from .jobs import Job, JobFile, load_jobfile
-from .media import save_image, save_video, to_uint8_frames
+from .media import atomic_path, save_image, save_video, to_uint8_frames
 
 MANIFEST = "manifest.jsonl"
 PARTS = "manifest.parts"
@@ -254,13 +253,11 @@ def merge_manifest(jobfile: JobFile, out_dir: Path, compare: str | None = None) 
         rec = done.get(h) or latest.get(h)
         if rec is not None:
             merged.append({**rec, "job": job.index, "name": job.name})
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp.jsonl")
-    with os.fdopen(fd, "w") as f:
+    with atomic_path(out_dir / MANIFEST, ".tmp.jsonl") as tmp, open(tmp, "w") as f:
         for rec in merged:
             f.write(json.dumps(rec, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, out_dir / MANIFEST)
     parts = out_dir / PARTS
     if parts.is_dir():
         for p in parts.glob("*.jsonl"):

@@ -96,11 +96,9 @@ def gna_mask_1d(length: int, kernel_size: int, stride: int = 1, dilation: int = 
         lead = torch.minimum((xd // s) * s + s - 1, Lg - 1)[:, None]
         win = (y <= xd[:, None]) & (lead - y < k)
     else:
-        left, right = k // 2, k // 2 + k % 2 - 1
         lead = torch.minimum((xd // s) * s + s // 2, Lg - 1)
-        start = torch.minimum(torch.clamp(lead - left, min=0), Lg - k)  # window shifted inward at the borders
+        start = torch.minimum(torch.clamp(lead - k // 2, min=0), Lg - k)  # window shifted inward at the borders
         win = (y >= start[:, None]) & (y < (start + k)[:, None])
-        del right
     return same & win
 
 

@@ -162,3 +162,17 @@ def test_regions_editor_layers_become_region_masks():
     assert regions_from_editor({"layers": []}, "") is None
     with pytest.raises(ValueError, match="one phrase per line"):
         regions_from_editor({"layers": [layer]}, "")
+
+
+def test_mask_picture_shows_the_methods_sparse_pattern():
+    """Radial on Wan runs its first block dense by default; the picture must still show the sparse pattern."""
+    from attnproc.pipelines import tiny_call_kwargs, tiny_pipeline
+    from attnproc.ui.app import mask_picture
+
+    pipe = tiny_pipeline("wan21")
+    handle = attnproc.apply(pipe, "radial", block_size=32)
+    pipe(**tiny_call_kwargs("wan21", output_type="latent"))
+    img, caption = mask_picture(handle, 2)
+    attnproc.remove(pipe)
+    assert caption.startswith("density ") and float(caption.split()[1].rstrip(",")) < 1.0, caption
+    assert img.shape == (384, 384, 3) and (img == 0).any() and (img == 255).any()
