@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 
-from . import hooks
 from .context import DenoiserContext
 from .families import FAMILIES, Family, attention_modules, family_of
 from .layout import TokenLayout
@@ -105,6 +104,8 @@ def apply(pipe, method: str | list[str], **options) -> Handle:
                 raise RuntimeError(f"{name} uses diffusers context parallelism, which attnproc processors do not "
                                    "support yet; apply attnproc to a pipeline without enable_parallelism")
 
+    from . import hooks  # diffusers' hook registry: imported here so `import attnproc` does not need diffusers
+
     instance.bind(pipe)
     tracker = hooks.StepTracker(None if isinstance(pipe, torch.nn.Module) else pipe)
     patches, contexts = {}, {}
@@ -131,6 +132,8 @@ def apply(pipe, method: str | list[str], **options) -> Handle:
 
 def remove(pipe) -> bool:
     """Restore the stock processors and remove our hooks. Returns False (a no-op) if nothing was applied."""
+    from . import hooks
+
     removed = False
     for _, model in _denoisers(pipe):
         for _, module in attention_modules(model):

@@ -1,28 +1,34 @@
 """What an exported ComfyUI node runs: a registered attnproc method as ComfyUI's ``optimized_attention_override``.
 
-ComfyUI calls every attention function through a wrapper that, when ``transformer_options`` holds an
-``optimized_attention_override``, calls ``override(original_fn, q, k, v, heads, mask=None, attn_precision=None,
-skip_reshape=False, skip_output_reshape=False, transformer_options=..., **more)`` instead. ``q, k, v`` are
-``[B, S, H*D]`` (``[B, H, S, D]`` with ``skip_reshape``); the result is ``[B, S, H*D]`` (``[B, H, S, D]`` with
-``skip_output_reshape``).
+ComfyUI (0.3.59 and later) calls every attention function through a wrapper that, when ``transformer_options``
+holds an ``optimized_attention_override``, calls ``override(original_fn, q, k, v, heads, mask=None,
+attn_precision=None, skip_reshape=False, skip_output_reshape=False, transformer_options=..., **more)`` instead
+(``more``: ``scale``, ``enable_gqa``, ...). ``q, k, v`` are ``[B, S, H*D]`` (``[B, H, S, D]`` with
+``skip_reshape``); the result is ``[B, S, H*D]`` (``[B, H, S, D]`` with ``skip_output_reshape``).
 
-The override here:
+What ComfyUI really passes, and what we read from it (checked against ComfyUI 0.30.0's engine in
+tests/workflows/test_comfy_engine.py):
 
-* serves self-attention (query and key of the same length, no mask) with the method, building an
-  :class:`attnproc.Site` from ``transformer_options`` and the model: family from ComfyUI's model class
-  (:func:`family_from`), layer from ``block_index``, step from where ``sigmas``
-  sits in ``sample_sigmas``, branch from ``cond_or_uncond``, token layout from ``attnproc_layout`` (a
-  :class:`attnproc.TokenLayout` or its fields, set by another node) or from the latent shape ComfyUI records
-  (``activations_shape`` / ``original_shape``) when it accounts for every token exactly;
-* hands everything else (cross-attention, masked calls, a method that needs a layout it cannot get, a method
-  that raises) to the override that was installed before it, or to ComfyUI's own attention: dense.
+* token grid: Wan sets ``grid_sizes`` (post-patch T, H, W); the UNet's ``SpatialTransformer`` sets
+  ``activations_shape`` (``[B, C, H, W]`` of its level). Other DiTs (Flux, SD3, HunyuanVideo, LTX, Qwen-Image)
+  pass no grid and no text length, so methods that need a layout refuse them when the node executes
+  (:func:`check_model`) instead of silently running dense;
+* layer: ``block_index``; step: the index of ``sigmas`` in ``sample_sigmas`` (under ``KSamplerAdvanced`` that is
+  the *sliced* schedule, so the index restarts in each sampler: ComfyUI does not pass the full one); timestep:
+  ``model_sampling.timestep(sigma)`` (0–1000 scheduler units, what the methods' schedules expect);
+* branch: ``cond_or_uncond`` (0 = cond, 1 = uncond, one entry per batch chunk).
 
-Nothing here imports ComfyUI; tests drive it with ComfyUI-shaped stand-ins.
+Self-attention without a mask is served by the method; cross-attention by methods that edit it (maskmod);
+everything else (masked calls, unknown layouts) goes to the override that was installed before, or to ComfyUI's
+own attention. Chained attnproc nodes compose like ``attnproc.apply(pipe, [base, edit])`` (:func:`compose`).
+
+Nothing here imports ComfyUI or diffusers.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any, Callable
 
 import torch
@@ -30,6 +36,7 @@ import torch
 import attnproc
 from attnproc.context import StepContext
 from attnproc.layout import TokenLayout
+from attnproc.method import Composed, Edit, Method
 from attnproc.registry import REGISTRY
 
 log = logging.getLogger("attnproc.comfy")
@@ -39,6 +46,8 @@ _ARG_NAMES = ("q", "k", "v", "heads")
 # ComfyUI's model classes (comfy.model_base; subclasses such as WAN22 match through their bases) -> our families
 _COMFY_FAMILIES = {"WAN21": "wan", "HunyuanVideo": "hunyuanvideo", "Flux": "flux", "LTXV": "ltx", "SD3": "sd3",
                    "SDXL": "unet", "SDXLRefiner": "unet", "QwenImage": "qwenimage"}
+# families whose token grid ComfyUI passes to the attention call, and the key it is read from
+LAYOUT_FAMILIES = {"wan": "grid_sizes", "unet": "activations_shape"}
 
 
 def family_from(model) -> str | None:
@@ -54,59 +63,122 @@ def family_from(model) -> str | None:
     return None
 
 
-def step_from(transformer_options: dict) -> StepContext | None:
-    """The denoising step: the index of ``sigmas`` (the current sigma) within ``sample_sigmas``."""
+def _parts(method: Method) -> tuple[Method | None, list[Edit]]:
+    if isinstance(method, Composed):
+        return method.base, list(method.edits)
+    if isinstance(method, Edit):
+        return None, [method]
+    return method, []
+
+
+def compose(first: Method, then: Method) -> Method:
+    """Two chained nodes as one method: at most one base (dense or sparse) and the edits around it in order, like
+    ``attnproc.apply(pipe, [base, *edits])``."""
+    base_a, edits_a = _parts(first)
+    base_b, edits_b = _parts(then)
+    if base_a is not None and base_b is not None:
+        raise ValueError(f"two base attention methods chained ({base_a.name!r}, then {base_b.name!r}): chain at "
+                         "most one base method (dense, radial, gna, ...) and any number of edits (maskmod, ...)")
+    base = base_a or base_b or REGISTRY.create("dense")
+    return Composed(base, edits_a + edits_b)
+
+
+def _serves_cross(method: Method) -> bool:
+    return bool(_parts(method)[1])  # edits change cross-attention; base methods run it dense anyway
+
+
+def check_model(method: Method, family: str | None, model_class: str) -> None:
+    """Refuse, when the node executes, a model the method cannot serve in ComfyUI (one clear error instead of a
+    warning on every attention call)."""
+    base, edits = _parts(method)
+    for m in ([base] if base is not None else []) + edits:
+        resolve = getattr(m.config, "resolved", None)
+        if resolve is not None:  # methods with per-family defaults name their supported families
+            resolve(family)
+        if m.needs_layout and family not in LAYOUT_FAMILIES:
+            served = ", ".join(f"{f} ({key})" for f, key in LAYOUT_FAMILIES.items())
+            raise ValueError(f"method {m.name!r} needs the token grid, which attnproc reads in ComfyUI only for: "
+                             f"{served}; this model is {model_class} (family {family!r})")
+
+
+def step_from(transformer_options: dict, model_sampling=None) -> StepContext | None:
+    """The denoising step: the index of ``sigmas`` (the current sigma) within ``sample_sigmas``; the timestep in
+    0–1000 scheduler units from the model's own ``model_sampling`` (NaN when it is unknown)."""
     sigmas = transformer_options.get("sigmas")
     if sigmas is None:
         return None
-    current = float(torch.as_tensor(sigmas).flatten()[0])
+    sigma = torch.as_tensor(sigmas).flatten()[:1].float()
+    current = float(sigma[0])
     schedule = transformer_options.get("sample_sigmas")
     index = num = None
     if schedule is not None:
         schedule = torch.as_tensor(schedule).flatten().float()
-        num = max(int(schedule.numel()) - 1, 1)  # the last sigma (0) is the end, not a step
+        num = max(int(schedule.numel()) - 1, 1)  # the last sigma is the end, not a step
         close = torch.isclose(schedule, torch.tensor(current), rtol=1e-4, atol=1e-6).nonzero()
         index = int(close[0]) if len(close) else int((schedule - current).abs().argmin())
         index = min(index, num - 1)
-    branch = None
+    timestep = math.nan
+    if model_sampling is not None:
+        timestep = float(model_sampling.timestep(sigma).flatten()[0])
+    return StepContext(index=index, num_steps=num, timestep=timestep, branch=_branch(transformer_options),
+                       denoiser="diffusion_model")
+
+
+def _branches(transformer_options: dict) -> tuple[str, ...] | None:
     cou = transformer_options.get("cond_or_uncond")
-    if cou:
-        branch = ("cond" if cou[0] == 0 else "uncond") if len(cou) == 1 else "batched"
-    return StepContext(index=index, num_steps=num, timestep=current, branch=branch, denoiser="diffusion_model")
+    return tuple("cond" if c == 0 else "uncond" for c in cou) if cou else None
 
 
-def layout_from(transformer_options: dict, q_len: int) -> TokenLayout | None:
-    """The token layout of a self-attention call of ``q_len`` tokens, or None when ComfyUI does not say."""
+def _branch(transformer_options: dict) -> str | None:
+    names = _branches(transformer_options)
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else "batched"
+
+
+def layout_from(transformer_options: dict, q_len: int, k_len: int | None = None) -> TokenLayout | None:
+    """The token layout of an attention call of ``q_len`` queries (``k_len`` keys: cross-attention when it
+    differs), or None when what ComfyUI passes does not account for every query token."""
     given = transformer_options.get("attnproc_layout")
-    if isinstance(given, TokenLayout):
-        return given if given.seq_len == q_len else None
-    if isinstance(given, dict):
-        layout = TokenLayout(**given)
+    grid = None
+    if isinstance(given, (TokenLayout, dict)):
+        layout = given if isinstance(given, TokenLayout) else TokenLayout(**given)
         return layout if layout.seq_len == q_len else None
-    shape = transformer_options.get("activations_shape")
-    if shape is not None and len(shape) == 4 and shape[2] * shape[3] == q_len:  # UNet: [B, C, H, W] here
-        return TokenLayout(1, int(shape[2]), int(shape[3]))
-    shape = transformer_options.get("original_shape")
-    if shape is not None and len(shape) in (4, 5):
-        frames = int(shape[2]) if len(shape) == 5 else 1
-        h, w = int(shape[-2]), int(shape[-1])
-        for p in (1, 2):  # patch size of the common DiTs / UNet levels at full resolution
-            if h % p == 0 and w % p == 0 and frames * (h // p) * (w // p) == q_len:
-                return TokenLayout(frames, h // p, w // p)
-    return None
+    sizes = transformer_options.get("grid_sizes")  # Wan: post-patch (T, H, W)
+    if sizes is not None and len(sizes) == 3 and math.prod(int(s) for s in sizes) == q_len:
+        grid = tuple(int(s) for s in sizes)
+    shape = transformer_options.get("activations_shape")  # UNet SpatialTransformer: [B, C, H, W] of its level
+    if grid is None and shape is not None and len(shape) == 4 and int(shape[2]) * int(shape[3]) == q_len:
+        grid = (1, int(shape[2]), int(shape[3]))
+    if grid is None:
+        return None
+    cross = k_len is not None and k_len != q_len
+    return TokenLayout(*grid, text_len=k_len if cross else 0, text_position="separate" if cross else "none",
+                       branches=_branches(transformer_options))
 
 
-def _to_bhsd(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
+def _qkv_bhsd(q, k, v, heads: int, skip_reshape: bool, enable_gqa: bool):
+    """q, k, v as ``[B, H, S, D]``; grouped-query keys/values (``enable_gqa``) repeated to the query heads, which
+    is what SDPA's ``enable_gqa`` computes."""
     if skip_reshape:
-        return t
-    b, s, hd = t.shape
-    return t.view(b, s, heads, hd // heads).transpose(1, 2)
+        qh, kh, vh = q, k, v
+    else:
+        dim_head = q.shape[-1] // heads
+        qh, kh, vh = (t.reshape(t.shape[0], t.shape[1], -1, dim_head).transpose(1, 2) for t in (q, k, v))
+    if kh.shape[1] != qh.shape[1]:
+        if not enable_gqa or qh.shape[1] % kh.shape[1]:
+            raise ValueError(f"{qh.shape[1]} query heads and {kh.shape[1]} key heads without enable_gqa")
+        rep = qh.shape[1] // kh.shape[1]
+        kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
+    return qh, kh, vh
 
 
-def make_override(method: attnproc.Method, previous: Callable | None = None, family: str | None = None) -> Callable:
+def make_override(method: Method, previous: Callable | None = None, family: str | None = None,
+                  model_sampling=None) -> Callable:
     """An ``optimized_attention_override`` running ``method``; ``previous`` (an override already installed) gets
-    every call this one does not serve. ``family`` is the model's family (None: unknown; methods that need it
-    then fall back)."""
+    every call this one does not serve. ``family`` is the model's family, ``model_sampling`` ComfyUI's
+    sigma↔timestep conversion of the model (None: timestep unknown)."""
+    serves_cross = _serves_cross(method)
 
     def fallback(original, args, kwargs):
         if previous is not None:
@@ -122,23 +194,20 @@ def make_override(method: attnproc.Method, previous: Callable | None = None, fam
         if q is None or k is None or v is None or heads is None or kwargs.get("mask") is not None:
             return fallback(original, args, kwargs)
         seq_axis = 2 if skip_reshape else 1
-        if q.shape[seq_axis] != k.shape[seq_axis]:  # cross-attention: dense
+        q_len, k_len = q.shape[seq_axis], k.shape[seq_axis]
+        if q_len != k_len and not serves_cross:  # cross-attention: the base methods run it dense
             return fallback(original, args, kwargs)
-        qh, kh, vh = (_to_bhsd(t, heads, skip_reshape) for t in (q, k, v))
-        layout = layout_from(opts, qh.shape[2])
+        layout = layout_from(opts, q_len, k_len)
         if layout is None and method.needs_layout:
             return fallback(original, args, kwargs)
+        qh, kh, vh = _qkv_bhsd(q, k, v, heads, skip_reshape, bool(kwargs.get("enable_gqa", False)))
         block = opts.get("block_index")
         site = attnproc.Site(family=family, denoiser="diffusion_model", name=None,
                              index=int(block) if block is not None else None,
-                             layer=int(block) if block is not None else None, kind="self", layout=layout,
-                             step=step_from(opts))
-        try:
-            out = method.attention(qh, kh, vh, site)
-        except Exception as e:  # never break a workflow: run the attention this override replaced
-            log.warning("attnproc %s fell back to dense attention: %s", method.name, e)
-            return fallback(original, args, kwargs)
-        out = out.to(q.dtype)
+                             layer=int(block) if block is not None else None,
+                             kind="self" if q_len == k_len else "cross", layout=layout,
+                             step=step_from(opts, model_sampling))
+        out = method.attention(qh, kh, vh, site, scale=kwargs.get("scale")).to(q.dtype)
         if kwargs.get("skip_output_reshape", False):
             return out
         b, h, s, d = out.shape
@@ -149,14 +218,28 @@ def make_override(method: attnproc.Method, previous: Callable | None = None, fam
     return override
 
 
+def _option_infos(method: str) -> dict:
+    return {o.name: o for o in next(m for m in attnproc.methods() if m.name == method).options}
+
+
+TRISTATE = {"auto": None, "on": True, "off": False}
+
+
 def parse_widget_options(method: str, values: dict[str, Any]) -> dict:
     """Node widget values → method options: JSON strings for ``any``-typed options (empty = default) and for
-    numeric options whose default is "automatic" (None)."""
-    infos = {o.name: o for o in next(m for m in attnproc.methods() if m.name == method).options}
+    numeric options whose default is "automatic" (None); "auto/on/off" for booleans whose default is the
+    family's (None)."""
+    infos = _option_infos(method)
     options = {}
     for name, value in values.items():
         info = infos.get(name)
         if info is None:
+            continue
+        if info.type == "bool" and info.default is None and isinstance(value, str):
+            if value not in TRISTATE:
+                raise ValueError(f"option {name!r} of method {method!r}: choose one of auto, on, off; got {value!r}")
+            if TRISTATE[value] is not None:
+                options[name] = TRISTATE[value]
             continue
         if info.type == "any" or (info.default is None and isinstance(value, str)):
             text = str(value).strip()
@@ -171,10 +254,26 @@ def parse_widget_options(method: str, values: dict[str, Any]) -> dict:
 
 
 def patch_model(model, method: str, **widget_values):
-    """``model.clone()`` with ``method`` installed as the attention override, chaining any override already set."""
+    """``model.clone()`` with ``method`` installed as the attention override.
+
+    An attnproc override already installed (an attnproc node earlier in the chain) is composed with this one
+    (:func:`compose`); any other override gets the calls this one does not serve. Refuses models the method
+    cannot serve (:func:`check_model`)."""
     instance = REGISTRY.create(method, **parse_widget_options(method, widget_values))
+    return install(model, instance)
+
+
+def install(model, instance: Method):
+    """``model.clone()`` with ``instance`` as the override (composed with an attnproc override already there)."""
+    options = dict(model.model_options.get("transformer_options", {}))
+    previous = options.get(OVERRIDE_KEY)
+    if getattr(previous, "attnproc_method", None) is not None:
+        instance, previous = compose(previous.attnproc_method, instance), previous.attnproc_previous
+    family = family_from(model)
+    check_model(instance, family, type(getattr(model, "model", None)).__name__)
+    get = getattr(model, "get_model_object", None)
+    sampling = get("model_sampling") if get is not None else None
     patched = model.clone()
-    options = dict(patched.model_options.get("transformer_options", {}))
-    options[OVERRIDE_KEY] = make_override(instance, options.get(OVERRIDE_KEY), family_from(model))
+    options[OVERRIDE_KEY] = make_override(instance, previous, family, sampling)
     patched.model_options["transformer_options"] = options
     return patched
