@@ -69,9 +69,33 @@ def node_specs(methods: list[str] | None = None) -> list[dict]:
     for info in infos:
         cls = attnproc.registry.REGISTRY.get(info.name)
         description = f"{info.summary} {FALLBACK_NOTE}" + (f" {LAYOUT_NOTE}" if cls.needs_layout else "")
+        extra = EXTRA_SOCKETS.get(info.name, [])
+        taken = {s["name"] for s in extra}
+        widgets = [widget(o) for o in info.options if o.name not in taken]
+        for w in widgets:
+            if w["name"] in MULTILINE:
+                w["multiline"] = True
         specs.append({"method": info.name, "node_id": node_id(info.name), "display_name": f"attnproc: {info.name}",
-                      "description": description, "widgets": [widget(o) for o in info.options]})
+                      "description": description, "sockets": [{"name": "model", "type": "MODEL"}, *extra],
+                      "widgets": widgets, "output": "MODEL", "run": "maskmod" if info.name == "maskmod" else "patch"})
+        if info.name == "maskmod":
+            specs.append(REGION_NODE)
     return specs
+
+
+# Inputs that are ComfyUI sockets rather than widgets: maskmod tokenizes phrases with the model's CLIP and takes
+# its regions (phrase + MASK) from a chain of region nodes.
+REGIONS = "ATTNPROC_REGIONS"
+EXTRA_SOCKETS = {"maskmod": [{"name": "clip", "type": "CLIP"}, {"name": "regions", "type": REGIONS}]}
+MULTILINE = {"prompt"}
+REGION_NODE = {
+    "method": None, "node_id": "AttnProcRegion", "display_name": "attnproc: region",
+    "description": "One maskmod region: a phrase of the prompt and the MASK where it should appear (one mask, or "
+                   "one per video frame). Chain region nodes to add more; later regions lie on top.",
+    "sockets": [{"name": "mask", "type": "MASK"}, {"name": "regions", "type": REGIONS, "optional": True}],
+    "widgets": [{"name": "phrase", "kind": "STRING", "default": "", "multiline": False,
+                 "tooltip": "a part of the prompt (as typed in CLIPTextEncode)"}],
+    "output": REGIONS, "run": "region"}
 
 
 # ----------------------------------------------------------------------------- the pack's files
@@ -143,11 +167,16 @@ def comfy_api_available() -> bool:
     return True
 
 
-def run(method, model, **widgets):
-    from attnproc.workflows.comfy_runtime import patch_model
+def run(spec, **inputs):
+    from attnproc.workflows import comfy_runtime as rt
 
+    if spec["run"] == "region":
+        return rt.add_region(inputs.get("regions"), inputs["phrase"], inputs["mask"])
     check_comfyui()
-    return patch_model(model, method, **widgets)
+    if spec["run"] == "maskmod":
+        return rt.patch_maskmod(inputs.pop("model"), inputs.pop("clip"), inputs.pop("prompt"),
+                                inputs.pop("regions"), **inputs)
+    return rt.patch_model(inputs.pop("model"), spec["method"], **inputs)
 
 
 # ------------------------------------------------------------------ V1
@@ -159,14 +188,15 @@ def _v1_input(w):
 
 
 def _v1_class(spec):
-    def patch(self, model, **widgets):
-        return (run(spec["method"], model, **widgets),)
+    def patch(self, **inputs):
+        return (run(spec, **inputs),)
 
-    inputs = {"model": ("MODEL",)}
-    inputs.update({w["name"]: _v1_input(w) for w in spec["widgets"]})
+    required = {s["name"]: (s["type"],) for s in spec["sockets"] if not s.get("optional")}
+    required.update({w["name"]: _v1_input(w) for w in spec["widgets"]})
+    optional = {s["name"]: (s["type"],) for s in spec["sockets"] if s.get("optional")}
     return type(spec["node_id"], (), {
-        "INPUT_TYPES": classmethod(lambda cls: {"required": dict(inputs)}),
-        "RETURN_TYPES": ("MODEL",), "FUNCTION": "patch", "CATEGORY": CATEGORY,
+        "INPUT_TYPES": classmethod(lambda cls: {"required": dict(required), "optional": dict(optional)}),
+        "RETURN_TYPES": (spec["output"],), "FUNCTION": "patch", "CATEGORY": CATEGORY,
         "DESCRIPTION": spec["description"], "patch": patch,
     })
 
@@ -192,15 +222,21 @@ def _v3_input(io, w):
     return io.String.Input(w["name"], default=w["default"], multiline=w.get("multiline", False), tooltip=tip)
 
 
+def _v3_type(io, name):
+    return {"MODEL": io.Model, "CLIP": io.Clip, "MASK": io.Mask}.get(name) or io.Custom(name)
+
+
 def _v3_class(io, spec):
     def define_schema(cls):
+        sockets = [_v3_type(io, s["type"]).Input(s["name"], optional=s.get("optional", False))
+                   for s in spec["sockets"]]
         return io.Schema(node_id=spec["node_id"], display_name=spec["display_name"], category=CATEGORY,
                          description=spec["description"],
-                         inputs=[io.Model.Input("model")] + [_v3_input(io, w) for w in spec["widgets"]],
-                         outputs=[io.Model.Output()])
+                         inputs=sockets + [_v3_input(io, w) for w in spec["widgets"]],
+                         outputs=[_v3_type(io, spec["output"]).Output()])
 
-    def execute(cls, model, **widgets):
-        return io.NodeOutput(run(spec["method"], model, **widgets))
+    def execute(cls, **inputs):
+        return io.NodeOutput(run(spec, **inputs))
 
     return type(spec["node_id"], (io.ComfyNode,), {"define_schema": classmethod(define_schema),
                                                    "execute": classmethod(execute)})
@@ -241,7 +277,7 @@ that need it refuse other models when the node runs. The step comes from `sigmas
    The pack checks this when ComfyUI loads it and says what is missing.
 
 Example workflows: `example_workflows/` (UI format, loadable from the menu) and `example_workflows_api/`
-(API format, for `POST /prompt`). radial and gna examples use Wan 2.1 T2V 1.3B; the others SD 1.5.
+(API format, for `POST /prompt`). The examples use Wan 2.1 T2V 1.3B (ComfyUI's file names for it).
 """
 
 
@@ -291,8 +327,8 @@ _WAN21 = {
     "save": {"class_type": "SaveAnimatedWEBP", "inputs": {"fps": 16.0, "lossless": False, "quality": 90,
                                                           "method": "default"}},
 }
-# which example each method ships with: the video methods on Wan (the family they serve), the rest on SD 1.5
-EXAMPLE_FAMILY = {"radial": "wan", "gna": "wan"}
+# which example each method ships with: Wan 2.1 (served by every method); SD 1.5 for methods named here
+EXAMPLE_FAMILY: dict[str, str] = {}
 # widget order of the stock nodes in UI-format workflows (ComfyUI's own input order)
 _WIDGET_ORDER = {
     "CheckpointLoaderSimple": ["ckpt_name"], "UNETLoader": ["unet_name", "weight_dtype"],
@@ -302,18 +338,33 @@ _WIDGET_ORDER = {
     "KSampler": ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
     "VAEDecode": [], "SaveImage": ["filename_prefix"],
     "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
+    "SolidMask": ["value", "width", "height"], "MaskComposite": ["x", "y", "operation"],
+    "AttnProcRegion": ["phrase"],
 }
+_SOCKET_TYPES = {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "positive": "CONDITIONING",
+                 "negative": "CONDITIONING", "latent_image": "LATENT", "samples": "LATENT", "images": "IMAGE",
+                 "mask": "MASK", "destination": "MASK", "source": "MASK", "regions": "ATTNPROC_REGIONS"}
+
+
+EXAMPLE_PROMPT = "a red fox running in the snow"
 
 
 def example_api(spec: dict) -> dict:
     """The method's example graph in API format (for ``POST /prompt``): its node between the model loader and
     the sampler, on the family it serves."""
-    fam = _WAN21 if EXAMPLE_FAMILY.get(spec["method"]) == "wan" else _SD15
+    fam = _SD15 if EXAMPLE_FAMILY.get(spec["method"]) == "sd15" else _WAN21
     api = json.loads(json.dumps(fam["loaders"]))
     api["2"] = {"class_type": spec["node_id"],
                 "inputs": {"model": fam["model"], **{w["name"]: w["default"] for w in spec["widgets"]}}}
-    api["3"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox running in the snow",
-                                                            "clip": fam["clip"]}}
+    api["3"] = {"class_type": "CLIPTextEncode", "inputs": {"text": EXAMPLE_PROMPT, "clip": fam["clip"]}}
+    if spec["run"] == "maskmod":  # the fox in the left half of the frame: masks made in the graph, no files
+        width, height = api["5"]["inputs"]["width"], api["5"]["inputs"]["height"]
+        api["11"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": width, "height": height}}
+        api["12"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": width // 2, "height": height}}
+        api["13"] = {"class_type": "MaskComposite", "inputs": {"destination": ["11", 0], "source": ["12", 0],
+                                                               "x": 0, "y": 0, "operation": "add"}}
+        api["14"] = {"class_type": "AttnProcRegion", "inputs": {"phrase": "a red fox", "mask": ["13", 0]}}
+        api["2"]["inputs"].update(clip=fam["clip"], regions=["14", 0], prompt=EXAMPLE_PROMPT)
     api["4"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": fam["clip"]}}
     api["6"] = {"class_type": "KSampler", "inputs": {"seed": 0, **fam["sampler"], "denoise": 1.0,
                                                      "model": ["2", 0], "positive": ["3", 0],
@@ -337,9 +388,7 @@ def example_ui(spec: dict, api: dict) -> dict:
         outputs.setdefault((src, slot), []).append(link_id)
     type_of = {}  # (node, slot) -> LiteGraph type name, from what consumes it
     for link_id, src, slot, dst, name in links:
-        type_of[(src, slot)] = {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "positive": "CONDITIONING",
-                                "negative": "CONDITIONING", "latent_image": "LATENT", "samples": "LATENT",
-                                "images": "IMAGE"}[name]
+        type_of[(src, slot)] = _SOCKET_TYPES[name]
     for i, (nid, node) in enumerate(api.items()):
         n = int(nid)
         ins = [{"name": name, "type": type_of[(int(v[0]), v[1])],
@@ -383,7 +432,7 @@ def export_comfy(directory: str | Path, methods: list[str] | None = None, force:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
     try:
-        names = [s["method"] for s in specs]
+        names = [s["method"] for s in specs if s["method"] is not None]
         _write(tmp / "__init__.py", _INIT)
         _write(tmp / "nodes.py", _NODES)
         pack = {"attnproc_version": attnproc.__version__, "install": install_hint(), "nodes": specs}
@@ -391,7 +440,7 @@ def export_comfy(directory: str | Path, methods: list[str] | None = None, force:
         _write(tmp / "pyproject.toml", _pyproject(attnproc.__version__, names))
         _write(tmp / "README.md", _README.format(version=attnproc.__version__, count=len(names),
                                                   names=", ".join(names), install=install_hint()))
-        for spec in specs:
+        for spec in (s for s in specs if s["method"] is not None):
             api = example_api(spec)
             ui = example_ui(spec, api)
             _write(tmp / "example_workflows" / f"attnproc_{spec['method']}.json", json.dumps(ui, indent=1) + "\n")

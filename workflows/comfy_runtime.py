@@ -76,7 +76,9 @@ def compose(first: Method, then: Method) -> Method:
     ``attnproc.apply(pipe, [base, *edits])``."""
     base_a, edits_a = _parts(first)
     base_b, edits_b = _parts(then)
-    if base_a is not None and base_b is not None:
+    if base_a is not None and base_a.name == "dense":  # dense then a sparse method: the sparse one
+        base_a = None
+    if base_a is not None and base_b is not None and base_b.name != "dense":
         raise ValueError(f"two base attention methods chained ({base_a.name!r}, then {base_b.name!r}): chain at "
                          "most one base method (dense, radial, gna, ...) and any number of edits (maskmod, ...)")
     base = base_a or base_b or REGISTRY.create("dense")
@@ -277,3 +279,49 @@ def install(model, instance: Method):
     options[OVERRIDE_KEY] = make_override(instance, previous, family, sampling)
     patched.model_options["transformer_options"] = options
     return patched
+
+
+# ----------------------------------------------------------------------------- maskmod as a ComfyUI node
+def add_region(regions: list | None, phrase: str, mask: torch.Tensor) -> list[dict]:
+    """A region list (``ATTNPROC_REGIONS``) with one more region: ``phrase`` and a ComfyUI ``MASK``
+    (``[B, H, W]`` in [0, 1]; one mask, or one per video frame). The input list is not changed."""
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise ValueError("region phrase: give a part of the prompt (it is empty)")
+    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
+        raise ValueError(f"region mask: a ComfyUI MASK [B, H, W] is expected, got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    mask = mask.float().cpu()
+    if mask.ndim == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    return [*(regions or []), {"phrase": phrase.strip(), "mask": mask}]
+
+
+def phrase_tokens(clip, prompt: str, phrase: str) -> list[int]:
+    """The positions of ``phrase``'s tokens in the text context the model gets for ``prompt``, found with the
+    CLIP object's own tokenizer (``clip.tokenize(..., return_word_ids=True)``): token chunks are concatenated in
+    the context, so a position is the index in the flattened chunks. Special and padding tokens (word id 0)
+    never match."""
+    prompt_tokens = clip.tokenize(prompt, return_word_ids=True)
+    phrase_tokens_ = clip.tokenize(phrase, return_word_ids=True)
+    key = next(iter(prompt_tokens))  # SDXL's encoders share one token layout; we use the first
+    flat = [t for chunk in prompt_tokens[key] for t in chunk]
+    wanted = [t[0] for chunk in phrase_tokens_[key] for t in chunk if t[2] != 0]
+    n = len(wanted)
+    for i in range(len(flat) - n + 1):
+        window = flat[i:i + n]
+        starts_word = i == 0 or flat[i - 1][2] != window[0][2]
+        if n and starts_word and all(w[2] != 0 for w in window) and [w[0] for w in window] == wanted:
+            return list(range(i, i + n))
+    raise ValueError(f"maskmod: the phrase {phrase!r} is not part of the prompt {prompt!r} (as the text encoder "
+                     "tokenizes it); use the prompt given to CLIPTextEncode")
+
+
+def patch_maskmod(model, clip, prompt: str, regions: list | None, **widget_values):
+    """``model.clone()`` with maskmod: each region's phrase bound to its token positions with ``clip``."""
+    if not regions:
+        raise ValueError("maskmod: connect at least one region (attnproc: region node: a phrase and a MASK)")
+    bound = [{**r, "tokens": phrase_tokens(clip, prompt, r["phrase"])} for r in regions]
+    options = parse_widget_options("maskmod", widget_values)
+    options.pop("regions", None)
+    instance = REGISTRY.create("maskmod", **{**options, "regions": bound, "prompt": prompt})
+    return install(model, instance)

@@ -122,7 +122,7 @@ def test_node_override_equals_attnproc_method(method):
 
 def test_site_step_layer_and_sparse_path_served():
     layout = attnproc.TokenLayout(1, 8, 8)
-    model = patch_model(ModelPatcher(), "knobs", strength=0.3, mode="b", width=5)
+    model = patch_model(ModelPatcher(model=WAN21()), "knobs", strength=0.3, mode="b", width=5)
     override = model.model_options["transformer_options"][OVERRIDE_KEY]
     knobs = override.attnproc_method
     assert knobs.config.strength == 0.3 and knobs.config.mode == "b" and knobs.config.width == 5
@@ -140,9 +140,16 @@ def test_site_step_layer_and_sparse_path_served():
 
 
 def test_layout_from_comfy_shapes():
+    """What ComfyUI really passes (checked against the engine in test_comfy_engine.py): Wan's post-patch
+    grid_sizes, the UNet SpatialTransformer's activations_shape; original_shape (the UNet's input latent) alone is
+    not the grid of any attention call."""
     assert layout_from({"activations_shape": [2, 320, 8, 8]}, 64) == attnproc.TokenLayout(1, 8, 8)
-    assert layout_from({"original_shape": [1, 16, 3, 16, 16]}, 3 * 64) == attnproc.TokenLayout(3, 8, 8)
-    assert layout_from({"original_shape": [1, 4, 16, 16]}, 77) is None  # does not account for every token
+    assert layout_from({"grid_sizes": (3, 8, 8), "cond_or_uncond": [1, 0]}, 3 * 64) == \
+        attnproc.TokenLayout(3, 8, 8, branches=("uncond", "cond"))
+    assert layout_from({"grid_sizes": (3, 8, 8)}, 3 * 64, 12) == \
+        attnproc.TokenLayout(3, 8, 8, text_len=12, text_position="separate")  # cross-attention
+    assert layout_from({"grid_sizes": (3, 8, 8)}, 3 * 64 + 257) is None  # extra (reference-image) tokens
+    assert layout_from({"original_shape": [1, 16, 3, 16, 16]}, 3 * 64) is None
     assert layout_from({}, 64) is None
 
 
@@ -153,7 +160,7 @@ def test_fallbacks_chain_to_previous_override():
         calls.append(args[0].shape)
         return original(*args, **kwargs)
 
-    base = ModelPatcher({"transformer_options": {OVERRIDE_KEY: previous, "other": 1}})
+    base = ModelPatcher({"transformer_options": {OVERRIDE_KEY: previous, "other": 1}}, model=WAN21())
     model = patch_model(base, "knobs")
     opts = model.model_options["transformer_options"]
     assert base.model_options["transformer_options"][OVERRIDE_KEY] is previous  # the input MODEL is untouched
@@ -167,14 +174,17 @@ def test_fallbacks_chain_to_previous_override():
     mask = torch.zeros(64, 64)  # masked calls → previous
     attention(q, k, v, 2, mask=mask, transformer_options={**opts, **options(layout=attnproc.TokenLayout(1, 8, 8))})
     assert len(calls) == 3 and knobs.sparse_calls == 0
-    # two attnproc nodes in a row chain too
-    twice = patch_model(patch_model(ModelPatcher(), "dense"), "knobs")
-    assert twice.model_options["transformer_options"][OVERRIDE_KEY].attnproc_previous.attnproc_method.name == "dense"
+    # two attnproc nodes in a row compose into one method (dense then knobs: knobs), the chain before them kept
+    twice = patch_model(patch_model(base, "dense"), "knobs")
+    override = twice.model_options["transformer_options"][OVERRIDE_KEY]
+    assert override.attnproc_method.base.name == "knobs" and override.attnproc_previous is previous
+    with pytest.raises(ValueError, match="two base attention methods chained"):
+        patch_model(patch_model(base, "knobs"), "knobs")
 
 
 def test_bad_widget_values_raise_named_errors():
     with pytest.raises(attnproc.OptionError, match="strength"):
-        patch_model(ModelPatcher(), "knobs", strength=3.0)
+        patch_model(ModelPatcher(model=WAN21()), "knobs", strength=3.0)
 
 
 # ----------------------------------------------------------------------------- the exported pack
@@ -198,8 +208,9 @@ def _fake_comfy_api():
         return type(name, (), {"Input": type("Input", (_Input,), {"kind": name.upper()}),
                                "Output": type("Output", (), {"__init__": lambda self, *a, **k: None})})
 
-    for name in ("Model", "Float", "Int", "Boolean", "Combo", "String"):
+    for name in ("Model", "Float", "Int", "Boolean", "Combo", "String", "Clip", "Mask"):
         setattr(io, name, kind(name))
+    io.Custom = lambda type_name: kind(type_name)
     io.Schema = lambda **kw: types.SimpleNamespace(**kw)
     io.NodeOutput = lambda *values: types.SimpleNamespace(values=values)
     io.ComfyNode = type("ComfyNode", (), {})
@@ -221,17 +232,25 @@ def test_export_pack_v1_and_v3(tmp_path, monkeypatch):
         api = json.loads((pack / "example_workflows_api" / f"attnproc_{n}_api.json").read_text())
         assert any(node["type"] == node_id(n) for node in ui["nodes"]) and ui["links"]
         assert api["2"]["class_type"] == node_id(n) and api["6"]["inputs"]["model"] == ["2", 0]
-    assert "[tool.comfy]" in (pack / "pyproject.toml").read_text()
+        assert api["1"]["class_type"] == "UNETLoader"  # every example runs on Wan, which every method serves
+        # the UI format carries the same graph: one link per API socket connection
+        assert len(ui["links"]) == sum(isinstance(v, list) for node in api.values() for v in node["inputs"].values())
+    pyproject = (pack / "pyproject.toml").read_text()
+    assert "[tool.comfy]" in pyproject and "dependencies = []" in pyproject  # attnproc is not on PyPI
+    manifest = json.loads((pack / "nodes.json").read_text())
+    assert manifest["attnproc_version"] == attnproc.__version__ and "python -m build" in manifest["install"]
+    assert "python -m build" in (pack / "README.md").read_text()
     # V1 (no comfy_api): mappings with widgets from the registry schema
     v1 = _load_pack(pack, "attnproc_pack_v1")
-    assert not hasattr(v1, "comfy_entrypoint") and set(v1.NODE_CLASS_MAPPINGS) == {node_id(n) for n in names}
+    node_ids = {node_id(n) for n in names} | ({"AttnProcRegion"} if "maskmod" in names else set())
+    assert not hasattr(v1, "comfy_entrypoint") and set(v1.NODE_CLASS_MAPPINGS) == node_ids
     req = v1.NODE_CLASS_MAPPINGS["AttnProcKnobs"].INPUT_TYPES()["required"]
     assert req["model"] == ("MODEL",)
     assert req["strength"][0] == "FLOAT" and (req["strength"][1]["min"], req["strength"][1]["max"]) == (0.0, 1.0)
     assert req["width"][0] == "INT" and (req["width"][1]["min"], req["width"][1]["max"]) == (1, 9)
     assert req["mode"][0] == ["a", "b"] and req["dense_cross"][0] == "BOOLEAN"
     node = v1.NODE_CLASS_MAPPINGS["AttnProcKnobs"]()
-    (patched,) = getattr(node, node.FUNCTION)(ModelPatcher(), strength=0.1, mode="a", width=3, dense_first_steps=0.0,
+    (patched,) = getattr(node, node.FUNCTION)(model=ModelPatcher(model=WAN21()), strength=0.1, mode="a", width=3, dense_first_steps=0.0,
                                               dense_last_steps=0.0, dense_first_layers=0, dense_cross=True,
                                               min_tokens=0)
     assert patched.model_options["transformer_options"][OVERRIDE_KEY].attnproc_method.config.strength == 0.1
@@ -244,12 +263,12 @@ def test_export_pack_v1_and_v3(tmp_path, monkeypatch):
 
     nodes = asyncio.run(asyncio.run(v3.comfy_entrypoint()).get_node_list())
     schemas = {n.define_schema().node_id: n for n in nodes}
-    assert set(schemas) == {node_id(n) for n in names}
+    assert set(schemas) == node_ids
     schema = schemas["AttnProcKnobs"].define_schema()
     inputs = {i.id: i for i in schema.inputs}
     assert inputs["model"].kind == "MODEL" and inputs["strength"].kind == "FLOAT"
     assert inputs["strength"].kw["min"] == 0.0 and inputs["mode"].kw["options"] == ["a", "b"]
-    result = schemas["AttnProcKnobs"].execute(ModelPatcher(), strength=0.2)
+    result = schemas["AttnProcKnobs"].execute(model=ModelPatcher(model=WAN21()), strength=0.2)
     assert result.values[0].model_options["transformer_options"][OVERRIDE_KEY].attnproc_method.config.strength == 0.2
 
 
@@ -288,17 +307,88 @@ def test_family_from_comfy_model_classes():
     assert family_from(ModelPatcher()) is None
 
 
-def test_family_dependent_method_falls_back_on_unknown_model():
-    calls = []
+def test_unsupported_model_refused_when_the_node_executes():
+    layout_model = ModelPatcher(model=type("Flux", (), {})())
+    with pytest.raises(ValueError, match="needs the token grid, which attnproc reads in ComfyUI only for"):
+        patch_model(layout_model, "knobs")
+    with pytest.raises(ValueError, match="method 'radial' does not support the model family None"):
+        patch_model(ModelPatcher(), "radial")
 
-    def previous(original, *args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
 
-    layout = attnproc.TokenLayout(2, 8, 8)
-    q, k, v = qkv(s=layout.visual_len)
-    model = patch_model(ModelPatcher({"transformer_options": {OVERRIDE_KEY: previous}}), "radial")
-    out = attention(q, k, v, 2, transformer_options={**model.model_options["transformer_options"],
-                                                     **options(layout=layout)})
-    assert calls == [1]  # radial needs the family: handed on, not run with a guess
-    torch.testing.assert_close(out, comfy_sdpa(q, k, v, 2))
+def test_tristate_and_float_widgets_follow_the_library_defaults():
+    from attnproc.workflows.comfy import node_specs
+    from attnproc.workflows.comfy_runtime import parse_widget_options
+
+    radial = {w["name"]: w for w in node_specs(["radial"])[0]["widgets"]}
+    assert radial["sink"]["kind"] == "COMBO" and radial["sink"]["default"] == "auto"
+    assert radial["sink"]["options"] == ["auto", "on", "off"]
+    assert parse_widget_options("radial", {"sink": "auto"}) == {}  # None: the family's (Wan: on)
+    assert parse_widget_options("radial", {"sink": "off"}) == {"sink": False}
+    with pytest.raises(ValueError, match="'sink' of method 'radial': choose one of auto, on, off"):
+        parse_widget_options("radial", {"sink": "maybe"})
+    knobs = {w["name"]: w for w in node_specs(["knobs"])[0]["widgets"]}
+    assert knobs["strength"]["step"] == 0.01
+
+
+def test_scale_and_gqa_reach_the_method():
+    layout = attnproc.TokenLayout(1, 8, 8)
+    probe = make_override(REGISTRY.create("probe"))
+    q, k, v = qkv(heads=4)
+    kv = bhsd(k, 4)[:, :2], bhsd(v, 4)[:, :2]  # 2 key/value heads for 4 query heads
+    opts = {**options(layout=layout), OVERRIDE_KEY: probe}
+    out = attention(bhsd(q, 4), *kv, 4, skip_reshape=True, skip_output_reshape=True, enable_gqa=True, scale=0.3,
+                    transformer_options=opts)
+    ref = torch.nn.functional.scaled_dot_product_attention(bhsd(q, 4), *kv, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(out, ref)
+
+
+_LOAD_PACK = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("pack", sys.argv[1] + "/__init__.py",
+                                              submodule_search_locations=[sys.argv[1]])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["pack"] = pack
+spec.loader.exec_module(pack)
+"""
+
+
+def test_pack_imports_without_diffusers_and_checks_attnproc(tmp_path):
+    pack = export_comfy(tmp_path / "attnproc_nodes")
+    code = _LOAD_PACK + """
+import types, torch
+from attnproc.workflows.comfy_runtime import patch_model
+class WAN21: pass
+class Patcher:
+    def __init__(self): self.model_options, self.model = {"transformer_options": {}}, WAN21()
+    def clone(self): return self
+node = pack.NODE_CLASS_MAPPINGS["AttnProcRadial"]()
+node.patch(model=Patcher(), sink="off")
+print(sorted({m.split(".")[0] for m in sys.modules} & {"diffusers", "transformers", "gradio"}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code, str(pack)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    # attnproc missing from ComfyUI's Python: loading the pack says how to install it
+    proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['attnproc'] = None\n" + _LOAD_PACK,
+                           str(pack)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "the attnproc node pack needs the attnproc package in ComfyUI's Python" in proc.stderr
+    assert "python -m build" in proc.stderr and "not on PyPI" in proc.stderr
+
+
+def test_region_nodes_chain_and_check_their_inputs():
+    from attnproc.workflows.comfy_runtime import add_region, patch_maskmod
+
+    mask = torch.zeros(1, 16, 16)
+    mask[:, :, :8] = 1
+    first = add_region(None, " a red fox ", mask)
+    both = add_region(first, "the snow", 1 - mask)
+    assert [r["phrase"] for r in both] == ["a red fox", "the snow"] and len(first) == 1  # input list unchanged
+    assert both[0]["mask"].shape == (16, 16)  # one MASK for every frame
+    assert add_region(None, "fox", torch.zeros(3, 8, 8))[0]["mask"].shape == (3, 8, 8)  # one per frame
+    with pytest.raises(ValueError, match="region phrase: give a part of the prompt"):
+        add_region(None, "  ", mask)
+    with pytest.raises(ValueError, match=r"region mask: a ComfyUI MASK \[B, H, W\] is expected"):
+        add_region(None, "fox", torch.zeros(8))
+    with pytest.raises(ValueError, match="maskmod: connect at least one region"):
+        patch_maskmod(ModelPatcher(model=WAN21()), None, "a red fox", [])

