@@ -154,7 +154,8 @@ def check_comfyui():
         import comfy.ldm.modules.attention as attention
     except ImportError:  # not inside ComfyUI (the pack driven by its own tests)
         return
-    if "optimized_attention_override" not in inspect.getsource(getattr(attention, "wrap_attn", lambda: None)):
+    wrap = getattr(attention, "wrap_attn", None)
+    if wrap is None or "optimized_attention_override" not in inspect.getsource(wrap):
         raise RuntimeError("this ComfyUI has no optimized_attention_override (added in ComfyUI 0.3.59, "
                            "2025-09-12), so attnproc nodes would never run: update ComfyUI")
 

@@ -22,12 +22,15 @@ def tiny_clip(width: int = 64):
     with open(path, "w") as f:
         json.dump(config, f)
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    target.params = {"textmodel_json_config": path}
+    target.params = {"clip_model": comfy.sd1_clip.SDClipModel, "textmodel_json_config": path}
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
     torch.manual_seed(4)
-    with torch.no_grad():
-        for p in clip.cond_stage_model.parameters():
-            p.normal_(0, 0.05)
+    with torch.no_grad():  # norms at 1, the rest small and random
+        for name, p in clip.cond_stage_model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.normal_(0, 0.05)
     return clip
 
 

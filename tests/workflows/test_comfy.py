@@ -392,3 +392,14 @@ def test_region_nodes_chain_and_check_their_inputs():
         add_region(None, "fox", torch.zeros(8))
     with pytest.raises(ValueError, match="maskmod: connect at least one region"):
         patch_maskmod(ModelPatcher(model=WAN21()), None, "a red fox", [])
+
+
+def test_old_comfyui_without_the_override_hook_is_refused(tmp_path, monkeypatch):
+    pack = _load_pack(export_comfy(tmp_path / "attnproc_nodes"), "attnproc_pack_old")
+    attention_module = types.ModuleType("comfy.ldm.modules.attention")  # ComfyUI < 0.3.59: no wrap_attn
+    for name in ("comfy", "comfy.ldm", "comfy.ldm.modules"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "comfy.ldm.modules.attention", attention_module)
+    node = pack.NODE_CLASS_MAPPINGS["AttnProcDense"]()
+    with pytest.raises(RuntimeError, match=r"no optimized_attention_override \(added in ComfyUI 0.3.59"):
+        node.patch(model=ModelPatcher(model=WAN21()))

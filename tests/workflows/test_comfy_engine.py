@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+MASKMOD_GAIN = 0.05  # measured in the test below; see docs/comfyui.md
 CACHE = Path(os.environ.get("ATTNPROC_COMFYUI_CACHE", Path.home() / ".cache" / "attnproc-comfyui"))
 
 
@@ -54,7 +55,7 @@ def test_site_from_what_comfyui_passes(engine):
     # 2 blocks x 4 steps, cond and uncond batched in one call: 8 self- and 8 cross-attention calls
     assert probe["self_calls"] == 8 and probe["layers"] == [0, 1]
     assert probe["steps"] == [0, 1, 2, 3] and probe["num_steps"] == [4]
-    assert probe["layouts"] == [[[5, 16, 16], ["cond", "uncond"]]]  # grid_sizes of a 5x32x32 latent, patch 1x2x2
+    assert probe["layouts"] == [[[5, 16, 16], ["uncond", "cond"]]]  # cond_or_uncond [1, 0]  # grid_sizes of a 5x32x32 latent, patch 1x2x2
     t = probe["timesteps"]  # model_sampling.timestep(sigma): scheduler units, decreasing from ~1000
     assert len(t) == 4 and 900 < t[0] <= 1000 and all(a > b > 0 for a, b in zip(t, t[1:]))
     assert probe["vs_stock"] == 0.0
@@ -86,3 +87,32 @@ def test_refusals_when_the_node_executes(engine):
     assert engine["wan_radial_patch"] == "ok"
     assert "does not support the model family 'unet'" in engine["unet_radial_patch"]
     assert "two base attention methods chained ('radial', then 'gna')" in engine["two_bases"]
+
+
+def test_maskmod_moves_the_phrase_mass_into_its_region(engine):
+    # the phrase found with the CLIP's own tokenizer: SD1 puts the start token at 0, "a red fox" at 1..3
+    assert engine["maskmod_tokens"] == [1, 2, 3]
+    assert "the phrase 'a blue fox' is not part of the prompt" in engine["maskmod_missing_phrase"]
+    m = engine["maskmod"]
+    # modulated: the cond half of 7 transformer blocks x the first 0.3 of 4 steps (steps 0, 1), cross and self
+    assert m["cross_calls"] == 14 and m["self_calls"] == 14
+    # region = left half: unmodulated the phrase's mass splits evenly; modulation moves it into the region
+    assert abs(m["share_before"] - 0.5) < 0.1
+    assert m["share_after"] - m["share_before"] > MASKMOD_GAIN and m["min_gain"] > 0
+    assert m["vs_stock"] > 1e-3
+
+
+def test_server_runs_the_shipped_examples(engine):
+    assert {"AttnProcDense", "AttnProcRadial", "AttnProcGna", "AttnProcMaskmod", "AttnProcRegion"} <= \
+        set(engine["server_nodes"])
+    sink = engine["server_sink_widget"]  # tri-state, the library's default (the family's)
+    assert sink[0] == "COMBO" and sink[1]["options"] == ["auto", "on", "off"] and sink[1]["default"] == "auto"
+    assert set(engine["examples"]) == {"attnproc_dense_api", "attnproc_radial_api", "attnproc_gna_api",
+                                       "attnproc_maskmod_api"}
+    for name, r in engine["examples"].items():
+        assert r["validate"] == 200 and not r["node_errors"], (name, r)  # the shipped graph, unchanged
+        assert r["run_validate"] == 200 and r["run"] == "success", (name, r)
+    out = engine["server_outputs"]
+    assert out["Dense"]["shape"] == [1, 16, 5, 32, 32]
+    for method in ("Radial", "Gna", "Maskmod"):  # each node changed what /prompt produced
+        assert out[method]["vs_dense"] > 1e-3, method
