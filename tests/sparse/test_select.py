@@ -37,7 +37,7 @@ def test_ragged_boxes_cover_the_grid_with_boxes():
 
 def test_keep_first_ties_go_to_the_lower_index():
     s = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0]])
-    assert keep_first(s, torch.tensor([[3]])).tolist() == [[False, True, True, True, False]]
+    assert keep_first(s, torch.tensor([[3]])).tolist() == [[True, True, False, True, False]]
 
 
 @pytest.mark.parametrize("extra", [0, 5])
