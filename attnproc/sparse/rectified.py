@@ -30,7 +30,7 @@ from attnproc.schedule import Schedule
 from .gilbert import block_neighbors, gilbert_block_neighbors, gilbert_permutation
 from .select import keep_first, permutation_partition
 
-__all__ = ["rectified_attention", "rectified_visual_attention", "RectifiedConfig", "RECTIFIED_DEFAULTS",
+__all__ = ["rectified_attention", "rectified_plan", "rectified_visual_attention", "RectifiedConfig", "RECTIFIED_DEFAULTS",
            "SUPPORTED_FAMILIES", "VARIANTS"]
 
 VARIANTS = ("wan", "hunyuan")
@@ -58,13 +58,12 @@ def _pooled(x: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks, blocks.mean(dim=-2)
 
 
-def _rectified(q, k, v, text_k, text_v, *, scale, block_size, top_k, p_remain, first_frame_blocks, neighbors,
-               ipar, backend="auto"):
-    """Rectified attention of the visual queries; returns ``(out [B, H, N, Dv], critical [B, H, nq, nq],
-    text_column_selected [B, H, nq] or None)``."""
+def rectified_plan(q, k, v, text_k, *, scale, block_size, top_k, p_remain, first_frame_blocks, neighbors, ipar):
+    """The selection half of Rectified SpaAttn (everything but the exact attention): ``(critical [B, H, nq, nq],
+    R [B, H, nq], approx [B, H, nq, Dv], text_column_selected [B, H, nq] or None)``, all from pooled
+    statistics in float32."""
     bs = block_size
-    N = q.shape[2]
-    nq = num_blocks(N, bs)
+    nq = num_blocks(q.shape[2], bs)
     qb, qbar = _pooled(q, bs)
     kb, kbar = _pooled(k, bs)
     _, vbar = _pooled(v, bs)
@@ -98,12 +97,23 @@ def _rectified(q, k, v, text_k, text_v, *, scale, block_size, top_k, p_remain, f
     p_vis = probs[..., :nq]
     R = (p_vis * kept).sum(-1) + (probs[..., nq] if ipar else 0.0)  # [B, H, nq]
     approx = torch.matmul(p_vis.masked_fill(kept, 0.0), vbar)  # [B, H, nq, Dv]
-    exact = block_sparse_attention(q, k, v, crit, bs, scale=scale, extra_k=text_k if ipar and text_k is not None
-                                   and text_k.shape[2] else None,
-                                   extra_v=text_v if ipar and text_k is not None and text_k.shape[2] else None,
-                                   backend=backend)
-    out = exact.float() * R.repeat_interleave(bs, dim=-1)[..., :N, None] + approx.repeat_interleave(bs, dim=-2)[:, :, :N]
-    return out.to(q.dtype), crit, (crit_all[..., nq] if ipar else None)
+    return crit, R, approx, (crit_all[..., nq] if ipar else None)
+
+
+def _rectified(q, k, v, text_k, text_v, *, scale, block_size, top_k, p_remain, first_frame_blocks, neighbors,
+               ipar, backend="auto"):
+    """Rectified attention of the visual queries; returns ``(out [B, H, N, Dv], critical [B, H, nq, nq],
+    text_column_selected [B, H, nq] or None)``."""
+    bs, N = block_size, q.shape[2]
+    crit, R, approx, text_col = rectified_plan(q, k, v, text_k, scale=scale, block_size=bs, top_k=top_k,
+                                               p_remain=p_remain, first_frame_blocks=first_frame_blocks,
+                                               neighbors=neighbors, ipar=ipar)
+    has_text = ipar and text_k is not None and text_k.shape[2] > 0
+    exact = block_sparse_attention(q, k, v, crit, bs, scale=scale, extra_k=text_k if has_text else None,
+                                   extra_v=text_v if has_text else None, backend=backend)
+    out = exact.float() * R.repeat_interleave(bs, dim=-1)[..., :N, None] \
+        + approx.repeat_interleave(bs, dim=-2)[:, :, :N]
+    return out.to(q.dtype), crit, text_col
 
 
 def _check_rates(block_size, drop_rate, p_remain):

@@ -141,15 +141,24 @@ def keep_first(scores: torch.Tensor, count: torch.Tensor, dim: int = -1) -> torc
 
 
 # ---- attention with per-query key-chunk sets ---------------------------------------------------------------
+def _query_block(counts: torch.Tensor, block_max: int) -> int:
+    """Query block size for packing: about the mean number of queries per (b, h, chunk), so padding stays small
+    and kernel calls stay few."""
+    nz = counts[counts > 0]
+    mean = float(nz.float().mean()) if nz.numel() else 1.0
+    return int(min(max(16, 2 ** round(math.log2(max(mean, 1.0)))), block_max))
+
+
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: Partition, select: torch.Tensor,
                     scale: float, *, extra_k: torch.Tensor | None = None, extra_v: torch.Tensor | None = None,
-                    block_q: int = 64, backend: str = "auto") -> torch.Tensor:
+                    block_max: int = 512, backend: str = "auto") -> torch.Tensor:
     """Softmax attention where query ``s`` of head ``h`` attends every key of the chunks ``c`` with
     ``select[b, h, c, s]`` (one softmax over their union), plus every extra key.
 
     ``q, k, v``: ``[B, H, N, D]`` in layout order; ``select``: bool ``[B, H, C, N]`` (every query needs at least
     one chunk or extra keys). Like the reference's varlen "experts", the queries that selected chunk ``c`` are
-    gathered and attend chunk ``c`` alone; here they are packed into query blocks of ``block_q`` so that one
+    gathered and attend chunk ``c`` alone; here they are packed into query blocks (a power of two near the mean
+    number of queries per chunk, at most ``block_max``) so that one
     :func:`block_sparse_attention` call per distinct chunk length serves all chunks, heads and batch elements
     (one-hot block mask, LSE returned), and the partial results are merged exactly by their LSE. Differentiable
     (the gather backend keeps the graph)."""
@@ -171,6 +180,7 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: Par
         kg, vg = k.index_select(2, key_idx), v.index_select(2, key_idx)
         # queries of each (b, h, chunk), padded to whole query blocks, packed per (b, h)
         counts = sel.sum(-1)  # [B, H, G]
+        block_q = _query_block(counts, block_max)
         nblk = (counts + block_q - 1) // block_q  # query blocks per (b, h, chunk)
         blk_start = torch.cumsum(nblk, -1) - nblk  # first query block of each chunk, per (b, h)
         nq = max(int(nblk.sum(-1).max()), 1)

@@ -261,7 +261,8 @@ class VMoBAConfig(Schedule):
     chunk_1d: int | None = option(None, low=1, high=100000, help="frames per 1D chunk; default 3")
     chunk_2d: Sequence[int] | None = option(None, help="(ch, cw) of 2D chunks; default: about 24 tiles")
     chunk_3d: Sequence[int] | None = option(None, help="(ct, ch, cw) of 3D chunks; default: 3 x about 24 cubes")
-    block_q: int = option(64, low=1, high=4096, help="queries per kernel block when packing selected queries")
+    block_q: int = option(512, low=16, high=4096,
+                          help="largest query block when packing the queries that picked a chunk")
     backend: str = option("auto", choices=BACKENDS, help="block-sparse kernel backend")
 
     def validate(self):
@@ -317,6 +318,6 @@ def vmoba_visual_attention(q, k, v, extra_k, extra_v, scale, *, config: VMoBACon
                         tau=cfg.tau if cfg.tau is not None else 0.25, topk=cfg.topk_for(part.num_chunks))
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    out = chunk_attention(qp, kp, vp, part, sel, scale, extra_k=extra_k, extra_v=extra_v, block_q=cfg.block_q,
+    out = chunk_attention(qp, kp, vp, part, sel, scale, extra_k=extra_k, extra_v=extra_v, block_max=cfg.block_q,
                           backend=cfg.backend)
     return part.unpermute(out)

@@ -50,7 +50,7 @@ def test_chunk_attention_equals_dense_and_backprops(extra):
     sel[:, :, 0] |= ~sel.any(2)  # every query keeps a chunk
     ek = torch.randn(B, H, extra, D) if extra else None
     ev = torch.randn(B, H, extra, D) if extra else None
-    out = chunk_attention(q, k, v, part, sel, 0.4, extra_k=ek, extra_v=ev, block_q=4)
+    out = chunk_attention(q, k, v, part, sel, 0.4, extra_k=ek, extra_v=ev, block_max=4)
     tok = sel.index_select(2, part.chunk_of).transpose(2, 3)  # [B, H, query, key]
     kk, vv = k, v
     if extra:
