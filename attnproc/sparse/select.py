@@ -8,7 +8,8 @@ query block), and run attention over the kept key chunks only. This module holds
   ``unpermute`` the output once after); :func:`box_partition` (raster boxes, ragged at the grid edge) and
   :func:`permutation_partition` (any layout order cut into equal blocks, e.g. a Gilbert curve);
 * :func:`chunk_means`: per-chunk mean of q/k/v over the chunk's real tokens, in float32;
-* :func:`keep_first`: keep the first ``count`` entries of a stable descending sort, scattered back;
+* :func:`keep_first` / :func:`keep_prefix`: keep the first ``count`` entries of a stable descending sort
+  (a fixed count, or one decided from the sorted values), scattered back;
 * :func:`chunk_attention`: exact softmax attention where every query attends its own set of key chunks
   (query-token granularity, as VMoBA needs): the queries of each key chunk are gathered into query blocks and
   run through :func:`attnproc.kernels.block_sparse_attention`, and the partial results are merged by LSE.
@@ -21,13 +22,14 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from attnproc.kernels import block_sparse_attention, num_blocks
 
-__all__ = ["Partition", "box_partition", "permutation_partition", "chunk_means", "keep_first", "chunk_attention"]
+__all__ = ["Partition", "box_partition", "permutation_partition", "chunk_means", "keep_first", "keep_prefix",
+           "chunk_attention"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,29 @@ def keep_first(scores: torch.Tensor, count: torch.Tensor, dim: int = -1) -> torc
     keep_sorted = rank < count
     out = torch.zeros_like(keep_sorted.expand_as(scores))
     return out.scatter(dim, order, keep_sorted.expand_as(scores))
+
+
+def keep_prefix(scores: torch.Tensor, count_of: Callable, probes: Sequence[int] = ()) -> torch.Tensor:
+    """bool mask of the first ``count`` entries of each row's stable descending sort along the last dim, where
+    ``count = count_of(sorted_values, complete)`` (``[..., 1]``; with ``complete=False`` it may return 0 for
+    "not decided within these values").
+
+    Partial sorts (``topk``) of the ``probes`` sizes are tried first, smallest first; one is used only where
+    every row's prefix ends strictly inside it with a strictly smaller next value, so the kept set is exactly
+    the full sort's (prefix sums of equal values do not depend on their order). Otherwise: one full sort."""
+    M = scores.shape[-1]
+    for probe in sorted(p for p in probes if p < M):
+        vals, idx = torch.topk(scores, probe, dim=-1, largest=True, sorted=True)
+        count = count_of(vals, False)
+        if bool(((count >= 1) & (count < probe)).all()):
+            c = count.clamp(1, probe - 1)
+            if bool((vals.gather(-1, c - 1) > vals.gather(-1, c)).all()):
+                keep = torch.arange(probe, device=scores.device) < count
+                return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter(
+                    -1, idx, keep.expand_as(idx))
+    vals, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    keep = torch.arange(M, device=scores.device) < count_of(vals, True)
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter(-1, order, keep.expand_as(order))
 
 
 # ---- attention with per-query key-chunk sets ---------------------------------------------------------------

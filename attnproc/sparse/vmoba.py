@@ -26,7 +26,7 @@ from attnproc.options import option
 from attnproc.schedule import Schedule
 
 from ._tiles import divisors
-from .select import Partition, box_partition, chunk_attention, chunk_means, keep_first, permutation_partition
+from .select import Partition, box_partition, chunk_attention, chunk_means, keep_prefix, permutation_partition
 
 __all__ = ["vmoba_token_mask", "vmoba_partition", "vmoba_gate", "select_chunks", "vmoba_visual_attention",
            "default_chunk", "VMoBAConfig", "VMOBA_DEFAULTS", "VMOBA_SETTINGS", "SELECT_MODES", "THRESHOLD_TYPES",
@@ -135,6 +135,7 @@ def vmoba_gate(q: torch.Tensor, k: torch.Tensor, part: Partition) -> torch.Tenso
 
 def _threshold_rows(g: torch.Tensor, own: torch.Tensor, tau: float, sort_own: bool) -> torch.Tensor:
     """The reference's cumulative threshold rule on rows ``[..., M]`` (one normalisation group per row)."""
+    M = g.shape[-1]
     gmin = g.amin(-1, keepdim=True)
     denom = g.amax(-1, keepdim=True) - gmin
     denom = torch.where(denom <= EPS, torch.ones_like(denom), denom)
@@ -142,18 +143,24 @@ def _threshold_rows(g: torch.Tensor, own: torch.Tensor, tau: float, sort_own: bo
     total = gn.sum(-1, keepdim=True)
     remain = (tau - (gn * own).sum(-1, keepdim=True) / (total + EPS)).clamp(min=0.0)
     others = gn.masked_fill(own, 0.0)
-    n_cand = g.shape[-1] if sort_own else (~own).sum(-1, keepdim=True)
+    n_cand = M if sort_own else (~own).sum(-1, keepdim=True)
     key = others if sort_own else others.masked_fill(own, float("-inf"))  # "overall" sorts the others only
-    vals = torch.sort(key, dim=-1, descending=True, stable=True).values.clamp(min=0.0)
-    ratio = vals.cumsum(-1) / (total + EPS)
-    rank = torch.arange(g.shape[-1], device=g.device)
-    cond = (ratio >= remain) & (rank < n_cand)
-    first = torch.where(cond.any(-1, keepdim=True), cond.float().argmax(-1, keepdim=True), n_cand - 1)
-    return keep_first(key, first + 1) | own
+
+    def count_of(vals, complete):
+        ratio = vals.clamp(min=0.0).cumsum(-1) / (total + EPS)
+        cond = (ratio >= remain) & (torch.arange(vals.shape[-1], device=g.device) < n_cand)
+        found = cond.any(-1, keepdim=True)
+        first = cond.float().argmax(-1, keepdim=True) + 1
+        return torch.where(found, first, n_cand if complete else 0)
+
+    probes = (max(256, M // 8), M // 3) if M > 4096 else ()  # partial sorts first: the prefix is usually short
+    return keep_prefix(key, count_of, probes) | own
 
 
 def _topk_rows(g: torch.Tensor, own: torch.Tensor, k: int) -> torch.Tensor:
-    return keep_first(g + own * SELF_BOOST, torch.tensor(k, device=g.device))
+    count = torch.full((*g.shape[:-1], 1), k, device=g.device)
+    probes = (k + 1,)
+    return keep_prefix(g + own * SELF_BOOST, lambda vals, complete: count, probes)
 
 
 def select_chunks(gate: torch.Tensor, part: Partition, *, select: str = "threshold",

@@ -8,7 +8,7 @@ import torch
 
 from attnproc.kernels import dense_attention
 from attnproc.sparse._tiles import tile_permutation
-from attnproc.sparse.select import box_partition, chunk_attention, chunk_means, keep_first
+from attnproc.sparse.select import box_partition, chunk_attention, chunk_means, keep_first, keep_prefix
 
 
 @pytest.mark.parametrize("grid,box", [((4, 6, 8), (2, 3, 4)), ((2, 4, 4), (2, 2, 2)), ((3, 4, 4), (3, 2, 2))])
@@ -63,3 +63,22 @@ def test_chunk_attention_equals_dense_and_backprops(extra):
     want = torch.autograd.grad(ref, (q, k, v), g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_keep_prefix_partial_sort_equals_full_sort(ties):
+    torch.manual_seed(5)
+    s = torch.rand(3, 5000)
+    if ties:
+        s = (s * 20).floor()  # many equal values: boundaries fall on ties, the full sort must take over
+    need = torch.tensor([[0.05], [0.2], [0.4]]) * s.sum(-1, keepdim=True)
+
+    def count_of(vals, complete):
+        cond = vals.cumsum(-1) >= need
+        first = cond.float().argmax(-1, keepdim=True) + 1
+        return torch.where(cond.any(-1, keepdim=True), first, vals.shape[-1] if complete else 0)
+
+    fast = keep_prefix(s, count_of, probes=(300, 1500))
+    full = keep_prefix(s, count_of)
+    assert torch.equal(fast, full)
+    assert 0 < fast.sum() < s.numel()
