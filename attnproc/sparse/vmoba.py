@@ -52,6 +52,7 @@ VMOBA_DEFAULTS: dict[str, dict] = {f: dict(dense_first_steps=0.25, dense_first_l
 TARGET_FRAMES_1D = 3
 TARGET_CHUNKS_2D = 24
 TARGET_CHUNKS_3D_T = 3
+MIN_CHUNK_TOKENS = 256
 
 
 # ---- partition ---------------------------------------------------------------------------------------------
@@ -112,17 +113,28 @@ def _side(length: int, target_count: float) -> int:
     return max(1, math.ceil(length / round(target_count)))
 
 
+def _tiles(H: int, W: int, count: float) -> tuple[int, int]:
+    """``(ch, cw)`` giving about ``count`` spatial tiles with the grid's aspect ratio."""
+    if count <= 1:
+        return H, W
+    nh = math.sqrt(count * H / W)
+    return _side(H, nh), _side(W, count / max(1.0, min(nh, H)))
+
+
 def default_chunk(grid, kind: int):
     """The chunk derived from the grid for partition ``kind`` (0: 1D, 1: 2D, 2: 3D): 3 frames; about 24 spatial
-    tiles with the grid's aspect ratio; 3 time slabs of those tiles (the paper's 7-24-72 at 480p)."""
+    tiles with the grid's aspect ratio; 3 time slabs of about 24 tiles (the paper's 7-24-72 at 480p). Short
+    videos get fewer, larger chunks so that no chunk falls below ``MIN_CHUNK_TOKENS`` (the paper's chunks hold
+    about 450-1900 tokens; tiny chunks make the gather cost more than the attention it saves)."""
     T, H, W = _grid(grid)
+    N = T * H * W
     if kind == 0:
         return min(TARGET_FRAMES_1D, T)
-    nh = math.sqrt(TARGET_CHUNKS_2D * H / W)
-    hw = (_side(H, nh), _side(W, TARGET_CHUNKS_2D / max(1.0, min(nh, H))))
     if kind == 1:
-        return hw
-    return (_side(T, TARGET_CHUNKS_3D_T),) + hw
+        return _tiles(H, W, min(TARGET_CHUNKS_2D, max(1, N // MIN_CHUNK_TOKENS)))
+    total = min(TARGET_CHUNKS_2D * TARGET_CHUNKS_3D_T, max(1, N // MIN_CHUNK_TOKENS))
+    ct = _side(T, min(TARGET_CHUNKS_3D_T, total))
+    return (ct,) + _tiles(H, W, total / math.ceil(T / ct))
 
 
 # ---- gate and selection ------------------------------------------------------------------------------------

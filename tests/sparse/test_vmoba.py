@@ -156,7 +156,7 @@ def test_visual_attention_equals_dense_on_the_mask(grid, layer, setting):
     torch.manual_seed(layer)
     S = math.prod(grid)
     q, k, v = (torch.randn(2, 3, S, 16) for _ in range(3))
-    cfg = _cfg(setting=setting)
+    cfg = _cfg(setting=setting, chunk_1d=2, chunk_2d=(3, 4), chunk_3d=(2, 3, 3))  # small grids: explicit chunks
     layout = TokenLayout(*grid)
     out = vmoba_visual_attention(q, k, v, None, None, 0.3, config=cfg, layout=layout, layer_index=layer)
     chunk = cfg.chunk_for(grid, layer)
@@ -214,7 +214,9 @@ def test_default_chunks_fit_any_grid(grid):
         chunk = default_chunk(grid, kind)
         part = vmoba_partition(grid, chunk)
         assert part.size == math.prod(grid)
+        assert min(part.lengths) >= 1 and (part.num_chunks == 1 or max(part.lengths) >= 256 or kind == 0)
     assert default_chunk((21, 30, 52), 0) == 3
+    assert vmoba_partition((21, 45, 80), default_chunk((21, 45, 80), 2)).num_chunks == 72  # paper: 7x15x20 -> 36
 
 
 def test_bad_input_errors():
