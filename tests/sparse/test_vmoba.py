@@ -252,3 +252,15 @@ def test_config_defaults_follow_the_paper():
     assert tf.dense_first_steps == 0.25 and tf.dense_first_layers == 0
     assert [tf.partition_kind(i) for i in range(4)] == [0, 1, 2, 0]
     assert [_cfg(dense_first_layers=1).partition_kind(i) for i in range(1, 4)] == [0, 1, 2]
+
+
+def test_half_precision_runs_in_fp32_selection():
+    torch.manual_seed(6)
+    grid = (4, 6, 8)
+    q, k, v = (torch.randn(1, 2, 192, 16) for _ in range(3))
+    cfg = _cfg(chunk_3d=(2, 3, 4))
+    ref = vmoba_visual_attention(q, k, v, None, None, None, config=cfg, layout=TokenLayout(*grid), layer_index=2)
+    out = vmoba_visual_attention(q.half(), k.half(), v.half(), None, None, None, config=cfg,
+                                 layout=TokenLayout(*grid), layer_index=2)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
