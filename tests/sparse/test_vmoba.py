@@ -78,16 +78,16 @@ def literal_mask(q, k, grid, chunk, select, ttype, tau, topk):
     ids = chunk_ids(grid, chunk)
     pos = layout_positions(ids)
     C = max(ids) + 1
-    q64, k64 = q.double(), k.double()
+    ql, kl = q.double().tolist(), k.double().tolist()
     out = torch.zeros(B, Hh, S, S, dtype=torch.bool)
     for b in range(B):
         gate = {}
         for h in range(Hh):
             for c in range(C):
                 members = [j for j in range(S) if ids[j] == c]
-                kbar = sum(k64[b, h, j] for j in members) / len(members)
+                kbar = [sum(kl[b][h][j][d] for j in members) / len(members) for d in range(D)]
                 for s in range(S):
-                    gate[h, c, s] = float((kbar * q64[b, h, s]).sum())
+                    gate[h, c, s] = sum(a * x for a, x in zip(kbar, ql[b][h][s]))
         ent = lambda h, c, s, tie: (gate[h, c, s], ids[s] == c, tie, (h, c, s))  # noqa: E731
         chosen = set()
         kk = min(topk, C)
@@ -107,8 +107,9 @@ def literal_mask(q, k, grid, chunk, select, ttype, tau, topk):
         else:
             es = [ent(h, c, s, (c * Hh + h) * S + pos[s]) for c in range(C) for h in range(Hh) for s in range(S)]
             chosen |= pick_topk(es, kk * Hh * S) if select == "topk" else pick_threshold(es, tau, False)
+        ids_t = torch.tensor(ids)
         for h, c, s in chosen:
-            out[b, h, s] |= torch.tensor([ids[j] == c for j in range(S)])
+            out[b, h, s] |= ids_t == c
     return out
 
 
