@@ -147,19 +147,27 @@ def keep_prefix(scores: torch.Tensor, count_of: Callable, probes: Sequence[int] 
     ``count = count_of(sorted_values, complete)`` (``[..., 1]``; with ``complete=False`` it may return 0 for
     "not decided within these values").
 
-    Partial sorts (``topk``) of the ``probes`` sizes are tried first, smallest first; one is used only where
-    every row's prefix ends strictly inside it with a strictly smaller next value, so the kept set is exactly
-    the full sort's (prefix sums of equal values do not depend on their order). Otherwise: one full sort."""
+    Partial sorts (``topk``) of the ``probes`` sizes are tried first, smallest first; one is used where every
+    row's prefix ends inside it and the boundary value's ties all lie inside it too (they are then resolved
+    to the lowest indices, as the stable sort does), so the kept set is exactly the full sort's (prefix sums
+    of equal values do not depend on their order). Otherwise: one full sort."""
     M = scores.shape[-1]
     for probe in sorted(p for p in probes if p < M):
         vals, idx = torch.topk(scores, probe, dim=-1, largest=True, sorted=True)
         count = count_of(vals, False)
-        if bool(((count >= 1) & (count < probe)).all()):
-            c = count.clamp(1, probe - 1)
-            if bool((vals.gather(-1, c - 1) > vals.gather(-1, c)).all()):
-                keep = torch.arange(probe, device=scores.device) < count
-                return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter(
-                    -1, idx, keep.expand_as(idx))
+        if not bool(((count >= 1) & (count < probe)).all()):
+            continue
+        edge = vals.gather(-1, count - 1)  # value of the last kept entry
+        if not bool((vals[..., -1:] < edge).all()):
+            continue  # the boundary ties may continue past the probe
+        above = vals > edge
+        tied = vals == edge
+        slots = count - above.sum(-1, keepdim=True)  # how many of the tied entries are kept
+        # among the tied entries, the lowest original indices first (the stable sort's order)
+        tie_rank = torch.sort(torch.where(tied, idx, M), dim=-1).values
+        cutoff = tie_rank.gather(-1, slots - 1)
+        keep = above | (tied & (idx <= cutoff))
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter(-1, idx, keep)
     vals, order = torch.sort(scores, dim=-1, descending=True, stable=True)
     keep = torch.arange(M, device=scores.device) < count_of(vals, True)
     return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter(-1, order, keep.expand_as(order))
