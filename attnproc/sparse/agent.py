@@ -87,6 +87,8 @@ class AgentConfig:
             value = getattr(self, name)
             if not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if self.max_downsample not in MAX_DOWNSAMPLE_CHOICES:  # build_config checks ranges, not numeric choices
+            raise ValueError(f"max_downsample must be one of {MAX_DOWNSAMPLE_CHOICES}, got {self.max_downsample!r}")
 
     def switch_step(self, num_steps: int) -> int:
         """The first step index that uses the late settings (20 of 50 with the defaults)."""
