@@ -102,6 +102,13 @@ class AgentConfig:
             return AgentStep(self.late_sx, self.late_sy, self.ratio, self.late_agent_ratio)
         return AgentStep(self.early_sx, self.early_sy, self.ratio, self.early_agent_ratio)
 
+    def plan(self, latent_hw: tuple[int, int], num_tokens: int, index: int | None = None,
+             num_steps: int | None = None) -> tuple[tuple[int, int], AgentStep] | None:
+        """What one block's ``attn1`` does at this step: ``(grid, settings)``, or ``None`` when the level rule
+        leaves the block alone."""
+        grid = merge_grid(latent_hw, num_tokens, self.max_downsample)
+        return None if grid is None else (grid, self.at_step(index, num_steps))
+
 
 def check_family(family: str | None, *, dit: bool = False) -> None:
     """AgentSD serves UNets; a DiT family needs the generic variant to be asked for explicitly."""
@@ -300,7 +307,7 @@ def agent_self_attention(attn: torch.nn.Module, hidden_states: torch.Tensor, blo
 # ---- generic DiT variant -----------------------------------------------------------------------------------
 def pooled_agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int], *,
                            agent_grid: tuple[int, int, int] = (1, 8, 8), text_len: int = 0,
-                           text_position: str = "before", scale: float | None = None, agent_power: float = 1.0,
+                           text_position: str = "before", scale: float | None = None, agent_power: float = 0.3,
                            shortcut: float = 0.0) -> torch.Tensor:
     """Agent attention as a linear-cost approximation of DiT self/joint attention, ``[B, H, S, D]``.
 

@@ -37,13 +37,12 @@ def naive_groups(metric_b, dst, r):
     dst_list = sorted(dst)
     src_list = [t for t in range(n) if t not in dst]
 
-    def cosine(i, j):
-        a, b = metric_b[i], metric_b[j]
-        return float(a @ b) / (float(a.norm()) * float(b.norm()))
+    unit = metric_b / metric_b.norm(dim=1, keepdim=True)
+    cosine = (unit @ unit.T).tolist()  # cosine[i][j] between tokens i and j
 
     best = {}
     for s in src_list:
-        sims = [cosine(s, d) for d in dst_list]
+        sims = [cosine[s][d] for d in dst_list]
         k = max(range(len(dst_list)), key=lambda i: sims[i])
         best[s] = (sims[k], dst_list[k])
     ranked = sorted(src_list, key=lambda s: -best[s][0])
@@ -311,6 +310,9 @@ def test_step_schedule_scales_with_step_count():
     assert cfg.switch_step(20) == 8 and cfg.at_step(7, 20) == early and cfg.at_step(8, 20) == late
     assert cfg.at_step(None, None) == early
     assert AgentConfig(early_steps=3).switch_step(50) == 3
+    assert cfg.plan((64, 64), 4096, 25, 50) == ((64, 64), late)
+    assert cfg.plan((64, 64), 1024, 0, 50) is None
+    assert AgentConfig(max_downsample=2).plan((128, 128), 4096, 0, 50) == ((64, 64), early)
 
 
 def test_config_errors_name_the_option():
