@@ -254,11 +254,13 @@ def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agents: t
     if v.shape[2] != q.shape[2] and shortcut:
         raise ValueError("the V shortcut needs as many values as queries (self-attention)")
     s = q.shape[-1] ** -0.5 if scale is None else scale
-    a, kk, qq = (agents.float(), k.float(), q.float()) if upcast else (agents, k, q)
-    gather = torch.softmax(a @ kk.transpose(-1, -2) * s, dim=-1).to(v.dtype)  # [B, H, n, N]
-    agent_v = gather @ v
-    read = torch.softmax(qq @ a.transpose(-1, -2) * s ** agent_power, dim=-1).to(v.dtype)  # [B, H, N, n]
-    out = read @ agent_v
+    # both steps are ordinary softmax attentions: agents attend the keys, queries attend the agents
+    if upcast:
+        agent_v = dense_attention(agents.float(), k.float(), v.float(), scale=s)
+        out = dense_attention(q.float(), agents.float(), agent_v, scale=s ** agent_power).to(v.dtype)
+    else:
+        agent_v = dense_attention(agents, k, v, scale=s)  # [B, H, n, Dv]
+        out = dense_attention(q, agents, agent_v, scale=s ** agent_power)
     return out + shortcut * v if shortcut else out
 
 
