@@ -63,7 +63,7 @@ def _check_step(sx, sy, ratio, agent_ratio) -> None:
 class AgentConfig:
     """AgentSD options. Defaults are the reference README's recipe for SD 1.5 (50 PLMS steps: sx=sy=4,
     agent_ratio 0.95 for steps 0-19, then sx=sy=2, agent_ratio 0.5, ratio 0.4 throughout), scaled to any step
-    count by ``early_steps``."""
+    count by ``early_steps``. ``shortcut`` applies to UNets only: the DiT variant uses none (it hurts there)."""
 
     ratio: float = option(0.4, low=0, high=0.999, help="fraction of tokens merged away before self-attention, [0, 1)")
     early_steps: float = option(0.4, low=0, high=10000,
@@ -81,6 +81,9 @@ class AgentConfig:
     agent_power: float = option(0.3, low=0, high=10, help="agent readout scale is (d^-0.5)^agent_power")
     shortcut: float = option(0.075, low=0, high=10, help="weight of the V shortcut added to the agent output")
     use_rand: bool = option(True, help="random destination inside each window (even batches only, as the reference)")
+    dit: bool = option(False, help="allow DiT families: agents pooled from the queries (lossy, see docs/agent.md)")
+    dit_agent_grid: int = option(16, low=1, high=256,
+                                 help="DiT variant: agents per side of each frame's token grid (16: 256 agents)")
 
     def validate(self):
         for name in ("ratio", "early_agent_ratio", "late_agent_ratio"):

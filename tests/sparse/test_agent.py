@@ -326,6 +326,10 @@ def test_config_errors_name_the_option():
         check_family("flux")
     check_family("unet")
     check_family("flux", dit=True)
+    cfg = build_config(AgentConfig, "agent", {"dit": True, "dit_agent_grid": 8})
+    check_family("wan", dit=cfg.dit)
+    with pytest.raises(OptionError, match="dit_agent_grid"):
+        build_config(AgentConfig, "agent", {"dit_agent_grid": 0})
 
 
 # ---- generic DiT variant ----------------------------------------------------------------------------------
