@@ -122,15 +122,15 @@ def _complement_linear(q, k, v, block_map, bq, bk, phi):
     fk, _ = pad_to_blocks(phi(k.to(ct)), bk)  # padded keys have zero features: they add nothing
     vp, _ = pad_to_blocks(v.to(ct), bk)
     fk = fk.reshape(B, H, nk, bk, D)
-    h_blk = torch.einsum("bhnsd,bhnse->bhnde", fk, vp.reshape(B, H, nk, bk, Dv))
-    z_blk = fk.sum(3)
-    rest = (~block_map).to(ct)
-    h_q = torch.einsum("bhij,bhjde->bhide", rest, h_blk)  # [B, H, nq, D, Dv]
-    z_q = torch.einsum("bhij,bhjd->bhid", rest, z_blk)
+    h_blk = fk.transpose(-1, -2) @ vp.reshape(B, H, nk, bk, Dv)  # [B, H, nk, D, Dv]
+    z_blk = fk.sum(3)  # [B, H, nk, D]
+    rest = (~block_map).to(ct)  # [B, H, nq, nk]
+    h_q = (rest @ h_blk.reshape(B, H, nk, D * Dv)).reshape(B, H, nq, D, Dv)
+    z_q = rest @ z_blk  # [B, H, nq, D]
     fq, _ = pad_to_blocks(phi(q.to(ct)), bq)
     fq = fq.reshape(B, H, nq, bq, D)
-    num = torch.einsum("bhisd,bhide->bhise", fq, h_q)
-    den = torch.einsum("bhisd,bhid->bhis", fq, z_q).unsqueeze(-1)
+    num = fq @ h_q  # [B, H, nq, bq, Dv]
+    den = fq @ z_q.unsqueeze(-1)  # [B, H, nq, bq, 1]
     # den == 0 only where every block is selected or all features vanish; the numerator is then 0 as well
     # (features are non-negative), and 0 is returned where the reference gives 0/0
     out = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
