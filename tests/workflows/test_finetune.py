@@ -97,3 +97,16 @@ def test_lora_export_loads_with_diffusers_and_cli_runs(tmp_path):
     for name, p in loaded.items():
         assert torch.equal(p.detach(), trained[name.replace(".t.", ".default.")]), name
     assert cli_main(["finetune", str(tmp_path / "absent.yaml")]) == 2
+
+
+def test_explicit_parameters_train_and_a_method_without_parameters_is_refused(tmp_path):
+    from attnproc.pipelines import tiny_pipeline
+
+    pipe = tiny_pipeline("wan21", seed=0)
+    before = pipe.transformer.proj_out.weight.detach().clone()
+    cfg = parse_finetune_config(dict(BASE, steps=1, train="full", output=str(tmp_path / "p")))
+    res = finetune(cfg, pipe=pipe, params=[("proj_out.weight", pipe.transformer.proj_out.weight)], progress=False)
+    saved = load_file(res.weights)
+    assert list(saved) == ["proj_out.weight"] and not torch.equal(saved["proj_out.weight"], before)
+    with pytest.raises(ValueError, match="train: method: method 'radial' owns no trainable parameters"):
+        finetune(parse_finetune_config(dict(BASE, train="method", output=str(tmp_path / "m"))), progress=False)
