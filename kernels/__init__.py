@@ -12,7 +12,7 @@ from .blockmask import (
     token_to_block_mask,
 )
 from .dense import dense_attention
-from .merge import linear_attention, merge_attention
+from .merge import linear_attention, merge_attention, resolve_feature_map
 from .sparse import (
     AUTO_FLEX_MIN_PAIRS,
     BACKENDS,
@@ -37,4 +37,5 @@ __all__ = [
     "pad_to_blocks",
     "merge_attention",
     "linear_attention",
+    "resolve_feature_map",
 ]

@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["merge_attention", "linear_attention"]
+__all__ = ["merge_attention", "linear_attention", "resolve_feature_map"]
 
 
 def merge_attention(
@@ -43,6 +43,21 @@ _FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def resolve_feature_map(name: str | Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The linear-attention feature map ``"elu"`` (elu+1), ``"relu"`` or ``"softmax"`` (over the head dim); a
+    callable is returned as is."""
+    if isinstance(name, str):
+        try:
+            return _FEATURE_MAPS[name]
+        except KeyError:
+            raise ValueError(
+                f"unknown feature_map {name!r}; expected one of {sorted(_FEATURE_MAPS)} or a callable"
+            ) from None
+    if callable(name):
+        return name
+    raise TypeError(f"feature_map must be a name or a callable; got {type(name).__name__}")
+
+
 def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -55,27 +70,18 @@ def linear_attention(
 
     ``q, k``: ``[B, H, Sq|Sk, D]``, ``v``: ``[B, H, Sk, Dv]``. ``feature_map``: ``"elu"`` (elu+1), ``"relu"``,
     ``"softmax"`` (over the head dim) or a callable applied to q and k (it must return non-negative features).
-    Computed in float32, returned in ``q``'s dtype. Cost ``O(S D Dv)``.
+    Computed in float32 (float64 for float64 inputs), returned in ``q``'s dtype. Cost ``O(S D Dv)``.
     """
-    if isinstance(feature_map, str):
-        try:
-            phi = _FEATURE_MAPS[feature_map]
-        except KeyError:
-            raise ValueError(
-                f"unknown feature_map {feature_map!r}; expected one of {sorted(_FEATURE_MAPS)} or a callable"
-            ) from None
-    elif callable(feature_map):
-        phi = feature_map
-    else:
-        raise TypeError(f"feature_map must be a name or a callable; got {type(feature_map).__name__}")
+    phi = resolve_feature_map(feature_map)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be [B, H, S, D]")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q head dim {q.shape[-1]} != k head dim {k.shape[-1]}")
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in [B, H, S]")
-    fq, fk = phi(q.float()), phi(k.float())
-    kv = torch.einsum("bhsd,bhse->bhde", fk, v.float())
+    ct = torch.promote_types(q.dtype, torch.float32)
+    fq, fk = phi(q.to(ct)), phi(k.to(ct))
+    kv = torch.einsum("bhsd,bhse->bhde", fk, v.to(ct))
     z = fk.sum(dim=2)  # [B, H, D]
     num = torch.einsum("bhsd,bhde->bhse", fq, kv)
     den = torch.einsum("bhsd,bhd->bhs", fq, z).unsqueeze(-1) + eps

@@ -60,6 +60,17 @@ def _cmd_render(args) -> int:
     return 1 if summary.get("failed") else 0
 
 
+def _cmd_finetune(args) -> int:
+    from .finetune import finetune, load_finetune_config, summarize_losses
+
+    cfg = load_finetune_config(args.config)
+    if args.output:
+        cfg.output = args.output
+    result = finetune(cfg, progress=not args.quiet)
+    print(f"{summarize_losses(result.losses)}; weights: {result.weights}")
+    return 0
+
+
 def _cmd_ui(args) -> int:
     from attnproc.ui.app import launch
 
@@ -99,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="validate and print the expanded jobs; render nothing")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=_cmd_render)
+    f = sub.add_parser("finetune", help="distil a sparse student from the dense teacher (config: YAML/JSON)")
+    f.add_argument("config", help="fine-tuning config (see docs/finetune.md for the fields)")
+    f.add_argument("--output", default=None, help="output folder (overrides the config's `output`)")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=_cmd_finetune)
     u = sub.add_parser("ui", help="the gradio generation UI (needs `pip install attnproc[ui]`)")
     u.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     u.add_argument("--port", type=int, default=7860)

@@ -1,0 +1,112 @@
+"""``attnproc finetune``: config errors by field, distillation steps, kill + resume = uninterrupted, LoRA export."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attnproc.workflows.cli import main as cli_main
+from attnproc.workflows.finetune import (
+    FinetuneConfigError,
+    load_finetune_config,
+    parse_finetune_config,
+    sample_time,
+    finetune,
+)
+
+BASE = dict(pipeline="tiny:wan21", method="radial", options=dict(dense_first_steps=0, dense_first_layers=0),
+            train="lora", steps=4, lr=1e-3, checkpoint_every=2, lora_rank=2, data_steps=1, seed=3)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(epochs=3), r"epochs: unknown field; valid fields: pipeline"),
+    (dict(train="adapters"), r"train: must be one of method, lora, full, got 'adapters'"),
+    (dict(lr=0), r"lr: must be > 0"),
+    (dict(steps=0), r"steps: must be an integer >= 1"),
+    (dict(method="nope"), r"method: unknown method 'nope'"),
+    (dict(options=dict(decay=-1)), r"options: .*decay"),
+    (dict(lora_targets="to_q"), r"lora_targets: must be a non-empty list"),
+    (dict(gradient_checkpointing="yes"), r"gradient_checkpointing: must be true or false"),
+])
+def test_config_errors_name_the_field(tmp_path, change, match):
+    with pytest.raises(FinetuneConfigError, match=match):
+        parse_finetune_config(dict(BASE, output=str(tmp_path), **change))
+    missing = {k: v for k, v in BASE.items() if k != "pipeline"}
+    with pytest.raises(FinetuneConfigError, match="pipeline: missing"):
+        parse_finetune_config(dict(missing, output=str(tmp_path)))
+
+
+def test_config_file_yaml_and_json(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(dict(BASE, output="x")))
+    assert load_finetune_config(tmp_path / "a.json").lora_rank == 2
+    (tmp_path / "b.yaml").write_text("pipeline: tiny:wan21\nmethod: radial\noutput: x\nsteps: -1\n")
+    with pytest.raises(FinetuneConfigError, match=r"b.yaml: steps: must be an integer >= 1"):
+        load_finetune_config(tmp_path / "b.yaml")
+
+
+def test_time_sampling_is_the_lognormal_flow_map():
+    cfg = parse_finetune_config(dict(BASE, output="x", p_mean=0.0, p_std=1.0))
+    t = sample_time(torch.Generator().manual_seed(0), 20000, cfg)
+    # sigma = exp(N(0, 1)) -> t = sigma / (1 + sigma) has median 0.5 and lies in (0, 1)
+    assert 0 < float(t.min()) and float(t.max()) < 1 and abs(float(t.median()) - 0.5) < 0.02
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_give_the_uninterrupted_weights(tmp_path):
+    whole = finetune(parse_finetune_config(dict(BASE, output=str(tmp_path / "whole"))), progress=False)
+    assert whole.resumed_from == 0 and len(whole.losses) == 4
+    cfg = parse_finetune_config(dict(BASE, output=str(tmp_path / "killed")))
+
+    def kill_at_3(step, loss):
+        if step == 3:  # after the step-2 checkpoint, before the next one: step 3 is lost
+            raise Killed
+
+    with pytest.raises(Killed):
+        finetune(cfg, callback=kill_at_3, progress=False)
+    resumed = finetune(cfg, progress=False)
+    assert resumed.resumed_from == 2
+    a, b = load_file(whole.weights), load_file(resumed.weights)
+    assert a.keys() == b.keys() and any("lora_A" in k for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed.losses == whole.losses
+    # training moved the adapters (lora_B starts at zero) and the checkpoint is gone only if never written
+    assert any(float(a[k].abs().max()) > 0 for k in a if "lora_B" in k)
+    # a different config refuses the old checkpoint instead of mixing runs
+    other = parse_finetune_config(dict(BASE, output=str(tmp_path / "killed"), lr=2e-3))
+    with pytest.raises(ValueError, match="different fine-tuning config"):
+        finetune(other, progress=False)
+
+
+def test_lora_export_loads_with_diffusers_and_cli_runs(tmp_path):
+    from attnproc.pipelines import tiny_pipeline
+
+    cfg_path = tmp_path / "train.json"
+    cfg_path.write_text(json.dumps(dict(BASE, steps=2, output=str(tmp_path / "out"))))
+    assert cli_main(["finetune", str(cfg_path), "--quiet"]) == 0
+    trained = load_file(tmp_path / "out" / "weights.safetensors")
+    pipe = tiny_pipeline("wan21", seed=0)
+    pipe.load_lora_weights(str(tmp_path / "out"), weight_name="pytorch_lora_weights.safetensors", adapter_name="t")
+    loaded = {n: p for n, p in pipe.transformer.named_parameters() if "lora_B" in n}
+    assert loaded
+    for name, p in loaded.items():
+        assert torch.equal(p.detach(), trained[name.replace(".t.", ".default.")]), name
+    assert cli_main(["finetune", str(tmp_path / "absent.yaml")]) == 2
+
+
+def test_explicit_parameters_train_and_a_method_without_parameters_is_refused(tmp_path):
+    from attnproc.pipelines import tiny_pipeline
+
+    pipe = tiny_pipeline("wan21", seed=0)
+    before = pipe.transformer.proj_out.weight.detach().clone()
+    cfg = parse_finetune_config(dict(BASE, steps=1, train="full", output=str(tmp_path / "p")))
+    res = finetune(cfg, pipe=pipe, params=[("proj_out.weight", pipe.transformer.proj_out.weight)], progress=False)
+    saved = load_file(res.weights)
+    assert list(saved) == ["proj_out.weight"] and not torch.equal(saved["proj_out.weight"], before)
+    with pytest.raises(ValueError, match="train: method: method 'radial' owns no trainable parameters"):
+        finetune(parse_finetune_config(dict(BASE, train="method", output=str(tmp_path / "m"))), progress=False)

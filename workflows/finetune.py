@@ -1,0 +1,378 @@
+"""``attnproc finetune``: distil a sparse student from the frozen dense teacher (TurboDiffusion's recipe).
+
+The student is the pipeline's denoiser with a method applied; the teacher is a frozen copy of the same denoiser
+taken before the method is applied (dense). Per step: a clean latent ``x0``, a time ``t`` (log-normal sigma
+mapped to rectified-flow time, or uniform), ``x_t = (1 - t) x0 + t eps``, loss ``mean |student(x_t, t) -
+teacher(x_t, t)|^2``. What trains: the method's own parameters (``train: method``), LoRA adapters on the
+attention projections (``train: lora``, peft, as diffusers does) or everything (``train: full``).
+
+Data: ``x0`` and the denoiser's other inputs (text embeddings, masks, ...) are recorded from one teacher
+generation with the job's prompt and size: the latent fed to the denoiser at the last denoising step serves as
+``x0``. Every step draws its noise from ``(seed, step)``, so a run resumed from a checkpoint continues exactly
+as an uninterrupted one.
+
+    attnproc finetune train.yaml                     # CLI
+    finetune(load_finetune_config("train.yaml"))     # Python
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .jobs import JobFileError, _check_keys, _fail, _float, _int, _method, _options, _str, config_hash
+
+TRAIN_MODES = ("method", "lora", "full")
+TIME_SAMPLING = ("lognormal", "uniform")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class FinetuneConfigError(JobFileError):
+    """A fine-tuning config field that is missing or invalid (the message names it)."""
+
+
+@dataclass
+class FinetuneConfig:
+    """One fine-tuning run. Field names are the config file's keys."""
+
+    pipeline: str                                  # tiny:<family>, a local folder or a hub id
+    method: Any                                    # a method name (or list: base + edits)
+    output: str                                    # folder: checkpoint, losses, final weights
+    options: dict = field(default_factory=dict)    # the method's options
+    train: str = "lora"                            # method | lora | full
+    steps: int = 100
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    batch_size: int = 1                            # latents per step (the recorded batch repeated)
+    seed: int = 0
+    lora_rank: int = 8
+    lora_targets: list = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    time_sampling: str = "lognormal"
+    p_mean: float = 1.5                            # log-normal sigma (TurboDiffusion's SLA training)
+    p_std: float = 1.6
+    checkpoint_every: int = 50
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    prompt: str | None = None                      # data: one teacher generation with these call settings
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    data_steps: int = 4
+
+
+_FIELDS = tuple(FinetuneConfig.__dataclass_fields__)
+
+
+def _choice(v, where, choices):
+    if v not in choices:
+        _fail(where, f"must be one of {', '.join(choices)}, got {v!r}")
+    return v
+
+
+def parse_finetune_config(data: Any) -> FinetuneConfig:
+    """Validate a config mapping; every error names the field and what it accepts."""
+    if not isinstance(data, dict):
+        raise FinetuneConfigError(f"config must be a mapping at the top level, got {type(data).__name__}")
+    try:
+        _check_keys(data, _FIELDS, "")
+        for key in ("pipeline", "method", "output"):
+            if key not in data:
+                _fail(key, "missing (required)")
+        d = dict(data)
+        d["pipeline"] = _str(d["pipeline"], "pipeline")
+        d["output"] = _str(d["output"], "output")
+        d["method"] = _method(d["method"], "method")
+        d["options"] = _options(d["method"], d.get("options"), "options")
+        if isinstance(d["method"], tuple):
+            d["method"] = list(d["method"])
+        for key, low in (("steps", 1), ("batch_size", 1), ("seed", 0), ("lora_rank", 1), ("checkpoint_every", 1),
+                         ("data_steps", 1)):
+            if key in d:
+                d[key] = _int(d[key], key, low=low)
+        for key in ("height", "width", "frames"):
+            if key in d:
+                d[key] = _int(d[key], key, low=1, allow_none=True)
+        for key in ("lr", "weight_decay", "p_mean", "p_std"):
+            if key in d:
+                d[key] = _float(d[key], key, allow_none=False)
+        if "lr" in d and not d["lr"] > 0:
+            _fail("lr", f"must be > 0, got {d['lr']!r}")
+        if "p_std" in d and not d["p_std"] > 0:
+            _fail("p_std", f"must be > 0, got {d['p_std']!r}")
+        for key, choices in (("train", TRAIN_MODES), ("time_sampling", TIME_SAMPLING),
+                             ("mixed_precision", MIXED_PRECISION)):
+            if key in d:
+                _choice(d[key], key, choices)
+        if "gradient_checkpointing" in d and not isinstance(d["gradient_checkpointing"], bool):
+            _fail("gradient_checkpointing", f"must be true or false, got {d['gradient_checkpointing']!r}")
+        if "prompt" in d:
+            d["prompt"] = _str(d["prompt"], "prompt", allow_none=True)
+        if "lora_targets" in d:
+            t = d["lora_targets"]
+            if not isinstance(t, list) or not t or not all(isinstance(x, str) for x in t):
+                _fail("lora_targets", f"must be a non-empty list of module names (e.g. to_q), got {t!r}")
+    except JobFileError as e:
+        raise FinetuneConfigError(str(e)) from None
+    return FinetuneConfig(**d)
+
+
+def load_finetune_config(path: str | os.PathLike) -> FinetuneConfig:
+    """Read a YAML (``.yaml``/``.yml``) or JSON config; errors name the file and the field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise FinetuneConfigError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
+        raise FinetuneConfigError(f"{path}: not valid YAML/JSON: {e}") from None
+    try:
+        return parse_finetune_config(data)
+    except FinetuneConfigError as e:
+        raise FinetuneConfigError(f"{path}: {e}") from None
+
+
+# ---- data: the denoiser's inputs from one teacher generation ---------------------------------------------------
+def _denoiser(pipe) -> torch.nn.Module:
+    for name in ("transformer", "unet"):
+        m = getattr(pipe, name, None)
+        if isinstance(m, torch.nn.Module):
+            return m
+    raise ValueError(f"{type(pipe).__name__} has no transformer or unet to fine-tune")
+
+
+def record_inputs(pipe, cfg: FinetuneConfig) -> tuple[torch.Tensor, dict]:
+    """``(x0, other kwargs)``: the denoiser's inputs at the last step of one generation with ``cfg``'s prompt
+    and size (its other inputs from the first call: text embeddings, masks, guidance)."""
+    den = _denoiser(pipe)
+    if cfg.pipeline.startswith("tiny:"):
+        from attnproc.pipelines import tiny_call_kwargs
+
+        call = tiny_call_kwargs(cfg.pipeline[5:])
+    else:
+        call = {}
+    call.update(num_inference_steps=cfg.data_steps, output_type="latent",
+                generator=torch.Generator().manual_seed(cfg.seed))
+    for key, value in (("prompt", cfg.prompt), ("height", cfg.height), ("width", cfg.width),
+                       ("num_frames", cfg.frames)):
+        if value is not None:
+            call[key] = value
+    calls: list[dict] = []
+
+    def hook(module, args, kwargs):
+        calls.append(dict(kwargs, **({"hidden_states": args[0]} if args else {})))
+
+    handle = den.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe(**call)
+    finally:
+        handle.remove()
+    if not calls:
+        raise RuntimeError("the pipeline never called its denoiser; cannot record training inputs")
+    x0 = calls[-1]["hidden_states"].detach().clone()
+    rest = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in calls[0].items()
+            if k not in ("hidden_states", "timestep", "return_dict")}
+    rest["timestep_like"] = calls[0]["timestep"]
+    return x0, rest
+
+
+def sample_time(gen: torch.Generator, n: int, cfg: FinetuneConfig) -> torch.Tensor:
+    """Rectified-flow times in (0, 1): ``sigma / (1 + sigma)`` with log-normal sigma, or uniform."""
+    if cfg.time_sampling == "uniform":
+        return torch.rand(n, generator=gen, dtype=torch.float64).clamp(1e-4, 1 - 1e-4)
+    sigma = torch.exp(cfg.p_mean + cfg.p_std * torch.randn(n, generator=gen, dtype=torch.float64))
+    return sigma / (1 + sigma)
+
+
+def _timestep(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in the denoiser's units (1000 * t, the flow-matching pipelines' scale), shaped like ``like``."""
+    ts = t * 1000.0
+    if like.dim() == 0:
+        ts = ts[0]
+    elif like.shape[0] != ts.shape[0]:
+        ts = ts.repeat_interleave(like.shape[0] // ts.shape[0])
+    return ts.round().to(like.dtype) if not like.is_floating_point() else ts.to(like.dtype)
+
+
+# ---- what trains ---------------------------------------------------------------------------------------------
+def _trainable(cfg: FinetuneConfig, student, handle, params) -> list[tuple[str, torch.nn.Parameter]]:
+    if params is not None:
+        named = list(params)
+    elif cfg.train == "full":
+        named = list(student.named_parameters())
+    elif cfg.train == "lora":
+        from peft import LoraConfig
+
+        student.requires_grad_(False)
+        student.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=cfg.lora_targets,
+                                       init_lora_weights=True))
+        named = [(n, p) for n, p in student.named_parameters() if "lora_" in n]
+    else:
+        owner = getattr(handle.method, "named_parameters", None)
+        if owner is None:
+            raise ValueError(f"train: method: method {handle.name!r} owns no trainable parameters; "
+                             f"use train: lora or train: full")
+        named = list(owner())
+    if not named:
+        raise ValueError(f"train: {cfg.train}: nothing to train (no parameters found)")
+    for _, p in named:
+        p.requires_grad_(True)
+    return named
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------
+def _save_checkpoint(path: Path, step: int, named, optimizer, losses: list[float], chash: str) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in named}
+    for i, (n, p) in enumerate(named):
+        for key, value in optimizer.state.get(p, {}).items():
+            t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            tensors[f"optim.{n}.{key}"] = t.detach().cpu().contiguous()
+    meta = {"step": str(step), "config": chash, "losses": json.dumps(losses)}
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata=meta)
+    os.replace(partial, path)
+
+
+def _load_checkpoint(path: Path, named, optimizer, chash: str) -> tuple[int, list[float]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("config") != chash:
+            raise ValueError(f"{path} was written by a different fine-tuning config; use another output folder "
+                             f"or delete the checkpoint to start over")
+        keys = set(f.keys())
+        for n, p in named:
+            if f"param.{n}" not in keys:
+                raise ValueError(f"{path}: no saved value for trainable parameter {n!r}")
+            with torch.no_grad():
+                p.copy_(f.get_tensor(f"param.{n}"))
+            state = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in keys if k.startswith(f"optim.{n}.")
+                     and "." not in k[len(f"optim.{n}."):]}
+            if state:
+                optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in state.items()}
+    return int(meta["step"]), json.loads(meta.get("losses", "[]"))
+
+
+@dataclass
+class FinetuneResult:
+    output: Path
+    weights: Path
+    steps: int
+    losses: list[float]
+    resumed_from: int
+
+
+def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
+             callback: Callable[[int, float], None] | None = None, progress: bool = True) -> FinetuneResult:
+    """Run (or resume) ``cfg``. ``pipe``: an already loaded pipeline (else ``cfg.pipeline`` is loaded);
+    ``params``: ``(name, parameter)`` pairs to train instead of ``cfg.train``'s choice; ``callback(step, loss)``
+    after every optimizer step. The final weights go to ``<output>/weights.safetensors`` (LoRA: also diffusers'
+    ``pytorch_lora_weights.safetensors`` where the pipeline class can save LoRA)."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    import attnproc
+
+    from .render import load_pipeline
+
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    chash = config_hash({k: v for k, v in asdict(cfg).items() if k not in ("output", "checkpoint_every")})
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    if pipe is None:
+        pipe = load_pipeline(cfg.pipeline, {"seed": cfg.seed})
+    student = _denoiser(pipe)
+    x0, rest = record_inputs(pipe, cfg)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    handle = attnproc.apply(pipe, cfg.method, **cfg.options)
+    try:
+        torch.manual_seed(cfg.seed)  # LoRA initialisation
+        named = _trainable(cfg, student, handle, params)
+        if cfg.gradient_checkpointing:
+            if not hasattr(student, "enable_gradient_checkpointing"):
+                raise ValueError(f"gradient_checkpointing: {type(student).__name__} does not support it")
+            student.enable_gradient_checkpointing()
+        student.train()
+        optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      betas=(0.9, 0.999))
+        student, optimizer = accelerator.prepare(student, optimizer)
+        teacher.to(accelerator.device)
+        ckpt = out / CHECKPOINT
+        start, losses = (0, [])
+        if ckpt.exists():
+            start, losses = _load_checkpoint(ckpt, named, optimizer, chash)
+        like = rest.pop("timestep_like")
+        x0 = x0.repeat(cfg.batch_size, *([1] * (x0.dim() - 1))).to(accelerator.device)
+        kwargs = {k: (v.repeat(cfg.batch_size, *([1] * (v.dim() - 1))).to(accelerator.device)
+                      if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == x0.shape[0] // cfg.batch_size
+                      else v) for k, v in rest.items()}
+        like = like.repeat(cfg.batch_size) if like.dim() else like
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="finetune")
+        for step in bar:
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            t = sample_time(gen, 1, cfg)
+            eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
+            tb = t.to(x0.dtype).to(x0.device).reshape(-1, *([1] * (x0.dim() - 1)))
+            xt = (1 - tb) * x0 + tb * eps
+            ts = _timestep(t, like).to(x0.device)
+            with accelerator.autocast():
+                with torch.no_grad():
+                    target = teacher(hidden_states=xt, timestep=ts, return_dict=False, **kwargs)[0]
+                pred = student(hidden_states=xt, timestep=ts, return_dict=False, **kwargs)[0]
+                loss = torch.mean((pred.float() - target.float()) ** 2)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+            done = step + 1
+            if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                _save_checkpoint(ckpt, done, named, optimizer, losses, chash)
+            if callback is not None:
+                callback(done, losses[-1])
+        weights = _export(out, cfg, pipe, accelerator.unwrap_model(student), named)
+        (out / "losses.json").write_text(json.dumps(losses))
+        return FinetuneResult(out, weights, cfg.steps, losses, start)
+    finally:
+        handle.remove()
+
+
+def _export(out: Path, cfg: FinetuneConfig, pipe, student, named) -> Path:
+    """The trained tensors by name (``weights.safetensors``); LoRA also in diffusers' format when possible."""
+    from safetensors.torch import save_file
+
+    path = out / "weights.safetensors"
+    partial = path.with_name(path.name + ".partial")
+    save_file({n: p.detach().cpu().contiguous() for n, p in named}, str(partial),
+              metadata={"train": cfg.train, "method": json.dumps(cfg.method)})
+    os.replace(partial, path)
+    if cfg.train == "lora" and hasattr(type(pipe), "save_lora_weights"):
+        from peft.utils import get_peft_model_state_dict
+
+        type(pipe).save_lora_weights(str(out), transformer_lora_layers=get_peft_model_state_dict(student))
+    return path
+
+
+def summarize_losses(losses: list[float]) -> str:
+    if not losses:
+        return "no steps run"
+    k = max(1, math.ceil(len(losses) / 10))
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    return f"loss {first:.4g} (first {k} steps) -> {last:.4g} (last {k})"
