@@ -11,13 +11,16 @@ from PIL import Image
 
 
 def to_uint8_frames(x) -> np.ndarray:
-    """Pipeline output (tensor or array, [F, H, W, C] or [F, C, H, W], values in [0, 1]) as uint8 [F, H, W, C]."""
-    arr = x.detach().cpu().float().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float32)
+    """Pipeline output (tensor or array, [F, H, W, C] or [F, C, H, W], floats in [0, 1]) as uint8 [F, H, W, C].
+    uint8 input is already in pixel units and keeps its values (converting it again would saturate it)."""
+    arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
     if arr.ndim == 3:
         arr = arr[None]
     if arr.shape[-1] not in (1, 3, 4) and arr.shape[1] in (1, 3, 4):
         arr = arr.transpose(0, 2, 3, 1)
-    return (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    return (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def _mp4_writer_available() -> bool:

@@ -12,6 +12,7 @@ import torch
 import attnproc
 from attnproc.kernels import dense_attention
 from attnproc.registry import REGISTRY
+from pixels import assert_has_content, read_frames
 
 gr = pytest.importorskip("gradio", reason="the UI needs gradio (pip install 'attnproc[ui]')")
 from gradio_client import Client  # noqa: E402
@@ -100,7 +101,9 @@ def test_generate_image_side_by_side_with_mask(client):
 def test_generate_video(client):
     res = client.predict("tiny:wan21", "knobs", "waves", "", 0, 1, 0, 0, 5, False, "{}", api_name="/generate_json")
     assert res["kind"] == "video" and res["shape"][0] == 5 and set(res["outputs"]) == {"knobs"}
-    assert Path(res["outputs"]["knobs"]).exists()
+    frames = read_frames(res["outputs"]["knobs"])  # what the player shows: the rendered pixels, not white
+    assert frames.shape[0] == 5
+    assert_has_content(frames)
 
 
 @pytest.mark.parametrize("method, options, message", [
