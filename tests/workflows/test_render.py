@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from attnproc.workflows.jobs import load_jobfile
-from attnproc.workflows.render import MANIFEST, PARTS, read_records, render
+from attnproc.workflows.manifest import MANIFEST, PARTS, read_records
+from attnproc.workflows.render import job_records, render
 
 ROOT = Path(__file__).resolve().parents[2]
 # Subprocesses import tests/conftest.py's test methods through this bootstrap (knobs is registered there).
@@ -57,7 +58,7 @@ def _pixels(path):
 
 
 def _check_complete(jf, out):
-    records = _manifest(out)
+    records = job_records(jf, out)
     assert [r["job"] for r in records] == list(range(8))
     assert {r["hash"] for r in records} == {jf.hash_of(j) for j in jf.jobs}
     for r in records:
@@ -160,3 +161,58 @@ def test_video_job_writes_mp4_and_error_is_recorded(tmp_path):
     assert records[0]["kind"] == "video" and records[0]["shape"][0] == 5
     assert (video.suffix == ".mp4" and video.stat().st_size > 0) or video.is_dir()
     assert "no_such_argument" in records[1]["error"]
+
+
+ONE_JOB = "pipeline: tiny:sd15\\ndefaults: {{steps: 1, height: 64, width: 64}}\\njobs:\\n{jobs}"
+
+
+def test_two_job_files_share_one_append_only_manifest(tmp_path):
+    """A second job file rendered into the same folder adds to the manifest; rerunning the first redoes nothing."""
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text(ONE_JOB.format(jobs="  - {prompt: a fox}\n  - {prompt: a bird, seed: 1}\n").replace("\\n", "\n"))
+    second.write_text(ONE_JOB.format(jobs="  - {prompt: a cat}\n").replace("\\n", "\n"))
+    out = tmp_path / "out"
+    s1 = render(first, out, progress=False)
+    assert (s1["jobs"], s1["skipped"], s1["rendered"], s1["done"], s1["failed"]) == (2, 0, 2, 2, 0)
+    before = (out / MANIFEST).read_text()
+    s2 = render(second, out, progress=False)
+    assert (s2["jobs"], s2["skipped"], s2["rendered"], s2["done"], s2["failed"]) == (1, 0, 1, 1, 0)
+    after = (out / MANIFEST).read_text()
+    assert after.startswith(before) and len(after.splitlines()) == 3  # appended, nothing dropped
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    again = render(first, out, progress=False)
+    assert (again["skipped"], again["rendered"], again["done"]) == (2, 0, 2)
+    assert (out / MANIFEST).read_text() == after  # nothing redone, nothing rewritten
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*.png")} == mtimes
+    records = [json.loads(line) for line in after.splitlines()]
+    assert [Path(r["jobfile"]).name for r in records] == ["first.yaml", "first.yaml", "second.yaml"]
+    assert len({r["record_id"] for r in records}) == 3
+
+
+def test_rerun_removes_what_a_killed_writer_left(tmp_path):
+    from attnproc.workflows.media import TEMP_MARK
+
+    job = tmp_path / "job.yaml"
+    job.write_text(ONE_JOB.format(jobs="  - {prompt: a fox}\n").replace("\\n", "\n"))
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f".fox.mp4{TEMP_MARK}{int(dead.stdout)}-0a1b2c3d.tmp.mp4"  # a writer killed mid-write
+    stale.write_bytes(b"half a video")
+    live = out / f".other.png{TEMP_MARK}{os.getpid()}-0a1b2c3d.tmp.png"  # a live writer's file stays
+    live.write_bytes(b"being written")
+    render(job, out, progress=False)
+    assert not stale.exists() and live.exists()
+
+
+def test_outputs_follow_the_users_umask(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(ONE_JOB.format(jobs="  - {prompt: a fox}\n").replace("\\n", "\n"))
+    old = os.umask(0o022)
+    try:
+        render(job, tmp_path / "out", progress=False)
+    finally:
+        os.umask(old)
+    (rec,) = job_records(load_jobfile(job), tmp_path / "out")
+    for path in (tmp_path / "out" / rec["output"], tmp_path / "out" / MANIFEST):
+        assert path.stat().st_mode & 0o777 == 0o644, (path, oct(path.stat().st_mode))
