@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 
 import attnproc
 
-from .jobs import Job, JobFile, load_jobfile
+from .jobs import Job, JobFile, check_jobfile, load_jobfile
 from .manifest import MANIFEST, PARTS, append_record, current, finished, fold_parts, read_records
 from .media import remove_stale_temp_files, save_image, save_video, to_uint8_frames
+from .timing import check_counts, compare_runs, stats
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -193,51 +194,66 @@ def _label(method) -> str:
 
 
 def render_job(pipe, jobfile: JobFile, job: Job, out_dir: Path, *, compare: str | None = None,
-               device="cpu", step_callback: Callable | None = None) -> dict:
-    """Render one job (and its comparison run); write its output(s); return its manifest record."""
+               device="cpu", step_callback: Callable | None = None, repeats: int = 3) -> dict:
+    """Render one job (and, with ``compare``, time it against that method: warmed up, alternating, ``repeats``
+    rounds, see :mod:`.timing`); write its output(s); return its manifest record."""
     h = jobfile.hash_of(job)
-    call = build_call(pipe, jobfile.pipeline, job, device)
     stem = out_dir / f"{job.name or _label(job.method)}-s{job.seed}-{h}"
-    run = run_once(pipe, job.method, job.options, call, device, step_callback)
+
+    def run_job():
+        return run_once(pipe, job.method, job.options, build_call(pipe, jobfile.pipeline, job, device), device,
+                        step_callback)
+
+    if compare:
+        run, ref, report = compare_runs(
+            run_job, lambda: run_once(pipe, compare, {}, build_call(pipe, jobfile.pipeline, job, device), device,
+                                      step_callback),
+            repeats=repeats, names=(_label(job.method), compare))
+        timings = report[_label(job.method)]
+    else:
+        run = run_job()
+        timings = single_run_timings(run)
     path = _save(run["frames"], run["kind"], stem, jobfile.fps)
     record = {
         "job": job.index, "name": job.name, "hash": h, "status": "done",
         "config": jobfile.config_of(job),
-        "call": {k: v for k, v in call.items() if k != "generator" and not callable(v)},
+        "call": {k: v for k, v in build_call(pipe, jobfile.pipeline, job, device).items()
+                 if k != "generator" and not callable(v)},
         "method": _label(job.method), "method_options": run["method_options"], "seed": job.seed,
         "output": str(path.relative_to(out_dir)), "kind": run["kind"], "shape": list(run["frames"].shape),
-        "timings": {"total_s": round(run["total_s"], 6), "attention_s": round(run["attention_s"], 6),
-                    "attention_calls": run["attention_calls"]},
-        "peak_memory": run["peak_memory"], "patched_modules": run["patched"], "device": str(device),
+        "timings": timings, "peak_memory": run["peak_memory"], "patched_modules": run["patched"],
+        "device": str(device),
     }
     if compare:
-        if _label(job.method) == compare and not job.options:
-            ref, ref_path = run, path
-        else:
-            call = build_call(pipe, jobfile.pipeline, job, device)
-            ref = run_once(pipe, compare, {}, call, device, step_callback)
-            ref_path = _save(ref["frames"], ref["kind"], stem.with_name(stem.name + f"-{compare}"), jobfile.fps)
-        record["compare"] = {
-            "method": compare, "output": str(ref_path.relative_to(out_dir)),
-            "timings": {"total_s": round(ref["total_s"], 6), "attention_s": round(ref["attention_s"], 6)},
-            "speedup": round(ref["total_s"] / max(run["total_s"], 1e-9), 4),
-            "attention_speedup": round(ref["attention_s"] / max(run["attention_s"], 1e-9), 4),
-            **compare_frames(run["frames"], ref["frames"]),
-        }
+        ref_path = _save(ref["frames"], ref["kind"], stem.with_name(stem.name + f"-{compare}"), jobfile.fps)
+        record["compare"] = {"method": compare, "output": str(ref_path.relative_to(out_dir)),
+                             "timings": report[compare], "speedup": report["speedup"],
+                             "within_noise": report["within_noise"], "verdict": report["verdict"],
+                             **compare_frames(run["frames"], ref["frames"])}
     return record
 
 
+def single_run_timings(run: dict) -> dict:
+    """The timings of one render in the same form as :func:`.timing.measure_runs` gives (one run, no warm-up:
+    the first render of a process includes its start-up costs)."""
+    return {**{k: stats([run[k]]) for k in ("total_s", "attention_s")}, "repeats": 1, "warmup": 0,
+            "attention_calls": run["attention_calls"]}
+
+
 def render(jobfile: JobFile | str | Path, out_dir: str | Path | None = None, *, compare: str | None = None,
-           progress: bool = True, state=None) -> dict:
+           repeats: int = 3, progress: bool = True, state=None) -> dict:
     """Render every unfinished job of ``jobfile`` into ``out_dir``; return a summary.
 
+    With ``compare``, each job is timed against that method over ``repeats`` warm, alternating rounds.
     ``state`` is an ``accelerate.PartialState``; by default one is made (CPU unless CUDA is present and the job
     file does not ask for ``device: cpu``), which is a single process unless launched by ``accelerate launch``.
     """
     if not isinstance(jobfile, JobFile):
         jobfile = load_jobfile(jobfile)
+    check_counts(repeats, 1)
     if compare:
         attnproc.registry.REGISTRY.get(compare)  # an unknown name fails before any work
+    check_jobfile(jobfile)  # every job against the pipeline's family and call, before anything renders
     if out_dir is None:
         out_dir = jobfile.output or (Path(jobfile.source).with_suffix("").name + "-render"
                                      if jobfile.source else "attnproc-render")
@@ -273,10 +289,10 @@ def render(jobfile: JobFile | str | Path, out_dir: str | Path | None = None, *, 
             jobs_bar = tqdm(mine, desc=f"jobs (rank {rank})" if world > 1 else "jobs", unit="job",
                             disable=not progress, position=0)
             for job in jobs_bar:
-                steps_bar.reset(total=(job.steps or 0) * (2 if compare else 1) or None)
+                steps_bar.reset(total=(job.steps or 0) * (2 * (repeats + 1) if compare else 1) or None)
                 try:
                     record = render_job(pipe, jobfile, job, out_dir, compare=compare, device=device,
-                                        step_callback=lambda i: steps_bar.update(1))
+                                        step_callback=lambda i: steps_bar.update(1), repeats=repeats)
                 except Exception as e:  # recorded and reported; the other jobs go on
                     failed += 1
                     record = {"job": job.index, "name": job.name, "hash": jobfile.hash_of(job), "status": "error",

@@ -136,14 +136,23 @@ def test_compare_dense_records_difference_and_speedup(tmp_path):
     jobfile.write_text(json.dumps({"pipeline": "tiny:sd15", "output": "renders",
                                    "jobs": [{"prompt": "a fox", "steps": 1, "height": 64, "width": 64,
                                              "method": "knobs", "options": {"strength": 0.5}}]}))
-    summary = render(jobfile, compare="dense", progress=False)
+    summary = render(jobfile, compare="dense", repeats=2, progress=False)
     out = tmp_path / "renders"
     assert summary["done"] == 1 and Path(summary["out_dir"]) == out
     (rec,) = _manifest(out)
     cmp = rec["compare"]
     assert cmp["method"] == "dense" and (out / cmp["output"]).is_file()
-    assert cmp["max_abs_diff"] == 0.0  # knobs' "sparse" path is dense attention
-    assert cmp["speedup"] > 0 and cmp["timings"]["total_s"] > 0 and cmp["timings"]["attention_s"] > 0
+    assert cmp["max_abs_diff"] == 0.0 and cmp["psnr_db"] is None  # knobs' "sparse" path is dense attention
+    for timings in (rec["timings"], cmp["timings"]):  # warm-up + 2 timed runs each, total and attention apart
+        assert (timings["repeats"], timings["warmup"]) == (2, 1)
+        for key in ("total_s", "attention_s"):
+            t = timings[key]
+            assert len(t["runs"]) == 2 and t["min"] <= t["median"] <= t["max"] and t["min"] > 0
+        assert timings["attention_s"]["max"] <= timings["total_s"]["max"]
+    for kind in ("total", "attention"):
+        ratios = cmp["speedup"][kind]
+        assert len(ratios["runs"]) == 2 and isinstance(ratios["within_noise"], bool)
+    assert cmp["within_noise"] == cmp["speedup"]["total"]["within_noise"] and cmp["verdict"].startswith("knobs")
     # a plain re-run with --compare keeps it; without --compare it is finished too
     assert render(jobfile, compare="dense", progress=False)["skipped"] == 1
     assert render(jobfile, progress=False)["skipped"] == 1
@@ -153,14 +162,14 @@ def test_video_job_writes_mp4_and_error_is_recorded(tmp_path):
     jobfile = tmp_path / "video.yaml"
     jobfile.write_text("pipeline: tiny:wan21\nfps: 4\ndefaults: {steps: 1, frames: 5}\njobs:\n"
                        "  - {prompt: waves, name: waves}\n"
-                       "  - {prompt: bad, call: {no_such_argument: 1}}\n")
+                       "  - {prompt: bad, call: {latents: not a tensor}}\n")  # fails only mid-render
     summary = render(jobfile, tmp_path / "out", progress=False)
     records = _manifest(tmp_path / "out")
     assert summary["failed"] == 1 and [r["status"] for r in records] == ["done", "error"]
     video = tmp_path / "out" / records[0]["output"]
     assert records[0]["kind"] == "video" and records[0]["shape"][0] == 5
     assert (video.suffix == ".mp4" and video.stat().st_size > 0) or video.is_dir()
-    assert "no_such_argument" in records[1]["error"]
+    assert "Error" in records[1]["error"] and records[1]["config"]["call"] == {"latents": "not a tensor"}
 
 
 ONE_JOB = "pipeline: tiny:sd15\\ndefaults: {{steps: 1, height: 64, width: 64}}\\njobs:\\n{jobs}"
