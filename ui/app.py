@@ -34,20 +34,32 @@ CSS = """
 
 
 # ----------------------------------------------------------------------------- widgets from the schema
+AUTOMATIC = "automatic"
+MAX_SLIDER_STEPS = 2000  # wider integer ranges get a number box: a slider cannot hit one value in 10,000
+
+
 def widget_spec(info: OptionInfo) -> dict:
-    """How an option is edited: ``{"kind": slider|number|dropdown|checkbox|textbox|json, ...}``."""
+    """How an option is edited: ``{"kind": slider|number|dropdown|checkbox|textbox|json, ...}``. An option whose
+    default is None ("automatic": the method picks per family) starts empty or at "automatic", never at a
+    number it would not use."""
+    automatic = info.default is None
     if info.choices is not None:
-        return {"kind": "dropdown", "choices": list(info.choices), "value": info.default}
+        choices = list(info.choices)
+        return {"kind": "dropdown", "choices": [AUTOMATIC, *choices] if automatic else choices,
+                "value": AUTOMATIC if automatic else info.default}
     if info.type == "bool":
+        if automatic:
+            return {"kind": "dropdown", "choices": [AUTOMATIC, "True", "False"], "value": AUTOMATIC}
         return {"kind": "checkbox", "value": bool(info.default)}
     if info.type in ("int", "float"):
-        if info.low is not None and info.high is not None:
+        bounded = info.low is not None and info.high is not None
+        narrow = bounded and (info.type == "float" or info.high - info.low <= MAX_SLIDER_STEPS)
+        if bounded and narrow and not automatic:
             step = 1 if info.type == "int" else _float_step(info.low, info.high)
-            value = info.default if info.default is not None else info.low
-            return {"kind": "slider", "minimum": info.low, "maximum": info.high, "step": step, "value": value,
-                    "integer": info.type == "int", "optional": info.default is None}
+            return {"kind": "slider", "minimum": info.low, "maximum": info.high, "step": step,
+                    "value": info.default, "integer": info.type == "int"}
         return {"kind": "number", "minimum": info.low, "maximum": info.high, "value": info.default,
-                "integer": info.type == "int"}
+                "integer": info.type == "int", "automatic": automatic}
     if info.type == "str":
         return {"kind": "textbox", "value": info.default or ""}
     return {"kind": "json", "value": info.default}
@@ -69,12 +81,21 @@ def _info(method: str) -> attnproc.MethodInfo | None:
 
 # ----------------------------------------------------------------------------- the work
 class Renderer:
-    """Loads pipelines on first use (one at a time) and renders one request."""
+    """Loads pipelines on first use (one at a time), checks requests against them and renders one request."""
 
     def __init__(self):
         self._pipes: dict[str, Any] = {}
+        self._facts: dict[str, Any] = {}
         self.out_dir = Path(tempfile.mkdtemp(prefix="attnproc-ui-"))
         self._count = 0
+
+    def facts(self, spec: str):
+        """What the pipeline is (family, call parameters), read from its configuration, not its weights."""
+        if spec not in self._facts:
+            from attnproc.workflows.preflight import pipeline_facts
+
+            self._facts[spec] = pipeline_facts(spec)
+        return self._facts[spec]
 
     def pipeline(self, spec: str):
         if spec not in self._pipes:
@@ -84,45 +105,66 @@ class Renderer:
             self._pipes[spec] = load_pipeline(spec, {}, "cuda" if torch.cuda.is_available() else "cpu")
         return self._pipes[spec]
 
+    def serves(self, method: str, spec: str) -> bool | None:
+        """Whether ``method`` (with its default options) runs on ``spec``; None when that cannot be told
+        beforehand (the method needs options first, or the pipeline's configuration cannot be read)."""
+        from attnproc.workflows.preflight import PreflightError, check_method, create_method
+
+        try:
+            create_method(method, {})
+            facts = self.facts(spec)
+        except (ValueError, TypeError, OSError):
+            return None
+        try:
+            check_method(facts, method, {})
+        except PreflightError:
+            return False
+        return True
+
     def generate(self, pipeline: str, method: str, prompt: str, negative_prompt: str = "", seed: int = 0,
                  steps: int = 2, height: int = 0, width: int = 0, frames: int = 0, compare: bool = True,
-                 options: dict | None = None) -> dict:
+                 options: dict | None = None, repeats: int = 3) -> dict:
         from attnproc.workflows.jobs import Job
-        from attnproc.workflows.render import build_call, compare_frames, is_video_pipeline, run_once
+        from attnproc.workflows.preflight import check_method, create_method, with_call_prompt
+        from attnproc.workflows.render import build_call, compare_frames, run_once
+        from attnproc.workflows.timing import check_counts, compare_runs, measure_runs
 
-        options = dict(options or {})
-        attnproc.registry.REGISTRY.create(method, **options)  # validate before loading anything
         if not prompt or not prompt.strip():
             raise ValueError("prompt: give a prompt")
+        check_counts(int(repeats), 1)
+        options = with_call_prompt(method, dict(options or {}), prompt)
+        create_method(method, options)  # option errors before anything is loaded
+        facts = self.facts(pipeline)
+        check_method(facts, method, options)  # the family, from the configuration: before any weights load
         pipe = self.pipeline(pipeline)
         pipe.set_progress_bar_config(disable=False, leave=False, desc="denoising")
-        video = is_video_pipeline(pipe)
         job = Job(index=0, name=None, prompt=prompt, negative_prompt=negative_prompt or None, seed=int(seed),
                   steps=int(steps) or None, height=int(height) or None, width=int(width) or None,
-                  frames=(int(frames) or None) if video else None, guidance_scale=None, method=method,
+                  frames=(int(frames) or None) if facts.video else None, guidance_scale=None, method=method,
                   options=options)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self._count += 1
         stem = self.out_dir / f"{self._count:04d}"
-        run = run_once(pipe, method, options, build_call(pipe, pipeline, job, device), device)
-        result = {"pipeline": pipeline, "method": method, "options": run["method_options"], "seed": int(seed),
-                  "kind": run["kind"], "shape": list(run["frames"].shape),
-                  "timings": {method: {"total_s": round(run["total_s"], 4),
-                                       "attention_s": round(run["attention_s"], 4)}}}
-        outputs = {method: _save(run["frames"], run["kind"], stem.with_name(f"{stem.name}-{method}"))}
-        if compare and method != "dense":
-            ref = run_once(pipe, "dense", {}, build_call(pipe, pipeline, job, device), device)
-            outputs["dense"] = _save(ref["frames"], ref["kind"], stem.with_name(f"{stem.name}-dense"))
-            result["timings"]["dense"] = {"total_s": round(ref["total_s"], 4),
-                                          "attention_s": round(ref["attention_s"], 4)}
-            result["speedup"] = round(ref["total_s"] / max(run["total_s"], 1e-9), 3)
-            result["attention_speedup"] = round(ref["attention_s"] / max(run["attention_s"], 1e-9), 3)
-            result.update(compare_frames(run["frames"], ref["frames"]))
-        mask, caption = mask_picture(run["handle"], job.steps or 1)
-        mask_path = self.out_dir / f"{stem.name}-mask.png"
-        from attnproc.workflows.media import save_image
 
-        save_image(_framed(mask), mask_path)
+        def render(name: str, opts: dict):
+            return lambda: run_once(pipe, name, opts, build_call(pipe, pipeline, job, device), device)
+
+        if compare and method != "dense":
+            run, ref, timing = compare_runs(render(method, options), render("dense", {}), repeats=int(repeats),
+                                            names=(method, "dense"))
+        else:
+            run, ref = None, None
+            run, timings = measure_runs(render(method, options), repeats=int(repeats))
+            timing = {method: timings}
+        result = {"pipeline": pipeline, "method": method, "options": run["method_options"], "seed": int(seed),
+                  "kind": run["kind"], "shape": list(run["frames"].shape), "timing": timing}
+        outputs = {method: _save(run["frames"], run["kind"], stem.with_name(f"{stem.name}-{method}"))}
+        if ref is not None:
+            outputs["dense"] = _save(ref["frames"], ref["kind"], stem.with_name(f"{stem.name}-dense"))
+            result["difference_to_dense"] = compare_frames(run["frames"], ref["frames"])
+        picture, caption = mask_picture(run["handle"])
+        mask_path = self.out_dir / f"{stem.name}-mask.png"
+        picture.save(mask_path, format="PNG")
         result.update(outputs={k: str(v) for k, v in outputs.items()}, mask=str(mask_path), mask_caption=caption)
         return result
 
@@ -135,36 +177,21 @@ def _save(frames: np.ndarray, kind: str, stem: Path) -> Path:
     return save_video(frames, stem.with_suffix(".mp4"))
 
 
-def mask_picture(handle, num_steps: int, size: int = 384) -> tuple[np.ndarray, str]:
-    """The method's sparsity pattern (``Method.token_mask``) at the layout of the last forward, as an RGB picture
-    (white = computed pair, black = skipped; block-averaged to at most ``size`` pixels). ``num_steps`` is kept for
-    the caller's signature; the pattern shown is the method's sparse one, whatever its dense warm-up."""
-    from attnproc.workflows.maskviz import mask_image, method_mask
+def mask_picture(handle, size: int = 384) -> tuple[Image.Image, str]:
+    """The method's sparsity pattern (``Method.token_mask``) at the layout of the last forward, with a legend
+    (white = computed pair, black = skipped), and its caption."""
+    from attnproc.workflows.maskviz import handle_mask, legend_image
 
-    layouts = {k: v for k, v in handle.last_layouts().items() if v is not None}
-    if not layouts:
-        return _blank(size, 0.5), "no token layout was seen: pattern unknown"
-    denoiser, layout = next(iter(layouts.items()))
     try:
-        mask = method_mask(handle.method, handle.denoisers[denoiser].family, layout)
+        found = handle_mask(handle)
     except Exception as e:  # a method whose pattern needs more than the site gives
-        return _blank(size, 0.5), f"pattern not available: {e}"
-    where = f"{denoiser}, grid {layout.frames}x{layout.height}x{layout.width}, {layout.visual_len} tokens"
+        found = (None, f"pattern not available: {e}")
+    if found is None:
+        found = (None, "no token layout was seen: pattern unknown")
+    mask, caption = found
     if mask is None:
-        return _blank(size, 1.0), f"every query-key pair computed (dense); {where}"
-    img = mask_image(mask[0] if mask.ndim == 3 else mask, max_side=size).resize((size, size), Image.NEAREST)
-    return np.asarray(img.convert("RGB")), f"density {float(mask.float().mean()):.3f} (head 0 shown); {where}"
-
-
-def _blank(size: int, level: float) -> np.ndarray:
-    return np.full((size, size, 3), int(level * 255), dtype=np.uint8)
-
-
-def _framed(img: np.ndarray) -> np.ndarray:
-    """A grey frame, so an all-white (dense) pattern is visible on a white page."""
-    img = img.copy()
-    img[:2], img[-2:], img[:, :2], img[:, -2:] = 128, 128, 128, 128
-    return img
+        mask = torch.ones(1, 1, dtype=torch.bool) if caption.startswith("every") else torch.full((1, 1), 0.5)
+    return legend_image(mask, caption, size=size), caption
 
 
 def regions_from_editor(editor: Any, phrases: str) -> list[dict] | None:
@@ -184,6 +211,14 @@ def regions_from_editor(editor: Any, phrases: str) -> list[dict] | None:
         raise ValueError(f"regions: {len(masks)} drawn layer(s) but {len(names)} phrase(s); give one phrase per "
                          "line, in layer order")
     return [{"phrase": p, "mask": m} for p, m in zip(names, masks)]
+
+
+def pipeline_choices(renderer: Renderer, method: str, pipelines: list[str], current: str) -> tuple[list, str]:
+    """The pipelines offered with ``method``: those it serves (or that cannot be told beforehand), and the
+    selection: ``current`` if the method serves it, else the first one offered."""
+    offered = [p for p in pipelines if renderer.serves(method, p) is not False] or list(pipelines)
+    keep = current in offered or (current and current not in pipelines and renderer.serves(method, current))
+    return offered, current if keep else offered[0]
 
 
 # ----------------------------------------------------------------------------- the app
@@ -231,22 +266,29 @@ def build_app(pipelines: list[str] | None = None, renderer: Renderer | None = No
                     width = gr.Slider(0, 1536, value=0, step=8, label="width (0 = pipeline default)")
                     frames = gr.Slider(0, 257, value=0, step=1, label="frames (video; 0 = default)")
                 compare = gr.Checkbox(True, label="also render with dense (side by side, speedup)")
+                repeats = gr.Slider(1, 10, value=3, step=1, label="timed runs (after one warm-up run each; the "
+                                                                "median and range are shown)")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="images (method | dense)", columns=2, height=320, elem_id="gallery")
                 with gr.Row():
                     video = gr.Video(label="method", visible=False, elem_id="video-method")
                     video_dense = gr.Video(label="dense", visible=False, elem_id="video-dense")
-                mask = gr.Image(label="sparsity mask", type="numpy", height=320, elem_id="mask")
-                stats = gr.JSON(label="timings and difference", elem_id="stats")
+                mask = gr.Image(label="sparsity mask (legend below the picture)", type="numpy", height=320,
+                                elem_id="mask")
+                stats = gr.JSON(label="timings (median and range of warm runs) and difference (0-255 pixel levels)",
+                                elem_id="stats")
 
-        def on_method(name):
+        def on_method(name, current):
             info = _info(name)
+            offered, value = pipeline_choices(renderer, name, pipelines, current)
             return ([gr.update(visible=n == name) for n in groups]
                     + [gr.update(visible=name in has_regions), info.summary if info else "",
-                       json.dumps(default_options(name), indent=1, default=str)])
+                       json.dumps(default_options(name), indent=1, default=str),
+                       gr.update(choices=offered, value=value)])
 
-        method.change(on_method, method, list(groups.values()) + [regions_group, summary, options_json],
+        method.change(on_method, [method, pipeline],
+                      list(groups.values()) + [regions_group, summary, options_json, pipeline],
                       queue=False, api_visibility="private")
 
         for owner, opt, comp in widgets:
@@ -261,7 +303,7 @@ def build_app(pipelines: list[str] | None = None, renderer: Renderer | None = No
             comp.change(on_widget, [comp, options_json], options_json, queue=False, api_visibility="private")
 
         def generate(pipeline_, method_, prompt_, negative_, seed_, steps_, height_, width_, frames_, compare_,
-                     options_text, editor, phrases, progress=gr.Progress(track_tqdm=True)):
+                     repeats_, options_text, editor, phrases, progress=gr.Progress(track_tqdm=True)):
             try:
                 opts = _parse_options(options_text, method_)
                 if method_ in has_regions:
@@ -269,15 +311,15 @@ def build_app(pipelines: list[str] | None = None, renderer: Renderer | None = No
                     if regions is not None:
                         opts["regions"] = regions
                 res = renderer.generate(pipeline_, method_, prompt_, negative_, seed_, steps_, height_, width_,
-                                        frames_, compare_, opts)
+                                        frames_, compare_, opts, int(repeats_))
             except (ValueError, TypeError, KeyError, RuntimeError) as e:
                 raise gr.Error(str(e)) from None
             outs = res.pop("outputs")
-            mask_img = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(res["mask"]).convert("RGB"))
+            mask_img = np.asarray(Image.open(res["mask"]).convert("RGB"))
             if res["kind"] == "image":
                 items = [(p, n) for n, p in outs.items()]
                 return (items, gr.update(value=None, visible=False), gr.update(value=None, visible=False),
-                        (mask_img), res)
+                        mask_img, res)
             vids = [p if p.endswith(".mp4") else None for p in outs.values()]
             items = [] if all(vids) else [(str(sorted(Path(p).glob("*.png"))[0]), n) for n, p in outs.items()]
             return (items, gr.update(value=vids[0], visible=bool(vids[0])),
@@ -285,16 +327,16 @@ def build_app(pipelines: list[str] | None = None, renderer: Renderer | None = No
                     mask_img, res)
 
         run.click(generate, [pipeline, method, prompt, negative, seed, steps, height, width, frames, compare,
-                             options_json, regions_editor, regions_phrases],
+                             repeats, options_json, regions_editor, regions_phrases],
                   [gallery, video, video_dense, mask, stats], api_name="generate")
 
         def generate_json(pipeline: str, method: str, prompt: str, negative_prompt: str = "", seed: int = 0,
                           steps: int = 2, height: int = 0, width: int = 0, frames: int = 0, compare: bool = True,
-                          options: str = "{}") -> dict:
+                          options: str = "{}", repeats: int = 3) -> dict:
             """Render and return a JSON summary (timings, speedup, difference, server-side output paths)."""
             try:
                 return renderer.generate(pipeline, method, prompt, negative_prompt, seed, steps, height, width,
-                                         frames, compare, _parse_options(options, method))
+                                         frames, compare, _parse_options(options, method), int(repeats))
             except (ValueError, TypeError, KeyError, RuntimeError) as e:
                 raise gr.Error(str(e)) from None
 
@@ -317,6 +359,10 @@ def _parse_options(text: str | dict | None, method: str) -> dict:
 
 
 def _widget_value(opt: OptionInfo, value):
+    if value == AUTOMATIC or (value in ("", None) and opt.default is None):
+        return None
+    if opt.type == "bool" and isinstance(value, str):
+        return value == "True"
     if opt.type == "int" and value is not None:
         return int(value)
     if opt.type == "float" and value is not None:
@@ -340,6 +386,8 @@ def _component(gr, opt: OptionInfo):
     if kind == "slider":
         return gr.Slider(spec["minimum"], spec["maximum"], value=spec["value"], step=spec["step"], label=label)
     if kind == "number":
+        if spec.get("automatic"):
+            label += " (empty = automatic)"
         return gr.Number(spec["value"], label=label, minimum=spec["minimum"], maximum=spec["maximum"],
                          precision=0 if spec["integer"] else None)
     if kind == "textbox":

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import re
+import shlex
 import sys
+from pathlib import Path
 
 import attnproc
 
@@ -35,26 +39,34 @@ def _cmd_methods(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    report = run_demo(args.method, args.out, dict(args.option or []), family=args.family, seed=args.seed,
-                      progress=not args.quiet)
-    print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2, default=str))
-    for name, run in report["runs"].items():
-        print(f"{name}: {run['seconds']:.3f}s -> {run['output']}")
-    print(f"report: {args.out}/report.json")
+    pipeline = f"tiny:{args.family}" if args.family else args.pipeline
+    report = run_demo(args.method, args.out, dict(args.option or []), pipeline=pipeline, seed=args.seed,
+                      prompt=args.prompt, repeats=args.repeats, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("runs", "timing")}, indent=2, default=str))
+    for name, timings in report["timing"].items():
+        if isinstance(timings, dict) and "total_s" in timings:
+            t, a = timings["total_s"], timings["attention_s"]
+            print(f"{name}: total {t['median']:.3f}s (range {t['min']:.3f}-{t['max']:.3f}), attention "
+                  f"{a['median']:.3f}s (range {a['min']:.3f}-{a['max']:.3f}), median of {timings['repeats']} warm "
+                  f"runs -> {report['runs'][name]['output']}")
+    if "verdict" in report["timing"]:
+        print(report["timing"]["verdict"])
+    print(f"report: {Path(args.out) / 'report.json'}")
     return 0
 
 
 def _cmd_render(args) -> int:
-    from .jobs import load_jobfile
+    from .jobs import check_jobfile, load_jobfile
     from .render import render
 
     jobfile = load_jobfile(args.jobfile)
     if args.dry_run:
+        check_jobfile(jobfile)  # method vs the pipeline's family, fields vs its call (render checks it too)
         for job in jobfile.jobs:
             print(json.dumps({"job": job.index, "hash": jobfile.hash_of(job), **jobfile.config_of(job)},
                              default=str))
         return 0
-    summary = render(jobfile, args.out, compare=args.compare, progress=not args.quiet)
+    summary = render(jobfile, args.out, compare=args.compare, repeats=args.repeats, progress=not args.quiet)
     if "done" in summary:  # the main process prints the summary
         print(json.dumps(summary, indent=2))
     return 1 if summary.get("failed") else 0
@@ -87,18 +99,28 @@ def _cmd_export_comfy(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import DEFAULT_PIPELINE, DEFAULT_PROMPT
+
     p = argparse.ArgumentParser(prog="attnproc", description="Attention processors for diffusers pipelines.")
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("methods", help="list registered methods and their options")
     m.add_argument("--json", action="store_true", help="machine-readable output")
     m.set_defaults(func=_cmd_methods)
-    d = sub.add_parser("demo", help="render the tiny offline Wan pipeline with dense and with a method")
+    d = sub.add_parser("demo", help="render a pipeline (default: a tiny offline one) with dense and with a method",
+                       epilog="Options of type `any` take JSON; quote the whole NAME=VALUE for the shell, e.g. "
+                              "-o 'regions=[{\"phrase\": \"a red fox\", \"box\": [0, 0, 0.5, 1]}]'")
     d.add_argument("--method", default="dense", help="method to compare against dense (see `attnproc methods`)")
     d.add_argument("--option", "-o", action="append", type=parse_option, metavar="NAME=VALUE",
                    help="a method option (repeatable)")
-    d.add_argument("--out", default="attnproc-demo", help="output folder (videos and report.json)")
-    d.add_argument("--family", default="wan21", help="tiny pipeline family (default wan21)")
+    d.add_argument("--out", default="attnproc-demo", help="output folder (outputs, mask picture, report.json)")
+    where = d.add_mutually_exclusive_group()
+    where.add_argument("--pipeline", default=DEFAULT_PIPELINE, metavar="SPEC",
+                       help=f"pipeline to render: tiny:<family>, a local folder or a hub id (default {DEFAULT_PIPELINE})")
+    where.add_argument("--family", default=None, help="shorthand for --pipeline tiny:FAMILY")
+    d.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the prompt (default {DEFAULT_PROMPT!r})")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--repeats", type=int, default=3, metavar="N",
+                   help="timed rounds after one warm-up round, alternating dense and the method (default 3)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)
     r = sub.add_parser("render", help="render the jobs of a job file (YAML/JSON) into images/videos + manifest")
@@ -107,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                "<jobfile stem>-render)")
     r.add_argument("--compare", default=None, metavar="METHOD",
                    help="also render each job with METHOD (e.g. dense); record the difference and speedup")
-    r.add_argument("--dry-run", action="store_true", help="validate and print the expanded jobs; render nothing")
+    r.add_argument("--repeats", type=int, default=3, metavar="N",
+                   help="with --compare: timed rounds per job after one warm-up round, alternating the two "
+                        "methods; the median and spread are reported (default 3)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="validate every job against the pipeline (its config, not its weights), print the "
+                        "expanded jobs; render nothing")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=_cmd_render)
     f = sub.add_parser("finetune", help="distil a sparse student from the dense teacher (config: YAML/JSON)")
@@ -129,12 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_PY_EXAMPLE = re.compile(r"\b([a-z_][a-z0-9_]*)=(\[.*\]|\{.*\})")
+
+
+def shell_examples(message: str) -> str:
+    """Rewrite Python-style examples in a library error (``regions=[{'phrase': ...}]``) as ``-o`` arguments a
+    shell accepts (JSON inside single quotes), for messages shown on the command line."""
+    def rewrite(m: re.Match) -> str:
+        try:
+            value = json.dumps(ast.literal_eval(m.group(2)))
+        except (ValueError, SyntaxError, TypeError):
+            return m.group(0)
+        return "-o " + shlex.quote(f"{m.group(1)}={value}")
+    return _PY_EXAMPLE.sub(rewrite, message)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, RuntimeError, KeyError, OSError) as e:
-        print(f"attnproc: error: {e}", file=sys.stderr)
+        message = shell_examples(str(e)) if args.command == "demo" else str(e)
+        print(f"attnproc: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -1,83 +1,81 @@
-"""``attnproc demo``: render the tiny offline Wan pipeline with dense attention and with a chosen method."""
+"""``attnproc demo``: render one pipeline with dense attention and with a chosen method, side by side.
+
+The method is checked against the pipeline before anything renders (:mod:`.preflight`); both runs are timed by
+the shared helper (:mod:`.timing`: warm-up, alternating rounds, median and spread, total and attention time);
+the difference is in 0-255 pixel levels, as in ``render --compare`` and the UI.
+"""
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm.auto import tqdm
+from .jobs import Job
+from .maskviz import handle_mask, legend_image
+from .media import atomic_path
+from .preflight import check_method, create_method, pipeline_facts, with_call_prompt
+from .render import _save, build_call, compare_frames, load_pipeline, run_once
+from .timing import compare_runs, measure_runs
 
-import attnproc
-from attnproc.pipelines import tiny_call_kwargs, tiny_pipeline
-
-from .maskviz import mask_image, method_mask
-from .media import atomic_path, save_video, to_uint8_frames
-
-
-def _render(pipe, call_kwargs):
-    out = pipe(**call_kwargs)
-    frames = out.frames[0] if hasattr(out, "frames") else out.images
-    return torch.as_tensor(np.asarray(frames))
+DEFAULT_PIPELINE = "tiny:wan21"  # what `attnproc demo` renders unless given --pipeline/--family
+DEFAULT_PROMPT = "a red fox in the snow"
 
 
 def run_demo(method: str = "dense", out_dir: str | Path = "attnproc-demo", options: dict | None = None,
-             family: str = "wan21", seed: int = 0, call_overrides: dict | None = None,
-             progress: bool = True) -> dict:
-    """Render with ``dense`` and with ``method``; write the videos and ``report.json``; return the report."""
-    options = options or {}
+             pipeline: str = DEFAULT_PIPELINE, seed: int = 0, prompt: str = DEFAULT_PROMPT,
+             call_overrides: dict | None = None, repeats: int = 3, warmup: int = 1, progress: bool = True) -> dict:
+    """Render ``pipeline`` with ``dense`` and with ``method``; write the outputs, the mask picture and
+    ``report.json``; return the report."""
+    options = with_call_prompt(method, dict(options or {}), prompt)
+    create_method(method, options)  # option errors before any pipeline is built
+    facts = pipeline_facts(pipeline)
+    check_method(facts, method, options)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    attnproc.registry.REGISTRY.create(method, **options)  # validate before any work
-    pipe = tiny_pipeline(family, seed=seed)
+    pipe = facts.target if pipeline.startswith("tiny:") else load_pipeline(pipeline)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
-    call = tiny_call_kwargs(family, output_type="np", **(call_overrides or {}))
-    runs = ["dense"] if method == "dense" else ["dense", method]
-    results, report = {}, {"family": family, "pipeline": type(pipe).__name__, "method": method,
-                           "options": options, "seed": seed, "runs": {}}
-    for name in tqdm(runs, desc="attnproc demo", disable=not progress):
-        handle = attnproc.apply(pipe, name, **(options if name == method else {}))
-        call["generator"] = torch.Generator().manual_seed(seed)
-        start = time.perf_counter()
-        frames = _render(pipe, call)
-        seconds = time.perf_counter() - start
-        layouts = {k: (asdict(v) if v is not None else None) for k, v in handle.last_layouts().items()}
-        if name == method:
-            report["mask_picture"] = _save_mask(handle, out_dir / f"{name}-mask.png")
-        attnproc.remove(pipe)
-        results[name] = frames
-        path = save_video(frames, out_dir / f"{name}.mp4")
-        report["runs"][name] = {"seconds": round(seconds, 4), "output": str(path), "patched": handle.num_patched,
-                                "layout_seen": layouts, "shape": list(frames.shape)}
-    if method != "dense":
-        diff = (results[method].float() - results["dense"].float()).abs()
-        report["max_abs_diff_to_dense"] = float(diff.max())
-        report["speedup_vs_dense"] = round(report["runs"]["dense"]["seconds"] /
-                                           max(report["runs"][method]["seconds"], 1e-9), 3)
+    job = Job(index=0, name=None, prompt=prompt, negative_prompt=None, seed=seed, steps=None, height=None,
+              width=None, frames=None, guidance_scale=None, method=method, options=options,
+              call=dict(call_overrides or {}))
+
+    def render(name: str, opts: dict):
+        return lambda: run_once(pipe, name, opts, build_call(pipe, pipeline, job))
+
+    report = {"pipeline": pipeline, "pipeline_class": facts.pipeline_class, "families": facts.families,
+              "method": method, "options": options, "seed": seed, "prompt": prompt, "runs": {}}
+    if method == "dense":
+        run, timings = measure_runs(render("dense", {}), repeats=repeats, warmup=warmup)
+        results, report["timing"] = {"dense": run}, {"dense": timings}
     else:
-        report["max_abs_diff_to_dense"] = 0.0
-    frames_u8 = to_uint8_frames(results[method])
-    report["frames"] = int(frames_u8.shape[0])
+        run, ref, report["timing"] = compare_runs(render(method, options), render("dense", {}), repeats=repeats,
+                                                  warmup=warmup, names=(method, "dense"))
+        results = {"dense": ref, method: run}
+        report["difference_to_dense"] = compare_frames(run["frames"], ref["frames"])
+    for name, res in results.items():
+        path = _save(res["frames"], res["kind"], out_dir / name, fps=8)
+        handle = res["handle"]
+        report["runs"][name] = {
+            "output": str(path), "kind": res["kind"], "shape": list(res["frames"].shape),
+            "patched": handle.num_patched, "method_options": res["method_options"],
+            "layout_seen": {k: (asdict(v) if v is not None else None) for k, v in handle.last_layouts().items()},
+        }
+    report["mask_picture"] = _save_mask(results[method]["handle"], out_dir / f"{method}-mask.png")
     _write_json(out_dir / "report.json", report)
     return report
 
 
 def _save_mask(handle, path: Path) -> str | None:
-    """Draw the method's sparsity pattern at the layout the first denoiser saw; None for dense methods."""
-    denoiser, patch = next(iter(handle.denoisers.items()))
-    layout = handle.last_layouts()[denoiser]
-    if layout is None:
+    """The method's sparsity pattern at the layout the first denoiser saw, with a legend; None for methods
+    that keep every pair."""
+    found = handle_mask(handle)
+    if found is None or found[0] is None:
         return None
-    mask = method_mask(handle.method, patch.family, layout)
-    if mask is None:
-        return None
+    mask, caption = found
     with atomic_path(path, ".tmp.png") as tmp:
-        mask_image(mask).save(tmp, format="PNG")
+        legend_image(mask, caption).save(tmp, format="PNG")
     return str(path)
 
 
 def _write_json(path: Path, data: dict) -> None:
     with atomic_path(path, ".tmp.json") as tmp, open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
+        json.dump(data, f, indent=2, default=str, allow_nan=False)

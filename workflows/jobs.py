@@ -52,6 +52,7 @@ class Job:
     method: str | tuple[str, ...]
     options: dict
     call: dict = field(default_factory=dict)
+    where: str = field(default="", compare=False)  # where the job file defines it: "jobs[2]", "sweep[...]"
 
     def config(self, pipeline: str, pipeline_options: dict) -> dict:
         """What decides the output (the name and position do not)."""
@@ -174,10 +175,19 @@ def _resolve_job(raw: dict, defaults: dict, index: int, where: str) -> Job:
     for k in ("height", "width"):
         if d.get(k) is not None and _int(d[k], at(k), 8) % 8:
             _fail(at(k), f"must be a multiple of 8, got {d[k]!r}")
+    prompt = _str(d["prompt"], at("prompt"))
+    options = d.get("options")
+    if isinstance(options, dict):
+        from .preflight import PreflightError, with_call_prompt
+
+        try:
+            options = with_call_prompt(method, options, prompt)
+        except PreflightError as e:
+            _fail(at("options"), str(e))
     return Job(
         index=index,
         name=_str(d.get("name"), at("name"), allow_none=True),
-        prompt=_str(d["prompt"], at("prompt")),
+        prompt=prompt,
         negative_prompt=_str(d.get("negative_prompt"), at("negative_prompt"), allow_none=True),
         seed=_int(d.get("seed", 0), at("seed"), 0),
         steps=_int(d.get("steps"), at("steps"), 1, allow_none=True),
@@ -186,8 +196,9 @@ def _resolve_job(raw: dict, defaults: dict, index: int, where: str) -> Job:
         frames=_int(d.get("frames"), at("frames"), 1, allow_none=True),
         guidance_scale=_float(d.get("guidance_scale"), at("guidance_scale")),
         method=method,
-        options=_options(method, d.get("options"), at("options")),
+        options=_options(method, options, at("options")),
         call=call,
+        where=where,
     )
 
 
@@ -277,6 +288,34 @@ def parse_jobfile(data: Any, source: Path | None = None) -> JobFile:
     if not jobs:
         _fail("jobs", "no jobs: give `jobs` (a list) and/or `sweep`")
     return JobFile(pipeline, dict(popts), output, fps, tuple(jobs), source)
+
+
+def check_jobfile(jobfile: JobFile):
+    """Check every job against its pipeline before anything renders (see :mod:`.preflight`): the method serves
+    the pipeline's family, the fields fit its call. Reads the pipeline's configuration, not its weights. Errors
+    name the job (``jobs[1].method: ...``). Returns the pipeline facts."""
+    from .preflight import CALL_FIELDS, PreflightError, check_fields, check_method, pipeline_facts
+
+    where = f"{jobfile.source}: " if jobfile.source else ""
+    try:
+        facts = pipeline_facts(jobfile.pipeline, jobfile.pipeline_options)
+    except (PreflightError, ValueError) as e:
+        raise JobFileError(f"{where}pipeline: {e}") from None
+    checked = set()
+    for job in jobfile.jobs:
+        fields = {f: getattr(job, f) for f in CALL_FIELDS}
+        try:
+            check_fields(facts, {**fields, **{f"call.{k}": v for k, v in job.call.items()}})
+        except PreflightError as e:
+            raise JobFileError(f"{where}{job.where}.{e}") from None
+        key = json.dumps([job.method, job.options], sort_keys=True, default=repr)
+        if key not in checked:
+            checked.add(key)
+            try:
+                check_method(facts, job.method, job.options)
+            except PreflightError as e:
+                raise JobFileError(f"{where}{job.where}.method: {e}") from None
+    return facts
 
 
 def load_jobfile(path: str | Path) -> JobFile:

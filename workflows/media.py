@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -11,13 +11,16 @@ from PIL import Image
 
 
 def to_uint8_frames(x) -> np.ndarray:
-    """Pipeline output (tensor or array, [F, H, W, C] or [F, C, H, W], values in [0, 1]) as uint8 [F, H, W, C]."""
-    arr = x.detach().cpu().float().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float32)
+    """Pipeline output (tensor or array, [F, H, W, C] or [F, C, H, W], floats in [0, 1]) as uint8 [F, H, W, C].
+    uint8 input is already in pixel units and keeps its values (converting it again would saturate it)."""
+    arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
     if arr.ndim == 3:
         arr = arr[None]
     if arr.shape[-1] not in (1, 3, 4) and arr.shape[1] in (1, 3, 4):
         arr = arr.transpose(0, 2, 3, 1)
-    return (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    return (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def _mp4_writer_available() -> bool:
@@ -29,20 +32,47 @@ def _mp4_writer_available() -> bool:
         return False
 
 
+TEMP_MARK = ".attnproc-tmp-"
+
+
 @contextmanager
 def atomic_path(path: Path, suffix: str = ".tmp"):
     """A temporary path beside ``path`` to write to: it replaces ``path`` when the block succeeds and is removed
-    when it fails, so readers never see a half-written file."""
+    when it fails, so readers never see a half-written file. The file is created with the user's umask (like any
+    other file they write). Its name, ``.<name>.attnproc-tmp-<pid>-<random><suffix>``, lets
+    :func:`remove_stale_temp_files` find what a killed writer left behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=suffix)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0o666 minus the umask
     try:
-        yield tmp
+        yield str(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files under ``folder`` whose writer (a process on this machine) is gone: a render
+    killed mid-write leaves one. Returns what was removed."""
+    removed = []
+    for tmp in Path(folder).rglob(f".*{TEMP_MARK}*"):
+        pid = tmp.name.split(TEMP_MARK, 1)[1].split("-", 1)[0]
+        if tmp.is_file() and pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def save_image(frame: np.ndarray, path: Path) -> Path:

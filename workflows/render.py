@@ -1,11 +1,10 @@
-"""``attnproc render JOBFILE``: batch rendering from a job file, with a resumable JSON-lines manifest.
+"""``attnproc render JOBFILE``: batch rendering from a job file, with a resumable, append-only manifest.
 
-Each process appends one record per finished job to ``manifest.parts/rank<R>.jsonl`` (a line is written whole
-and fsynced; a torn last line from a kill is ignored). A job counts as finished when a ``done`` record with the
-same config hash exists and its output is on disk, so a re-run skips it; a job interrupted mid-render has no
-record and is redone (outputs are written atomically, so no half-written file is ever taken for a result). At the
-end the main process merges every record into ``manifest.jsonl`` (one line per job of the job file, in job order,
-written atomically) and removes the parts.
+Every finished job adds a record to the folder's manifest (see :mod:`.manifest`), which every job file rendered
+into the folder shares. A job counts as finished when a ``done`` record with the same config hash exists and its
+output is on disk, so a re-run (of this or any other job file with the same job) skips it; a job interrupted
+mid-render has no record and is redone (outputs are written atomically, and the temporary file a killed writer
+left is removed at the next start).
 
 Under ``accelerate launch`` the pending jobs are split with ``PartialState.split_between_processes``; every
 process reads the manifest before any of them renders, so all agree on the split: no job is done twice or lost.
@@ -17,6 +16,7 @@ import inspect
 import json
 import os
 import resource
+import uuid
 import sys
 import time
 from pathlib import Path
@@ -28,11 +28,10 @@ from tqdm.auto import tqdm
 
 import attnproc
 
-from .jobs import Job, JobFile, load_jobfile
-from .media import atomic_path, save_image, save_video, to_uint8_frames
-
-MANIFEST = "manifest.jsonl"
-PARTS = "manifest.parts"
+from .jobs import Job, JobFile, check_jobfile, load_jobfile
+from .manifest import MANIFEST, PARTS, append_record, current, finished, fold_parts, read_records
+from .media import remove_stale_temp_files, save_image, save_video, to_uint8_frames
+from .timing import check_counts, compare_runs, stats
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -180,93 +179,13 @@ def _save(frames: np.ndarray, kind: str, stem: Path, fps: int) -> Path:
 
 
 def compare_frames(a: np.ndarray, b: np.ndarray) -> dict:
-    a, b = a.astype(np.float64), b.astype(np.float64)
+    """Differences between two uint8 renders, in 0-255 pixel levels; ``psnr_db`` is None (JSON null) when they
+    are identical (an infinite PSNR is not valid JSON)."""
+    a, b = to_uint8_frames(a).astype(np.float64), to_uint8_frames(b).astype(np.float64)
     mse = float(np.mean((a - b) ** 2))
     return {"max_abs_diff": float(np.abs(a - b).max()), "mean_abs_diff": float(np.abs(a - b).mean()),
-            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))}
-
-
-# ----------------------------------------------------------------------------- manifest
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    if not path.exists():
-        return records
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a torn line from a killed run
-            continue
-        if isinstance(rec, dict) and "hash" in rec:
-            records.append(rec)
-    return records
-
-
-def read_records(out_dir: Path) -> list[dict]:
-    """Every record in ``manifest.jsonl`` and the per-process parts, oldest first."""
-    out_dir = Path(out_dir)
-    records = _read_jsonl(out_dir / MANIFEST)
-    parts = out_dir / PARTS
-    if parts.is_dir():
-        for p in sorted(parts.glob("*.jsonl")):
-            records += _read_jsonl(p)
-    return records
-
-
-def _finished(records: list[dict], out_dir: Path, compare: str | None) -> dict[str, dict]:
-    done = {}
-    for rec in records:
-        if rec.get("status") != "done" or not (out_dir / rec.get("output", "\0")).exists():
-            continue
-        if compare and (rec.get("compare") or {}).get("method") != compare:
-            continue
-        done[rec["hash"]] = rec
-    return done
-
-
-def _append_record(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, default=str, allow_nan=True) + "\n"
-    with open(path, "a+b") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() > 0:  # a killed writer may have left a torn line: start on a fresh one
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                line = "\n" + line
-        f.write(line.encode())
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def merge_manifest(jobfile: JobFile, out_dir: Path, compare: str | None = None) -> list[dict]:
-    """Write ``manifest.jsonl``: the newest valid record of each job, in job order; remove the parts."""
-    out_dir = Path(out_dir)
-    records = read_records(out_dir)
-    latest: dict[str, dict] = {}
-    for rec in records:
-        prev = latest.get(rec["hash"])
-        if prev is None or rec.get("status") == "done" or prev.get("status") != "done":
-            latest[rec["hash"]] = rec
-    done = _finished(records, out_dir, None)
-    merged = []
-    for job in jobfile.jobs:
-        h = jobfile.hash_of(job)
-        rec = done.get(h) or latest.get(h)
-        if rec is not None:
-            merged.append({**rec, "job": job.index, "name": job.name})
-    with atomic_path(out_dir / MANIFEST, ".tmp.jsonl") as tmp, open(tmp, "w") as f:
-        for rec in merged:
-            f.write(json.dumps(rec, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    parts = out_dir / PARTS
-    if parts.is_dir():
-        for p in parts.glob("*.jsonl"):
-            p.unlink()
-        try:
-            parts.rmdir()
-        except OSError:
-            pass
-    return merged
+            "psnr_db": None if mse == 0 else round(float(10 * np.log10(255.0 ** 2 / mse)), 3),
+            "diff_units": "uint8 pixel levels (0-255)"}
 
 
 # ----------------------------------------------------------------------------- the batch
@@ -275,51 +194,66 @@ def _label(method) -> str:
 
 
 def render_job(pipe, jobfile: JobFile, job: Job, out_dir: Path, *, compare: str | None = None,
-               device="cpu", step_callback: Callable | None = None) -> dict:
-    """Render one job (and its comparison run); write its output(s); return its manifest record."""
+               device="cpu", step_callback: Callable | None = None, repeats: int = 3) -> dict:
+    """Render one job (and, with ``compare``, time it against that method: warmed up, alternating, ``repeats``
+    rounds, see :mod:`.timing`); write its output(s); return its manifest record."""
     h = jobfile.hash_of(job)
-    call = build_call(pipe, jobfile.pipeline, job, device)
     stem = out_dir / f"{job.name or _label(job.method)}-s{job.seed}-{h}"
-    run = run_once(pipe, job.method, job.options, call, device, step_callback)
+
+    def run_job():
+        return run_once(pipe, job.method, job.options, build_call(pipe, jobfile.pipeline, job, device), device,
+                        step_callback)
+
+    if compare:
+        run, ref, report = compare_runs(
+            run_job, lambda: run_once(pipe, compare, {}, build_call(pipe, jobfile.pipeline, job, device), device,
+                                      step_callback),
+            repeats=repeats, names=(_label(job.method), compare))
+        timings = report[_label(job.method)]
+    else:
+        run = run_job()
+        timings = single_run_timings(run)
     path = _save(run["frames"], run["kind"], stem, jobfile.fps)
     record = {
         "job": job.index, "name": job.name, "hash": h, "status": "done",
         "config": jobfile.config_of(job),
-        "call": {k: v for k, v in call.items() if k != "generator" and not callable(v)},
+        "call": {k: v for k, v in build_call(pipe, jobfile.pipeline, job, device).items()
+                 if k != "generator" and not callable(v)},
         "method": _label(job.method), "method_options": run["method_options"], "seed": job.seed,
         "output": str(path.relative_to(out_dir)), "kind": run["kind"], "shape": list(run["frames"].shape),
-        "timings": {"total_s": round(run["total_s"], 6), "attention_s": round(run["attention_s"], 6),
-                    "attention_calls": run["attention_calls"]},
-        "peak_memory": run["peak_memory"], "patched_modules": run["patched"], "device": str(device),
+        "timings": timings, "peak_memory": run["peak_memory"], "patched_modules": run["patched"],
+        "device": str(device),
     }
     if compare:
-        if _label(job.method) == compare and not job.options:
-            ref, ref_path = run, path
-        else:
-            call = build_call(pipe, jobfile.pipeline, job, device)
-            ref = run_once(pipe, compare, {}, call, device, step_callback)
-            ref_path = _save(ref["frames"], ref["kind"], stem.with_name(stem.name + f"-{compare}"), jobfile.fps)
-        record["compare"] = {
-            "method": compare, "output": str(ref_path.relative_to(out_dir)),
-            "timings": {"total_s": round(ref["total_s"], 6), "attention_s": round(ref["attention_s"], 6)},
-            "speedup": round(ref["total_s"] / max(run["total_s"], 1e-9), 4),
-            "attention_speedup": round(ref["attention_s"] / max(run["attention_s"], 1e-9), 4),
-            **compare_frames(run["frames"], ref["frames"]),
-        }
+        ref_path = _save(ref["frames"], ref["kind"], stem.with_name(stem.name + f"-{compare}"), jobfile.fps)
+        record["compare"] = {"method": compare, "output": str(ref_path.relative_to(out_dir)),
+                             "timings": report[compare], "speedup": report["speedup"],
+                             "within_noise": report["within_noise"], "verdict": report["verdict"],
+                             **compare_frames(run["frames"], ref["frames"])}
     return record
 
 
+def single_run_timings(run: dict) -> dict:
+    """The timings of one render in the same form as :func:`.timing.measure_runs` gives (one run, no warm-up:
+    the first render of a process includes its start-up costs)."""
+    return {**{k: stats([run[k]]) for k in ("total_s", "attention_s")}, "repeats": 1, "warmup": 0,
+            "attention_calls": run["attention_calls"]}
+
+
 def render(jobfile: JobFile | str | Path, out_dir: str | Path | None = None, *, compare: str | None = None,
-           progress: bool = True, state=None) -> dict:
+           repeats: int = 3, progress: bool = True, state=None) -> dict:
     """Render every unfinished job of ``jobfile`` into ``out_dir``; return a summary.
 
+    With ``compare``, each job is timed against that method over ``repeats`` warm, alternating rounds.
     ``state`` is an ``accelerate.PartialState``; by default one is made (CPU unless CUDA is present and the job
     file does not ask for ``device: cpu``), which is a single process unless launched by ``accelerate launch``.
     """
     if not isinstance(jobfile, JobFile):
         jobfile = load_jobfile(jobfile)
+    check_counts(repeats, 1)
     if compare:
         attnproc.registry.REGISTRY.get(compare)  # an unknown name fails before any work
+    check_jobfile(jobfile)  # every job against the pipeline's family and call, before anything renders
     if out_dir is None:
         out_dir = jobfile.output or (Path(jobfile.source).with_suffix("").name + "-render"
                                      if jobfile.source else "attnproc-render")
@@ -332,18 +266,20 @@ def render(jobfile: JobFile | str | Path, out_dir: str | Path | None = None, *, 
     rank, world = state.process_index, state.num_processes
     if state.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(out_dir)  # what a render killed mid-write left
+        fold_parts(out_dir)  # records of a killed run join the manifest
     state.wait_for_everyone()
 
-    done = _finished(read_records(out_dir), out_dir, compare)
+    hashes = [jobfile.hash_of(j) for j in jobfile.jobs]
+    done = finished(read_records(out_dir), out_dir, compare)
     pending, seen = [], set(done)
-    for j in jobfile.jobs:  # jobs with identical configs render once
-        h = jobfile.hash_of(j)
+    for j, h in zip(jobfile.jobs, hashes):  # jobs with identical configs render once
         if h not in seen:
             seen.add(h)
             pending.append(j)
     state.wait_for_everyone()  # every process has read the same manifest before anyone writes to it
     device = jobfile.pipeline_options.get("device") or state.device
-    part = out_dir / PARTS / f"rank{rank}-of-{world}.jsonl"
+    part = out_dir / PARTS / f"{os.getpid()}-rank{rank}-of-{world}.jsonl"
     failed = 0
     with state.split_between_processes(pending) as mine:
         if mine:
@@ -353,26 +289,35 @@ def render(jobfile: JobFile | str | Path, out_dir: str | Path | None = None, *, 
             jobs_bar = tqdm(mine, desc=f"jobs (rank {rank})" if world > 1 else "jobs", unit="job",
                             disable=not progress, position=0)
             for job in jobs_bar:
-                steps_bar.reset(total=(job.steps or 0) * (2 if compare else 1) or None)
+                steps_bar.reset(total=(job.steps or 0) * (2 * (repeats + 1) if compare else 1) or None)
                 try:
                     record = render_job(pipe, jobfile, job, out_dir, compare=compare, device=device,
-                                        step_callback=lambda i: steps_bar.update(1))
+                                        step_callback=lambda i: steps_bar.update(1), repeats=repeats)
                 except Exception as e:  # recorded and reported; the other jobs go on
                     failed += 1
                     record = {"job": job.index, "name": job.name, "hash": jobfile.hash_of(job), "status": "error",
                               "config": jobfile.config_of(job), "error": f"{type(e).__name__}: {e}"}
                     tqdm.write(f"attnproc render: job {job.index} failed: {record['error']}", file=sys.stderr)
-                record.update(rank=rank, world_size=world, finished_at=time.time())
-                _append_record(part, record)
+                record.update(record_id=uuid.uuid4().hex, jobfile=str(jobfile.source) if jobfile.source else None,
+                              rank=rank, world_size=world, finished_at=time.time())
+                append_record(part, record)
             steps_bar.close()
             jobs_bar.close()
     state.wait_for_everyone()
-    summary = {"out_dir": str(out_dir), "jobs": len(jobfile.jobs), "skipped": len(done),
-               "rendered_here": 0, "failed": 0, "manifest": str(out_dir / MANIFEST)}
+    summary = {"out_dir": str(out_dir), "jobs": len(jobfile.jobs),
+               "skipped": sum(h in done for h in hashes), "rendered_here": len(mine) - failed if pending else 0,
+               "manifest": str(out_dir / MANIFEST)}
     if state.is_main_process:
-        merged = merge_manifest(jobfile, out_dir, compare)
-        summary["failed"] = sum(r.get("status") != "done" for r in merged)
-        summary["done"] = sum(r.get("status") == "done" for r in merged)
-    summary["rendered_here"] = len(mine) - failed if pending else 0
+        fold_parts(out_dir)
+        now = current(read_records(out_dir), out_dir)
+        summary["done"] = sum(now.get(h, {}).get("status") == "done" for h in hashes)
+        summary["rendered"] = summary["done"] - summary["skipped"]
+        summary["failed"] = len(hashes) - summary["done"]
     state.wait_for_everyone()
     return summary
+
+
+def job_records(jobfile: JobFile, out_dir: str | Path) -> list[dict]:
+    """The current manifest record of each job of ``jobfile``, in job order (None where a job has none yet)."""
+    now = current(read_records(Path(out_dir)), Path(out_dir))
+    return [now.get(jobfile.hash_of(j)) for j in jobfile.jobs]

@@ -12,6 +12,7 @@ import torch
 import attnproc
 from attnproc.kernels import dense_attention
 from attnproc.registry import REGISTRY
+from pixels import assert_has_content, read_frames
 
 gr = pytest.importorskip("gradio", reason="the UI needs gradio (pip install 'attnproc[ui]')")
 from gradio_client import Client  # noqa: E402
@@ -71,6 +72,38 @@ def test_widgets_follow_the_registry_schema():
     assert widget_spec(attnproc.options.OptionInfo("regions", "any", None))["kind"] == "json"
 
 
+def test_automatic_options_show_automatic_not_a_number():
+    """Options whose default is None (the family's value) must not show 0 / unchecked / the slider minimum."""
+    infos = {m.name: {o.name: o for o in m.options} for m in attnproc.methods()}
+    radial = {name: widget_spec(o) for name, o in infos["radial"].items()}
+    assert radial["decay"] == {**radial["decay"], "kind": "number", "value": None, "automatic": True}
+    assert radial["dense_first_layers"]["value"] is None and radial["dense_first_steps"]["value"] is None
+    assert radial["sink"] == {"kind": "dropdown", "choices": ["automatic", "True", "False"], "value": "automatic"}
+    assert radial["block_size"]["kind"] == "slider" and radial["block_size"]["value"] == 128
+    gna = {name: widget_spec(o) for name, o in infos["gna"].items()}
+    assert gna["min_tokens"]["kind"] == "number"  # 0-10,000,000: no slider
+    assert gna["dense_first_layers"]["kind"] == "number" and gna["dense_first_layers"]["value"] == 0
+    from attnproc.ui.app import _widget_value
+
+    assert _widget_value(infos["radial"]["sink"], "automatic") is None
+    assert _widget_value(infos["radial"]["sink"], "False") is False
+    assert _widget_value(infos["radial"]["decay"], None) is None
+
+
+def test_default_pipeline_is_one_the_method_serves():
+    from attnproc.ui.app import Renderer, pipeline_choices
+
+    renderer = Renderer()
+    offered, value = pipeline_choices(renderer, "radial", ["tiny:sd15", "tiny:flux", "tiny:wan21"], "tiny:sd15")
+    assert (offered, value) == (["tiny:wan21"], "tiny:wan21")
+    assert pipeline_choices(renderer, "gna", ["tiny:sd15", "tiny:flux", "tiny:wan21"], "tiny:wan21") == (
+        ["tiny:flux", "tiny:wan21"], "tiny:wan21")
+    assert pipeline_choices(renderer, "dense", ["tiny:sd15", "tiny:wan21"], "tiny:sd15")[1] == "tiny:sd15"
+    with pytest.raises(ValueError, match="method 'radial' cannot run on tiny:sd15"):
+        renderer.generate("tiny:sd15", "radial", "a fox", steps=1)
+    assert not renderer._pipes  # refused from the configuration, before any pipeline was loaded
+
+
 def test_binds_localhost_and_exposes_endpoints(app, client):
     demo, url = app
     assert url.startswith("http://127.0.0.1:") and demo.server_name == "127.0.0.1"
@@ -82,25 +115,33 @@ def test_binds_localhost_and_exposes_endpoints(app, client):
 
 
 def test_generate_image_side_by_side_with_mask(client):
-    res = client.predict("tiny:sd15", "banded", "a red fox", "", 1, 2, 64, 64, 0, True, "{}",
+    res = client.predict("tiny:sd15", "banded", "a red fox", "", 1, 2, 64, 64, 0, True, "{}", 2,
                          api_name="/generate_json")
     assert res["kind"] == "image" and res["shape"] == [1, 64, 64, 3]
     assert set(res["outputs"]) == {"banded", "dense"} and all(Path(p).is_file() for p in res["outputs"].values())
-    assert set(res["timings"]) == {"banded", "dense"} and res["speedup"] > 0
-    assert res["max_abs_diff"] == 0.0  # banded computes dense attention
+    for p in res["outputs"].values():
+        assert_has_content(read_frames(p))
+    timing = res["timing"]  # the shared helper: warm-up, alternating rounds, median and range
+    assert timing["banded"]["repeats"] == 2 and len(timing["dense"]["attention_s"]["runs"]) == 2
+    assert timing["speedup"]["total"]["median"] > 0 and isinstance(timing["within_noise"], bool)
+    diff = res["difference_to_dense"]
+    assert diff["max_abs_diff"] == 0.0 and diff["psnr_db"] is None  # banded computes dense attention
     assert Path(res["mask"]).is_file() and res["mask_caption"].startswith("density ")
     # the button's endpoint: gallery (method | dense), hidden video players, mask picture, stats
     gallery, video, video_dense, mask, stats = client.predict(
-        "tiny:sd15", "knobs", "a red fox", "", 0, 1, 64, 64, 0, True, json.dumps({"strength": 0.3}), None, "",
+        "tiny:sd15", "knobs", "a red fox", "", 0, 1, 64, 64, 0, True, 1, json.dumps({"strength": 0.3}), None, "",
         api_name="/generate")
     assert [g["caption"] for g in gallery] == ["knobs", "dense"]
-    assert Path(mask).is_file() and stats["options"]["strength"] == 0.3 and "dense" in stats["timings"]
+    assert Path(mask).is_file() and stats["options"]["strength"] == 0.3 and "dense" in stats["timing"]
 
 
 def test_generate_video(client):
-    res = client.predict("tiny:wan21", "knobs", "waves", "", 0, 1, 0, 0, 5, False, "{}", api_name="/generate_json")
+    res = client.predict("tiny:wan21", "knobs", "waves", "", 0, 1, 64, 64, 5, False, "{}", 1,
+                         api_name="/generate_json")
     assert res["kind"] == "video" and res["shape"][0] == 5 and set(res["outputs"]) == {"knobs"}
-    assert Path(res["outputs"]["knobs"]).exists()
+    frames = read_frames(res["outputs"]["knobs"])  # what the player shows: the rendered pixels, not white
+    assert frames.shape[0] == 5
+    assert_has_content(frames)
 
 
 @pytest.mark.parametrize("method, options, message", [
@@ -143,6 +184,11 @@ def test_chromium_loads_page_generates_and_screenshots(app):
             page.locator("#stats").get_by_text("density").first.wait_for(timeout=10_000)
             assert page.locator("#gallery img").count() == 2
             assert page.locator("#mask img").count() == 1
+            method.click()  # radial does not serve tiny:sd15: the pipeline follows the method
+            method.fill("radial")
+            page.keyboard.press("Enter")
+            pipeline = page.get_by_label("pipeline", exact=True)
+            page.wait_for_function("el => el.value === 'tiny:wan21'", arg=pipeline.element_handle(), timeout=30_000)
         finally:
             page.screenshot(path=str(shot), full_page=True)  # also on failure, to see why
             browser.close()
@@ -172,7 +218,9 @@ def test_mask_picture_shows_the_methods_sparse_pattern():
     pipe = tiny_pipeline("wan21")
     handle = attnproc.apply(pipe, "radial", block_size=32)
     pipe(**tiny_call_kwargs("wan21", output_type="latent"))
-    img, caption = mask_picture(handle, 2)
+    picture, caption = mask_picture(handle)
     attnproc.remove(pipe)
-    assert caption.startswith("density ") and float(caption.split()[1].rstrip(",")) < 1.0, caption
-    assert img.shape == (384, 384, 3) and (img == 0).any() and (img == 255).any()
+    assert caption.startswith("density ") and float(caption.split()[1].rstrip(",;")) < 1.0, caption
+    img = np.asarray(picture)
+    assert img.shape[1] == 384 and img.shape[0] > 384  # the pattern, then its legend
+    assert (img[:384] == 0).any() and (img[:384] == 255).any()

@@ -69,3 +69,52 @@ def test_yaml_and_json_files_and_cli_errors(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
     assert main(["render", str(tmp_path / "ok.yaml"), "--dry-run"]) == 0
     assert '"seed": 3' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pipeline, job, message", [
+    ("tiny:flux", {"prompt": "a", "method": "radial"}, "jobs[1].method: method 'radial' cannot run on tiny:flux"),
+    ("tiny:sd15", {"prompt": "a", "frames": 9}, "jobs[1].frames: tiny:sd15 (StableDiffusionPipeline) takes no "
+                                                 "'num_frames' (an image pipeline)"),
+    ("tiny:wan21", {"prompt": "a", "call": {"colour": 1}}, "jobs[1].call.colour: tiny:wan21"),
+])
+def test_dry_run_checks_every_job_against_the_pipeline(tmp_path, capsys, pipeline, job, message):
+    """Mistakes that used to pass --dry-run and fail mid-render are refused before anything renders."""
+    path = tmp_path / "jobs.json"
+    path.write_text(json.dumps({**BASE, "pipeline": pipeline, "defaults": {"steps": 1},
+                                "jobs": [{"prompt": "fine"}, job]}))
+    assert main(["render", str(path), "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["render", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing rendered, not even the first, valid job
+
+
+def test_family_check_reads_the_config_not_the_weights(tmp_path):
+    """A saved pipeline without its weight files: the check still knows the family (meta-device denoisers)."""
+    from attnproc.pipelines import tiny_pipeline
+    from attnproc.workflows.preflight import PreflightError, check_method, pipeline_facts
+
+    folder = tmp_path / "flux"
+    tiny_pipeline("flux").save_pretrained(folder)
+    for weights in folder.rglob("*.safetensors"):
+        weights.unlink()
+    facts = pipeline_facts(str(folder))
+    assert facts.families == {"transformer": "flux"} and not facts.video
+    assert next(facts.target.transformer.parameters()).device.type == "meta"
+    check_method(facts, "gna", {})  # served
+    with pytest.raises(PreflightError, match="method 'radial' cannot run on .*does not support the model family"):
+        check_method(facts, "radial", {})
+
+
+def test_maskmod_prompt_comes_from_the_job_and_a_mismatch_is_refused():
+    regions = [{"phrase": "a red fox", "box": [0, 0, 0.5, 1]}]
+    jf = parse_jobfile({**BASE, "jobs": [{"prompt": "a red fox in the snow", "method": "maskmod",
+                                          "options": {"regions": regions}}]})
+    assert jf.jobs[0].options["prompt"] == "a red fox in the snow"  # taken from the job
+    with pytest.raises(JobFileError, match=r"jobs\[0\].options: option 'prompt' of method 'maskmod' is 'a red fox "
+                                           r"on a hill' but the pipeline renders 'a red fox in the snow'"):
+        parse_jobfile({**BASE, "jobs": [{"prompt": "a red fox in the snow", "method": "maskmod",
+                                         "options": {"regions": regions, "prompt": "a red fox on a hill"}}]})
+    composed = parse_jobfile({**BASE, "jobs": [{"prompt": "a red fox in the snow", "method": ["dense", "maskmod"],
+                                                "options": {"maskmod": {"regions": regions}}}]})
+    assert composed.jobs[0].options == {"maskmod": {"regions": regions, "prompt": "a red fox in the snow"}}
