@@ -13,7 +13,7 @@ from .errors import AttnprocError, ContextParallelError
 from .families import Family, attention_modules, family_named, family_of
 from .layout import TokenLayout
 from .method import Method
-from .processor import AttnProcessor, BlockInput, ModuleInfo
+from .processor import STATE_ATTR, AttnProcessor, BlockInput, ModuleInfo
 from .registry import REGISTRY
 
 DENOISERS = ("unet", "transformer", "transformer_2")
@@ -55,6 +55,26 @@ class Handle:
 
     def remove(self) -> bool:
         return remove(self._target)
+
+    def states(self) -> dict[str, torch.nn.Module]:
+        """The method's per-module state (see ``Method.create_state``) by ``"<denoiser>.<module name>"``."""
+        out = {}
+        for den, model in _denoisers(self._target):
+            for mod_name, module in attention_modules(model):
+                state = getattr(module, STATE_ATTR, None)
+                if isinstance(state, torch.nn.ModuleDict) and _ours(module) is not None:
+                    out[f"{den}.{mod_name}"] = state
+        return out
+
+    def parameters(self):
+        """The parameters of every per-module state, for an optimizer."""
+        for state in self.states().values():
+            yield from state.parameters()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every per-module state tensor, keyed as in the denoiser's own ``state_dict`` with the denoiser's name
+        in front: ``"transformer.blocks.0.attn1.attnproc.<method>.<tensor>"``."""
+        return {f"{name}.{STATE_ATTR}.{key}": t for name, state in self.states().items() for key, t in state.state_dict().items()}
 
     def last_layouts(self) -> dict[str, TokenLayout | None]:
         """The full-resolution layout each denoiser saw in its most recent forward (for reports)."""
@@ -162,8 +182,7 @@ def processor(method: str, *, family: str | None = None, layout: TokenLayout | N
     if layout is not None and not isinstance(layout, TokenLayout):
         raise TypeError(f"layout must be an attnproc.TokenLayout, got {type(layout).__name__}")
     instance = REGISTRY.create(method, **options)
-    if fam is not None:
-        instance.check_family(fam.name)
+    instance.check_family(fam.name if fam is not None else None)
     return AttnProcessor(instance, info=ModuleInfo(fam, None, None, None, None, None), layout=layout)
 
 

@@ -67,8 +67,11 @@ class Method:
             raise UnsupportedFamilyError(
                 f"method {self.name!r} needs to know the model family; pass family=... to attnproc.processor() "
                 f"or use attnproc.apply(pipe, {self.name!r}). Supported families: {supported}")
-        raise UnsupportedFamilyError(f"method {self.name!r} does not support the model family "
-                                     f"{describe_families((family,))}; supported families: {supported}")
+        from .families import FAMILIES
+
+        title = f" ({FAMILIES[family].title})" if family in FAMILIES else ""
+        raise UnsupportedFamilyError(f"method {self.name!r} does not support the model family {family!r}{title}; "
+                                     f"supported families: {supported}")
 
     def create_state(self, site: Site) -> torch.nn.Module | None:
         """This method's state for one attention module (``site`` has no layout or step yet), or ``None``.
@@ -85,7 +88,7 @@ class Method:
 
     def module_state(self, site: Site) -> torch.nn.Module | None:
         """This method's state at the call's module (made by :meth:`create_state`)."""
-        return site.state.get(self.name)
+        return site.state[self.name] if self.name in site.state else None
 
     def token_mask(self, site: Site, q_len: int, k_len: int) -> torch.Tensor | None:
         """This method's attention pattern at ``site`` as a bool ``[H or 1, q_len, k_len]`` mask (True = kept),
