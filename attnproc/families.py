@@ -201,7 +201,7 @@ def _wan_variant(target) -> str | None:
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("unet", "Stable Diffusion 1.x/2.x, SDXL (UNet2DConditionModel)", ("UNet2DConditionModel",), _unet_kind,
-           _unet_grid, aliases=("sd15", "sd1", "sd2", "sdxl"), comfy_models=("BaseModel", "SDXL", "SDXLRefiner"),
+           _unet_grid, aliases=("sd15", "sdxl"), comfy_models=("BaseModel", "SDXL", "SDXLRefiner"),
            multiscale=True, legacy_processors={"self": "AttnProcessor2_0", "cross": "AttnProcessor2_0"}),
     Family("sd3", "Stable Diffusion 3/3.5 (SD3Transformer2DModel)", ("SD3Transformer2DModel",),
            _by_suffix({"attn": "joint", "attn2": "self"}), _sd3_grid, aliases=("sd35",), comfy_models=("SD3",),

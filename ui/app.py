@@ -24,9 +24,9 @@ from PIL import Image
 
 import attnproc
 from attnproc.options import OptionInfo
-from attnproc.pipelines import FAMILIES
+from attnproc.pipelines import NAMES
 
-DEFAULT_PIPELINES = tuple(f"tiny:{f}" for f in FAMILIES)
+DEFAULT_PIPELINES = tuple(f"tiny:{f}" for f in NAMES)
 CSS = """
 #attnproc-title {margin-bottom: 0}
 .attnproc-stats textarea {font-family: monospace}
@@ -91,7 +91,7 @@ class Renderer:
         from attnproc.workflows.render import build_call, compare_frames, is_video_pipeline, run_once
 
         options = dict(options or {})
-        attnproc.registry.REGISTRY.create(method, **options)  # validate before loading anything
+        attnproc.create(method, **options)  # validate before loading anything
         if not prompt or not prompt.strip():
             raise ValueError("prompt: give a prompt")
         pipe = self.pipeline(pipeline)

@@ -30,15 +30,15 @@ import torch
 import attnproc
 from attnproc.context import StepContext
 from attnproc.layout import TokenLayout
-from attnproc.registry import REGISTRY
+from attnproc.families import FAMILIES
 
 log = logging.getLogger("attnproc.comfy")
 OVERRIDE_KEY = "optimized_attention_override"
 _ARG_NAMES = ("q", "k", "v", "heads")
 
-# ComfyUI's model classes (comfy.model_base; subclasses such as WAN22 match through their bases) -> our families
-_COMFY_FAMILIES = {"WAN21": "wan", "HunyuanVideo": "hunyuanvideo", "Flux": "flux", "LTXV": "ltx", "SD3": "sd3",
-                   "SDXL": "unet", "SDXLRefiner": "unet", "QwenImage": "qwenimage"}
+# ComfyUI's model classes (comfy.model_base; subclasses such as WAN22 match through their bases) -> our families,
+# from the family records. "BaseModel" (SD 1.x / 2.x) counts only as the exact class: every model derives from it.
+_COMFY_FAMILIES = {cls: f.name for f in FAMILIES.values() for cls in f.comfy_models}
 
 
 def family_from(model) -> str | None:
@@ -46,10 +46,8 @@ def family_from(model) -> str | None:
     inner = getattr(model, "model", None)
     if inner is None:
         return None
-    if type(inner).__name__ == "BaseModel":  # ComfyUI's SD 1.x / 2.x model
-        return "unet"
     for cls in type(inner).__mro__:
-        if cls.__name__ in _COMFY_FAMILIES:
+        if cls.__name__ in _COMFY_FAMILIES and (cls is type(inner) or cls.__name__ != "BaseModel"):
             return _COMFY_FAMILIES[cls.__name__]
     return None
 
@@ -172,7 +170,7 @@ def parse_widget_options(method: str, values: dict[str, Any]) -> dict:
 
 def patch_model(model, method: str, **widget_values):
     """``model.clone()`` with ``method`` installed as the attention override, chaining any override already set."""
-    instance = REGISTRY.create(method, **parse_widget_options(method, widget_values))
+    instance = attnproc.create(method, **parse_widget_options(method, widget_values))
     patched = model.clone()
     options = dict(patched.model_options.get("transformer_options", {}))
     options[OVERRIDE_KEY] = make_override(instance, options.get(OVERRIDE_KEY), family_from(model))

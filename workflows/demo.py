@@ -30,7 +30,7 @@ def run_demo(method: str = "dense", out_dir: str | Path = "attnproc-demo", optio
     options = options or {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    attnproc.registry.REGISTRY.create(method, **options)  # validate before any work
+    attnproc.create(method, **options)  # validate before any work
     pipe = tiny_pipeline(family, seed=seed)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     call = tiny_call_kwargs(family, output_type="np", **(call_overrides or {}))

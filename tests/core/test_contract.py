@@ -202,3 +202,15 @@ def test_method_on_unsupported_family_is_unsupported_model_error():
         attnproc.apply(pipe, "radial")
     with pytest.raises(attnproc.UnsupportedModelError, match="family 'unet'"):
         attnproc.apply(pipe, "gna")
+
+
+def test_tiny_pipeline_records_speak_the_family_vocabulary():
+    from attnproc.families import family_named
+    from attnproc.pipelines import NAMES, TINY_PIPELINES, tiny_record
+
+    assert tiny_record("wan").name == "wan21" and tiny_record("unet").name == "sd15"
+    assert tiny_record("wan22").family == "wan" and tiny_record("sdxl").family == "unet"
+    assert all(family_named(r.family).name == r.family for r in TINY_PIPELINES.values())
+    assert all(family_named(n).name == TINY_PIPELINES[n].family for n in NAMES)  # every tiny name is an alias
+    with pytest.raises(ValueError, match="unknown tiny pipeline 'mochi'; valid: sd15 \\(family unet\\)"):
+        tiny_record("mochi")
