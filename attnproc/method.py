@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 
 from attnproc.kernels import dense_attention
-from .errors import UnsupportedFamilyError
+from .errors import BlockInputUnavailableError, UnsupportedFamilyError
 from .site import Site
 
 
@@ -89,6 +89,15 @@ class Method:
     def module_state(self, site: Site) -> torch.nn.Module | None:
         """This method's state at the call's module (made by :meth:`create_state`)."""
         return site.state[self.name] if self.name in site.state else None
+
+    def block_input(self, site: Site) -> torch.Tensor:
+        """The hidden states entering the transformer block of this call (methods with ``needs_block_input``)."""
+        x = site.inputs.block_input if site.inputs is not None else None
+        if x is None:
+            raise BlockInputUnavailableError(
+                f"method {self.name!r} needs the transformer block's input, which only attnproc.apply(pipe, "
+                f"{self.name!r}) captures (a forward-pre-hook per block); plain set_attn_processor cannot give it")
+        return x
 
     def token_mask(self, site: Site, q_len: int, k_len: int) -> torch.Tensor | None:
         """This method's attention pattern at ``site`` as a bool ``[H or 1, q_len, k_len]`` mask (True = kept),

@@ -117,7 +117,7 @@ class AttnProcessor:
         self.layout = layout  # a fixed base layout for use without our hooks
         self.block = block
         self._stocks: dict[int, Any] = {}  # per module, when one instance was set on many modules
-        self._prepared: set[int] = set()   # modules whose method state exists (or is known to be none)
+        self._states: dict[int, Any] = {}  # per module: the method's state (None: it has none)
 
     def __repr__(self) -> str:
         where = self.info.name or "unbound"
@@ -126,8 +126,11 @@ class AttnProcessor:
     # ---- per-module state ------------------------------------------------------------------------------
     def prepare(self, attn: torch.nn.Module, kind: str) -> torch.nn.Module | None:
         """Create the method's state for ``attn`` (once) and register it as ``attn.attnproc``."""
+        key = id(attn)
+        if key in self._states:
+            return self._states[key]
         states = getattr(attn, STATE_ATTR, None)
-        if states is None and id(attn) not in self._prepared:
+        if states is None:
             info = self.info
             site = Site(family=info.family.name if info.family else None, denoiser=info.denoiser, name=info.name,
                         index=info.index, layer=info.layer, kind=kind, layout=None, step=None, module=attn)
@@ -135,14 +138,14 @@ class AttnProcessor:
             if made:
                 states = torch.nn.ModuleDict(made)
                 attn.add_module(STATE_ATTR, states)
-        self._prepared.add(id(attn))
+        self._states[key] = states
         return states
 
     def detach(self, attn: torch.nn.Module) -> None:
         """Undo :meth:`prepare` and the block hooks (``attnproc.remove``)."""
         if isinstance(getattr(attn, STATE_ATTR, None), torch.nn.ModuleDict):
             delattr(attn, STATE_ATTR)
-        self._prepared.discard(id(attn))
+        self._states.pop(id(attn), None)
         if self.block is not None:
             self.block.detach()
 

@@ -145,6 +145,19 @@ def test_call_index_counts_sdpa_calls_inside_one_processor_call():
     assert torch.allclose(out, ref, atol=1e-6)
 
 
+def test_block_input_without_apply_is_a_clear_error():
+    class NeedsBlock(_Probe):
+        needs_block_input = True
+
+        def attention(self, q, k, v, site, *, attn_mask=None, scale=None):
+            return self.block_input(site)
+
+    info = ModuleInfo(FAMILIES["wan"], "transformer", "blocks.0.attn2", 0, 0, "cross")
+    with pytest.raises(attnproc.BlockInputUnavailableError, match="only attnproc.apply"):
+        AttnProcessor(NeedsBlock(), stock=_TwoCalls(), info=info)(torch.nn.Identity(), torch.randn(1, 4, 8),
+                                                                  torch.randn(1, 3, 8))
+
+
 def test_sdpa_extras_follow_declared_capabilities():
     x, ctx = torch.randn(1, 4, 8), torch.randn(1, 3, 8)
     info = ModuleInfo(FAMILIES["wan"], "transformer", "blocks.0.attn2", 0, 0, "cross")
@@ -170,15 +183,22 @@ def test_errors_share_one_base():
         attnproc.Site("wan", None, "x", 0, 0, "selfish", None, None)
 
 
-def test_composition_builds_its_chain_once_and_reprs():
-    comp = attnproc.create(["dense", "halve_twice_test"]) if "halve_twice_test" in \
-        attnproc.registry.REGISTRY.names() else None
-    if comp is None:
-        comp = attnproc.Composed(attnproc.create("dense"), [])
-    assert comp._chain is comp._chain
-    from attnproc.method import _Wrapped
-    assert "around" in repr(_Wrapped(attnproc.create("maskmod", regions=[{"phrase": "fox", "box": [0, 0, 1, 1],
-                                                                         "tokens": [1]}]), comp))
+class _Halve(attnproc.Edit):
+    name = "halve_contract_test"
+    summary = "test: halves the inner output"
+
+    def edit(self, q, k, v, site, *, inner, attn_mask=None, scale=None):
+        return 0.5 * inner.attention(q, k, v, site, attn_mask=attn_mask, scale=scale)
+
+
+def test_composition_chain_is_built_once_and_reprs():
+    comp = attnproc.Composed(attnproc.create("dense"), [_Halve(), _Halve()])
+    chain = comp._chain
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    site = attnproc.Site("wan", None, "x", 0, 0, "self", None, None)
+    assert torch.allclose(comp.attention(q, k, v, site), 0.25 * dense_attention(q, k, v), atol=1e-6)
+    assert comp._chain is chain and comp.name == "dense+halve_contract_test+halve_contract_test"
+    assert repr(chain).count("around") == 2  # _Wrapped has a repr (it raised AttributeError)
 
 
 # ---- one vocabulary of family names (issue 11, item 6) -------------------------------------------------------
@@ -214,3 +234,27 @@ def test_tiny_pipeline_records_speak_the_family_vocabulary():
     assert all(family_named(n).name == TINY_PIPELINES[n].family for n in NAMES)  # every tiny name is an alias
     with pytest.raises(ValueError, match="unknown tiny pipeline 'mochi'; valid: sd15 \\(family unet\\)"):
         tiny_record("mochi")
+
+
+def test_configs_stay_plain_values():
+    from attnproc.steer.maskmod import MaskMod
+
+    regions = [{"phrase": "a red fox", "box": [0, 0, 0.5, 1]}]
+    cfg = attnproc.create("maskmod", prompt="a red fox in the snow", regions=regions).config
+    assert not hasattr(cfg, "_parsed") and cfg.regions == regions
+    a, b = MaskMod(cfg), MaskMod(cfg)
+    a.regions[0].tokens = [1, 2]  # what bind() does with the pipeline's tokenizer
+    assert b.regions[0].tokens is None  # another method built from the same config is unaffected
+    radial = attnproc.create("radial")
+    site = attnproc.Site("wan", None, "x", 0, 0, "self", attnproc.TokenLayout(2, 4, 4), None)
+    assert radial.config_for(site).decay == 0.2 and radial.config.decay is None  # resolved copy; config untouched
+
+
+def test_family_variant_defaults_are_chosen_at_bind():
+    radial = attnproc.create("radial")
+    step = attnproc.StepContext(index=0, num_steps=40, timestep=900.0)
+    site = attnproc.Site("wan", "transformer_2", "blocks.0.attn1", 0, 0, "self", attnproc.TokenLayout(2, 4, 4), step)
+    radial.bind(tiny_pipeline("wan22"))  # two experts: Wan 2.2's reference defaults
+    assert radial.config_for(site).decay == 0.8 and radial.config_for(site).dense_first_steps == 0.275
+    radial.bind(tiny_pipeline("wan21"))
+    assert radial.config_for(site).decay == 0.2
