@@ -6,17 +6,19 @@ from typing import Any
 
 import torch
 
+from ._compat import parallel_config
 from .context import DenoiserContext
-from .families import FAMILIES, Family, attention_modules, family_of
+from .errors import AttnprocError, ContextParallelError
+from .families import Family, attention_modules, family_named, family_of
 from .layout import TokenLayout
 from .method import Method
-from .processor import AttnProcessor, ModuleInfo
+from .processor import STATE_ATTR, AttnProcessor, BlockInput, ModuleInfo
 from .registry import REGISTRY
 
 DENOISERS = ("unet", "transformer", "transformer_2")
 
 
-class AlreadyPatchedError(RuntimeError):
+class AlreadyPatchedError(AttnprocError, RuntimeError):
     """apply() on a pipeline that already carries attnproc processors."""
 
 
@@ -53,6 +55,26 @@ class Handle:
     def remove(self) -> bool:
         return remove(self._target)
 
+    def states(self) -> dict[str, torch.nn.Module]:
+        """The method's per-module state (see ``Method.create_state``) by ``"<denoiser>.<module name>"``."""
+        out = {}
+        for den, model in _denoisers(self._target):
+            for mod_name, module in attention_modules(model):
+                state = getattr(module, STATE_ATTR, None)
+                if isinstance(state, torch.nn.ModuleDict) and _ours(module) is not None:
+                    out[f"{den}.{mod_name}"] = state
+        return out
+
+    def parameters(self):
+        """The parameters of every per-module state, for an optimizer."""
+        for state in self.states().values():
+            yield from state.parameters()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every per-module state tensor, keyed as in the denoiser's own ``state_dict`` with the denoiser's name
+        in front: ``"transformer.blocks.0.attn1.attnproc.<method>.<tensor>"``."""
+        return {f"{name}.{STATE_ATTR}.{key}": t for name, state in self.states().items() for key, t in state.state_dict().items()}
+
     def last_layouts(self) -> dict[str, TokenLayout | None]:
         """The full-resolution layout each denoiser saw in its most recent forward (for reports)."""
         return {name: ctx.last_layout for name, ctx in self._contexts.items()}
@@ -87,10 +109,7 @@ def apply(pipe, method: str | list[str], **options) -> Handle:
     validated before anything is touched, so an error leaves the pipeline as it was. ``pipe`` may also be a
     single denoiser model.
     """
-    if isinstance(method, (list, tuple)):
-        instance = REGISTRY.create_many(method, options)
-    else:
-        instance = REGISTRY.create(method, **options)
+    instance = create(method, **options)
     denoisers = _denoisers(pipe)
     families: dict[str, Family] = {name: family_of(model) for name, model in denoisers}
     for name, model in denoisers:
@@ -100,8 +119,8 @@ def apply(pipe, method: str | list[str], **options) -> Handle:
                 raise AlreadyPatchedError(
                     f"{name}.{mod_name} already runs attnproc method {ours.method.name!r}; call "
                     "attnproc.remove(pipe) before applying another method")
-            if getattr(module.processor, "_parallel_config", None) is not None:
-                raise RuntimeError(f"{name} uses diffusers context parallelism, which attnproc processors do not "
+            if parallel_config(module.processor) is not None:
+                raise ContextParallelError(f"{name} uses diffusers context parallelism, which attnproc processors do not "
                                    "support yet; apply attnproc to a pipeline without enable_parallelism")
 
     from . import hooks  # diffusers' hook registry: imported here so `import attnproc` does not need diffusers
@@ -112,7 +131,8 @@ def apply(pipe, method: str | list[str], **options) -> Handle:
     for name, model in denoisers:
         family = families[name]
         context = contexts[name] = DenoiserContext(family.name, name)
-        patched, skipped, processors, layers = [], [], {}, {}
+        patched, skipped, processors, layers, blocks = [], [], {}, {}, {}
+        named = dict(model.named_modules()) if instance.needs_block_input else {}
         for mod_name, module in attention_modules(model):
             kind = family.kind_of(mod_name, module)
             if kind is None:
@@ -120,11 +140,17 @@ def apply(pipe, method: str | list[str], **options) -> Handle:
                 continue
             layer = layers.setdefault(mod_name.rsplit(".", 1)[0], len(layers))
             info = ModuleInfo(family, name, mod_name, len(patched), layer, kind)
-            processors[mod_name] = AttnProcessor(instance, stock=module.processor, info=info, context=context)
+            block = None
+            if instance.needs_block_input:  # one forward-pre-hook per transformer block, removed by remove()
+                block_name = family.block_name(mod_name)
+                block = blocks.get(block_name) or blocks.setdefault(block_name, BlockInput().attach(named[block_name]))
+            processors[mod_name] = AttnProcessor(instance, stock=module.processor, info=info, context=context,
+                                                 block=block)
             patched.append(mod_name)
         modules = dict(attention_modules(model))
         for mod_name, proc in processors.items():
             modules[mod_name].set_processor(proc)
+            proc.prepare(modules[mod_name], proc.info.kind)  # the method's per-module state, registered now
         hooks.install(model, hooks.StepHook(family, context, tracker))
         patches[name] = DenoiserPatch(family.name, tuple(patched), tuple(skipped))
     return Handle(instance, patches, pipe, contexts)
@@ -139,6 +165,7 @@ def remove(pipe) -> bool:
         for _, module in attention_modules(model):
             ours = _ours(module)
             if ours is not None and ours.stock is not None:
+                ours.detach(module)
                 module.set_processor(ours.stock)
                 removed = True
         removed = hooks.uninstall(model) or removed
@@ -151,13 +178,20 @@ def processor(method: str, *, family: str | None = None, layout: TokenLayout | N
 
     Without our hooks it knows neither layout nor step: methods that need them fail on the first call with a
     message saying what to do, unless ``layout`` (the full-resolution visual grid of the calls to come) and
-    ``family`` (e.g. ``"wan"``) are given. ``family`` also picks the stock processor for legacy ``Attention``
+    ``family`` (e.g. ``"wan"``; aliases such as ``"wan21"`` are accepted) are given. ``family`` also picks the stock processor for legacy ``Attention``
     modules whose processor cannot be told from the module alone (SD3, HunyuanVideo, CogVideoX).
     """
-    if family is not None and family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
+    fam = family_named(family) if family is not None else None
     if layout is not None and not isinstance(layout, TokenLayout):
         raise TypeError(f"layout must be an attnproc.TokenLayout, got {type(layout).__name__}")
     instance = REGISTRY.create(method, **options)
-    fam = FAMILIES[family] if family is not None else None
+    instance.check_family(fam.name if fam is not None else None)
     return AttnProcessor(instance, info=ModuleInfo(fam, None, None, None, None, None), layout=layout)
+
+
+def create(method: str | list[str], **options) -> Method:
+    """A validated method instance (or a composition, for a list of names), as ``apply`` would install it;
+    for interfaces that validate options or draw a method's mask without a pipeline."""
+    if isinstance(method, (list, tuple)):
+        return REGISTRY.create_many(method, options)
+    return REGISTRY.create(method, **options)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from .layout import TokenLayout
 
@@ -17,8 +18,8 @@ class StepContext:
     index: int | None
     num_steps: int | None
     timestep: float
-    branch: str | None = None
-    denoiser: str | None = None
+    branch: Literal["cond", "uncond", "batched"] | None = None
+    denoiser: Literal["unet", "transformer", "transformer_2"] | str | None = None
 
     @property
     def progress(self) -> float | None:

@@ -12,11 +12,11 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import UnsupportedFamilyError, UnsupportedModelError
 from .layout import TokenLayout
 
-
-class UnsupportedModelError(ValueError):
-    """A denoiser whose family has no adapter."""
+__all__ = ["Family", "FAMILIES", "family_named", "family_of", "denoiser_families", "describe_families",
+           "attention_modules", "stock_processor_for", "UnsupportedModelError"]
 
 
 def _bind(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -40,14 +40,34 @@ def _grid_5d(x: torch.Tensor, pt: int, ph: int, pw: int, frames_dim: int = 2) ->
     return (f // pt, h // ph, w // pw)
 
 
+def _kind_by_context(module, has_context: bool) -> str | None:
+    return "cross" if has_context else "self"
+
+
+def _kind_joint(module, has_context: bool) -> str | None:
+    return "joint"
+
+
 @dataclass(frozen=True)
 class Family:
-    """How one diffusers model family lays out attention."""
+    """Everything attnproc knows about one diffusers model family: the one record to add for a new family.
+
+    ``name`` is the one vocabulary word used everywhere (errors, ``Site.family``, method ``families``);
+    ``aliases`` are other words users type for it (the tiny pipelines' names, model versions). ``title`` names
+    the models it covers; ``comfy_models`` the ComfyUI model classes (``comfy.model_base``) of the family.
+    """
 
     name: str
+    title: str
     model_classes: tuple[str, ...]
     kind_of: Callable[[str, torch.nn.Module], str | None]
     grid_of: Callable[[torch.nn.Module, dict], tuple[tuple[int, int, int], int | None]]
+    aliases: tuple[str, ...] = ()
+    comfy_models: tuple[str, ...] = ()
+    # kind of a module seen without its name (plain set_attn_processor): (module, got a text context) -> kind
+    kind_without_name: Callable[[torch.nn.Module, bool], str | None] = _kind_by_context
+    # a pipeline-level variant that changes method defaults ("wan22": two experts), or None
+    variant_of: Callable[[Any], str | None] | None = None
     joint_text: str = "none"  # where text sits in a joint sequence: "before" | "after"
     batched_cfg: bool = True  # pipelines run cond and uncond in one batch (vs. two passes)
     timestep_scale: float = 1.0  # pipeline passes timestep / scale to the model
@@ -79,6 +99,10 @@ class Family:
             return TokenLayout(*grid, text_len=kv_len, text_position="separate", text_valid=valid,
                                branches=base.branches)
         return TokenLayout(*grid, branches=base.branches)
+
+    def block_name(self, module_name: str) -> str:
+        """The transformer block that owns an attention module (its parent), for block-input hooks."""
+        return module_name.rsplit(".", 1)[0] if "." in module_name else ""
 
 
 def _unet_level(grid: tuple[int, int, int], q_len: int | None) -> tuple[int, int, int]:
@@ -163,41 +187,84 @@ def _unet_kind(name: str, module) -> str | None:
     return "cross" if getattr(module, "is_cross_attention", False) else "self"
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in [
-    Family("unet", ("UNet2DConditionModel",), _unet_kind, _unet_grid, multiscale=True,
-           legacy_processors={"self": "AttnProcessor2_0", "cross": "AttnProcessor2_0"}),
-    Family("sd3", ("SD3Transformer2DModel",), _by_suffix({"attn": "joint", "attn2": "self"}), _sd3_grid,
-           joint_text="after", legacy_processors={"joint": "JointAttnProcessor2_0", "self": "JointAttnProcessor2_0"}),
-    Family("flux", ("FluxTransformer2DModel",), _by_suffix({"attn": "joint"}), _flux_grid,
-           joint_text="before", batched_cfg=False, timestep_scale=1000.0),
-    Family("wan", ("WanTransformer3DModel",), _by_suffix({"attn1": "self", "attn2": "cross"}), _wan_grid,
-           batched_cfg=False),
-    Family("hunyuanvideo", ("HunyuanVideoTransformer3DModel",),
-           _by_suffix({"attn": "joint"}, prefixes=("transformer_blocks.", "single_transformer_blocks.")),
-           _hunyuan_grid, joint_text="after", batched_cfg=False,
-           legacy_processors={"joint": "HunyuanVideoAttnProcessor2_0"}),
-    Family("cogvideox", ("CogVideoXTransformer3DModel",), _by_suffix({"attn1": "joint"}), _cogvideox_grid,
-           joint_text="before", legacy_processors={"joint": "CogVideoXAttnProcessor2_0"}),
-    Family("ltx", ("LTXVideoTransformer3DModel",), _by_suffix({"attn1": "self", "attn2": "cross"}), _ltx_grid),
-    Family("qwenimage", ("QwenImageTransformer2DModel",), _by_suffix({"attn": "joint"}), _qwen_grid,
-           joint_text="before", batched_cfg=False, timestep_scale=1000.0),
-]}
+def _sd3_kind(module, has_context: bool) -> str | None:
+    return "joint" if getattr(module, "added_kv_proj_dim", None) is not None else "self"
 
-# Which pipelines each family covers (for error messages and the README's support matrix).
-FAMILY_MODELS = {
-    "unet": "Stable Diffusion 1.x/2.x, SDXL (UNet2DConditionModel)",
-    "sd3": "Stable Diffusion 3/3.5 (SD3Transformer2DModel)",
-    "flux": "Flux.1 (FluxTransformer2DModel)",
-    "wan": "Wan 2.1 / 2.2, both experts (WanTransformer3DModel)",
-    "hunyuanvideo": "HunyuanVideo (HunyuanVideoTransformer3DModel)",
-    "cogvideox": "CogVideoX (CogVideoXTransformer3DModel)",
-    "ltx": "LTX-Video (LTXVideoTransformer3DModel)",
-    "qwenimage": "Qwen-Image (QwenImageTransformer2DModel)",
-}
+
+def _hunyuan_kind(module, has_context: bool) -> str | None:
+    return "joint" if getattr(module, "norm_q", None) is not None else None  # no norm_q: the text refiner
+
+
+def _wan_variant(target) -> str | None:
+    return "wan22" if isinstance(getattr(target, "transformer_2", None), torch.nn.Module) else None
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in [
+    Family("unet", "Stable Diffusion 1.x/2.x, SDXL (UNet2DConditionModel)", ("UNet2DConditionModel",), _unet_kind,
+           _unet_grid, aliases=("sd15", "sdxl"), comfy_models=("BaseModel", "SDXL", "SDXLRefiner"),
+           multiscale=True, legacy_processors={"self": "AttnProcessor2_0", "cross": "AttnProcessor2_0"}),
+    Family("sd3", "Stable Diffusion 3/3.5 (SD3Transformer2DModel)", ("SD3Transformer2DModel",),
+           _by_suffix({"attn": "joint", "attn2": "self"}), _sd3_grid, aliases=("sd35",), comfy_models=("SD3",),
+           kind_without_name=_sd3_kind, joint_text="after",
+           legacy_processors={"joint": "JointAttnProcessor2_0", "self": "JointAttnProcessor2_0"}),
+    Family("flux", "Flux.1 (FluxTransformer2DModel)", ("FluxTransformer2DModel",), _by_suffix({"attn": "joint"}),
+           _flux_grid, aliases=("flux1",), comfy_models=("Flux",), kind_without_name=_kind_joint,
+           joint_text="before", batched_cfg=False, timestep_scale=1000.0),
+    Family("wan", "Wan 2.1 / 2.2, both experts (WanTransformer3DModel)", ("WanTransformer3DModel",),
+           _by_suffix({"attn1": "self", "attn2": "cross"}), _wan_grid, aliases=("wan21", "wan22"),
+           comfy_models=("WAN21",), variant_of=_wan_variant, batched_cfg=False),
+    Family("hunyuanvideo", "HunyuanVideo (HunyuanVideoTransformer3DModel)", ("HunyuanVideoTransformer3DModel",),
+           _by_suffix({"attn": "joint"}, prefixes=("transformer_blocks.", "single_transformer_blocks.")),
+           _hunyuan_grid, aliases=("hunyuan",), comfy_models=("HunyuanVideo",), kind_without_name=_hunyuan_kind,
+           joint_text="after", batched_cfg=False, legacy_processors={"joint": "HunyuanVideoAttnProcessor2_0"}),
+    Family("cogvideox", "CogVideoX (CogVideoXTransformer3DModel)", ("CogVideoXTransformer3DModel",),
+           _by_suffix({"attn1": "joint"}), _cogvideox_grid, aliases=("cogvideo",), kind_without_name=_kind_joint,
+           joint_text="before", legacy_processors={"joint": "CogVideoXAttnProcessor2_0"}),
+    Family("ltx", "LTX-Video (LTXVideoTransformer3DModel)", ("LTXVideoTransformer3DModel",),
+           _by_suffix({"attn1": "self", "attn2": "cross"}), _ltx_grid, aliases=("ltxv", "ltxvideo"),
+           comfy_models=("LTXV",)),
+    Family("qwenimage", "Qwen-Image (QwenImageTransformer2DModel)", ("QwenImageTransformer2DModel",),
+           _by_suffix({"attn": "joint"}), _qwen_grid, aliases=("qwen",), comfy_models=("QwenImage",),
+           kind_without_name=_kind_joint, joint_text="before", batched_cfg=False, timestep_scale=1000.0),
+]}
+_BY_WORD = {word: f for f in FAMILIES.values() for word in (f.name, *f.aliases)}
+
+
+def describe_families(names) -> str:
+    """``"wan (Wan 2.1 / 2.2 ...), flux (Flux.1 ...)"``: our names with what they cover, for messages."""
+    return ", ".join(f"{n} ({FAMILIES[n].title})" if n in FAMILIES else repr(n) for n in names)
+
+
+def family_named(word: str) -> Family:
+    """The family a user's word names: its name or an alias (``"wan21"`` and ``"wan22"`` are ``wan``)."""
+    family = _BY_WORD.get(word.lower()) if isinstance(word, str) else None
+    if family is None:
+        valid = "; ".join(f"{f.name}" + (f" (also {', '.join(f.aliases)})" if f.aliases else "")
+                          for f in FAMILIES.values())
+        raise UnsupportedFamilyError(f"unknown family {word!r}; valid: {valid}")
+    return family
 
 
 def supported_models() -> str:
-    return "; ".join(FAMILY_MODELS.values())
+    return "; ".join(f.title for f in FAMILIES.values())
+
+
+def denoiser_families(target) -> list[tuple[str, str | None]]:
+    """``[(family, variant)]`` for each denoiser of ``target`` (a pipeline or a model) that has an adapter."""
+    models = [target] if isinstance(target, torch.nn.Module) else [
+        getattr(target, n, None) for n in ("unet", "transformer", "transformer_2")]
+    out = []
+    for m in models:
+        if not isinstance(m, torch.nn.Module):
+            continue
+        try:
+            family = family_of(m)
+        except UnsupportedModelError:  # apply() itself reports models without an adapter
+            continue
+        variant = None if isinstance(target, torch.nn.Module) or family.variant_of is None else \
+            family.variant_of(target)
+        out.append((family.name, variant))
+    return out
 
 
 def family_of(model: torch.nn.Module) -> Family:
@@ -241,10 +308,4 @@ def stock_processor_for(module: torch.nn.Module, family: Family | None, kind: st
 def module_kind(module: torch.nn.Module, family: Family | None, has_context: bool) -> str | None:
     """Kind of a module seen without its name (plain set_attn_processor use); ``None`` for attention that is not
     over visual tokens (e.g. HunyuanVideo's text refiner). ``has_context``: the call got encoder_hidden_states."""
-    if family is None or family.joint_text == "none":
-        return "cross" if has_context else "self"
-    if family.name == "sd3":
-        return "joint" if getattr(module, "added_kv_proj_dim", None) is not None else "self"
-    if family.name == "hunyuanvideo":
-        return "joint" if getattr(module, "norm_q", None) is not None else None
-    return "joint"
+    return _kind_by_context(module, has_context) if family is None else family.kind_without_name(module, has_context)

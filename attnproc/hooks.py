@@ -12,6 +12,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
+from ._compat import cache_context
 from .context import DenoiserContext, StepContext
 from .families import Family, _bind
 from .layout import TokenLayout
@@ -86,7 +87,7 @@ class StepHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         a = _bind(module, args, kwargs)
         grid, text_valid = self.family.grid_of(module, a)
-        cache = self.cache._context
+        cache = cache_context(self.cache)
         batch = _batch_size(a)
         branches, branch = self._branches(cache, batch)
         t = _scalar_timestep(a.get("timestep"))

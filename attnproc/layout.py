@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
-TEXT_POSITIONS = ("none", "before", "after", "separate")
+TextPosition = Literal["none", "before", "after", "separate"]
+TEXT_POSITIONS: tuple[str, ...] = get_args(TextPosition)
+BranchName = Literal["cond", "uncond"]
+BRANCH_NAMES: tuple[str, ...] = get_args(BranchName)
 
 
 @dataclass(frozen=True)
@@ -20,9 +24,9 @@ class TokenLayout:
     height: int
     width: int
     text_len: int = 0
-    text_position: str = "none"
+    text_position: TextPosition = "none"
     text_valid: int | None = None
-    branches: tuple[str, ...] | None = None
+    branches: tuple[BranchName, ...] | None = None
 
     def __post_init__(self):
         for name in ("frames", "height", "width"):
@@ -32,6 +36,8 @@ class TokenLayout:
             raise ValueError(f"TokenLayout.text_position must be one of {TEXT_POSITIONS}, got {self.text_position!r}")
         if self.text_len < 0 or (self.text_position == "none" and self.text_len):
             raise ValueError(f"TokenLayout.text_len={self.text_len} does not fit text_position={self.text_position!r}")
+        if self.branches is not None and not set(self.branches) <= set(BRANCH_NAMES):
+            raise ValueError(f"TokenLayout.branches must name batch chunks from {BRANCH_NAMES}, got {self.branches!r}")
         if self.text_valid is not None and not 0 <= self.text_valid <= self.text_len:
             raise ValueError(f"TokenLayout.text_valid={self.text_valid} must be within [0, text_len={self.text_len}]")
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 
 from attnproc.kernels import dense_attention
-from .schedule import Schedule
+from .errors import BlockInputUnavailableError, UnsupportedFamilyError
 from .site import Site
 
 
@@ -20,14 +20,25 @@ class Method:
     """One attention method: ``attention(q, k, v, site)`` with ``[B, H, S, D]`` tensors.
 
     Subclasses set ``name``, ``summary`` and ``Config`` (a dataclass made with :func:`attnproc.options.option`)
-    and implement :meth:`attention`. One instance serves every attention module of a pipeline, so caches keyed
-    by shape (static masks) are shared across layers.
+    and implement :meth:`attention`. One instance serves every attention module of a pipeline; what differs per
+    module (parameters, buffers) lives in the module state made by :meth:`create_state`.
+
+    Capabilities are class data, read by the processor and the interfaces (never tested by name):
+
+    * ``needs_layout``: cannot run without the call's token layout;
+    * ``needs_block_input``: reads ``site.inputs.block_input`` (``apply`` then hooks each transformer block);
+    * ``families``: the model families served (``None``: every family), checked at ``bind``;
+    * ``sdpa_extras``: the SDPA options honoured beyond ``attn_mask``/``scale`` (``dropout_p``, ``is_causal``,
+      ``enable_gqa``); a call using another one is refused.
     """
 
     name: ClassVar[str]
     summary: ClassVar[str]
     Config: ClassVar[type] = NoOptions
     needs_layout: ClassVar[bool] = False
+    needs_block_input: ClassVar[bool] = False
+    families: ClassVar[tuple[str, ...] | None] = None
+    sdpa_extras: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()
@@ -39,7 +50,54 @@ class Method:
     def bind(self, target) -> None:
         """Called by ``attnproc.apply`` with the pipeline (or model) before any processor is installed, for
         methods that read pipeline inputs (a tokenizer to find phrase tokens, say). Raise to refuse; the
-        pipeline is then left untouched."""
+        pipeline is then left untouched. The default refuses a denoiser of a family not in ``families``."""
+        from .families import denoiser_families
+
+        for family, _ in denoiser_families(target):
+            self.check_family(family)
+
+    def check_family(self, family: str | None) -> None:
+        """Raise :class:`UnsupportedFamilyError` unless this method serves ``family``."""
+        if self.families is None or family in self.families:
+            return
+        from .families import describe_families
+
+        supported = describe_families(self.families)
+        if family is None:
+            raise UnsupportedFamilyError(
+                f"method {self.name!r} needs to know the model family; pass family=... to attnproc.processor() "
+                f"or use attnproc.apply(pipe, {self.name!r}). Supported families: {supported}")
+        from .families import FAMILIES
+
+        title = f" ({FAMILIES[family].title})" if family in FAMILIES else ""
+        raise UnsupportedFamilyError(f"method {self.name!r} does not support the model family {family!r}{title}; "
+                                     f"supported families: {supported}")
+
+    def create_state(self, site: Site) -> torch.nn.Module | None:
+        """This method's state for one attention module (``site`` has no layout or step yet), or ``None``.
+
+        A module returned here is registered on the attention module (so it is in the denoiser's
+        ``state_dict`` under ``<module name>.attnproc.<method name>``, moves with ``.to()`` and is among its
+        ``parameters()`` for an optimizer) and handed back on every call as ``self.module_state(site)``."""
+        return None
+
+    def module_states(self, site: Site) -> dict[str, torch.nn.Module]:
+        """``{method name: state}`` for every method in this one (a composition has several)."""
+        state = self.create_state(site)
+        return {} if state is None else {self.name: state}
+
+    def module_state(self, site: Site) -> torch.nn.Module | None:
+        """This method's state at the call's module (made by :meth:`create_state`)."""
+        return site.state[self.name] if self.name in site.state else None
+
+    def block_input(self, site: Site) -> torch.Tensor:
+        """The hidden states entering the transformer block of this call (methods with ``needs_block_input``)."""
+        x = site.inputs.block_input if site.inputs is not None else None
+        if x is None:
+            raise BlockInputUnavailableError(
+                f"method {self.name!r} needs the transformer block's input, which only attnproc.apply(pipe, "
+                f"{self.name!r}) captures (a forward-pre-hook per block); plain set_attn_processor cannot give it")
+        return x
 
     def token_mask(self, site: Site, q_len: int, k_len: int) -> torch.Tensor | None:
         """This method's attention pattern at ``site`` as a bool ``[H or 1, q_len, k_len]`` mask (True = kept),
@@ -70,18 +128,27 @@ class Composed(Method):
     def __init__(self, base: Method, edits: list[Edit]):
         super().__init__(None)
         self.base, self.edits = base, list(edits)
-        self.needs_layout = base.needs_layout or any(e.needs_layout for e in edits)
-        self.name = "+".join([base.name] + [e.name for e in edits])
+        parts = [base, *self.edits]
+        self.name = "+".join(m.name for m in parts)
+        self.needs_layout = any(m.needs_layout for m in parts)
+        self.needs_block_input = any(m.needs_block_input for m in parts)
+        served = [set(m.families) for m in parts if m.families is not None]
+        self.families = tuple(sorted(set.intersection(*served))) if served else None
+        self.sdpa_extras = frozenset()  # edits see only attn_mask and scale
+        chain: Method = base
+        for edit in self.edits:  # built once: the outermost edit is called first
+            chain = _Wrapped(edit, chain)
+        self._chain = chain
 
     def attention(self, q, k, v, site, *, attn_mask=None, scale=None):
-        return self._layer(len(self.edits)).attention(q, k, v, site, attn_mask=attn_mask, scale=scale)
-
-    def _layer(self, n: int) -> Method:
-        return self.base if n == 0 else _Wrapped(self.edits[n - 1], self._layer(n - 1))
+        return self._chain.attention(q, k, v, site, attn_mask=attn_mask, scale=scale)
 
     def bind(self, target) -> None:
         for m in [self.base, *self.edits]:
             m.bind(target)
+
+    def module_states(self, site):
+        return {n: s for m in [self.base, *self.edits] for n, s in m.module_states(site).items()}
 
     def token_mask(self, site, q_len, k_len):
         return self.base.token_mask(site, q_len, k_len)
@@ -94,6 +161,7 @@ class _Wrapped(Method):
     """One edit around an inner method, seen as a method."""
 
     def __init__(self, edit: Edit, inner: Method):
+        super().__init__(edit.config)
         self.edit_, self.inner = edit, inner
         self.name = edit.name
 
@@ -102,6 +170,9 @@ class _Wrapped(Method):
 
     def token_mask(self, site, q_len, k_len):
         return self.inner.token_mask(site, q_len, k_len)
+
+    def __repr__(self) -> str:
+        return f"_Wrapped({self.edit_!r} around {self.inner!r})"
 
 
 class _Dense(Method):
@@ -113,23 +184,3 @@ class _Dense(Method):
 
 
 _DENSE = _Dense()
-
-
-class SparseMethod(Method):
-    """A method that runs dense wherever its :class:`Schedule` says so and ``sparse_attention`` elsewhere.
-
-    Its ``Config`` must derive from :class:`Schedule`. Calls with an attention mask (padded text) or a
-    layout-less site also go dense, unless the subclass handles them.
-    """
-
-    Config: ClassVar[type] = Schedule
-    needs_layout: ClassVar[bool] = True
-
-    def attention(self, q, k, v, site, *, attn_mask=None, scale=None):
-        if self.config.dense_here(site):
-            return dense_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-        site.require_layout(self.name)
-        return self.sparse_attention(q, k, v, site, attn_mask=attn_mask, scale=scale)
-
-    def sparse_attention(self, q, k, v, site, *, attn_mask=None, scale=None):
-        raise NotImplementedError

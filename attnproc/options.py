@@ -13,8 +13,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .errors import AttnprocError
 
-class OptionError(ValueError):
+
+class OptionError(AttnprocError, ValueError):
     """An option name or value a method does not accept."""
 
 

@@ -4,6 +4,9 @@ The stock processor keeps doing the projections, norms, RoPE and output projecti
 one class. While it runs, a scoped ``TorchFunctionMode`` hands its ``scaled_dot_product_attention`` call (legacy
 processors call it directly, new-style ones through diffusers' native backend) to ``method.attention``. Nothing
 in diffusers or torch is modified and the mode is active only inside ``__call__``.
+
+Per attention module the processor also carries the method's state (an ``nn.ModuleDict`` registered on the
+module as ``attnproc``) and, for methods that ask, the transformer block's input (:class:`BlockInput`).
 """
 from __future__ import annotations
 
@@ -12,14 +15,19 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ._compat import parallel_config
 from .context import DenoiserContext
+from .errors import ContextParallelError, NonNativeBackendError, UnsupportedCallError
 from .families import Family, module_kind, stock_processor_for
 from .layout import TokenLayout
 from .method import Method
-from .site import Site
+from .site import CallInputs, Site
+
+STATE_ATTR = "attnproc"  # the child of an attention module that holds the method's per-module state
 
 
 @dataclass(frozen=True)
@@ -35,10 +43,11 @@ class ModuleInfo:
 
 
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"dropout_p": 0.0, "is_causal": False, "enable_gqa": False}
 
 
 class _RouteAttention(TorchFunctionMode):
-    """Sends SDPA calls made inside the ``with`` block to ``route``; every other op runs unchanged."""
+    """Sends SDPA calls made inside the ``with`` block to ``route(call_index, **sdpa)``; other ops run unchanged."""
 
     def __init__(self, route):
         super().__init__()
@@ -49,7 +58,7 @@ class _RouteAttention(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             self.calls += 1
-            return self.route(**dict(zip(_SDPA_PARAMS, args)), **kwargs)
+            return self.route(self.calls - 1, **dict(zip(_SDPA_PARAMS, args)), **kwargs)
         return func(*args, **kwargs)
 
 
@@ -58,6 +67,32 @@ def _accepted_kwargs(stock_cls: type) -> tuple[frozenset, bool]:
     params = inspect.signature(stock_cls.__call__).parameters
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     return frozenset(params), var_kw
+
+
+class BlockInput:
+    """The hidden states entering one transformer block, kept from its forward-pre-hook until its forward ends.
+
+    ``attnproc.apply`` attaches one per block for methods with ``needs_block_input``; ``remove`` detaches it."""
+
+    def __init__(self):
+        self.value: torch.Tensor | None = None
+        self._handles: list = []
+
+    def attach(self, block: torch.nn.Module) -> "BlockInput":
+        self._handles = [block.register_forward_pre_hook(self._enter, with_kwargs=True),
+                         block.register_forward_hook(self._leave, always_call=True)]
+        return self
+
+    def _enter(self, block, args, kwargs):
+        self.value = args[0] if args else kwargs.get("hidden_states")
+
+    def _leave(self, block, args, output):
+        self.value = None
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self.value = [], None
 
 
 class AttnProcessor:
@@ -73,17 +108,46 @@ class AttnProcessor:
     _parallel_config = None
 
     def __init__(self, method: Method, *, stock: Any = None, info: ModuleInfo | None = None,
-                 context: DenoiserContext | None = None, layout: TokenLayout | None = None):
+                 context: DenoiserContext | None = None, layout: TokenLayout | None = None,
+                 block: BlockInput | None = None):
         self.method = method
         self.stock = stock
         self.info = info or ModuleInfo(None, None, None, None, None, None)
         self.context = context
         self.layout = layout  # a fixed base layout for use without our hooks
+        self.block = block
         self._stocks: dict[int, Any] = {}  # per module, when one instance was set on many modules
+        self._states: dict[int, Any] = {}  # per module: the method's state (None: it has none)
 
     def __repr__(self) -> str:
         where = self.info.name or "unbound"
         return f"AttnProcessor({self.method.name!r} at {where}, stock={type(self.stock).__name__})"
+
+    # ---- per-module state ------------------------------------------------------------------------------
+    def prepare(self, attn: torch.nn.Module, kind: str) -> torch.nn.Module | None:
+        """Create the method's state for ``attn`` (once) and register it as ``attn.attnproc``."""
+        key = id(attn)
+        if key in self._states:
+            return self._states[key]
+        states = getattr(attn, STATE_ATTR, None)
+        if states is None:
+            info = self.info
+            site = Site(family=info.family.name if info.family else None, denoiser=info.denoiser, name=info.name,
+                        index=info.index, layer=info.layer, kind=kind, layout=None, step=None, module=attn)
+            made = self.method.module_states(site)
+            if made:
+                states = torch.nn.ModuleDict(made)
+                attn.add_module(STATE_ATTR, states)
+        self._states[key] = states
+        return states
+
+    def detach(self, attn: torch.nn.Module) -> None:
+        """Undo :meth:`prepare` and the block hooks (``attnproc.remove``)."""
+        if isinstance(getattr(attn, STATE_ATTR, None), torch.nn.ModuleDict):
+            delattr(attn, STATE_ATTR)
+        self._states.pop(id(attn), None)
+        if self.block is not None:
+            self.block.detach()
 
     # ---------------------------------------------------------------------------------------------------
     def __call__(self, attn, hidden_states, *args, image_rotary_emb=None, temb=None,
@@ -101,11 +165,17 @@ class AttnProcessor:
                 kwargs[name] = value
         if not var_kw:
             kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-        route = _RouteAttention(lambda **sdpa: self._attend(attn, kind, **sdpa))
+        inputs = CallInputs(
+            hidden_states=hidden_states, encoder_hidden_states=context,
+            attention_mask=args[1] if len(args) > 1 else kwargs.get("attention_mask"), temb=temb,
+            image_rotary_emb=image_rotary_emb if image_rotary_emb is not None else (args[2] if len(args) > 2 else None),
+            block_input=self.block.value if self.block is not None else None)
+        states = self.prepare(attn, kind) or {}
+        route = _RouteAttention(lambda call, **sdpa: self._attend(attn, kind, call, inputs, states, **sdpa))
         with route:
             out = stock(attn, hidden_states, *args, **kwargs)
         if route.calls == 0:
-            raise RuntimeError(
+            raise NonNativeBackendError(
                 f"attnproc: the stock {type(stock).__name__} made no scaled_dot_product_attention call, so method "
                 f"{self.method.name!r} could not run. A non-native attention backend is probably selected "
                 "(set_attention_backend / attention_backend / DIFFUSERS_ATTN_BACKEND); use the default 'native' "
@@ -113,9 +183,8 @@ class AttnProcessor:
         return out
 
     def _check_parallel(self) -> None:
-        cfg = self._parallel_config or getattr(self.stock, "_parallel_config", None)
-        if cfg is not None:
-            raise RuntimeError(
+        if (self._parallel_config or parallel_config(self.stock)) is not None:
+            raise ContextParallelError(
                 "attnproc processors do not support diffusers context parallelism yet: each rank would see only "
                 "its shard of the sequence and a layout-dependent method would be silently wrong. Apply attnproc "
                 "without enable_parallelism (or disable it).")
@@ -129,23 +198,16 @@ class AttnProcessor:
         return stock
 
     # ---------------------------------------------------------------------------------------------------
-    def _attend(self, attn, kind, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                enable_gqa=False):
-        site = self._site(attn, kind, query, key)
-        extra = {}
-        if dropout_p:
-            extra["dropout_p"] = dropout_p
-        if is_causal:
-            extra["is_causal"] = True
-        if enable_gqa:
-            extra["enable_gqa"] = True
-        if extra:
-            if self.method.name != "dense":
-                raise RuntimeError(f"method {self.method.name!r} does not support SDPA options {sorted(extra)}")
-            return self.method.attention(query, key, value, site, attn_mask=attn_mask, scale=scale, **extra)
-        return self.method.attention(query, key, value, site, attn_mask=attn_mask, scale=scale)
+    def _attend(self, attn, kind, call, inputs, states, query, key, value, attn_mask=None, scale=None, **extra):
+        site = self._site(attn, kind, query, key, call, inputs, states)
+        extra = {k: v for k, v in extra.items() if v != _SDPA_DEFAULTS.get(k)}
+        unsupported = sorted(set(extra) - self.method.sdpa_extras)
+        if unsupported:
+            raise UnsupportedCallError(f"method {self.method.name!r} does not support SDPA options {unsupported} "
+                                      f"(it supports {sorted(self.method.sdpa_extras) or 'none'})")
+        return self.method.attention(query, key, value, site, attn_mask=attn_mask, scale=scale, **extra)
 
-    def _site(self, attn, kind, query, key) -> Site:
+    def _site(self, attn, kind, query, key, call=0, inputs=None, states=None) -> Site:
         info = self.info
         base, step, text_valid = self.layout, None, None
         if self.context is not None and self.context.layout is not None:
@@ -156,4 +218,5 @@ class AttnProcessor:
         elif base is not None:
             layout = base
         return Site(family=info.family.name if info.family else None, denoiser=info.denoiser, name=info.name,
-                    index=info.index, layer=info.layer, kind=kind, layout=layout, step=step, module=attn)
+                    index=info.index, layer=info.layer, kind=kind, layout=layout, step=step, module=attn, call=call,
+                    inputs=inputs, state=states if states is not None else {})

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
+from .errors import AttnprocError
 from .options import OptionError, OptionInfo, build_config, option_infos
 
 ENTRY_POINT_GROUP = "attnproc.methods"
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
 
 
-class UnknownMethodError(KeyError, ValueError):
+class UnknownMethodError(AttnprocError, KeyError, ValueError):
     """A method name that no one registered."""
 
     def __str__(self) -> str:  # KeyError would quote the whole message

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import StepUnavailableError
 from .options import option
 from .site import Site
 
@@ -42,7 +43,7 @@ class Schedule:
             if step.index >= step.num_steps - _steps(self.dense_last_steps, step.num_steps):
                 return True
         elif self.dense_first_steps or self.dense_last_steps:
-            raise RuntimeError(
+            raise StepUnavailableError(
                 "this method's schedule uses dense_first_steps/dense_last_steps, which needs the denoising step "
                 "index; use attnproc.apply(pipe, ...) so our hook can supply it, or set both to 0")
         return False

@@ -1,13 +1,32 @@
 """Site: everything a method may know about the attention call it is serving."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, get_args
+
+import torch
 
 from .context import StepContext
+from .errors import LayoutUnavailableError
 from .layout import TokenLayout
 
-KINDS = ("self", "cross", "joint")
+Kind = Literal["self", "cross", "joint"]
+KINDS: tuple[str, ...] = get_args(Kind)
+
+
+@dataclass(frozen=True)
+class CallInputs:
+    """The stock processor's inputs for this call (what the attention module got), for methods that need more
+    than q, k, v: ``encoder_hidden_states`` (text context; ``None`` in pure self-attention), the processor's
+    ``attention_mask``, ``temb``, ``image_rotary_emb``, and ``block_input`` (the hidden states entering the
+    transformer block that owns this module; only when the method sets ``needs_block_input``)."""
+
+    hidden_states: torch.Tensor | None = None
+    encoder_hidden_states: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    temb: torch.Tensor | None = None
+    image_rotary_emb: Any = None
+    block_input: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -15,10 +34,12 @@ class Site:
     """Where an attention call is: model family, module, kind, token layout and denoising step.
 
     ``index`` counts the denoiser's patched attention modules in order; ``layer`` counts its blocks (the
-    modules' parents: Wan's ``blocks.3.attn1`` and ``blocks.3.attn2`` are both layer 3).
+    modules' parents: Wan's ``blocks.3.attn1`` and ``blocks.3.attn2`` are both layer 3). ``call`` counts the
+    SDPA calls inside one processor call (Wan I2V makes two: text, then image context).
 
     ``layout`` and ``step`` are ``None`` when the processor runs without our hooks (plain
-    ``set_attn_processor`` without an explicit layout).
+    ``set_attn_processor`` without an explicit layout). ``inputs`` holds the processor's inputs, ``state`` the
+    per-module state of the method(s) (``{method name: nn.Module}``, see ``Method.create_state``).
     """
 
     family: str | None
@@ -26,14 +47,21 @@ class Site:
     name: str | None
     index: int | None
     layer: int | None
-    kind: str
+    kind: Kind
     layout: TokenLayout | None
     step: StepContext | None
-    module: Any = None
+    module: Any = field(default=None, compare=False)
+    call: int = 0
+    inputs: CallInputs | None = field(default=None, compare=False, repr=False)
+    state: Mapping[str, torch.nn.Module] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Site.kind must be one of {KINDS}, got {self.kind!r}")
 
     def require_layout(self, method: str) -> TokenLayout:
         if self.layout is None:
-            raise RuntimeError(
+            raise LayoutUnavailableError(
                 f"method {method!r} needs the token layout of each attention call, which plain "
                 "set_attn_processor cannot give. Use attnproc.apply(pipe, "
                 f"{method!r}, ...), or pass layout=attnproc.TokenLayout(frames, height, width, ...) and "

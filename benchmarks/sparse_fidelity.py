@@ -25,7 +25,6 @@ import attnproc.sparse.gna  # noqa: F401
 import attnproc.sparse.radial  # noqa: F401
 from attnproc.kernels import dense_attention
 from attnproc.pipelines import tiny_call_kwargs, tiny_pipeline
-from attnproc.registry import REGISTRY
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -84,7 +83,7 @@ def synthetic(grid):
     rows = []
     for label, name, fam, opts in SYNTH:
         extra = dict(dense_first_layers=0) if name == "radial" else {}
-        m = REGISTRY.create(name, dense_first_steps=0, **extra, **opts)
+        m = attnproc.create(name, dense_first_steps=0, **extra, **opts)
         site = attnproc.Site(fam, None, "blocks.5.attn", 10, 5, "self", layout, None)
         out = m.attention(q, k, v, site)
         rows.append(dict(grid=list(grid), method=label, block_density=round(density_of(m, site), 4),

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 import attnproc
 import attnproc.sparse.gna  # noqa: F401
 import attnproc.sparse.radial  # noqa: F401
-from attnproc.registry import REGISTRY
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -66,7 +65,7 @@ def main():
         layout = attnproc.TokenLayout(*grid)
         with torch.no_grad():
             for label, name, family, opts in configs():
-                method = REGISTRY.create(name, dense_first_steps=0, **opts)
+                method = attnproc.create(name, dense_first_steps=0, **opts)
                 if name == "radial":
                     method.config.dense_first_layers = 0
                 site = attnproc.Site(family, None, "blocks.5.attn", 10, 5, "self", layout, None)

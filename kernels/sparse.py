@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from . import _flex
 from ._gather import gather_attention
 from .blockmask import block_to_token_mask, normalize_block_size, num_blocks
 
-__all__ = ["block_sparse_attention", "select_backend", "BACKENDS", "AUTO_FLEX_MIN_PAIRS", "BackendFallbackWarning"]
+__all__ = ["block_sparse_attention", "select_backend", "BACKENDS", "BACKEND_TABLE", "Backend", "AUTO_FLEX_MIN_PAIRS", "BackendFallbackWarning"]
 
 BACKENDS = ("auto", "flex", "triton", "gather", "dense", "xformers")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,6 +51,78 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@dataclass(frozen=True)
+class _Call:
+    """What a backend needs to know to say whether it can serve a call."""
+
+    needs_grad: bool
+    return_lse: bool
+    bq: int
+    bk: int
+    pairs: int | None
+
+
+def _flex_unavailable(dev: str, call: _Call) -> str | None:
+    why = _flex.supports(dev, needs_grad=call.needs_grad, return_lse=call.return_lse, bq=call.bq, bk=call.bk)
+    if why is None and dev in _flex_failed:
+        why = f"compiling flex failed earlier on {dev}: {_flex_failed[dev]}"
+    return why
+
+
+def _triton_missing(dev: str) -> Exception | None:
+    if dev != "cuda" and not (dev == "cpu" and _triton_interpret()):
+        return ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); got device type {dev!r}")
+    if not _triton_importable():
+        return ImportError("backend='triton' needs the triton package (pip install triton)")
+    return None
+
+
+def _triton_unavailable(dev: str, call: _Call) -> str | None:
+    return "triton kernel is forward-only and a gradient is needed" if call.needs_grad else None
+
+
+def _xformers_missing(dev: str) -> Exception | None:
+    return None if _xformers_importable() else ImportError(
+        "backend='xformers' needs the xformers package, which is not installed")
+
+
+def _always(*args) -> None:
+    return None
+
+
+def _run_triton(*args, needs_grad):
+    from . import _triton
+
+    return _triton.triton_block_sparse(*args)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One kernel behind :func:`block_sparse_attention`: ``missing(device_type)`` is the error an explicit request
+    raises when the device or a package rules it out (``None``: usable); ``unavailable(device_type, call)`` says
+    why it cannot serve one call (``None``: it can), and an explicit request then goes to the first of
+    ``fallback`` that can; ``run(q, k, v, block_mask, bq, bk, scale, extra_k, extra_v, return_lse, *,
+    needs_grad)`` returns ``(out, lse or None)``."""
+
+    name: str
+    unavailable: Callable[[str, _Call], str | None]
+    run: Callable[..., tuple]
+    fallback: tuple[str, ...] = ()
+    missing: Callable[[str], Exception | None] = _always
+
+
+# The backends in order of preference; "auto" takes the first of _AUTO_ORDER[device type] that can serve a call.
+BACKEND_TABLE: dict[str, Backend] = {b.name: b for b in [
+    Backend("triton", _triton_unavailable, _run_triton, fallback=("flex", "gather"), missing=_triton_missing),
+    Backend("flex", _flex_unavailable, lambda *a, needs_grad: _flex.flex_attention_blocks(*a, needs_grad=needs_grad),
+            fallback=("gather",)),
+    Backend("gather", _always, lambda *a, needs_grad: gather_attention(*a, needs_grad=needs_grad)),
+    Backend("dense", _always, lambda *a, needs_grad: dense_block_sparse(*a)),
+    Backend("xformers", _always, lambda *a, needs_grad: _xformers_block_sparse(*a), missing=_xformers_missing),
+]}
+_AUTO_ORDER = {"cuda": ("triton", "flex", "gather"), "cpu": ("flex", "gather")}
+
+
 def select_backend(
     backend: str,
     device_type: str,
@@ -61,53 +134,38 @@ def select_backend(
 ) -> tuple[str, str]:
     """Resolve ``backend`` for a call; returns ``(name, reason)``.
 
-    ``pairs`` is ``B*H*Sq*(Sk+Se)`` (``None``: large). Rules for ``"auto"``:
-
-    * CUDA: ``triton`` when triton imports and no gradient is needed; otherwise ``flex``.
-    * CPU: ``flex`` when compiled flex can serve the call (no gradient, no LSE, a C++ compiler, power-of-two
-      blocks, no earlier compile failure) and the problem has at least ``AUTO_FLEX_MIN_PAIRS`` query-key pairs;
-      otherwise ``gather``.
-    * other devices: ``gather``.
+    ``pairs`` is ``B*H*Sq*(Sk+Se)`` (``None``: large). ``"auto"`` takes the first backend that can serve the
+    call from :data:`BACKEND_TABLE` in the device's order: CUDA ``triton`` (forward only), ``flex``, ``gather``;
+    CPU ``flex`` (compiled: no gradient, no LSE, a C++ compiler, power-of-two blocks, no earlier compile
+    failure, and at least ``AUTO_FLEX_MIN_PAIRS`` query-key pairs), ``gather``; other devices ``gather``.
 
     An explicit ``"flex"`` that cannot serve the call resolves to ``gather`` and an explicit ``"triton"``
-    that needs a gradient resolves to ``flex`` (the caller warns with the reason).
+    that needs a gradient resolves to ``flex`` (or ``gather``); the caller warns with the reason.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     bq, bk = normalize_block_size(block_size)
-    flex_why = _flex.supports(device_type, needs_grad=needs_grad, return_lse=return_lse, bq=bq, bk=bk)
-    if flex_why is None and device_type in _flex_failed:
-        flex_why = f"compiling flex failed earlier on {device_type}: {_flex_failed[device_type]}"
+    call = _Call(needs_grad, return_lse, bq, bk, pairs)
     if backend == "auto":
-        if device_type == "cuda":
-            if _triton_importable() and not needs_grad:
-                return "triton", "auto: CUDA with triton importable"
-            if flex_why is None:
-                return "flex", "auto: CUDA" + (" and a gradient is needed" if needs_grad else ", triton not importable")
-            return "gather", f"auto: flex unavailable ({flex_why})"
-        if device_type == "cpu":
-            if flex_why is not None:
-                return "gather", f"auto: flex cannot serve this call on CPU ({flex_why})"
-            if pairs is not None and pairs < AUTO_FLEX_MIN_PAIRS:
-                return "gather", f"auto: small problem ({pairs} < {AUTO_FLEX_MIN_PAIRS} pairs), compile not worth it"
-            return "flex", "auto: CPU, large problem, compiled flex available"
-        return "gather", f"auto: device type {device_type!r} has no compiled backend"
-    if backend == "flex" and flex_why is not None:
-        return "gather", f"flex cannot serve this call: {flex_why}"
-    if backend == "triton":
-        if device_type != "cuda" and not (device_type == "cpu" and _triton_interpret()):
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); got device type {device_type!r}"
-            )
-        if not _triton_importable():
-            raise ImportError("backend='triton' needs the triton package (pip install triton)")
-        if needs_grad:
-            if flex_why is None:
-                return "flex", "triton kernel is forward-only and a gradient is needed"
-            return "gather", f"triton kernel is forward-only and a gradient is needed; flex cannot serve ({flex_why})"
-    if backend == "xformers" and not _xformers_importable():
-        raise ImportError("backend='xformers' needs the xformers package, which is not installed")
-    return backend, "requested"
+        skipped = []
+        for name in _AUTO_ORDER.get(device_type, ("gather",)):
+            missing = BACKEND_TABLE[name].missing(device_type)
+            why = str(missing) if missing is not None else BACKEND_TABLE[name].unavailable(device_type, call)
+            if why is None and name == "flex" and device_type == "cpu" and pairs is not None \
+                    and pairs < AUTO_FLEX_MIN_PAIRS:
+                why = f"small problem ({pairs} < {AUTO_FLEX_MIN_PAIRS} pairs), compile not worth it"
+            if why is None:
+                return name, f"auto on {device_type}" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
+            skipped.append(f"{name}: {why}")
+    chosen = BACKEND_TABLE[backend]
+    missing = chosen.missing(device_type)
+    if missing is not None:
+        raise missing
+    why = chosen.unavailable(device_type, call)
+    if why is None:
+        return backend, "requested"
+    name = next(n for n in chosen.fallback + ("gather",) if BACKEND_TABLE[n].unavailable(device_type, call) is None)
+    return name, f"{backend} cannot serve this call: {why}"
 
 
 def _shape(t) -> tuple:
@@ -256,26 +314,15 @@ def block_sparse_attention(
     if backend not in ("auto", name):
         warnings.warn(f"backend={backend!r} -> {name!r}: {reason}", BackendFallbackWarning, stacklevel=2)
     args = (q, k, v, block_mask, bq, bk, scale, extra_k, extra_v, return_lse)
-    if name == "flex":
-        try:
-            out, lse = _flex.flex_attention_blocks(*args, needs_grad=needs_grad)
-        except Exception as exc:  # compile failures (no compiler, inductor bug): auto falls back once, memoised
-            if backend != "auto":
-                raise RuntimeError(f"flex backend failed: {exc}") from exc
-            _flex_failed[dev] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            warnings.warn(f"auto: flex failed ({_flex_failed[dev]}); using gather from now on",
-                          BackendFallbackWarning, stacklevel=2)
-            out, lse = gather_attention(*args, needs_grad=needs_grad)
-    elif name == "triton":
-        from . import _triton
-
-        out, lse = _triton.triton_block_sparse(*args)
-    elif name == "gather":
+    try:
+        out, lse = BACKEND_TABLE[name].run(*args, needs_grad=needs_grad)
+    except Exception as exc:  # compile failures (no compiler, inductor bug): auto falls back once, memoised
+        if name != "flex":
+            raise
+        if backend != "auto":
+            raise RuntimeError(f"flex backend failed: {exc}") from exc
+        _flex_failed[dev] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        warnings.warn(f"auto: flex failed ({_flex_failed[dev]}); using gather from now on",
+                      BackendFallbackWarning, stacklevel=2)
         out, lse = gather_attention(*args, needs_grad=needs_grad)
-    elif name == "dense":
-        out, lse = dense_block_sparse(*args)
-    elif name == "xformers":
-        out, lse = _xformers_block_sparse(*args)
-    else:  # pragma: no cover
-        raise AssertionError(name)
     return (out, lse) if return_lse else out

@@ -1,4 +1,4 @@
 """Pipeline-level glue: tiny offline pipelines for tests, the demo and benchmarks."""
-from .tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline
+from .tiny import FAMILIES, NAMES, TINY_PIPELINES, TinyPipeline, tiny_call_kwargs, tiny_pipeline, tiny_record
 
-__all__ = ["FAMILIES", "tiny_pipeline", "tiny_call_kwargs"]
+__all__ = ["NAMES", "TINY_PIPELINES", "TinyPipeline", "tiny_pipeline", "tiny_call_kwargs", "tiny_record", "FAMILIES"]

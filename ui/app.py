@@ -24,9 +24,9 @@ from PIL import Image
 
 import attnproc
 from attnproc.options import OptionInfo
-from attnproc.pipelines import FAMILIES
+from attnproc.pipelines import NAMES
 
-DEFAULT_PIPELINES = tuple(f"tiny:{f}" for f in FAMILIES)
+DEFAULT_PIPELINES = tuple(f"tiny:{f}" for f in NAMES)
 CSS = """
 #attnproc-title {margin-bottom: 0}
 .attnproc-stats textarea {font-family: monospace}

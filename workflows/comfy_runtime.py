@@ -36,16 +36,16 @@ import torch
 import attnproc
 from attnproc.context import StepContext
 from attnproc.layout import TokenLayout
+from attnproc.families import FAMILIES
 from attnproc.method import Composed, Edit, Method
-from attnproc.registry import REGISTRY
 
 log = logging.getLogger("attnproc.comfy")
 OVERRIDE_KEY = "optimized_attention_override"
 _ARG_NAMES = ("q", "k", "v", "heads")
 
-# ComfyUI's model classes (comfy.model_base; subclasses such as WAN22 match through their bases) -> our families
-_COMFY_FAMILIES = {"WAN21": "wan", "HunyuanVideo": "hunyuanvideo", "Flux": "flux", "LTXV": "ltx", "SD3": "sd3",
-                   "SDXL": "unet", "SDXLRefiner": "unet", "QwenImage": "qwenimage"}
+# ComfyUI's model classes (comfy.model_base; subclasses such as WAN22 match through their bases) -> our families,
+# from the family records. "BaseModel" (SD 1.x / 2.x) counts only as the exact class: every model derives from it.
+_COMFY_FAMILIES = {cls: f.name for f in FAMILIES.values() for cls in f.comfy_models}
 # families whose token grid ComfyUI passes to the attention call, and the key it is read from
 LAYOUT_FAMILIES = {"wan": "grid_sizes", "unet": "activations_shape"}
 
@@ -55,10 +55,8 @@ def family_from(model) -> str | None:
     inner = getattr(model, "model", None)
     if inner is None:
         return None
-    if type(inner).__name__ == "BaseModel":  # ComfyUI's SD 1.x / 2.x model
-        return "unet"
     for cls in type(inner).__mro__:
-        if cls.__name__ in _COMFY_FAMILIES:
+        if cls.__name__ in _COMFY_FAMILIES and (cls is type(inner) or cls.__name__ != "BaseModel"):
             return _COMFY_FAMILIES[cls.__name__]
     return None
 
@@ -81,7 +79,7 @@ def compose(first: Method, then: Method) -> Method:
     if base_a is not None and base_b is not None and base_b.name != "dense":
         raise ValueError(f"two base attention methods chained ({base_a.name!r}, then {base_b.name!r}): chain at "
                          "most one base method (dense, radial, gna, ...) and any number of edits (maskmod, ...)")
-    base = base_a or base_b or REGISTRY.create("dense")
+    base = base_a or base_b or attnproc.create("dense")
     return Composed(base, edits_a + edits_b)
 
 
@@ -261,7 +259,7 @@ def patch_model(model, method: str, **widget_values):
     An attnproc override already installed (an attnproc node earlier in the chain) is composed with this one
     (:func:`compose`); any other override gets the calls this one does not serve. Refuses models the method
     cannot serve (:func:`check_model`)."""
-    instance = REGISTRY.create(method, **parse_widget_options(method, widget_values))
+    instance = attnproc.create(method, **parse_widget_options(method, widget_values))
     return install(model, instance)
 
 
@@ -323,5 +321,5 @@ def patch_maskmod(model, clip, prompt: str, regions: list | None, **widget_value
     bound = [{**r, "tokens": phrase_tokens(clip, prompt, r["phrase"])} for r in regions]
     options = parse_widget_options("maskmod", widget_values)
     options.pop("regions", None)
-    instance = REGISTRY.create("maskmod", **{**options, "regions": bound, "prompt": prompt})
+    instance = attnproc.create("maskmod", **{**options, "regions": bound, "prompt": prompt})
     return install(model, instance)

@@ -128,12 +128,12 @@ def _str(v, where, allow_none=False):
 
 
 def _method(v, where):
-    from attnproc.registry import REGISTRY
+    import attnproc
 
     names = [v] if isinstance(v, str) else v
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         _fail(where, f"must be a method name or a list of names, got {v!r}")
-    valid = REGISTRY.names()
+    valid = [m.name for m in attnproc.methods()]
     for n in names:
         if n not in valid:
             _fail(where, f"unknown method {n!r}; registered methods: {', '.join(valid)}")
@@ -141,17 +141,14 @@ def _method(v, where):
 
 
 def _options(method, options, where):
-    from attnproc.registry import REGISTRY
+    import attnproc
 
     if options is None:
         options = {}
     if not isinstance(options, dict):
         _fail(where, f"must be a mapping of option name to value, got {options!r}")
     try:
-        if isinstance(method, tuple):
-            REGISTRY.create_many(list(method), options)
-        else:
-            REGISTRY.create(method, **options)
+        attnproc.create(list(method) if isinstance(method, tuple) else method, **options)
     except (ValueError, TypeError) as e:
         _fail(where, str(e))
     return options
@@ -255,10 +252,12 @@ def parse_jobfile(data: Any, source: Path | None = None) -> JobFile:
         _fail("pipeline", "missing (a hub id, a local folder, or tiny:<family>)")
     pipeline = _str(data["pipeline"], "pipeline")
     if pipeline.startswith("tiny:"):
-        from attnproc.pipelines import FAMILIES
+        from attnproc.pipelines import tiny_record
 
-        if pipeline[5:] not in FAMILIES:
-            _fail("pipeline", f"unknown tiny family {pipeline[5:]!r}; valid: {', '.join(FAMILIES)}")
+        try:
+            tiny_record(pipeline[5:])
+        except ValueError as e:
+            _fail("pipeline", str(e))
     popts = data.get("pipeline_options") or {}
     if not isinstance(popts, dict):
         _fail("pipeline_options", f"must be a mapping, got {popts!r}")

@@ -6,7 +6,7 @@ import textwrap
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from attnproc.families import FAMILIES
+from attnproc.families import family_named
 from attnproc.site import Site
 
 LEGEND = ("white = query-key pair computed, black = skipped (grey: kept by some heads)",
@@ -51,11 +51,11 @@ def legend_image(mask: torch.Tensor, caption: str = "", size: int = 384) -> Imag
 def method_mask(method, family: str, layout, kind: str = "self") -> torch.Tensor | None:
     """The method's sparsity pattern for a full-resolution self/joint call with ``layout``, or None if it keeps
     every pair (dense, or a method without a static pattern)."""
-    fam = FAMILIES[family]
+    fam = family_named(family)  # a family name or an alias ("wan21")
     if kind == "joint" and fam.joint_text == "none":
         kind = "self"
     site_layout = fam.site_layout(layout, kind, layout.visual_len, layout.visual_len)
-    site = Site(family=family, denoiser=None, name=None, index=None, layer=None, kind=kind, layout=site_layout,
+    site = Site(family=fam.name, denoiser=None, name=None, index=None, layer=None, kind=kind, layout=site_layout,
                 step=None)
     n = site_layout.seq_len
     return method.token_mask(site, n, n)

@@ -106,8 +106,8 @@ def pipeline_facts(spec: str, options: dict | None = None) -> PipelineFacts:
 def create_method(method: str | list | tuple, options: dict):
     """A validated method instance (a name with its options, or a composition with options per name)."""
     if isinstance(method, (list, tuple)):
-        return attnproc.registry.REGISTRY.create_many(list(method), options)
-    return attnproc.registry.REGISTRY.create(method, **options)
+        return attnproc.create(list(method), **options)
+    return attnproc.create(method, **options)
 
 
 def check_method(facts: PipelineFacts, method: str | list | tuple, options: dict) -> None:

@@ -252,7 +252,7 @@ def render(jobfile: JobFile | str | Path, out_dir: str | Path | None = None, *, 
         jobfile = load_jobfile(jobfile)
     check_counts(repeats, 1)
     if compare:
-        attnproc.registry.REGISTRY.get(compare)  # an unknown name fails before any work
+        attnproc.create(compare)  # an unknown name fails before any work
     check_jobfile(jobfile)  # every job against the pipeline's family and call, before anything renders
     if out_dir is None:
         out_dir = jobfile.output or (Path(jobfile.source).with_suffix("").name + "-render"

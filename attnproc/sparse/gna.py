@@ -19,13 +19,13 @@ from typing import Any, Sequence
 
 import torch
 
-import attnproc
 from attnproc.kernels import BACKENDS, block_sparse_attention, dense_attention
 from attnproc.options import option
+from attnproc.registry import register
 from attnproc.schedule import Schedule
 
-from . import _common
 from ._tiles import auto_tile, tile_permutation
+from .base import LRU, SparseMethod
 
 __all__ = ["gna_mask", "gna_mask_1d", "gna_tile_masks", "GNAPlan", "gna_plan", "GNAConfig", "GNA", "GNA_DEFAULTS",
            "SUPPORTED_FAMILIES"]
@@ -204,13 +204,6 @@ class GNAConfig(Schedule):
         if not all(isinstance(x, bool) for x in cv):
             raise ValueError(f"causal must be a bool or a tuple of bools, got {self.causal!r}")
 
-    def resolved(self, family, step_known: bool = True) -> "GNAConfig":
-        _common.check_family("gna", family, SUPPORTED_FAMILIES)
-        return _common.resolve(self, {"dense_first_steps": GNA_DEFAULTS[family]["dense_first_steps"]}, step_known)
-
-    def dense_here(self, site) -> bool:
-        return _common.schedule_dense(self.resolved(site.family, _common.step_known(site)), site)
-
 
 def _as3(value, grid, name, fill=1):
     """An option value as a (frames, height, width) tuple; 2-tuples are (height, width) with frames ``fill``."""
@@ -255,137 +248,86 @@ def resolve_geometry(cfg: GNAConfig, family: str, grid: tuple[int, int, int]):
     return kernel, stride, dilation, causal, tile
 
 
-@attnproc.register
-class GNA(attnproc.SparseMethod):
+@register
+class GNA(SparseMethod):
     """Generalized Neighborhood Attention over the visual token grid, text tokens as extra keys."""
 
     name = "gna"
     summary = "Generalized Neighborhood Attention (NATTEN GNA): windowed/strided grid attention, tile block-sparse."
     Config = GNAConfig
+    families = SUPPORTED_FAMILIES
+    defaults = GNA_DEFAULTS
+    sparse_kinds = ("self", "joint")
 
     def __init__(self, config=None):
         super().__init__(config)
-        self._plans: dict = {}
-        self._device_cache: dict = {}
-        self._token_masks: dict = {}
-
-    def bind(self, target) -> None:
-        _common.bind_families(self.name, target, SUPPORTED_FAMILIES)
-
-    def resolved(self, site) -> GNAConfig:
-        return self.config.resolved(site.family, _common.step_known(site))
+        self._plans = LRU(32)          # (family, grid) -> GNAPlan
+        self._on_device = LRU(8)       # (family, grid, device) -> (block mask, perm, inverse)
+        self._token_masks = LRU(1)     # N x N each: keep one
 
     def plan_for(self, site) -> GNAPlan:
         """The plan (tile permutation, tile-order block mask, densities) at ``site``; cached per grid."""
-        cfg = self.resolved(site)
-        layout = site.require_layout(self.name)
-        grid = layout.grid
-        key = (site.family, grid)
-        plan = self._plans.get(key)
-        if plan is None:
+        return self._plan(self.config_for(site), site.require_layout(self.name), site)
+
+    def _plan(self, cfg, layout, site) -> GNAPlan:
+        def make():
             try:
-                geom = resolve_geometry(cfg, site.family, grid)
-                plan = gna_plan(grid, *geom)
+                return gna_plan(layout.grid, *resolve_geometry(cfg, site.family, layout.grid))
             except ValueError as e:
                 raise ValueError(f"gna at {site.name or 'this call'} (visual grid frames x height x width = "
-                                 f"{grid}): {e}") from None
-            self._plans[key] = plan
-        return plan
+                                 f"{layout.grid}): {e}") from None
+        return self._plans.get_or((site.family, layout.grid), make)
 
     def block_mask_for(self, site) -> tuple[torch.Tensor, int, torch.Tensor]:
         """``(block_mask [nb, nb] in tile order, block_size, perm)`` at ``site`` (tokens ``x[perm]``)."""
         plan = self.plan_for(site)
         return plan.block_mask, plan.block_size, plan.perm
 
-    def _visual_token_mask(self, plan: GNAPlan, exact: bool) -> torch.Tensor:
-        key = (plan.grid, exact)
-        m = self._token_masks.get(key)
-        if m is None:
-            if exact or plan.aligned:
-                m = gna_mask(plan.grid, plan.kernel_size, plan.stride, plan.dilation, plan.causal)
-            else:
-                B = plan.block_size
-                tiled = plan.block_mask.repeat_interleave(B, 0).repeat_interleave(B, 1)
-                m = tiled[plan.inverse][:, plan.inverse]
-            self._token_masks = {key: m}  # keep one (they are N x N)
-        return m
+    def visual_token_mask(self, config, layout, site):
+        plan = self._plan(config, layout, site)
+        exact = config.exact or plan.aligned
 
-    def token_mask(self, site, q_len, k_len):
-        """bool ``[1, q_len, k_len]`` over the call's full sequence (True = kept), ``None`` where dense."""
-        cfg = self.resolved(site)
-        if site.kind == "cross" or site.layout is None or _common.schedule_dense(cfg, site):
-            return None
-        plan = self.plan_for(site)
-        return _common.full_token_mask(self._visual_token_mask(plan, cfg.exact), site.layout, q_len, k_len)
-
-    def attention(self, q, k, v, site, *, attn_mask=None, scale=None):
-        cfg = self.resolved(site)
-        if _common.schedule_dense(cfg, site) or site.kind == "cross":
-            return dense_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-        site.require_layout(self.name)
-        return self._sparse(cfg, q, k, v, site, attn_mask, scale)
-
-    def sparse_attention(self, q, k, v, site, *, attn_mask=None, scale=None):
-        return self._sparse(self.resolved(site), q, k, v, site, attn_mask, scale)
-
-    def _on(self, plan, device):
-        key = (plan.grid, str(device))
-        hit = self._device_cache.get(key)
-        if hit is None or hit[0] is not plan:
-            hit = (plan, plan.block_mask.to(device)[None, None], plan.perm.to(device), plan.inverse.to(device))
-            self._device_cache[key] = hit
-        return hit[1:]
-
-    def _sparse(self, cfg, q, k, v, site, attn_mask, scale):
-        _common.check_family(self.name, site.family, SUPPORTED_FAMILIES)
-        layout = site.require_layout(self.name)
-        plan = self.plan_for(site)
-        if cfg.backend == "natten":
-            geometry = resolve_geometry(cfg, site.family, layout.grid)[:4]
-            return _common.run_static(q, k, v, site, layout, _natten_visual(layout.grid, *geometry), attn_mask,
-                                      scale)
-        if cfg.exact and not plan.aligned:
-            tm = self._visual_token_mask(plan, True).to(q.device)
-
-            def visual(qv, kv, vv, ek, ev, sc):
-                if ek is not None:
-                    kv, vv = torch.cat([kv, ek], 2), torch.cat([vv, ev], 2)
-                    m = torch.cat([tm, tm.new_ones(tm.shape[0], ek.shape[2])], 1)
-                else:
-                    m = tm
-                return dense_attention(qv, kv, vv, attn_mask=m, scale=sc)
-        else:
-            bm, perm, inv = self._on(plan, q.device)
+        def make():
+            if exact:
+                return gna_mask(plan.grid, plan.kernel_size, plan.stride, plan.dilation, plan.causal)
             B = plan.block_size
+            tiled = plan.block_mask.repeat_interleave(B, 0).repeat_interleave(B, 1)
+            return tiled[plan.inverse][:, plan.inverse]
+        return self._token_masks.get_or((plan.grid, exact), make)
 
-            def visual(qv, kv, vv, ek, ev, sc):
-                out = block_sparse_attention(qv[:, :, perm], kv[:, :, perm], vv[:, :, perm], bm, B, scale=sc,
-                                             extra_k=ek, extra_v=ev, backend=cfg.backend)
-                return out[:, :, inv]
+    def visual_attention(self, q, k, v, *, config, layout, site, extra_k=None, extra_v=None, scale=None):
+        plan = self._plan(config, layout, site)
+        if config.backend == "natten":
+            return _natten_attention(plan, q, k, v, extra_k, extra_v, scale)
+        if config.exact and not plan.aligned:  # exact windows that do not fill whole tiles: dense, masked
+            tm = self.visual_token_mask(config, layout, site).to(q.device)
+            if extra_k is not None:
+                k, v = torch.cat([k, extra_k], 2), torch.cat([v, extra_v], 2)
+                tm = torch.cat([tm, tm.new_ones(tm.shape[0], extra_k.shape[2])], 1)
+            return dense_attention(q, k, v, attn_mask=tm, scale=scale)
+        bm, perm, inv = self._on_device.get_or((site.family, plan.grid, str(q.device)), lambda: (
+            plan.block_mask.to(q.device)[None, None], plan.perm.to(q.device), plan.inverse.to(q.device)))
+        out = block_sparse_attention(q[:, :, perm], k[:, :, perm], v[:, :, perm], bm, plan.block_size, scale=scale,
+                                     extra_k=extra_k, extra_v=extra_v, backend=config.backend)
+        return out[:, :, inv]
 
-        return _common.run_static(q, k, v, site, layout, visual, attn_mask, scale)
 
-
-def _natten_visual(grid, kernel, stride, dilation, causal):
+def _natten_attention(plan: GNAPlan, q, k, v, extra_k, extra_v, scale):
     """Visual attention through NATTEN's ``na3d`` (``na2d`` for single-frame grids): its tensors are heads-last,
     ``[B, *grid, heads, D]``, with text tokens as ``additional_keys``/``additional_values``."""
     import natten
 
-    dims = slice(0, 3) if grid[0] > 1 else slice(1, 3)
-    shape = grid[dims]
-    na = natten.na3d if grid[0] > 1 else natten.na2d
+    dims = slice(0, 3) if plan.grid[0] > 1 else slice(1, 3)
+    shape = plan.grid[dims]
+    na = natten.na3d if plan.grid[0] > 1 else natten.na2d
+    b, h, n, _ = q.shape
 
-    def visual(qv, kv, vv, ek, ev, sc):
-        b, h, n, _ = qv.shape
+    def grid_major(t):
+        return t.transpose(1, 2).reshape(b, *shape, h, t.shape[-1])
 
-        def grid_major(t):
-            return t.transpose(1, 2).reshape(b, *shape, h, t.shape[-1])
-
-        extra = {}
-        if ek is not None:
-            extra = dict(additional_keys=ek.transpose(1, 2), additional_values=ev.transpose(1, 2))
-        out = na(grid_major(qv), grid_major(kv), grid_major(vv), kernel_size=kernel[dims], stride=stride[dims],
-                 dilation=dilation[dims], is_causal=causal[dims], scale=sc, **extra)
-        return out.reshape(b, n, h, -1).transpose(1, 2)
-
-    return visual
+    extra = {}
+    if extra_k is not None:
+        extra = dict(additional_keys=extra_k.transpose(1, 2), additional_values=extra_v.transpose(1, 2))
+    out = na(grid_major(q), grid_major(k), grid_major(v), kernel_size=plan.kernel_size[dims], stride=plan.stride[dims],
+             dilation=plan.dilation[dims], is_causal=plan.causal[dims], scale=scale, **extra)
+    return out.reshape(b, n, h, -1).transpose(1, 2)

@@ -11,18 +11,17 @@ reference's two geometry defects (see ``docs/radial.md``).
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-import attnproc
-from attnproc.kernels import BACKENDS, block_sparse_attention, block_to_token_mask, dense_attention
+from attnproc.kernels import BACKENDS, block_sparse_attention, block_to_token_mask
 from attnproc.options import option
+from attnproc.registry import register
 from attnproc.schedule import Schedule
 
-from . import _common
+from .base import LRU, SparseMethod
 
 __all__ = ["radial_block_mask", "radial_frame_pair", "RadialConfig", "Radial", "RADIAL_DEFAULTS",
            "SUPPORTED_FAMILIES", "REFERENCE_DECIMATION_THRESHOLD"]
@@ -135,8 +134,7 @@ def _corrected_mask(F: int, S: int, B: int, decay: float, sink: bool, nb: int) -
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_mask(F, S, B, decay, sink, text, variant):
+def _mask(F, S, B, decay, sink, text, variant):
     N = F * S
     nb = -(-(N + text) // B)
     if variant == "reference":
@@ -163,7 +161,7 @@ def radial_block_mask(frames: int, tokens_per_frame: int, *, block_size: int = 1
 
     ``variant="corrected"``: decimation against ``block_size`` and never of adjacent frames, and the density rule
     applied once over the real sequence (no frame pair partly dropped when ``tokens_per_frame`` is not a multiple
-    of ``block_size``; only blocks holding text are forced dense). Returns a fresh CPU tensor.
+    of ``block_size``; only blocks holding text are forced dense). Returns a CPU tensor.
     """
     for name, val in (("frames", frames), ("tokens_per_frame", tokens_per_frame), ("block_size", block_size)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -174,8 +172,8 @@ def radial_block_mask(frames: int, tokens_per_frame: int, *, block_size: int = 1
         raise ValueError(f"radial_block_mask: decay must be a finite number > 0, got {decay!r}")
     if variant not in VARIANTS:
         raise ValueError(f"radial_block_mask: variant must be one of {VARIANTS}, got {variant!r}")
-    return _cached_mask(int(frames), int(tokens_per_frame), int(block_size), float(decay), bool(sink),
-                        int(text_tokens), variant).clone()
+    return _mask(int(frames), int(tokens_per_frame), int(block_size), float(decay), bool(sink), int(text_tokens),
+                 variant)
 
 
 # ---- the method --------------------------------------------------------------------------------------------
@@ -200,89 +198,39 @@ class RadialConfig(Schedule):
         if self.decay is not None and not self.decay > 0:
             raise ValueError(f"decay must be > 0 (it scales the band widths), got {self.decay}")
 
-    def resolved(self, family: str | None, profile: str | None = None, step_known: bool = True) -> "RadialConfig":
-        key = profile or family
-        _common.check_family("radial", family, SUPPORTED_FAMILIES)
-        return _common.resolve(self, RADIAL_DEFAULTS[key], step_known)
 
-    def dense_here(self, site) -> bool:
-        return _common.schedule_dense(self.resolved(site.family, step_known=_common.step_known(site)), site)
-
-
-
-@attnproc.register
-class Radial(attnproc.SparseMethod):
+@register
+class Radial(SparseMethod):
     """Radial Attention: static O(n log n) block mask, energy decaying with temporal distance."""
 
     name = "radial"
     summary = "Radial Attention: static temporally-decaying block-sparse mask for video DiTs (Wan, Hunyuan, ...)."
     Config = RadialConfig
+    families = SUPPORTED_FAMILIES
+    defaults = RADIAL_DEFAULTS
+    sparse_kinds = ("self", "joint")
 
     def __init__(self, config=None):
         super().__init__(config)
-        self._profile: dict[str, str] = {}  # family -> defaults profile chosen at bind time ("wan22")
-        self._masks: dict = {}
+        self._masks = LRU(32)
 
-    def bind(self, target) -> None:
-        fams = _common.bind_families(self.name, target, SUPPORTED_FAMILIES)
-        if "wan" in fams and not isinstance(target, torch.nn.Module) and \
-                isinstance(getattr(target, "transformer_2", None), torch.nn.Module):
-            self._profile["wan"] = "wan22"
-
-    def resolved(self, site) -> RadialConfig:
-        return self.config.resolved(site.family, self._profile.get(site.family), _common.step_known(site))
-
-    def attention(self, q, k, v, site, *, attn_mask=None, scale=None):
-        cfg = self.resolved(site)
-        if _common.schedule_dense(cfg, site) or site.kind == "cross":
-            return dense_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-        site.require_layout(self.name)
-        return self._sparse(cfg, q, k, v, site, attn_mask, scale)
-
-    def sparse_attention(self, q, k, v, site, *, attn_mask=None, scale=None):
-        return self._sparse(self.resolved(site), q, k, v, site, attn_mask, scale)
-
-    # ---- masks ----
     def visual_block_mask(self, cfg: RadialConfig, layout, device) -> torch.Tensor:
         """bool ``[ceil(N/B), ceil(N/B)]`` over the visual tokens (cached per shape, parameters and device)."""
         key = (layout.frames, layout.tokens_per_frame, cfg.block_size, cfg.decay, cfg.sink, cfg.variant, str(device))
-        m = self._masks.get(key)
-        if m is None:
-            m = radial_block_mask(layout.frames, layout.tokens_per_frame, block_size=cfg.block_size,
-                                  decay=cfg.decay, sink=cfg.sink, variant=cfg.variant).to(device)
-            self._masks[key] = m
-        return m
+        return self._masks.get_or(key, lambda: radial_block_mask(
+            layout.frames, layout.tokens_per_frame, block_size=cfg.block_size, decay=cfg.decay, sink=cfg.sink,
+            variant=cfg.variant).to(device))
 
     def block_mask_for(self, site) -> tuple[torch.Tensor, int]:
         """``(block_mask [nb, nb] over the visual tokens, block_size)`` at ``site``, ignoring the schedule."""
-        cfg = self.resolved(site)
-        layout = site.require_layout(self.name)
-        return self.visual_block_mask(cfg, layout, "cpu"), cfg.block_size
+        cfg = self.config_for(site)
+        return self.visual_block_mask(cfg, site.require_layout(self.name), "cpu"), cfg.block_size
 
-    def token_mask(self, site, q_len, k_len):
-        """bool ``[1, q_len, k_len]`` over the call's full sequence (text included; True = kept), or ``None``
-        where this site runs dense (cross-attention, dense steps/layers)."""
-        cfg = self.resolved(site)
-        if site.kind == "cross" or site.layout is None or _common.schedule_dense(cfg, site):
-            return None
-        layout = site.layout
-        bm, B = self.visual_block_mask(cfg, layout, "cpu"), cfg.block_size
+    def visual_token_mask(self, config, layout, site):
         N = layout.visual_len
-        vis_tok = block_to_token_mask(bm, B, N, N)
-        return _full_token_mask(vis_tok, layout, q_len, k_len)
+        return block_to_token_mask(self.visual_block_mask(config, layout, "cpu"), config.block_size, N, N)
 
-    # ---- attention ----
-    def _sparse(self, cfg, q, k, v, site, attn_mask, scale):
-        _common.check_family(self.name, site.family, SUPPORTED_FAMILIES)
-        layout = site.require_layout(self.name)
-        bm = self.visual_block_mask(cfg, layout, q.device)[None, None]
-        B = cfg.block_size
-
-        def visual(qv, kv, vv, ek, ev, sc):
-            return block_sparse_attention(qv, kv, vv, bm, B, scale=sc, extra_k=ek, extra_v=ev, backend=cfg.backend)
-
-        return _common.run_static(q, k, v, site, layout, visual, attn_mask, scale)
-
-
-run_static = _common.run_static
-_full_token_mask = _common.full_token_mask
+    def visual_attention(self, q, k, v, *, config, layout, site, extra_k=None, extra_v=None, scale=None):
+        bm = self.visual_block_mask(config, layout, q.device)[None, None]
+        return block_sparse_attention(q, k, v, bm, config.block_size, scale=scale, extra_k=extra_k, extra_v=extra_v,
+                                      backend=config.backend)

@@ -118,13 +118,17 @@ class MaskModConfig:
     chunk_mb: int = option(256, low=1, high=1 << 20, help="materialise scores in head chunks of about this size")
 
     def validate(self):
+        self.parsed()
+
+    def parsed(self) -> list[Region]:
+        """Fresh parsed regions (the config itself stays the user's plain values)."""
         regions = parse_regions(self.regions)
         if any(r.tokens is None for r in regions):
             if not self.prompt:
                 raise ValueError("give prompt=... (the full prompt you pass to the pipeline) so each region's "
                                  "phrase can be found, or give explicit 'tokens' per region")
             check_phrases(regions, self.prompt)
-        object.__setattr__(self, "_parsed", regions)
+        return regions
 
 
 @register
@@ -138,11 +142,7 @@ class MaskMod(Edit):
 
     def __init__(self, config=None):
         super().__init__(config)
-        parsed = getattr(self.config, "_parsed", None)
-        if parsed is None and self.config.regions is not None:
-            self.config.validate()
-            parsed = self.config._parsed
-        self.regions: list[Region] = list(parsed or [])
+        self.regions: list[Region] = self.config.parsed() if self.config.regions is not None else []
         self._maps: dict[tuple[int, int, int], GridMaps] = {}
         self._bound = all(r.tokens is not None for r in self.regions) and bool(self.regions)
         self.observers: list[Callable[[Site, dict], None]] = []  # called on each modulated call (tests, UIs)

@@ -22,6 +22,7 @@ def test_dense_matches_stock_and_remove_is_exact(family):
     stock = run(pipe, family)
     handle = attnproc.apply(pipe, "dense")
     assert handle.num_patched > 0
+    assert {d.family for d in handle.denoisers.values()} == {attnproc.pipelines.tiny_record(family).family}
     patched = run(pipe, family)
     assert (patched - stock).abs().max().item() <= 1e-5
     assert attnproc.remove(pipe) is True

@@ -136,13 +136,13 @@ def test_unsupported_family_is_refused_at_apply():
 
 def test_family_defaults_resolve_and_scale_with_steps():
     cfg = attnproc.registry.REGISTRY.create("radial").config
-    wan = cfg.resolved("wan")
+    wan = Radial.resolve(cfg, "wan")
     assert (wan.decay, wan.sink, wan.dense_first_layers) == (0.2, True, 1)
     assert round(wan.dense_first_steps * 50) == 12 and round(wan.dense_first_steps * 20) == 5
-    hy = cfg.resolved("hunyuanvideo")
+    hy = Radial.resolve(cfg, "hunyuanvideo")
     assert (hy.decay, hy.sink, hy.dense_first_layers) == (0.95, False, 0)
-    assert cfg.resolved("wan", "wan22").decay == 0.8
-    assert cfg.resolved("wan").__class__ is cfg.__class__ and cfg.decay is None  # the config itself is untouched
+    assert Radial.resolve(cfg, "wan", "wan22").decay == 0.8
+    assert Radial.resolve(cfg, "wan").__class__ is cfg.__class__ and cfg.decay is None  # the config itself is untouched
     assert set(RADIAL_DEFAULTS) >= {"wan", "hunyuanvideo", "cogvideox", "ltx"}
 
 
