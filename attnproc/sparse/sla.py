@@ -43,7 +43,6 @@ from attnproc.kernels import (
 from attnproc.options import option
 from attnproc.schedule import Schedule
 
-from . import _common
 
 __all__ = ["sla_attention", "sla_block_map", "selected_key_blocks", "sla_visual_attention", "SLAConfig",
            "SLA_DEFAULTS", "SUPPORTED_FAMILIES", "VARIANTS", "FEATURE_MAPS", "MAIN_EPS", "save_sla_weights",
@@ -213,15 +212,21 @@ class SLAConfig(Schedule):
             raise ValueError(f"topk must be > 0 (the fraction of key blocks kept, in (0, 1]); got {self.topk}")
 
     def resolved(self, family: str | None, step_known: bool = True) -> "SLAConfig":
-        _common.check_family("sla", family, SUPPORTED_FAMILIES)
-        return _common.resolve(self, SLA_DEFAULTS[family], step_known)
+        from attnproc.errors import UnsupportedFamilyError
+        from attnproc.sparse.base import SparseMethod
+
+        if family not in SUPPORTED_FAMILIES:
+            raise UnsupportedFamilyError(f"method 'sla' does not support the model family {family!r}; supported "
+                                         f"families: {', '.join(SUPPORTED_FAMILIES)}")
+        return SparseMethod.resolve.__func__(type("_SLA", (), {"defaults": SLA_DEFAULTS}), self, family, None,
+                                             step_known)
 
 
 def sla_visual_attention(q, k, v, extra_k, extra_v, scale, *, config: SLAConfig, layout, proj) -> torch.Tensor:
     """One SLA call over the visual tokens of ``layout`` (frame-major order, the order the reference's blocks
     run in), with joint attention's text keys as ``extra_k``/``extra_v``. ``config`` must be resolved (no
     ``None`` topk); ``proj`` is the module's ``nn.Linear(D, D)``. This is the ``visual_attention`` callable of
-    ``_common.run_static``."""
+    ``SparseMethod.sparse_attention``."""
     if config.topk is None:
         raise ValueError("sla_visual_attention needs a resolved config (topk is None); use config.resolved(family)")
     if layout is not None and q.shape[2] != layout.visual_len:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from attnproc.kernels import block_sparse_attention
 from attnproc.layout import TokenLayout
 from attnproc.options import OptionError, build_config
-from attnproc.sparse._common import joint_attention
+from attnproc.sparse.base import joint_attention
 from attnproc.sparse.sla import (
     SLA_DEFAULTS,
     SLAConfig,
