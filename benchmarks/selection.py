@@ -108,52 +108,52 @@ def main():
     rc = RectifiedConfig().resolved("wan")
     overhead, speed = [], []
     def run_overhead(grid):
-            N = math.prod(grid)
-            q, k, v = (torch.randn(1, 4, N, 64) for _ in range(3))
-            fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
-            for s, cfg in vm.items():
-                for layer in range(3):
-                    fns[f"vmoba {s} layer {layer}"] = (lambda c=cfg, l=layer: vmoba_select(c, grid, q, k, l))
-            fns["rectified wan"] = lambda: rect_select(rc, grid, q, k, v)
-            big = N > 20000
-            res = timed(fns, 1 if big else reps, warm_dense=not big)
-            dense = statistics.median(res.pop("dense"))
-            for name, ts in res.items():
-                row = dict(grid=list(grid), tokens=N, selection=name, **stats(ts), dense_ms=round(dense * 1e3, 1),
-                           share_of_dense=round(statistics.median(ts) / dense, 4))
-                overhead.append(row)
-                save()
-                print(f"overhead {N:6d} {name:<32} {row['median_ms']:9.1f} ms = {row['share_of_dense']:.3f} of dense "
-                      f"({row['dense_ms']:.0f} ms)", flush=True)
+        N = math.prod(grid)
+        q, k, v = (torch.randn(1, 4, N, 64) for _ in range(3))
+        fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
+        for s, cfg in vm.items():
+            for layer in range(3):
+                fns[f"vmoba {s} layer {layer}"] = (lambda c=cfg, l=layer: vmoba_select(c, grid, q, k, l))
+        fns["rectified wan"] = lambda: rect_select(rc, grid, q, k, v)
+        big = N > 20000
+        res = timed(fns, 1 if big else reps, warm_dense=not big)
+        dense = statistics.median(res.pop("dense"))
+        for name, ts in res.items():
+            row = dict(grid=list(grid), tokens=N, selection=name, **stats(ts), dense_ms=round(dense * 1e3, 1),
+                       share_of_dense=round(statistics.median(ts) / dense, 4))
+            overhead.append(row)
+            save()
+            print(f"overhead {N:6d} {name:<32} {row['median_ms']:9.1f} ms = {row['share_of_dense']:.3f} of dense "
+                  f"({row['dense_ms']:.0f} ms)", flush=True)
 
     def run_speed(grid):
-            N = math.prod(grid)
-            q, k, v = (torch.randn(1, 4, N, 64) for _ in range(3))
-            layout = TokenLayout(*grid)
-            fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
-            dens = {}
-            for s, cfg in vm.items():
-                for layer in range(3):
-                    name = f"vmoba {s} layer {layer}"
-                    fns[name] = (lambda c=cfg, l=layer: vmoba_visual_attention(q, k, v, None, None, None, config=c,
-                                                                                 layout=layout, layer_index=l))
-                    dens[name] = vmoba_density(*vmoba_select(cfg, grid, q, k, layer))
-            fns["rectified wan"] = lambda: rectified_visual_attention(q, k, v, None, None, None, config=rc,
-                                                                      layout=layout)
-            dens["rectified wan"] = float(rect_select(rc, grid, q, k, v).float().mean())
-            res = timed(fns, reps)
-            td = res.pop("dense")
-            dense = statistics.median(td)
-            for name, ts in res.items():
-                sp = dense / statistics.median(ts)
-                row = dict(grid=list(grid), tokens=N, method=name, **stats(ts), dense=stats(td),
-                           speedup=round(sp, 2), density=round(dens[name], 4),
-                           fraction_of_ideal=round(sp * dens[name], 3))
-                speed.append(row)
-                save()
-                print(f"speed {'x'.join(map(str, grid)):>9} {name:<32} density {dens[name]:.3f} "
-                      f"{row['median_ms']:9.1f} ms  dense {dense * 1e3:9.1f} ms  speedup {sp:5.2f}x  "
-                      f"of ideal {sp * dens[name]:.2f}", flush=True)
+        N = math.prod(grid)
+        q, k, v = (torch.randn(1, 4, N, 64) for _ in range(3))
+        layout = TokenLayout(*grid)
+        fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
+        dens = {}
+        for s, cfg in vm.items():
+            for layer in range(3):
+                name = f"vmoba {s} layer {layer}"
+                fns[name] = (lambda c=cfg, l=layer: vmoba_visual_attention(q, k, v, None, None, None, config=c,
+                                                                             layout=layout, layer_index=l))
+                dens[name] = vmoba_density(*vmoba_select(cfg, grid, q, k, layer))
+        fns["rectified wan"] = lambda: rectified_visual_attention(q, k, v, None, None, None, config=rc,
+                                                                  layout=layout)
+        dens["rectified wan"] = float(rect_select(rc, grid, q, k, v).float().mean())
+        res = timed(fns, reps)
+        td = res.pop("dense")
+        dense = statistics.median(td)
+        for name, ts in res.items():
+            sp = dense / statistics.median(ts)
+            row = dict(grid=list(grid), tokens=N, method=name, **stats(ts), dense=stats(td),
+                       speedup=round(sp, 2), density=round(dens[name], 4),
+                       fraction_of_ideal=round(sp * dens[name], 3))
+            speed.append(row)
+            save()
+            print(f"speed {'x'.join(map(str, grid)):>9} {name:<32} density {dens[name]:.3f} "
+                  f"{row['median_ms']:9.1f} ms  dense {dense * 1e3:9.1f} ms  speedup {sp:5.2f}x  "
+                  f"of ideal {sp * dens[name]:.2f}", flush=True)
 
     with torch.no_grad():  # the slowest (32K dense) last, so a cut-short run still has the rest saved
         for grid in over_grids[:2]:
