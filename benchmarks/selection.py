@@ -107,6 +107,7 @@ def main():
     vm = {s: VMoBAConfig(setting=s).resolved("wan") for s in ("training_free", "training")}
     rc = RectifiedConfig().resolved("wan")
     overhead, speed = [], []
+
     def run_overhead(grid):
         N = math.prod(grid)
         q, k, v = (torch.randn(1, 4, N, 64) for _ in range(3))
