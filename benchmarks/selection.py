@@ -37,10 +37,12 @@ from attnproc.sparse.vmoba import VMoBAConfig, select_chunks, vmoba_gate, vmoba_
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def timed(fns: dict, reps: int) -> dict:
-    """Round-robin timing (one warm-up call each): ``{name: [seconds, ...]}``."""
-    for fn in fns.values():
-        fn()
+def timed(fns: dict, reps: int, warm_dense: bool = True) -> dict:
+    """Round-robin timing (one warm-up call each; dense SDPA too unless ``warm_dense`` is False):
+    ``{name: [seconds, ...]}``."""
+    for name, fn in fns.items():
+        if warm_dense or name != "dense":
+            fn()
     out = {n: [] for n in fns}
     for _ in range(reps):
         for n, fn in fns.items():
@@ -92,60 +94,77 @@ def main():
     over_grids = [(4, 16, 16)] if args.quick else [(8, 32, 32), (16, 32, 32), (32, 32, 32)]
     speed_grids = [(4, 16, 16)] if args.quick else [(8, 32, 32), (16, 32, 32)]
     reps = 2 if args.quick else 3
-    vm = {s: VMoBAConfig(setting=s).resolved("wan") for s in ("training_free", "training")}
-    rc = RectifiedConfig().resolved("wan")
-    overhead, speed = [], []
-    with torch.no_grad():
-        for grid in over_grids:
-            N = math.prod(grid)
-            q, k, v = (torch.randn(1, 4, N, 64) for _ in range(3))
-            fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
-            for s, cfg in vm.items():
-                for layer in range(3):
-                    fns[f"vmoba {s} layer {layer}"] = (lambda c=cfg, l=layer: vmoba_select(c, grid, q, k, l))
-            fns["rectified wan"] = lambda: rect_select(rc, grid, q, k, v)
-            res = timed(fns, reps)
-            dense = statistics.median(res.pop("dense"))
-            for name, ts in res.items():
-                row = dict(grid=list(grid), tokens=N, selection=name, **stats(ts), dense_ms=round(dense * 1e3, 1),
-                           share_of_dense=round(statistics.median(ts) / dense, 4))
-                overhead.append(row)
-                print(f"overhead {N:6d} {name:<32} {row['median_ms']:9.1f} ms = {row['share_of_dense']:.3f} of dense "
-                      f"({row['dense_ms']:.0f} ms)", flush=True)
-        for grid in speed_grids:
-            N = math.prod(grid)
-            q, k, v = (torch.randn(1, 4, N, 64) for _ in range(3))
-            layout = TokenLayout(*grid)
-            fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
-            dens = {}
-            for s, cfg in vm.items():
-                for layer in range(3):
-                    name = f"vmoba {s} layer {layer}"
-                    fns[name] = (lambda c=cfg, l=layer: vmoba_visual_attention(q, k, v, None, None, None, config=c,
-                                                                                 layout=layout, layer_index=l))
-                    dens[name] = vmoba_density(*vmoba_select(cfg, grid, q, k, layer))
-            fns["rectified wan"] = lambda: rectified_visual_attention(q, k, v, None, None, None, config=rc,
-                                                                      layout=layout)
-            dens["rectified wan"] = float(rect_select(rc, grid, q, k, v).float().mean())
-            res = timed(fns, reps)
-            td = res.pop("dense")
-            dense = statistics.median(td)
-            for name, ts in res.items():
-                sp = dense / statistics.median(ts)
-                row = dict(grid=list(grid), tokens=N, method=name, **stats(ts), dense=stats(td),
-                           speedup=round(sp, 2), density=round(dens[name], 4),
-                           fraction_of_ideal=round(sp * dens[name], 3))
-                speed.append(row)
-                print(f"speed {'x'.join(map(str, grid)):>9} {name:<32} density {dens[name]:.3f} "
-                      f"{row['median_ms']:9.1f} ms  dense {dense * 1e3:9.1f} ms  speedup {sp:5.2f}x  "
-                      f"of ideal {sp * dens[name]:.2f}", flush=True)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / ("selection-cpu-quick.json" if args.quick else "selection-cpu.json")
     meta = dict(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                 torch=torch.__version__, B=1, H=4, D=64, dtype="float32", reps=reps,
-                load_average=os.getloadavg(),
-                note="shared 2-core CPU, no GPU lent; backend auto (VMoBA: gather with LSE; Rectified: flex/gather)")
-    out.write_text(json.dumps(dict(meta=meta, overhead=overhead, speed=speed), indent=1))
+                reps_32k=1, load_average_start=os.getloadavg(),
+                note="shared 2-core CPU (load average far above 2 while measured), no GPU lent; backend auto "
+                     "(VMoBA: gather with LSE; Rectified: flex/gather); 32K: one repetition, dense not warmed")
+
+    def save():
+        out.write_text(json.dumps(dict(meta=meta, overhead=overhead, speed=speed), indent=1))
+    vm = {s: VMoBAConfig(setting=s).resolved("wan") for s in ("training_free", "training")}
+    rc = RectifiedConfig().resolved("wan")
+    overhead, speed = [], []
+
+    def run_overhead(grid):
+        N = math.prod(grid)
+        q, k, v = (torch.randn(1, 4, N, 64) for _ in range(3))
+        fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
+        for s, cfg in vm.items():
+            for layer in range(3):
+                fns[f"vmoba {s} layer {layer}"] = (lambda c=cfg, l=layer: vmoba_select(c, grid, q, k, l))
+        fns["rectified wan"] = lambda: rect_select(rc, grid, q, k, v)
+        big = N > 20000
+        res = timed(fns, 1 if big else reps, warm_dense=not big)
+        dense = statistics.median(res.pop("dense"))
+        for name, ts in res.items():
+            row = dict(grid=list(grid), tokens=N, selection=name, **stats(ts), dense_ms=round(dense * 1e3, 1),
+                       share_of_dense=round(statistics.median(ts) / dense, 4))
+            overhead.append(row)
+            save()
+            print(f"overhead {N:6d} {name:<32} {row['median_ms']:9.1f} ms = {row['share_of_dense']:.3f} of dense "
+                  f"({row['dense_ms']:.0f} ms)", flush=True)
+
+    def run_speed(grid):
+        N = math.prod(grid)
+        q, k, v = (torch.randn(1, 4, N, 64) for _ in range(3))
+        layout = TokenLayout(*grid)
+        fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
+        dens = {}
+        for s, cfg in vm.items():
+            for layer in range(3):
+                name = f"vmoba {s} layer {layer}"
+                fns[name] = (lambda c=cfg, l=layer: vmoba_visual_attention(q, k, v, None, None, None, config=c,
+                                                                             layout=layout, layer_index=l))
+                dens[name] = vmoba_density(*vmoba_select(cfg, grid, q, k, layer))
+        fns["rectified wan"] = lambda: rectified_visual_attention(q, k, v, None, None, None, config=rc,
+                                                                  layout=layout)
+        dens["rectified wan"] = float(rect_select(rc, grid, q, k, v).float().mean())
+        res = timed(fns, reps)
+        td = res.pop("dense")
+        dense = statistics.median(td)
+        for name, ts in res.items():
+            sp = dense / statistics.median(ts)
+            row = dict(grid=list(grid), tokens=N, method=name, **stats(ts), dense=stats(td),
+                       speedup=round(sp, 2), density=round(dens[name], 4),
+                       fraction_of_ideal=round(sp * dens[name], 3))
+            speed.append(row)
+            save()
+            print(f"speed {'x'.join(map(str, grid)):>9} {name:<32} density {dens[name]:.3f} "
+                  f"{row['median_ms']:9.1f} ms  dense {dense * 1e3:9.1f} ms  speedup {sp:5.2f}x  "
+                  f"of ideal {sp * dens[name]:.2f}", flush=True)
+
+    with torch.no_grad():  # the slowest (32K dense) last, so a cut-short run still has the rest saved
+        for grid in over_grids[:2]:
+            run_overhead(grid)
+        for grid in speed_grids:
+            run_speed(grid)
+        for grid in over_grids[2:]:
+            run_overhead(grid)
+    meta["load_average_end"] = os.getloadavg()
+    save()
     print(f"wrote {out}")
 
 
