@@ -150,11 +150,15 @@ class StepHook(ModelHook):
         self.context.begin(lambda: self._layout(module, bound, cache), lambda: self._step(bound, cache))
         return args, kwargs
 
+    # Run only when a method asks. Under torch.compile they stay out of the graph (reading the pipeline's state from
+    # traced code would guard on it and recompile every step).
+    @torch.compiler.disable
     def _layout(self, module, bound: dict, cache) -> tuple[TokenLayout, int | None]:
         grid, text_valid = self.family.grid_of(module, bound)
         branches, _ = self._branches(cache, _batch_size(bound))
         return TokenLayout(*grid, branches=branches), text_valid
 
+    @torch.compiler.disable
     def _step(self, bound: dict, cache) -> StepContext:
         t = _scalar_timestep(bound.get("timestep"))
         timestep = None if t is None else t * self.family.timestep_scale

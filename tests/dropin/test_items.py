@@ -11,6 +11,7 @@ import attnproc
 from attnproc import hooks
 from attnproc.context import DenoiserContext
 from attnproc.families import attention_modules, family_of
+from attnproc.processor import AttnProcessor
 from attnproc.pipelines import tiny_call_kwargs, tiny_pipeline
 
 
@@ -177,6 +178,10 @@ def test_item4_video2video_strength():
     video = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(i)) for i in range(9)]
     kwargs = tiny_call_kwargs("wan21", num_inference_steps=4, strength=0.5, output_type="latent")
     kwargs.pop("num_frames")
+    text = torch.Generator().manual_seed(5)  # embeddings given: the pipeline's prompt cleaning needs ftfy
+    dim = pipe.transformer.config.text_dim
+    kwargs.pop("prompt")
+    kwargs.update(prompt_embeds=torch.randn(1, 8, dim, generator=text), negative_prompt_embeds=torch.randn(1, 8, dim, generator=text))
     loop = callback_steps(pipe, lambda **cb: pipe(video=video, **kwargs, **cb))
     assert loop == [0, 1]
     assert {(s.step.index, s.step.num_steps) for s in handle.method.sites} == {(0, 2), (1, 2)}
@@ -214,7 +219,7 @@ def test_item5_apply_accepts_a_compiled_denoiser():
     assert handle.num_patched == len(attention_modules(pipe.unet._orig_mod))
     torch.testing.assert_close(images(pipe, "sd15"), stock)
     assert handle.method.sites
-    assert attnproc.remove(pipe) and not any(isinstance(m.processor, attnproc.processor.AttnProcessor) for _, m in
+    assert attnproc.remove(pipe) and not any(isinstance(m.processor, AttnProcessor) for _, m in
                                              attention_modules(pipe.unet._orig_mod))
 
 
@@ -242,7 +247,7 @@ def test_item6_fused_qkv_keeps_the_method_and_remove_restores_stock():
     attnproc.remove(pipe)
     pipe.unfuse_qkv_projections()
     procs = list(pipe.unet.attn_processors.values())
-    assert not any(isinstance(p, attnproc.processor.AttnProcessor) for p in procs)
+    assert not any(isinstance(p, AttnProcessor) for p in procs)
     torch.testing.assert_close(images(pipe, "sd15"), stock)
 
 
