@@ -18,8 +18,8 @@ SUITE = Path(__file__).parent / "diffusers_tests" / "suite_pipelines.py"
 # "<Family>::<test>" -> why it differs today (issue 10 item)
 PHASE2 = {
     f"FluxKontext::{t}": "item 2: _flux_grid refuses Kontext's reference tokens; the processor reads layouts eagerly"
-    for t in ("test_save_load_local", "test_inference_batch_single_identical", "test_dict_tuple_outputs_equivalent",
-              "test_num_images_per_prompt", "test_callback_inputs", "test_attnproc_output_matches_stock")
+    for t in ("test_save_load_local", "test_inference_batch_single_identical", "test_callback_inputs",
+              "test_attnproc_output_matches_stock")
 }
 
 
@@ -44,7 +44,7 @@ def test_dense_passes_what_stock_passes(tmp_path):
     stock = {k.replace("Stock::", "::").removeprefix("Test"): v for k, v in outcomes.items() if "Stock::" in k}
     dense = {k.replace("Dense::", "::").removeprefix("Test"): v for k, v in outcomes.items() if "Dense::" in k}
     assert stock and set(stock) <= set(dense)
-    assert sum(v == "passed" for v in stock.values()) >= 40, stock  # the stand-ins let the stock suite run
+    assert sum(v == "passed" for v in stock.values()) >= 30, stock  # the stand-ins let the stock suite run
     differ = {k: (stock[k], dense[k]) for k in stock if stock[k] != dense[k]}
     unknown = {k: v for k, v in differ.items() if k not in PHASE2}
     fixed = sorted(k for k in PHASE2 if k not in differ)
