@@ -45,10 +45,10 @@ def test_dense_passes_what_stock_passes(tmp_path):
     dense = {k.replace("Dense::", "::").removeprefix("Test"): v for k, v in outcomes.items() if "Dense::" in k}
     assert stock and set(stock) <= set(dense)
     assert sum(v == "passed" for v in stock.values()) >= 30, stock  # the stand-ins let the stock suite run
-    differ = {k: (stock[k], dense[k]) for k in stock if stock[k] != dense[k]}
+    # our own test_attnproc_output_matches_stock has no stock twin: it is expected to pass
+    differ = {k: (stock.get(k, "passed"), v) for k, v in dense.items() if stock.get(k, "passed") != v}
     unknown = {k: v for k, v in differ.items() if k not in PHASE2}
     fixed = sorted(k for k in PHASE2 if k not in differ)
     assert not unknown, f"dense differs from stock: {unknown}\n{proc.stdout[-4000:]}"
     assert not fixed, f"fixed now, drop from PHASE2: {fixed}"
-    ours = {k: v for k, v in dense.items() if k.endswith("test_attnproc_output_matches_stock") and k not in PHASE2}
-    assert ours and all(v == "passed" for v in ours.values()), ours
+    assert sum(k.endswith("test_attnproc_output_matches_stock") for k in dense) == 10
