@@ -31,6 +31,7 @@ import attnproc
 from .jobs import Job, JobFile, check_jobfile, load_jobfile
 from .manifest import MANIFEST, PARTS, append_record, current, finished, fold_parts, read_records
 from .media import remove_stale_temp_files, save_image, save_video, to_uint8_frames
+from .preflight import check_method
 from .timing import check_counts, compare_runs, stats
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -253,7 +254,9 @@ def render(jobfile: JobFile | str | Path, out_dir: str | Path | None = None, *, 
     check_counts(repeats, 1)
     if compare:
         attnproc.create(compare)  # an unknown name fails before any work
-    check_jobfile(jobfile)  # every job against the pipeline's family and call, before anything renders
+    facts = check_jobfile(jobfile)  # every job against the pipeline's family and call, before anything renders
+    if compare:
+        check_method(facts, compare, {})
     if out_dir is None:
         out_dir = jobfile.output or (Path(jobfile.source).with_suffix("").name + "-render"
                                      if jobfile.source else "attnproc-render")
