@@ -36,7 +36,7 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     report = run_demo(args.method, args.out, dict(args.option or []), family=args.family, seed=args.seed,
-                      progress=not args.quiet)
+                      progress=not args.quiet, prompt=args.prompt)
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2, default=str))
     for name, run in report["runs"].items():
         print(f"{name}: {run['seconds']:.3f}s -> {run['output']}")
@@ -81,12 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list registered methods and their options")
     m.add_argument("--json", action="store_true", help="machine-readable output")
     m.set_defaults(func=_cmd_methods)
-    d = sub.add_parser("demo", help="render the tiny offline Wan pipeline with dense and with a method")
+    d = sub.add_parser("demo", help="render the trained shapes video model with dense and with a method")
     d.add_argument("--method", default="dense", help="method to compare against dense (see `attnproc methods`)")
     d.add_argument("--option", "-o", action="append", type=parse_option, metavar="NAME=VALUE",
                    help="a method option (repeatable)")
     d.add_argument("--out", default="attnproc-demo", help="output folder (videos and report.json)")
-    d.add_argument("--family", default="wan21", help="tiny pipeline family (default wan21)")
+    d.add_argument("--family", default="shapes:wan21",
+                   help="shapes:KIND (trained: wan21, sd15, flux) or a tiny random-weight family (default shapes:wan21)")
+    d.add_argument("--prompt", default=None, help='prompt (default "a red circle moving right" for shapes models)')
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)

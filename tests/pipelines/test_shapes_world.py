@@ -135,7 +135,7 @@ def test_training_smoke_resumes_exactly_and_loads(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "loss.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
-    pipe = DiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(out, dtype=torch.float32)
     assert type(pipe).__name__ == "FluxPipeline"
     assert pipe.transformer.dtype == torch.float32
     assert next(iter(load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors")).values())).dtype == torch.float16

@@ -18,7 +18,7 @@ def test_methods_json_lists_registry():
 
 
 def test_demo_writes_videos_and_report(tmp_path):
-    report = run_demo("knobs", tmp_path, {"strength": 0.25}, progress=False)
+    report = run_demo("knobs", tmp_path, {"strength": 0.25}, family="wan21", progress=False)
     assert set(report["runs"]) == {"dense", "knobs"}
     assert report["max_abs_diff_to_dense"] <= 1e-5  # knobs' "sparse" path is dense attention
     layout = report["runs"]["knobs"]["layout_seen"]["transformer"]
