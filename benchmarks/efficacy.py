@@ -38,7 +38,7 @@ ROWS = [
     ("radial", {}),
     ("radial", {**ALL_SPARSE, "block_size": 16}),
     ("gna", {}),
-    ("gna", {**ALL_SPARSE, "block_target": 16, "kernel_size": 1}),
+    ("gna", {**ALL_SPARSE, "block_target": 16, "kernel_size": 3}),
 ]
 EDITS = [("maskmod", {})]
 PAIRS = [("red", "circle", "blue", "square"), ("green", "triangle", "yellow", "circle"),

@@ -31,7 +31,7 @@ KINDS: tuple[str, ...] = tuple(SPECS)
 _CALL = {
     "sd15": {"num_inference_steps": 25, "guidance_scale": 2.0},
     "flux": {"num_inference_steps": 20, "true_cfg_scale": 4.0, "negative_prompt": "", "max_sequence_length": 16},
-    "wan21": {"num_inference_steps": 20, "guidance_scale": 6.0, "negative_prompt": "", "max_sequence_length": 16},
+    "wan21": {"num_inference_steps": 20, "guidance_scale": 3.0, "negative_prompt": "", "max_sequence_length": 16},
 }
 
 

@@ -145,6 +145,7 @@ def build(kind: str, seed: int = 0):
     vae = AutoencoderKLWan(
         base_dim=8, z_dim=z, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
         latents_mean=[0.0] * z, latents_std=[1.0] * z,
+        scale_factor_temporal=2, scale_factor_spatial=4,  # WanPipeline sizes its latents by these
     )
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=z,
