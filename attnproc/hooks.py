@@ -182,7 +182,10 @@ class StepHook(ModelHook):
         return ("cond",), "cond"
 
     def post_forward(self, module, output):
-        self.context.clear()
+        # gradient checkpointing re-runs the blocks during backward, after this forward returned: keep the
+        # context for that recompute (the next forward overwrites it)
+        if not (module.training and torch.is_grad_enabled() and getattr(module, "is_gradient_checkpointing", False)):
+            self.context.clear()
         return output
 
     def reset_state(self, module):
