@@ -91,10 +91,17 @@ def check_model(method: Method, family: str | None, model_class: str) -> None:
     """Refuse, when the node executes, a model the method cannot serve in ComfyUI (one clear error instead of a
     warning on every attention call)."""
     base, edits = _parts(method)
+    from attnproc.errors import UnsupportedFamilyError
+    from attnproc.families import describe_families
+
     for m in ([base] if base is not None else []) + edits:
-        resolve = getattr(m.config, "resolved", None)
-        if resolve is not None:  # methods with per-family defaults name their supported families
-            resolve(family)
+        if m.families is not None and family not in m.families:
+            raise UnsupportedFamilyError(
+                f"method {m.name!r} does not support the model family {family!r} (ComfyUI model {model_class}); "
+                f"supported families: {describe_families(m.families)}")
+        if m.needs_block_input or type(m).create_state is not Method.create_state:
+            raise ValueError(f"method {m.name!r} needs per-module state or the transformer block's input, which "
+                             "the ComfyUI override (q, k, v only) cannot provide; use it through diffusers")
         if m.needs_layout and family not in LAYOUT_FAMILIES:
             served = ", ".join(f"{f} ({key})" for f, key in LAYOUT_FAMILIES.items())
             raise ValueError(f"method {m.name!r} needs the token grid, which attnproc reads in ComfyUI only for: "
