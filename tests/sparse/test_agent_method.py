@@ -168,4 +168,4 @@ def test_dit_family_refused_without_the_generic_option():
         attnproc.apply(pipe, "agent")
     assert not any(isinstance(p, AttnProcessor) for p in pipe.transformer.attn_processors.values())
     with pytest.raises(ValueError, match="computes whole attention calls"):
-        attnproc.create(["agent", "maskmod"])
+        attnproc.create(["agent", "maskmod"], maskmod={"regions": [{"tokens": [1], "mask": [[1.0]]}]})
