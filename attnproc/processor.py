@@ -173,7 +173,9 @@ class AttnProcessor:
         states = self.prepare(attn, kind) or {}
         if self.method.computes_output:  # the method may compute the whole call (see Method.module_output)
             q_len = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states[0, 0].numel()
-            kv_len = context.shape[1] if context is not None and context.ndim == 3 else q_len
+            ctx_len = context.shape[1] if context is not None and context.ndim == 3 else 0
+            q_len += ctx_len if kind == "joint" else 0  # joint: the stock processor attends [visual, text] together
+            kv_len = ctx_len if kind == "cross" else q_len
             out = self.method.module_output(self._site(attn, kind, q_len, kv_len, 0, inputs, states))
             if out is not None:
                 return out

@@ -169,3 +169,31 @@ def test_dit_family_refused_without_the_generic_option():
     assert not any(isinstance(p, AttnProcessor) for p in pipe.transformer.attn_processors.values())
     with pytest.raises(ValueError, match="computes whole attention calls"):
         attnproc.create(["agent", "maskmod"], maskmod={"regions": [{"tokens": [1], "mask": [[1.0]]}]})
+
+
+def test_dit_option_runs_pooled_agents_on_flux():
+    """``dit=True`` on Flux: each joint call is ``pooled_agent_attention`` with the text where Flux puts it (before
+    the image) and a 4x4 agent grid; the output differs from dense."""
+    from attnproc.sparse.agent import pooled_agent_attention
+
+    from sparse_helpers import capture, output
+
+    pipe = tiny_pipeline("flux")
+    kw = lambda: tiny_call_kwargs("flux", num_inference_steps=1, output_type="latent")  # noqa: E731
+    with torch.no_grad():
+        stock = output(pipe(**kw()))
+    handle = attnproc.apply(pipe, "agent", dit=True, dit_agent_grid=4)
+    calls = capture(handle, limit=3)
+    try:
+        with torch.no_grad():
+            out = output(pipe(**kw()))
+    finally:
+        attnproc.remove(pipe)
+    assert len(calls) == 3
+    for q, k, v, site, mask, scale, got in calls:
+        layout = site.layout
+        assert site.kind == "joint" and layout.text_position == "before" and layout.text_len > 0
+        want = pooled_agent_attention(q, k, v, layout.grid, agent_grid=(1, 4, 4), text_len=layout.text_len,
+                                      text_position="before", scale=scale)
+        assert torch.equal(got, want)
+    assert (out - stock).abs().max() > 1e-4
