@@ -85,11 +85,19 @@ class Handle:
         return f"attnproc {self.name!r} on " + "; ".join(parts)
 
 
+def _uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a ``torch.compile`` wrapper (``OptimizedModule``): processors and hooks go on it, and the
+    compiled wrapper picks them up on its next call."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, torch.nn.Module) else model
+
+
 def _denoisers(target) -> list[tuple[str, torch.nn.Module]]:
     if isinstance(target, torch.nn.Module):
-        return [(type(target).__name__, target)]
+        model = _uncompiled(target)
+        return [(type(model).__name__, model)]
     found = [(n, getattr(target, n, None)) for n in DENOISERS]
-    found = [(n, m) for n, m in found if isinstance(m, torch.nn.Module)]
+    found = [(n, _uncompiled(m)) for n, m in found if isinstance(m, torch.nn.Module)]
     if not found:
         raise ValueError(f"{type(target).__name__} has no denoiser ({', '.join(DENOISERS)}); attnproc.apply takes a "
                          "diffusers pipeline or a denoiser model")
@@ -151,13 +159,39 @@ def apply(pipe, method: str | list[str], **options) -> Handle:
         for mod_name, proc in processors.items():
             modules[mod_name].set_processor(proc)
             proc.prepare(modules[mod_name], proc.info.kind)  # the method's per-module state, registered now
-        hooks.install(model, hooks.StepHook(family, context, tracker))
+        installed = [(modules[mod_name], proc) for mod_name, proc in processors.items()]
+        hooks.install(model, hooks.StepHook(family, context, tracker, hooks.forward_params(model), installed,
+                                            _rewrap))
         patches[name] = DenoiserPatch(family.name, tuple(patched), tuple(skipped))
     return Handle(instance, patches, pipe, contexts)
 
 
+def _rewrap(module, ours: AttnProcessor) -> AttnProcessor:
+    """Put the method back on ``module`` after diffusers replaced its processor (``fuse_qkv_projections``,
+    ``enable_attention_slicing``, ``set_attn_processor``): the new processor becomes the stock one we wrap, so the
+    user's choice (fused projections, slicing) and the method both stay in force."""
+    current = module.processor
+    if isinstance(current, AttnProcessor):  # ours again (e.g. unfuse_qkv_projections restored the saved ones)
+        return current
+    wrapped = AttnProcessor(ours.method, stock=current, info=ours.info, context=ours.context, block=ours.block)
+    module.set_processor(wrapped)
+    wrapped.prepare(module, ours.info.kind)  # finds the state already registered on the module
+    return wrapped
+
+
+def _stock_of(proc):
+    while isinstance(proc, AttnProcessor) and proc.stock is not None:
+        proc = proc.stock
+    return proc
+
+
 def remove(pipe) -> bool:
-    """Restore the stock processors and remove our hooks. Returns False (a no-op) if nothing was applied."""
+    """Restore the stock processors and remove our hooks. Returns False (a no-op) if nothing was applied.
+
+    Processors diffusers saved while ours were installed (``fuse_qkv_projections`` keeps them in
+    ``original_attn_processors`` for ``unfuse_qkv_projections``) are replaced by the stock ones too, so a later
+    unfuse cannot bring attnproc back.
+    """
     from . import hooks
 
     removed = False
@@ -166,8 +200,12 @@ def remove(pipe) -> bool:
             ours = _ours(module)
             if ours is not None and ours.stock is not None:
                 ours.detach(module)
-                module.set_processor(ours.stock)
+                module.set_processor(_stock_of(ours))
                 removed = True
+        saved = getattr(model, "original_attn_processors", None)
+        if isinstance(saved, dict) and any(isinstance(p, AttnProcessor) for p in saved.values()):
+            model.original_attn_processors = {name: _stock_of(p) for name, p in saved.items()}
+            removed = True
         removed = hooks.uninstall(model) or removed
     return removed
 

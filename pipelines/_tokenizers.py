@@ -33,9 +33,9 @@ WORDS = (
 CHARS = string.ascii_letters + string.digits + string.punctuation
 
 
-def _words() -> list[str]:
+def _words(words=None) -> list[str]:
     seen: dict[str, None] = {}
-    for w in WORDS:
+    for w in WORDS if words is None else words:
         seen.setdefault(w, None)
     return list(seen)
 
@@ -56,8 +56,10 @@ def _chain_merges(word_pieces: list[list[str]], vocab: dict[str, int]) -> list[t
     return merges
 
 
-def clip_tokenizer(model_max_length: int = 77):
-    """A ``CLIPTokenizer`` (byte-level BPE with ``</w>`` word ends), 77 tokens like the real one."""
+def clip_tokenizer(model_max_length: int = 77, words=None):
+    """A ``CLIPTokenizer`` (byte-level BPE with ``</w>`` word ends), 77 tokens like the real one.
+
+    ``words``: the words that get a token of their own (default :data:`WORDS`)."""
     from transformers import CLIPTokenizer
 
     alphabet = sorted(ByteLevel.alphabet())
@@ -69,7 +71,7 @@ def clip_tokenizer(model_max_length: int = 77):
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     pieces = []
-    for w in _words():
+    for w in _words(words):
         chars = list(w)
         chars[-1] = chars[-1] + "</w>"
         if len(chars) > 1:
@@ -80,13 +82,13 @@ def clip_tokenizer(model_max_length: int = 77):
     )
 
 
-def t5_tokenizer(model_max_length: int = 512):
+def t5_tokenizer(model_max_length: int = 512, words=None):
     """A ``T5Tokenizer`` (unigram, ``▁`` word starts): ``<pad>``=0, ``</s>``=1, ``<unk>``=2."""
     from transformers import T5Tokenizer
 
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(c, -5.0) for c in CHARS]
-    pieces += [("▁" + w, -1.0) for w in _words()]
+    pieces += [("▁" + w, -1.0) for w in _words(words)]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
 
 

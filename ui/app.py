@@ -36,6 +36,7 @@ CSS = """
 # ----------------------------------------------------------------------------- widgets from the schema
 AUTOMATIC = "automatic"
 MAX_SLIDER_STEPS = 2000  # wider integer ranges get a number box: a slider cannot hit one value in 10,000
+MAX_FLOAT_SPAN = 100  # float sliders move in span/100 steps: wider ranges get a number box
 
 
 def widget_spec(info: OptionInfo) -> dict:
@@ -53,7 +54,7 @@ def widget_spec(info: OptionInfo) -> dict:
         return {"kind": "checkbox", "value": bool(info.default)}
     if info.type in ("int", "float"):
         bounded = info.low is not None and info.high is not None
-        narrow = bounded and (info.type == "float" or info.high - info.low <= MAX_SLIDER_STEPS)
+        narrow = bounded and info.high - info.low <= (MAX_SLIDER_STEPS if info.type == "int" else MAX_FLOAT_SPAN)
         if bounded and narrow and not automatic:
             step = 1 if info.type == "int" else _float_step(info.low, info.high)
             return {"kind": "slider", "minimum": info.low, "maximum": info.high, "step": step,
@@ -361,6 +362,12 @@ def _parse_options(text: str | dict | None, method: str) -> dict:
 def _widget_value(opt: OptionInfo, value):
     if value == AUTOMATIC or (value in ("", None) and opt.default is None):
         return None
+    if opt.type in ("int", "float") and isinstance(value, str):  # an automatic option's textbox
+        try:
+            number = float(value)
+        except ValueError:
+            return value.strip()  # validation names the option and its range
+        return int(number) if opt.type == "int" and number.is_integer() else number
     if opt.type == "bool" and isinstance(value, str):
         return value == "True"
     if opt.type == "int" and value is not None:
@@ -386,8 +393,8 @@ def _component(gr, opt: OptionInfo):
     if kind == "slider":
         return gr.Slider(spec["minimum"], spec["maximum"], value=spec["value"], step=spec["step"], label=label)
     if kind == "number":
-        if spec.get("automatic"):
-            label += " (empty = automatic)"
+        if spec.get("automatic"):  # gr.Number shows None as 0: a textbox can be truly empty
+            return gr.Textbox("", label=label + " (empty = automatic)", placeholder=AUTOMATIC)
         return gr.Number(spec["value"], label=label, minimum=spec["minimum"], maximum=spec["maximum"],
                          precision=0 if spec["integer"] else None)
     if kind == "textbox":

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = d.add_mutually_exclusive_group()
     where.add_argument("--pipeline", default=DEFAULT_PIPELINE, metavar="SPEC",
                        help=f"pipeline to render: tiny:<family>, a local folder or a hub id (default {DEFAULT_PIPELINE})")
-    where.add_argument("--family", default=None, help="shorthand for --pipeline tiny:FAMILY")
+    where.add_argument("--family", default=None, help="shorthand for --pipeline tiny:FAMILY (a random-weight tiny pipeline)")
     d.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the prompt (default {DEFAULT_PROMPT!r})")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--repeats", type=int, default=3, metavar="N",

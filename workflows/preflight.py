@@ -74,7 +74,12 @@ class ConfigOnlyPipeline:
 
 
 def pipeline_facts(spec: str, options: dict | None = None) -> PipelineFacts:
-    """Read ``spec`` (``tiny:<family>``, a local folder or a hub id) without loading weights."""
+    """Read ``spec`` (``tiny:<family>``, ``shapes:<kind>``, a local folder or a hub id) without loading weights."""
+    source = spec
+    if spec.startswith("shapes:"):
+        from attnproc.pipelines.shapes_models import shapes_model_dir
+
+        source = str(shapes_model_dir(spec[7:]))
     if spec.startswith("tiny:"):
         from attnproc.pipelines import tiny_pipeline
 
@@ -84,13 +89,13 @@ def pipeline_facts(spec: str, options: dict | None = None) -> PipelineFacts:
         import diffusers
 
         try:
-            index = diffusers.DiffusionPipeline.load_config(spec)
+            index = diffusers.DiffusionPipeline.load_config(source)
         except Exception as e:
             raise PreflightError(f"pipeline {spec!r}: cannot read its model_index.json: {e}") from None
         cls = getattr(diffusers, index.get("_class_name", ""), None)
         if cls is None:
             raise PreflightError(f"pipeline {spec!r}: unknown pipeline class {index.get('_class_name')!r}")
-        target = ConfigOnlyPipeline(spec, {k: v for k, v in index.items()
+        target = ConfigOnlyPipeline(source, {k: v for k, v in index.items()
                                            if isinstance(v, (list, tuple)) and len(v) == 2})
     families = {}
     for name in DENOISERS:

@@ -31,14 +31,20 @@ import attnproc
 from .jobs import Job, JobFile, check_jobfile, load_jobfile
 from .manifest import MANIFEST, PARTS, append_record, current, finished, fold_parts, read_records
 from .media import remove_stale_temp_files, save_image, save_video, to_uint8_frames
+from .preflight import check_method
 from .timing import check_counts, compare_runs, stats
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------- pipelines
 def load_pipeline(spec: str, options: dict | None = None, device: str | torch.device | None = None):
-    """``tiny:<family>`` (offline, random weights), a local folder, or a hub id (``DiffusionPipeline``)."""
+    """``tiny:<family>`` (offline, random weights), ``shapes:<kind>`` (the trained shapes models shipped in the
+    package, loaded from their folder like any local one), a local folder, or a hub id (``DiffusionPipeline``)."""
     options = options or {}
+    if spec.startswith("shapes:"):
+        from attnproc.pipelines.shapes_models import shapes_model_dir
+
+        spec = str(shapes_model_dir(spec[7:]))
     if spec.startswith("tiny:"):
         from attnproc.pipelines import tiny_pipeline
 
@@ -67,12 +73,16 @@ def is_video_pipeline(pipe) -> bool:
 
 
 def build_call(pipe, spec: str, job: Job, device: torch.device | str = "cpu") -> dict:
-    """The pipeline ``__call__`` kwargs for ``job`` (tiny pipelines start from ``tiny_call_kwargs``)."""
+    """The pipeline ``__call__`` kwargs for ``job`` (tiny and shapes pipelines start from their call kwargs)."""
     params = _call_parameters(pipe)
     if spec.startswith("tiny:"):
         from attnproc.pipelines import tiny_call_kwargs
 
         call = tiny_call_kwargs(spec[5:], output_type="np")
+    elif spec.startswith("shapes:"):
+        from attnproc.pipelines import shapes_call_kwargs
+
+        call = shapes_call_kwargs(spec[7:], job.prompt)  # what the model was trained for
     else:
         call = {"output_type": "np"}
     call["prompt"] = job.prompt
@@ -253,7 +263,9 @@ def render(jobfile: JobFile | str | Path, out_dir: str | Path | None = None, *, 
     check_counts(repeats, 1)
     if compare:
         attnproc.create(compare)  # an unknown name fails before any work
-    check_jobfile(jobfile)  # every job against the pipeline's family and call, before anything renders
+    facts = check_jobfile(jobfile)  # every job against the pipeline's family and call, before anything renders
+    if compare:
+        check_method(facts, compare, {})
     if out_dir is None:
         out_dir = jobfile.output or (Path(jobfile.source).with_suffix("").name + "-render"
                                      if jobfile.source else "attnproc-render")

@@ -81,13 +81,16 @@ def test_automatic_options_show_automatic_not_a_number():
     assert radial["sink"] == {"kind": "dropdown", "choices": ["automatic", "True", "False"], "value": "automatic"}
     assert radial["block_size"]["kind"] == "slider" and radial["block_size"]["value"] == 128
     gna = {name: widget_spec(o) for name, o in infos["gna"].items()}
-    assert gna["min_tokens"]["kind"] == "number"  # 0-10,000,000: no slider
+    assert gna["min_tokens"]["kind"] == "number" and gna["dense_last_steps"]["kind"] == "number"  # 0-10,000
+    assert {m: widget_spec(o)["kind"] for m, o in infos["maskmod"].items() if o.type == "float"} == dict.fromkeys(
+        ["cross_weight", "self_weight", "time_power", "active_steps", "size_reg"], "slider")
     assert gna["dense_first_layers"]["kind"] == "number" and gna["dense_first_layers"]["value"] == 0
     from attnproc.ui.app import _widget_value
 
     assert _widget_value(infos["radial"]["sink"], "automatic") is None
     assert _widget_value(infos["radial"]["sink"], "False") is False
     assert _widget_value(infos["radial"]["decay"], None) is None
+    assert _widget_value(infos["radial"]["decay"], "") is None and _widget_value(infos["radial"]["decay"], "0.5") == 0.5
 
 
 def test_default_pipeline_is_one_the_method_serves():
@@ -189,6 +192,9 @@ def test_chromium_loads_page_generates_and_screenshots(app):
             page.keyboard.press("Enter")
             pipeline = page.get_by_label("pipeline", exact=True)
             page.wait_for_function("el => el.value === 'tiny:wan21'", arg=pipeline.element_handle(), timeout=30_000)
+            automatic = page.locator("[placeholder='automatic']:visible")  # decay, dense_first_steps/_layers
+            automatic.first.wait_for(timeout=30_000)
+            assert automatic.count() == 3 and all(automatic.nth(i).input_value() == "" for i in range(3))
         finally:
             page.screenshot(path=str(shot), full_page=True)  # also on failure, to see why
             browser.close()

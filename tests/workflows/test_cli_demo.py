@@ -20,7 +20,8 @@ def test_methods_json_lists_registry():
 
 
 def test_demo_writes_videos_and_report(tmp_path):
-    report = run_demo("knobs", tmp_path, {"strength": 0.25}, repeats=2, progress=False,
+    report = run_demo("knobs", tmp_path, {"strength": 0.25}, pipeline="tiny:wan21", repeats=2,
+                      progress=False,
                       call_overrides={"num_inference_steps": 1, "num_frames": 5, "height": 64, "width": 64})
     assert set(report["runs"]) == {"dense", "knobs"}
     diff = report["difference_to_dense"]  # pixel levels, as in render --compare and the UI

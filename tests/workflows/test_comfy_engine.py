@@ -35,7 +35,7 @@ def engine(tmp_path_factory):
     work = tmp_path_factory.mktemp("comfyui")
     out = work / "results.json"
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("comfy_engine.py")), str(comfyui_dir()),
-                           str(work), str(out)], capture_output=True, text=True, timeout=900)
+                           str(work), str(out)], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
     print(json.dumps(results, indent=1))  # the measured numbers (pytest -s, or on failure)

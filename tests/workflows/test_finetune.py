@@ -81,6 +81,10 @@ def test_kill_and_resume_give_the_uninterrupted_weights(tmp_path):
     other = parse_finetune_config(dict(BASE, output=str(tmp_path / "killed"), lr=2e-3))
     with pytest.raises(ValueError, match="different fine-tuning config"):
         finetune(other, progress=False)
+    # gradient checkpointing recomputes the forward: same losses and weights, less activation memory
+    ckpt = finetune(parse_finetune_config(dict(BASE, steps=2, gradient_checkpointing=True,
+                                               output=str(tmp_path / "gc"))), progress=False)
+    assert ckpt.losses == whole.losses[:2]
 
 
 def test_lora_export_loads_with_diffusers_and_cli_runs(tmp_path):

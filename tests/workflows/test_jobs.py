@@ -118,3 +118,14 @@ def test_maskmod_prompt_comes_from_the_job_and_a_mismatch_is_refused():
     composed = parse_jobfile({**BASE, "jobs": [{"prompt": "a red fox in the snow", "method": ["dense", "maskmod"],
                                                 "options": {"maskmod": {"regions": regions}}}]})
     assert composed.jobs[0].options == {"maskmod": {"regions": regions, "prompt": "a red fox in the snow"}}
+
+
+def test_compare_method_is_checked_against_the_pipeline_too(tmp_path):
+    from attnproc.workflows.preflight import PreflightError
+    from attnproc.workflows.render import render
+
+    path = tmp_path / "jobs.json"
+    path.write_text(json.dumps({**BASE, "jobs": [{"prompt": "a"}]}))
+    with pytest.raises(PreflightError, match="method 'radial' cannot run on tiny:sd15"):
+        render(path, tmp_path / "out", compare="radial", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,43 @@
+"""Trained quality of the shapes models, measured by the detector (dense attention).
+
+Fixed held-out prompts (dataset captions of seeds ≥ 2·10⁹, never trained on) × generation seeds
+0..n-1, each model at its ``shapes_call_kwargs``; rates of colour / kind / count (and motion for
+video) correct, as judged by ``attnproc.pipelines.shapes_detect.verdict``.
+
+    python benchmarks/shapes_quality.py [--n 64]   # -> benchmarks/results/shapes-quality.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from attnproc.pipelines.shapes_models import KINDS, eval_prompts, generate, quality, shapes_call_kwargs, shapes_pipeline
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=64, help="prompts × seeds per model (default 64)")
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS))
+    ap.add_argument("--out", type=Path, default=RESULTS / "shapes-quality.json")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    results = {}
+    for kind in a.kinds:
+        prompts = eval_prompts(kind, a.n)
+        q = quality(prompts, generate(shapes_pipeline(kind), kind, prompts, list(range(a.n))))
+        call = {k: v for k, v in shapes_call_kwargs(kind, "").items() if k != "prompt"}
+        results[kind] = {"call": call, **{k: v for k, v in q.items() if k != "verdicts"},
+                         "failures": [v for v in q["verdicts"] if not all(v[k] for k in ("colour", "kind", "count"))][:8]}
+        print(kind, {k: v for k, v in results[kind].items() if k not in ("failures", "call")})
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(results, indent=2, default=str))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Detector for the shapes world: coloured blobs → colour, kind, box; tracks → motion.
+
+Pure numpy. Works on what a pipeline writes: uint8 or float ([0, 1] or [-1, 1]) pixels, HWC or
+CHW. The background colour is read from the image border, foreground pixels are those far from
+it, each is given the nearest palette colour, and connected regions of one colour are shapes.
+The kind follows from how much of its box a blob fills (square ≈ 1, disc ≈ π/4, triangle ≈ 1/2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .shapes import COLOURS, _STEP
+
+_PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
+_NAMES = list(COLOURS)
+
+
+@dataclass(frozen=True)
+class Blob:
+    colour: str
+    kind: str
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1), x1/y1 exclusive
+    area: int
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return ((self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2)
+
+
+@dataclass(frozen=True)
+class Track:
+    colour: str
+    kind: str  # the kind seen most often along the track
+    motion: str  # left / right / up / down / staying
+    centres: tuple[tuple[float, float], ...]  # per frame where seen
+
+
+def to_uint8_hwc(image) -> np.ndarray:
+    """Accept uint8/float, [0,1] or [-1,1], HWC or CHW, numpy/torch/PIL; return uint8 HWC."""
+    a = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
+    if a.ndim != 3:
+        raise ValueError(f"image must have 3 dims (HWC or CHW), got shape {a.shape}")
+    if a.shape[0] in (3, 4) and a.shape[-1] not in (3, 4):
+        a = a.transpose(1, 2, 0)
+    a = a[..., :3]
+    if a.dtype != np.uint8:
+        a = a.astype(np.float32)
+        if a.min() < -0.01:
+            a = (a + 1) / 2
+        a = np.clip(np.round(a * 255), 0, 255).astype(np.uint8)
+    return a
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """4-connected components of a boolean mask, as arrays of flat indices (flood fill)."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask)
+    out = []
+    for start in np.flatnonzero(mask):
+        if seen.flat[start]:
+            continue
+        stack, members = [start], []
+        seen.flat[start] = True
+        while stack:
+            i = stack.pop()
+            members.append(i)
+            y, x = divmod(i, w)
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append(ny * w + nx)
+        out.append(np.array(members))
+    return out
+
+
+def _kind(fill: float, aspect: float) -> str:
+    if fill > 0.88:
+        return "square"
+    if fill > 0.66:
+        return "circle"
+    return "triangle"
+
+
+def detect(image, min_area_frac: float = 0.008, fg_threshold: float = 60.0) -> list[Blob]:
+    """Blobs of ``image``, largest first. Blobs under ``min_area_frac`` of the image are noise."""
+    a = to_uint8_hwc(image).astype(np.float32)
+    h, w, _ = a.shape
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    bg = np.median(border, axis=0)
+    fg = np.linalg.norm(a - bg, axis=-1) > fg_threshold
+    nearest = np.argmin(np.linalg.norm(a[:, :, None, :] - _PALETTE, axis=-1), axis=-1)
+    blobs = []
+    min_area = max(4, int(min_area_frac * h * w))
+    for c, name in enumerate(_NAMES):
+        for comp in _components(fg & (nearest == c)):
+            if comp.size < min_area:
+                continue
+            ys, xs = np.divmod(comp, w)
+            x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+            fill = comp.size / ((x1 - x0) * (y1 - y0))
+            blobs.append(Blob(name, _kind(fill, (x1 - x0) / (y1 - y0)), (x0, y0, x1, y1), int(comp.size)))
+    return sorted(blobs, key=lambda b: -b.area)
+
+
+def direction(dx: float, dy: float, min_shift: float) -> str:
+    """Name of the displacement (dx, dy): the dominant axis, or "staying" if under ``min_shift``."""
+    if max(abs(dx), abs(dy)) < min_shift:
+        return "staying"
+    return ("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up")
+
+
+def track(frames, min_shift_frac: float = 0.08, **detect_kw) -> list[Track]:
+    """Follow each colour's largest blob through ``frames`` and name its motion.
+
+    The motion is the displacement between the mean centres of the first and last quarter of
+    the frames where the colour is seen; under ``min_shift_frac`` of the width it is "staying".
+    """
+    per_frame = [detect(f, **detect_kw) for f in frames]
+    width = to_uint8_hwc(frames[0]).shape[1]
+    tracks = []
+    for name in _NAMES:
+        seen = [(i, next(b for b in bl if b.colour == name)) for i, bl in enumerate(per_frame)
+                if any(b.colour == name for b in bl)]
+        if len(seen) < max(2, len(per_frame) // 2):
+            continue
+        centres = np.array([b.centre for _, b in seen])
+        q = max(1, len(seen) // 4)
+        dx, dy = centres[-q:].mean(0) - centres[:q].mean(0)
+        kinds = [b.kind for _, b in seen]
+        kind = max(set(kinds), key=kinds.count)
+        tracks.append(Track(name, kind, direction(dx, dy, min_shift_frac * width), tuple(map(tuple, centres))))
+    return tracks
+
+
+def parse_caption(text: str) -> list[dict]:
+    """The shapes a caption of the grammar asks for: [{"colour", "kind", "motion"}]."""
+    out = []
+    for part in text.replace(",", " and").split(" and "):
+        words = part.split()
+        colour = next((w for w in words if w in COLOURS), None)
+        kind = next((w for w in words if w in ("circle", "square", "triangle")), None)
+        motion = "staying"
+        if "moving" in words:
+            nxt = words[words.index("moving") + 1:]
+            motion = nxt[0] if nxt and nxt[0] in _STEP else "staying"
+        if colour or kind:
+            out.append({"colour": colour, "kind": kind, "motion": motion})
+    return out
+
+
+def verdict(prompt: str, media) -> dict:
+    """Does ``media`` (one image, or a list of frames) show what ``prompt`` asks for?
+
+    Per asked shape: colour found, kind right, motion right (videos); plus the count check.
+    """
+    asked = parse_caption(prompt)
+    frames = list(media) if isinstance(media, (list, tuple)) or np.asarray(media).ndim == 4 else [media]
+    video = len(frames) > 1
+    if video:
+        found = [{"colour": t.colour, "kind": t.kind, "motion": t.motion} for t in track(frames)]
+    else:
+        found = [{"colour": b.colour, "kind": b.kind, "motion": "staying"} for b in detect(frames[0])]
+    per = []
+    for want in asked:
+        got = next((f for f in found if f["colour"] == want["colour"]), None)
+        per.append({
+            "asked": want,
+            "colour": got is not None,
+            "kind": got is not None and got["kind"] == want["kind"],
+            "motion": got is not None and got["motion"] == want["motion"],
+        })
+    return {
+        "prompt": prompt,
+        "found": found,
+        "shapes": per,
+        "colour": all(p["colour"] for p in per),
+        "kind": all(p["kind"] for p in per),
+        "motion": all(p["motion"] for p in per) if video else None,
+        "count": len(found) == len(asked),
+    }

@@ -1,0 +1,282 @@
+"""Issue 10, one focused test per numbered item: attnproc must be invisible (``dense``) or refuse clearly under what
+diffusers users do. Items whose fix lives in the processor / family adapters are strict xfails pinning today's
+failure, to be flipped by phase 2."""
+import pytest
+import torch
+from diffusers import (FlowMatchHeunDiscreteScheduler, FluxKontextPipeline, HeunDiscreteScheduler,
+                       StableDiffusionImg2ImgPipeline)
+from diffusers.models.embeddings import ImageProjection
+
+import attnproc
+from attnproc import hooks
+from attnproc.context import DenoiserContext
+from attnproc.families import attention_modules, family_of
+from attnproc.processor import AttnProcessor
+from attnproc.pipelines import tiny_call_kwargs, tiny_pipeline
+
+
+def images(pipe, family, **overrides):
+    kwargs = tiny_call_kwargs(family, **overrides)
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    out = pipe(**kwargs)
+    return out.frames if hasattr(out, "frames") else out.images
+
+
+def step_trace(sites):
+    """(index, num_steps) per forward, in call order."""
+    seen = []
+    for s in sites:
+        key = (s.step.index, s.step.num_steps)
+        if not seen or seen[-1] != key:
+            seen.append(key)
+    return seen
+
+
+def callback_steps(pipe, call):
+    seen = []
+
+    def record(p, i, t, kwargs):
+        seen.append(i)
+        return kwargs
+    call(callback_on_step_end=record)
+    return seen
+
+
+# ---- 1. IP-Adapter ------------------------------------------------------------------------------------------
+def sd_ip_adapter(unet, tokens: int = 4) -> dict:
+    """A random SD-style IP-Adapter state dict for ``unet`` (cross-attention layers get odd ids, as in real ones)."""
+    cross = unet.config.cross_attention_dim
+    gen = torch.Generator().manual_seed(1)
+    layers, key = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            inner = unet.get_submodule(name[: -len(".processor")]).to_q.out_features
+            for proj in ("to_k_ip", "to_v_ip"):
+                layers[f"{key}.{proj}.weight"] = torch.randn(inner, cross, generator=gen) * 0.3
+            key += 2
+    proj = ImageProjection(cross_attention_dim=cross, image_embed_dim=cross, num_image_text_embeds=tokens).state_dict()
+    image_proj = {"proj.weight": proj["image_embeds.weight"], "proj.bias": proj["image_embeds.bias"],
+                  "norm.weight": proj["norm.weight"], "norm.bias": proj["norm.bias"]}
+    return {"image_proj": image_proj, "ip_adapter": layers}
+
+
+def ip_inputs(pipe):
+    cross = pipe.unet.config.cross_attention_dim
+    embeds = torch.randn(2, 1, cross, generator=torch.Generator().manual_seed(2))  # (uncond, cond) for CFG
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :8] = 1  # the adapter acts on the left half only
+    return {"ip_adapter_image_embeds": [embeds], "cross_attention_kwargs": {"ip_adapter_masks": [mask]}}
+
+
+def with_ip_adapter(pipe, state):
+    pipe.unet._load_ip_adapter_weights([state])
+    pipe.set_ip_adapter_scale(1.0)
+
+
+@pytest.fixture(scope="module")
+def sd_ip_stock():
+    pipe = tiny_pipeline("sd15")
+    state = sd_ip_adapter(pipe.unet)
+    with_ip_adapter(pipe, state)
+    return state, images(pipe, "sd15", **ip_inputs(pipe))
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="issue 10 item 1: fixed in phase 2 (diffusers rebuilds processors as cls(): "
+                          "AttnProcessor.__init__() missing 'method')")
+def test_item1_ip_adapter_loaded_after_apply(sd_ip_stock):
+    state, stock = sd_ip_stock
+    pipe = tiny_pipeline("sd15")
+    attnproc.apply(pipe, "dense")
+    with_ip_adapter(pipe, state)
+    torch.testing.assert_close(images(pipe, "sd15", **ip_inputs(pipe)), stock)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 1: fixed in phase 2 (ip_adapter_masks is not in the wrapper's signature, "
+                          "so Attention.forward drops it and the masks are ignored)")
+def test_item1_ip_adapter_loaded_before_apply_keeps_masks(sd_ip_stock):
+    state, stock = sd_ip_stock
+    pipe = tiny_pipeline("sd15")
+    with_ip_adapter(pipe, state)
+    attnproc.apply(pipe, "dense")
+    torch.testing.assert_close(images(pipe, "sd15", **ip_inputs(pipe)), stock)
+
+
+# ---- 2. layouts never break dense -----------------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="issue 10 item 2: fixed in phase 2 (the processor reads the layout eagerly and "
+                          "_flux_grid refuses Kontext's appended reference tokens)")
+def test_item2_flux_kontext_dense_matches_stock():
+    pipe = FluxKontextPipeline(**tiny_pipeline("flux").components)
+    kwargs = dict(image=torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(3)), _auto_resize=False)
+    stock = images(pipe, "flux", **kwargs)
+    attnproc.apply(pipe, "dense")
+    torch.testing.assert_close(images(pipe, "flux", **kwargs), stock)
+
+
+def test_item2_hook_reads_no_layout_unless_asked():
+    """The hook hands the layout over lazily: a forward the family cannot lay out (Kontext-style reference tokens
+    appended to the image tokens) runs, and the layout error comes only when someone asks for the layout."""
+    pipe = FluxKontextPipeline(**tiny_pipeline("flux").components)
+    model = pipe.transformer
+    context = DenoiserContext("flux", "transformer")
+    hooks.install(model, hooks.StepHook(family_of(model), context, hooks.StepTracker(pipe), hooks.forward_params(model)))
+    images(pipe, "flux", image=torch.rand(1, 3, 128, 128), _auto_resize=False, output_type="latent")
+    with pytest.raises(RuntimeError, match="flux: img_ids describe"):
+        context.last_layout
+
+
+# ---- 3. processors that make no SDPA call ---------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="issue 10 item 3: fixed in phase 2 (AttnProcessor makes no SDPA call; the processor "
+                          "blames a non-native backend)")
+def test_item3_default_attn_processor_dense_matches_stock():
+    pipe = tiny_pipeline("sd15")
+    pipe.unet.set_default_attn_processor()
+    stock = images(pipe, "sd15")
+    attnproc.apply(pipe, "dense")
+    torch.testing.assert_close(images(pipe, "sd15"), stock)
+
+
+# ---- 4. step index = the denoising loop's index ---------------------------------------------------------------
+@pytest.mark.parametrize("family, scheduler", [("sd15", HeunDiscreteScheduler), ("sdxl", HeunDiscreteScheduler),
+                                               ("sd3", FlowMatchHeunDiscreteScheduler)])
+def test_item4_heun_step_index_is_the_loop_index(family, scheduler):
+    pipe = tiny_pipeline(family)
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    handle = attnproc.apply(pipe, "probe")
+    loop = callback_steps(pipe, lambda **cb: images(pipe, family, num_inference_steps=3, output_type="latent", **cb))
+    assert loop == list(range(5))  # Heun: two evaluations per step but the first
+    assert step_trace(handle.method.sites) == [(i, 5) for i in loop]
+
+
+@pytest.mark.parametrize("scheduler", [None, HeunDiscreteScheduler])
+def test_item4_img2img_strength_counts_from_the_first_loop_step(scheduler):
+    base = tiny_pipeline("sd15")
+    pipe = StableDiffusionImg2ImgPipeline(**base.components)
+    if scheduler is not None:  # the tiny SD 1.5 uses DDIM, which has no begin_index
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    handle = attnproc.apply(pipe, "knobs", dense_first_steps=1, dense_cross=False)
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    kwargs = {k: v for k, v in tiny_call_kwargs("sd15", num_inference_steps=4, strength=0.5,
+                                                 output_type="latent").items() if k not in ("height", "width")}
+    loop = callback_steps(pipe, lambda **cb: pipe(image=image, **kwargs, **cb))
+    assert loop == list(range(len(loop))) and 1 < len(loop) < 4 * pipe.scheduler.order
+    # dense_first_steps=1: the first loop step ran dense, every later one sparse
+    per_step = len(attention_modules(pipe.unet))
+    assert handle.method.sparse_calls == per_step * (len(loop) - 1)
+
+
+def test_item4_video2video_strength():
+    from diffusers import WanVideoToVideoPipeline
+
+    components = tiny_pipeline("wan21").components
+    pipe = WanVideoToVideoPipeline(**{k: components[k] for k in WanVideoToVideoPipeline._get_signature_keys(
+        WanVideoToVideoPipeline)[0]})
+    handle = attnproc.apply(pipe, "probe")
+    video = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(i)) for i in range(9)]
+    kwargs = tiny_call_kwargs("wan21", num_inference_steps=4, strength=0.5, output_type="latent")
+    kwargs.pop("num_frames")
+    text = torch.Generator().manual_seed(5)  # embeddings given: the pipeline's prompt cleaning needs ftfy
+    dim = pipe.transformer.config.text_dim
+    kwargs.pop("prompt")
+    kwargs.update(prompt_embeds=torch.randn(1, 8, dim, generator=text), negative_prompt_embeds=torch.randn(1, 8, dim, generator=text))
+    loop = callback_steps(pipe, lambda **cb: pipe(video=video, **kwargs, **cb))
+    assert loop == [0, 1]
+    assert {(s.step.index, s.step.num_steps) for s in handle.method.sites} == {(0, 2), (1, 2)}
+
+
+# ---- 5. torch.compile -----------------------------------------------------------------------------------------
+def dynamo_counts(run):
+    """(graph breaks, recompiles) while ``run()`` executes."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    run()
+    breaks = sum(counters["graph_break"].values())
+    return breaks, counters["stats"]["unique_graphs"]
+
+
+def test_item5_step_hook_adds_no_graph_break_or_recompile():
+    """Only our hook on a compiled Wan transformer: the per-step work stays out of the graph."""
+    pipe = tiny_pipeline("wan21")
+    model = pipe.transformer
+    hooks.install(model, hooks.StepHook(family_of(model), DenoiserContext("wan", "transformer"),
+                                        hooks.StepTracker(pipe), hooks.forward_params(model)))
+    model.compile(backend="eager")
+    one = dynamo_counts(lambda: images(pipe, "wan21", num_inference_steps=1, output_type="latent"))
+    three = dynamo_counts(lambda: images(pipe, "wan21", num_inference_steps=3, output_type="latent"))
+    assert one == (0, 1) and three == (0, 1)  # one graph, reused at every step and branch
+
+
+def test_item5_apply_accepts_a_compiled_denoiser():
+    pipe = tiny_pipeline("sd15")
+    stock = images(pipe, "sd15")
+    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    handle = attnproc.apply(pipe, "probe")
+    assert handle.num_patched == len(attention_modules(pipe.unet._orig_mod))
+    torch.testing.assert_close(images(pipe, "sd15"), stock)
+    assert handle.method.sites
+    assert attnproc.remove(pipe) and not any(isinstance(m.processor, AttnProcessor) for _, m in
+                                             attention_modules(pipe.unet._orig_mod))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 5: fixed in phase 2 (the processor's TorchFunctionMode, lru_cache'd "
+                          "signature lookup and eager layout/step reads break the graph and recompile per step)")
+def test_item5_dense_compiled_has_no_graph_breaks():
+    pipe = tiny_pipeline("wan21")
+    attnproc.apply(pipe, "dense")
+    pipe.transformer.compile(backend="eager")
+    assert dynamo_counts(lambda: images(pipe, "wan21", num_inference_steps=3, output_type="latent")) == (0, 1)
+
+
+# ---- 6. fuse_qkv_projections / attention slicing after apply --------------------------------------------------
+def test_item6_fused_qkv_keeps_the_method_and_remove_restores_stock():
+    pipe = tiny_pipeline("sd15")
+    stock = images(pipe, "sd15")
+    pipe.fuse_qkv_projections()
+    fused_stock = images(pipe, "sd15")
+    pipe.unfuse_qkv_projections()
+    handle = attnproc.apply(pipe, "probe")
+    pipe.fuse_qkv_projections()
+    torch.testing.assert_close(images(pipe, "sd15"), fused_stock)
+    assert len({s.name for s in handle.method.sites}) == handle.num_patched  # every module still ran the method
+    attnproc.remove(pipe)
+    pipe.unfuse_qkv_projections()
+    procs = list(pipe.unet.attn_processors.values())
+    assert not any(isinstance(p, AttnProcessor) for p in procs)
+    torch.testing.assert_close(images(pipe, "sd15"), stock)
+
+
+def test_item6_attention_slicing_after_apply_never_drops_the_method_silently():
+    pipe = tiny_pipeline("sd15")
+    handle = attnproc.apply(pipe, "probe")
+    pipe.enable_attention_slicing(1)
+    try:
+        images(pipe, "sd15")
+    except RuntimeError as err:  # refused (phase 2 makes sliced attention work instead)
+        assert "scaled_dot_product_attention" in str(err)
+    else:
+        assert handle.method.sites
+
+
+# ---- 7. set_attn_processor on Qwen-Image; remove() leaves nothing behind --------------------------------------
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="issue 10 item 7: fixed in phase 2 (families.stock_processor_for has no Qwen-Image "
+                          "stock processor: 'cannot tell which stock processor')")
+def test_item7_qwenimage_set_attn_processor():
+    pipe = tiny_pipeline("qwenimage")
+    stock = images(pipe, "qwenimage")
+    pipe.transformer.set_attn_processor(attnproc.processor("dense", family="qwenimage"))
+    torch.testing.assert_close(images(pipe, "qwenimage"), stock)
+
+
+def test_item7_remove_leaves_no_hook_registry():
+    pipe = tiny_pipeline("wan21")
+    attnproc.apply(pipe, "dense")
+    attnproc.remove(pipe)
+    assert "_diffusers_hook" not in vars(pipe.transformer)
+    assert "forward" not in vars(pipe.transformer)

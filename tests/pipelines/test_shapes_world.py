@@ -1,0 +1,151 @@
+"""Shapes world: the dataset's ground truth, the detector against it, the training recipe."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from attnproc.pipelines.shapes import COLOURS, BACKGROUND, batch, caption, render_sample
+from attnproc.pipelines.shapes_detect import detect, direction, parse_caption, track, verdict
+
+
+def test_samples_are_deterministic_and_differ_by_seed():
+    a, b = render_sample(5, 64, frames=9), render_sample(5, 64, frames=9)
+    assert np.array_equal(a.pixels, b.pixels) and a.caption == b.caption and a.shapes == b.shapes
+    assert not np.array_equal(a.pixels, render_sample(6, 64, frames=9).pixels)
+
+
+def test_ground_truth_matches_pixels():
+    s = render_sample(11, 64)
+    for shape in s.shapes:
+        x0, y0, x1, y1 = (int(round(v)) for v in shape.boxes[0])
+        cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+        assert tuple(s.pixels[0, cy + 1, cx]) == COLOURS[shape.colour]  # inside every kind near the centre
+    assert tuple(s.pixels[0, 0, 0]) == BACKGROUND
+
+
+def test_caption_grammar():
+    s = render_sample(3, 64, frames=17)
+    assert s.caption == caption(s.shapes, 64, video=True)
+    words = [render_sample(i, 64).caption for i in range(40)]
+    assert any(" and " in w for w in words) and any(", " in w for w in words)
+    assert any(" on the " in w for w in words)
+    moving = [render_sample(i, 64, frames=17).caption for i in range(20)]
+    assert any("moving left" in w for w in moving) and any("moving up" in w for w in moving)
+
+
+def test_motion_follows_ground_truth():
+    for seed in range(10):
+        s = render_sample(seed, 64, frames=17)
+        for shape in s.shapes:
+            (ax0, ay0, *_), (bx0, by0, *_) = shape.boxes[0], shape.boxes[-1]
+            assert direction(bx0 - ax0, by0 - ay0, 1.0) == shape.motion
+            assert all(0 <= v <= 64 for box in shape.boxes for v in box)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(size=8), "size must be >= 16"),
+    (dict(frames=0), "frames must be >= 1"),
+    (dict(max_shapes=9), "max_shapes must be in 1..4"),
+])
+def test_bad_sample_options(bad, match):
+    with pytest.raises(ValueError, match=match):
+        render_sample(0, **{"size": 64, **bad})
+
+
+def test_detector_is_right_on_clean_images():
+    """Colour, kind and count on 150 clean dataset images at 64² (the trained image size)."""
+    wrong = []
+    for seed in range(150):
+        s = render_sample(seed, 64)
+        v = verdict(s.caption, s.pixels[0])
+        if not (v["colour"] and v["kind"] and v["count"]):
+            wrong.append((seed, s.caption, v["found"]))
+    assert not wrong
+
+
+def test_detector_boxes_match_ground_truth():
+    s = render_sample(21, 64)
+    for shape in s.shapes:
+        blob = next(b for b in detect(s.pixels[0]) if b.colour == shape.colour)
+        assert np.allclose(blob.box, shape.boxes[0], atol=1.5)
+
+
+def test_detector_accepts_float_chw_and_signed_ranges():
+    s = render_sample(2, 64)
+    u8 = detect(s.pixels[0])
+    f01 = detect(torch.from_numpy(s.pixels[0]).permute(2, 0, 1).float() / 255)
+    fpm = detect(s.pixels[0].astype(np.float32) / 127.5 - 1)
+    assert u8 == f01 == fpm
+
+
+def test_tracker_reads_motion_of_clean_videos():
+    """Colour and motion on 40 clean videos at 32² × 17 frames (the trained video size)."""
+    for seed in range(40):
+        s = render_sample(seed, 32, frames=17, max_shapes=1)
+        v = verdict(s.caption, list(s.pixels))
+        assert v["colour"] and v["motion"] and v["count"], (seed, s.caption, v["found"])
+
+
+def test_verdict_rejects_wrong_content():
+    red_right = render_sample(0, 64, frames=17)
+    shape = red_right.shapes[0]
+    other = next(c for c in COLOURS if c != shape.colour)
+    v = verdict(f"a {other} {shape.kind}", list(red_right.pixels))
+    assert not v["colour"]
+    blank = np.full((64, 64, 3), BACKGROUND, np.uint8)
+    assert detect(blank) == [] and not verdict("a red circle", blank)["count"]
+    assert track([blank] * 5) == []
+
+
+def test_parse_caption():
+    assert parse_caption("a red circle moving left and a blue square") == [
+        {"colour": "red", "kind": "circle", "motion": "left"},
+        {"colour": "blue", "kind": "square", "motion": "staying"},
+    ]
+    assert len(parse_caption("a red circle, a green triangle and a yellow square on the top")) == 3
+
+
+def test_batch_layout_and_range():
+    pix, caps = batch([1, 2], size=32, frames=3)
+    assert pix.shape == (2, 3, 3, 32, 32) and pix.dtype == np.float32
+    assert pix.min() >= -1 and pix.max() <= 1 and len(caps) == 2
+
+
+# ----------------------------------------------------------------------------- training recipe
+def _smoke(tmp_path, steps, name="run"):
+    from attnproc.pipelines.shapes_train import train
+
+    return train("flux", steps=steps, batch_size=2, seed=0, work=tmp_path / name, out=tmp_path / f"{name}-out",
+                 vae_steps=1, vae_batch=2, ckpt_every=1, pool=4)
+
+
+def test_training_smoke_resumes_exactly_and_loads(tmp_path):
+    """A few steps: the exported folder loads through DiffusionPipeline; resuming 2 → 3 steps equals 3 straight."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    _smoke(tmp_path, 2, "resumed")
+    out = _smoke(tmp_path, 3, "resumed")
+    _smoke(tmp_path, 3, "straight")
+    a = load_file(str(tmp_path / "resumed" / "denoiser.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "denoiser.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "loss.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    pipe = DiffusionPipeline.from_pretrained(out, dtype=torch.float32)
+    assert type(pipe).__name__ == "FluxPipeline"
+    assert pipe.transformer.dtype == torch.float32
+    assert next(iter(load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors")).values())).dtype == torch.float16
+
+
+def test_training_rejects_bad_options(tmp_path):
+    from attnproc.pipelines.shapes_train import train
+
+    with pytest.raises(ValueError, match="kind must be one of"):
+        train("sdxl", steps=1, batch_size=1, work=tmp_path)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        train("flux", steps=0, batch_size=1, work=tmp_path)
+    assert not any(tmp_path.iterdir())
