@@ -29,7 +29,9 @@ class Method:
     * ``needs_block_input``: reads ``site.inputs.block_input`` (``apply`` then hooks each transformer block);
     * ``families``: the model families served (``None``: every family), checked at ``bind``;
     * ``sdpa_extras``: the SDPA options honoured beyond ``attn_mask``/``scale`` (``dropout_p``, ``is_causal``,
-      ``enable_gqa``); a call using another one is refused.
+      ``enable_gqa``); a call using another one is refused;
+    * ``computes_output``: may compute a whole attention module's output itself (:meth:`module_output`), for
+      methods that change more than the SDPA call (AgentSD merges tokens before the projections).
     """
 
     name: ClassVar[str]
@@ -39,6 +41,7 @@ class Method:
     needs_block_input: ClassVar[bool] = False
     families: ClassVar[tuple[str, ...] | None] = None
     sdpa_extras: ClassVar[frozenset[str]] = frozenset()
+    computes_output: ClassVar[bool] = False
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()
@@ -46,6 +49,12 @@ class Method:
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Site, *,
                   attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def module_output(self, site: Site) -> torch.Tensor | None:
+        """Methods with ``computes_output``: the attention module's output (what its stock processor returns)
+        computed from ``site.module`` and ``site.inputs``, or ``None`` to run the stock processor with its SDPA
+        call routed to :meth:`attention` as usual. Called once per processor call, before the stock processor."""
+        return None
 
     def bind(self, target) -> None:
         """Called by ``attnproc.apply`` with the pipeline (or model) before any processor is installed, for

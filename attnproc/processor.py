@@ -171,6 +171,14 @@ class AttnProcessor:
             image_rotary_emb=image_rotary_emb if image_rotary_emb is not None else (args[2] if len(args) > 2 else None),
             block_input=self.block.value if self.block is not None else None)
         states = self.prepare(attn, kind) or {}
+        if self.method.computes_output:  # the method may compute the whole call (see Method.module_output)
+            q_len = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states[0, 0].numel()
+            ctx_len = context.shape[1] if context is not None and context.ndim == 3 else 0
+            q_len += ctx_len if kind == "joint" else 0  # joint: the stock processor attends [visual, text] together
+            kv_len = ctx_len if kind == "cross" else q_len
+            out = self.method.module_output(self._site(attn, kind, q_len, kv_len, 0, inputs, states))
+            if out is not None:
+                return out
         route = _RouteAttention(lambda call, **sdpa: self._attend(attn, kind, call, inputs, states, **sdpa))
         with route:
             out = stock(attn, hidden_states, *args, **kwargs)
@@ -199,7 +207,7 @@ class AttnProcessor:
 
     # ---------------------------------------------------------------------------------------------------
     def _attend(self, attn, kind, call, inputs, states, query, key, value, attn_mask=None, scale=None, **extra):
-        site = self._site(attn, kind, query, key, call, inputs, states)
+        site = self._site(attn, kind, query.shape[-2], key.shape[-2], call, inputs, states)
         extra = {k: v for k, v in extra.items() if v != _SDPA_DEFAULTS.get(k)}
         unsupported = sorted(set(extra) - self.method.sdpa_extras)
         if unsupported:
@@ -207,16 +215,16 @@ class AttnProcessor:
                                       f"(it supports {sorted(self.method.sdpa_extras) or 'none'})")
         return self.method.attention(query, key, value, site, attn_mask=attn_mask, scale=scale, **extra)
 
-    def _site(self, attn, kind, query, key, call=0, inputs=None, states=None) -> Site:
+    def _site(self, attn, kind, q_len, kv_len, call=0, inputs=None, states=None) -> Site:
         info = self.info
         base, step, text_valid = self.layout, None, None
         if self.context is not None and self.context.layout is not None:
             base, step, text_valid = self.context.layout, self.context.step, self.context.text_valid
         layout = None
         if base is not None and info.family is not None:
-            layout = info.family.site_layout(base, kind, query.shape[-2], key.shape[-2], text_valid)
+            layout = info.family.site_layout(base, kind, q_len, kv_len, text_valid)
         elif base is not None:
             layout = base
         return Site(family=info.family.name if info.family else None, denoiser=info.denoiser, name=info.name,
                     index=info.index, layer=info.layer, kind=kind, layout=layout, step=step, module=attn, call=call,
-                    inputs=inputs, state=states if states is not None else {})
+                    inputs=inputs, state=states if states is not None else {}, base_layout=base)

@@ -108,6 +108,9 @@ class Registry:
         base, edits = built[0], built[1:]
         if isinstance(base, Edit) and edits:
             raise ValueError(f"{names[0]!r} is an edit; put the base method (dense or a sparse method) first")
+        if base.computes_output and edits:
+            raise ValueError(f"{names[0]!r} computes whole attention calls itself (it merges tokens before the "
+                             f"projections), so edits cannot be composed around it (got {names})")
         for n, e in zip(names[1:], edits):
             if not isinstance(e, Edit):
                 raise ValueError(f"{n!r} is not an edit; only one base method can be composed (got {names})")

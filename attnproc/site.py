@@ -37,6 +37,9 @@ class Site:
     modules' parents: Wan's ``blocks.3.attn1`` and ``blocks.3.attn2`` are both layer 3). ``call`` counts the
     SDPA calls inside one processor call (Wan I2V makes two: text, then image context).
 
+    ``base_layout`` is the denoiser forward's layout at full resolution (the latent grid); it differs from
+    ``layout`` only in multiscale families (UNet), where ``layout`` is the grid of the module's level.
+
     ``layout`` and ``step`` are ``None`` when the processor runs without our hooks (plain
     ``set_attn_processor`` without an explicit layout). ``inputs`` holds the processor's inputs, ``state`` the
     per-module state of the method(s) (``{method name: nn.Module}``, see ``Method.create_state``).
@@ -54,6 +57,7 @@ class Site:
     call: int = 0
     inputs: CallInputs | None = field(default=None, compare=False, repr=False)
     state: Mapping[str, torch.nn.Module] = field(default_factory=dict, compare=False, repr=False)
+    base_layout: TokenLayout | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -79,79 +79,47 @@ def bench_shape(name, latent, grid, channels, heads, reps, batch=2):
                 timing=timing)
 
 
-class _Attn1Harness:
-    """Benchmark-only wiring until the method is registered: diffusers' public ``set_processor`` on every
-    ``attn1`` plus forward-pre-hooks (the UNet's for the latent size, each transformer block's for its input)."""
-
-    def __init__(self, unet, config: AgentConfig):
-        from diffusers.models.attention import BasicTransformerBlock
-
-        self.config, self.latent, self.step, self.inputs, self.patched = config, None, (0, 50), {}, set()
-        self.generator = torch.Generator().manual_seed(0)
-        self.handles = [unet.register_forward_pre_hook(self._latent_hook, with_kwargs=True)]
-        self.blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
-        for block in self.blocks:
-            self.handles.append(block.register_forward_pre_hook(self._block_hook, with_kwargs=True))
-
-    def _latent_hook(self, module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        self.latent = tuple(sample.shape[-2:])
-
-    def _block_hook(self, block, args, kwargs):
-        self.inputs[block.attn1] = args[0] if args else kwargs["hidden_states"]
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
-        plan = self.config.plan(self.latent, hidden_states.shape[1], *self.step)
-        if plan is None:
-            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        self.patched.add(attn)
-        return agent_self_attention(attn, hidden_states, self.inputs[attn], *plan, generator=self.generator)
-
-    def install(self, on: bool):
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        self.stock = AttnProcessor2_0()
-        for block in self.blocks:
-            block.attn1.set_processor(self if on else self.stock)
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 def bench_unet_step(reps):
-    """One SD 1.5 UNet forward (random weights, the SD 1.5 config) at 512^2 with CFG batch 2: dense, AgentSD at an
-    early step (index 0 of 50) and a late step (index 49 of 50); relative L2 of the noise prediction vs dense."""
+    """One SD 1.5 UNet forward (random weights, the SD 1.5 config) at 512^2 with CFG batch 2 through the registered
+    method (``attnproc.apply(unet, "agent")``): dense, AgentSD's early settings, and its late settings (given as
+    the early ones, since a bare UNet call has no step); relative L2 of the noise prediction vs dense."""
+    import attnproc
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()
     sample, ctx, t = torch.randn(2, 4, 64, 64), torch.randn(2, 77, 768), torch.tensor(500)
-    harness = _Attn1Harness(unet, AgentConfig())
-    outs = {}
+    late = dict(early_sx=2, early_sy=2, early_agent_ratio=0.5)
+    outs, patched = {}, set()
 
-    def variant(name, on, step):
+    def variant(name, options):
         def fn():
-            harness.install(on)
-            harness.step = step
-            harness.generator.manual_seed(0)
-            outs[name] = unet(sample, t, encoder_hidden_states=ctx).sample
+            if options is not None:
+                handle = attnproc.apply(unet, "agent", **options)
+                inner = handle.method.module_output
+
+                def counted(site):  # the attn1 modules the method actually computed
+                    out = inner(site)
+                    if out is not None:
+                        patched.add(site.name)
+                    return out
+                handle.method.module_output = counted
+            try:
+                outs[name] = unet(sample, t, encoder_hidden_states=ctx).sample
+            finally:
+                attnproc.remove(unet)
         return fn
 
-    try:
-        with torch.no_grad():
-            timing = round_robin({"dense": variant("dense", False, (0, 50)),
-                                  "agent_early": variant("agent_early", True, (0, 50)),
-                                  "tome_late": variant("tome_late", True, (49, 50))}, reps)
-    finally:
-        harness.install(False)
-        harness.remove()
+    with torch.no_grad():
+        timing = round_robin({"dense": variant("dense", None), "agent_early": variant("agent_early", {}),
+                              "tome_late": variant("tome_late", late)}, reps)
     dense = outs["dense"]
     for key in ("agent_early", "tome_late"):
         timing[key]["speedup_vs_dense"] = round(timing["dense"]["median_ms"] / timing[key]["median_ms"], 2)
         timing[key]["rel_l2_vs_dense"] = round(((outs[key] - dense).norm() / dense.norm()).item(), 4)
+    blocks = sum(1 for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock")
     return dict(shape="SD 1.5 UNet step, 512^2 (latent 64x64), batch 2, random weights",
-                transformer_blocks=len(harness.blocks), patched_blocks=len(harness.patched), timing=timing)
+                transformer_blocks=blocks, patched_blocks=len(patched), timing=timing)
 
 
 def main():

@@ -1,4 +1,4 @@
 """Sparse attention methods: :class:`SparseMethod` (the one path) and the built-in methods (each registers itself
 on import)."""
 from .base import SparseMethod  # noqa: F401
-from . import gna, radial  # noqa: F401,E402
+from . import agent, gna, radial  # noqa: F401,E402

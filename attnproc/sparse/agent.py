@@ -26,11 +26,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from attnproc.errors import UnsupportedFamilyError
 from attnproc.kernels import dense_attention
+from attnproc.method import Method
 from attnproc.options import option
+from attnproc.registry import register
 
 __all__ = ["agent_attention", "tome_merge", "agent_self_attention", "merge_grid", "pooled_agent_attention",
-           "AgentConfig", "AgentStep", "UNET_FAMILIES", "check_family"]
+           "AgentConfig", "AgentStep", "UNET_FAMILIES", "check_family", "first_attention_level", "call_generator",
+           "Agent"]
 
 UNET_FAMILIES = ("unet",)
 MAX_DOWNSAMPLE_CHOICES = (1, 2, 4, 8)
@@ -76,21 +80,26 @@ class AgentConfig:
     late_sy: int = option(2, low=1, high=64, help="destination window height in the later steps")
     late_agent_ratio: float = option(0.5, low=0, high=0.999,
                                      help="fraction merged away to form the agents, later steps (0.5: agents off)")
-    max_downsample: int = option(1, choices=MAX_DOWNSAMPLE_CHOICES,
-                                 help="patch blocks whose resolution is at most this many times below the latent's")
+    max_downsample: int | None = option(None, choices=MAX_DOWNSAMPLE_CHOICES,
+                                        help="patch blocks whose resolution is at most this many times below the "
+                                             "latent's (automatic: the UNet's first attention level, 1 for SD "
+                                             "1.x/2.x, 2 for SDXL)")
     agent_power: float = option(0.3, low=0, high=10, help="agent readout scale is (d^-0.5)^agent_power")
     shortcut: float = option(0.075, low=0, high=10, help="weight of the V shortcut added to the agent output")
     use_rand: bool = option(True, help="random destination inside each window (even batches only, as the reference)")
     dit: bool = option(False, help="allow DiT families: agents pooled from the queries (lossy, see docs/agent.md)")
     dit_agent_grid: int = option(16, low=1, high=256,
                                  help="DiT variant: agents per side of each frame's token grid (16: 256 agents)")
+    seed: int = option(0, low=0, high=2**31 - 1,
+                       help="seed of the random destinations (one generator per step and module, see docs/agent.md)")
 
     def validate(self):
         for name in ("ratio", "early_agent_ratio", "late_agent_ratio"):
             value = getattr(self, name)
             if not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        if self.max_downsample not in MAX_DOWNSAMPLE_CHOICES:  # build_config checks ranges, not numeric choices
+        if self.max_downsample is not None and self.max_downsample not in MAX_DOWNSAMPLE_CHOICES:
+            # build_config checks ranges, not numeric choices
             raise ValueError(f"max_downsample must be one of {MAX_DOWNSAMPLE_CHOICES}, got {self.max_downsample!r}")
 
     def switch_step(self, num_steps: int) -> int:
@@ -106,10 +115,12 @@ class AgentConfig:
         return AgentStep(self.early_sx, self.early_sy, self.ratio, self.early_agent_ratio)
 
     def plan(self, latent_hw: tuple[int, int], num_tokens: int, index: int | None = None,
-             num_steps: int | None = None) -> tuple[tuple[int, int], AgentStep] | None:
+             num_steps: int | None = None, *, auto_downsample: int = 1) -> tuple[tuple[int, int], AgentStep] | None:
         """What one block's ``attn1`` does at this step: ``(grid, settings)``, or ``None`` when the level rule
-        leaves the block alone."""
-        grid = merge_grid(latent_hw, num_tokens, self.max_downsample)
+        leaves the block alone. ``auto_downsample`` stands for ``max_downsample=None`` (see
+        :func:`first_attention_level`)."""
+        limit = self.max_downsample if self.max_downsample is not None else auto_downsample
+        grid = merge_grid(latent_hw, num_tokens, limit)
         return None if grid is None else (grid, self.at_step(index, num_steps))
 
 
@@ -117,7 +128,7 @@ def check_family(family: str | None, *, dit: bool = False) -> None:
     """AgentSD serves UNets; a DiT family needs the generic variant to be asked for explicitly."""
     if family in UNET_FAMILIES or (dit and family is not None):
         return
-    raise ValueError(
+    raise UnsupportedFamilyError(
         f"method 'agent' serves the UNet families {UNET_FAMILIES} (SD 1.x/2.x, SDXL); family {family!r} is a DiT: "
         "set dit=True for the generic pooled-agent variant (lossy, see docs/agent.md)")
 
@@ -366,3 +377,79 @@ def _pool_counts(grid, agent_grid, device) -> torch.Tensor:
         sizes.append((end - start).to(torch.float32))
     counts = sizes[0][:, None, None] * sizes[1][None, :, None] * sizes[2][None, None, :]
     return counts.to(device)
+
+
+# ---- the registered method ---------------------------------------------------------------------------------
+def first_attention_level(unet: torch.nn.Module) -> int:
+    """The downsampling factor of a UNet's first level with attention (``2 ** index`` of its first down block
+    with attentions): 1 for SD 1.x/2.x, 2 for SDXL, whose full-resolution level has no attention. It is what
+    ``max_downsample=None`` patches, so the reference's default level rule does not leave SDXL unpatched."""
+    types_ = list(getattr(getattr(unet, "config", None), "down_block_types", None) or ())
+    level = next((i for i, t in enumerate(types_) if "Attn" in t), 0)
+    return min(2 ** level, MAX_DOWNSAMPLE_CHOICES[-1])
+
+
+def call_generator(seed: int, step_index: int | None, module_index: int | None) -> torch.Generator:
+    """The generator for the random destinations of one ``attn1`` call: a fresh CPU generator seeded from the
+    method's ``seed``, the step and the module, so every block and step draws its own windows, runs repeat
+    exactly, and no state is carried between calls (the reference consumes one forked generator in call order)."""
+    return torch.Generator().manual_seed((int(seed) * 100_003 + (step_index or 0)) * 10_007 + (module_index or 0))
+
+
+@register
+class Agent(Method):
+    """AgentSD on SD 1.x/2.x and SDXL UNets: the whole ``attn1`` of each patched level is replaced by
+    :func:`agent_self_attention` (tokens are merged before the projections, so the method computes the module's
+    output: ``computes_output``); cross-attention and other levels run stock. ``dit=True`` opens DiT families to
+    :func:`pooled_agent_attention` on their self/joint SDPA call (lossy, docs/agent.md)."""
+
+    name = "agent"
+    summary = ("AgentSD: ToMe token merging plus agent tokens in the UNet self-attention (training-free; SD 1.x/2.x, "
+               "SDXL)")
+    Config = AgentConfig
+    needs_block_input = True
+    computes_output = True
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self._auto_downsample: dict[str | None, int] = {}  # per denoiser, found by bind
+
+    def check_family(self, family: str | None) -> None:
+        check_family(family, dit=self.config.dit)
+
+    def bind(self, target) -> None:
+        super().bind(target)
+        models = ([(type(target).__name__, target)] if isinstance(target, torch.nn.Module)
+                  else [(n, getattr(target, n, None)) for n in ("unet",)])
+        self._auto_downsample = {n: first_attention_level(m) for n, m in models if isinstance(m, torch.nn.Module)}
+
+    def module_output(self, site):
+        if site.kind != "self" or site.family not in UNET_FAMILIES:
+            return None  # cross-attention stays stock; DiT calls go through attention()
+        x = site.inputs.hidden_states
+        base = site.base_layout
+        if base is None:
+            site.require_layout(self.name)  # raises with what to do
+        step = site.step
+        index, num_steps = (step.index, step.num_steps) if step is not None else (None, None)
+        plan = self.config.plan((base.height, base.width), x.shape[1], index, num_steps,
+                                auto_downsample=self._auto_downsample.get(site.denoiser, 1))
+        if plan is None:
+            return None
+        grid, settings = plan
+        cfg = self.config
+        return agent_self_attention(site.module, x, self.block_input(site), grid, settings,
+                                    agent_power=cfg.agent_power, shortcut=cfg.shortcut, use_rand=cfg.use_rand,
+                                    generator=call_generator(cfg.seed, index, site.index))
+
+    def attention(self, q, k, v, site, *, attn_mask=None, scale=None):
+        cfg = self.config
+        if not (cfg.dit and site.family not in UNET_FAMILIES and site.kind in ("self", "joint") and attn_mask is None):
+            return dense_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        layout = site.require_layout(self.name)
+        f, h, w = layout.grid
+        text = layout.text_len if site.kind == "joint" else 0
+        return pooled_agent_attention(q, k, v, (f, h, w), agent_grid=(f, min(cfg.dit_agent_grid, h),
+                                                                      min(cfg.dit_agent_grid, w)),
+                                      text_len=text, text_position=layout.text_position if text else "before",
+                                      scale=scale, agent_power=cfg.agent_power, shortcut=0.0)
