@@ -69,6 +69,32 @@ def _accepted_kwargs(stock_cls: type) -> tuple[frozenset, bool]:
     return frozenset(params), var_kw
 
 
+def _sdpa_equivalent(stock: Any) -> Any | None:
+    """diffusers' SDPA-calling twin of a stock processor that computes attention itself (``None``: no twin known).
+
+    Custom Diffusion's twin shares the stock's trained layers (the same modules, not copies)."""
+    from diffusers.models import attention_processor as ap
+
+    if type(stock) in (ap.AttnProcessor, ap.SlicedAttnProcessor):
+        return ap.AttnProcessor2_0()
+    if type(stock) is ap.CustomDiffusionAttnProcessor:
+        twin = ap.CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False, hidden_size=stock.hidden_size,
+                                                  cross_attention_dim=stock.cross_attention_dim)
+        twin.train_kv, twin.train_q_out = stock.train_kv, stock.train_q_out
+        for name, child in stock.named_children():
+            setattr(twin, name, child)
+        return twin
+    return None
+
+
+def _non_native_backend(stock: Any) -> str | None:
+    """The non-native diffusers attention backend in force for ``stock``, if any."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    backend = getattr(stock, "_attention_backend", None) or _AttentionBackendRegistry._active_backend
+    return None if backend in (None, AttentionBackendName.NATIVE, "native") else str(backend)
+
+
 class BlockInput:
     """The hidden states entering one transformer block, kept from its forward-pre-hook until its forward ends.
 
@@ -158,6 +184,9 @@ class AttnProcessor:
         stock = self._stock_for(attn, kind)
         if kind is None:  # not attention over visual tokens: the stock processor as is
             return stock(attn, hidden_states, *args, **kwargs)
+        dense = self.method.name == "dense"
+        if not dense:  # dense keeps the stock as is (bit for bit); other methods need its SDPA twin, if any
+            stock = self._twin_for(stock) or stock
         accepted, var_kw = _accepted_kwargs(type(stock))
         for name, value in (("image_rotary_emb", image_rotary_emb), ("temb", temb),
                             ("encoder_hidden_states_mask", encoder_hidden_states_mask)):
@@ -175,12 +204,26 @@ class AttnProcessor:
         with route:
             out = stock(attn, hidden_states, *args, **kwargs)
         if route.calls == 0:
+            backend = _non_native_backend(stock)
+            if dense and backend is None:  # a processor that computes attention itself: dense is its output
+                return out
+            cause = (f"the non-native attention backend {backend!r} is selected (set_attention_backend / "
+                     "attention_backend / DIFFUSERS_ATTN_BACKEND); use the default 'native' backend with attnproc "
+                     "processors" if backend else
+                     f"{type(stock).__name__} computes attention itself and diffusers has no "
+                     "scaled_dot_product_attention equivalent attnproc knows; set an SDPA processor (e.g. "
+                     "AttnProcessor2_0) on this module before applying, or use method 'dense'")
             raise NonNativeBackendError(
                 f"attnproc: the stock {type(stock).__name__} made no scaled_dot_product_attention call, so method "
-                f"{self.method.name!r} could not run. A non-native attention backend is probably selected "
-                "(set_attention_backend / attention_backend / DIFFUSERS_ATTN_BACKEND); use the default 'native' "
-                "backend with attnproc processors.")
+                f"{self.method.name!r} could not run: {cause}.")
         return out
+
+    def _twin_for(self, stock):
+        """The SDPA twin of a stock processor that makes no SDPA call (made once per stock instance)."""
+        key = ("twin", id(stock))
+        if key not in self._stocks:
+            self._stocks[key] = (stock, _sdpa_equivalent(stock))  # the stock kept alive so its id stays unique
+        return self._stocks[key][1]
 
     def _check_parallel(self) -> None:
         if (self._parallel_config or parallel_config(self.stock)) is not None:
