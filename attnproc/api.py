@@ -217,7 +217,7 @@ def processor(method: str, *, family: str | None = None, layout: TokenLayout | N
     Without our hooks it knows neither layout nor step: methods that need them fail on the first call with a
     message saying what to do, unless ``layout`` (the full-resolution visual grid of the calls to come) and
     ``family`` (e.g. ``"wan"``; aliases such as ``"wan21"`` are accepted) are given. ``family`` also picks the stock processor for legacy ``Attention``
-    modules whose processor cannot be told from the module alone (SD3, HunyuanVideo, CogVideoX).
+    modules whose processor cannot be told from the module alone (SD3, HunyuanVideo, CogVideoX, Qwen-Image).
     """
     fam = family_named(family) if family is not None else None
     if layout is not None and not isinstance(layout, TokenLayout):

@@ -304,14 +304,15 @@ def test_item6_attention_slicing_after_apply_never_drops_the_method_silently():
 
 
 # ---- 7. set_attn_processor on Qwen-Image; remove() leaves nothing behind --------------------------------------
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="issue 10 item 7: fixed in phase 2 (families.stock_processor_for has no Qwen-Image "
-                          "stock processor: 'cannot tell which stock processor')")
 def test_item7_qwenimage_set_attn_processor():
     pipe = tiny_pipeline("qwenimage")
     stock = images(pipe, "qwenimage")
     pipe.transformer.set_attn_processor(attnproc.processor("dense", family="qwenimage"))
-    torch.testing.assert_close(images(pipe, "qwenimage"), stock)
+    assert torch.equal(images(pipe, "qwenimage"), stock)
+    probe = attnproc.processor("probe", family="qwenimage")
+    pipe.transformer.set_attn_processor(probe)
+    assert torch.equal(images(pipe, "qwenimage"), stock)
+    assert {s.kind for s in probe.method.sites} == {"joint"}
 
 
 def test_item7_remove_leaves_no_hook_registry():
