@@ -126,14 +126,26 @@ class AttnProcessor:
 
     ``__call__`` takes new-style positional arguments through ``*args`` and names every keyword argument a
     supported stock processor takes beyond the common ones, because legacy ``Attention.forward`` drops keyword
-    arguments the processor's signature does not name.
+    arguments the processor's signature does not name. Made around a ``stock``, the instance is of a subclass
+    per stock class (:func:`_class_for`) whose ``__call__`` shows the stock's exact signature, so the adapters'
+    extra keywords (``ip_adapter_masks``, ``ip_hidden_states``) reach it.
+
+    ``AttnProcessor()`` without a method (what diffusers makes when it rebuilds processors as ``cls()``, e.g.
+    ``load_ip_adapter``) is a placeholder: it runs the module's stock processor, and the step hook puts the
+    method back before the next forward.
     """
 
+    def __new__(cls, method: Method | None = None, *, stock: Any = None, **kwargs):
+        if cls is AttnProcessor and stock is not None:
+            cls = _class_for(type(stock))
+        return super().__new__(cls)
+
+    stock_class: type | None = None  # set on the per-stock-class subclasses
     # diffusers sets these on processors (set_attention_backend, enable_parallelism): we check them.
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, method: Method, *, stock: Any = None, info: ModuleInfo | None = None,
+    def __init__(self, method: Method | None = None, *, stock: Any = None, info: ModuleInfo | None = None,
                  context: DenoiserContext | None = None, layout: TokenLayout | None = None,
                  block: BlockInput | None = None):
         self.method = method
@@ -147,7 +159,8 @@ class AttnProcessor:
 
     def __repr__(self) -> str:
         where = self.info.name or "unbound"
-        return f"AttnProcessor({self.method.name!r} at {where}, stock={type(self.stock).__name__})"
+        name = self.method.name if self.method is not None else None
+        return f"AttnProcessor({name!r} at {where}, stock={type(self.stock).__name__})"
 
     # ---- per-module state ------------------------------------------------------------------------------
     def prepare(self, attn: torch.nn.Module, kind: str) -> torch.nn.Module | None:
@@ -182,8 +195,10 @@ class AttnProcessor:
         context = args[0] if args else kwargs.get("encoder_hidden_states")
         kind = self.info.kind or module_kind(attn, self.info.family, context is not None)
         stock = self._stock_for(attn, kind)
-        if kind is None:  # not attention over visual tokens: the stock processor as is
-            return stock(attn, hidden_states, *args, **kwargs)
+        if kind is None or self.method is None:  # not attention over visual tokens, or a placeholder: stock as is
+            given = {"image_rotary_emb": image_rotary_emb, "temb": temb,
+                     "encoder_hidden_states_mask": encoder_hidden_states_mask}
+            return stock(attn, hidden_states, *args, **kwargs, **{k: v for k, v in given.items() if v is not None})
         dense = self.method.name == "dense"
         if not dense:  # dense keeps the stock as is (bit for bit); other methods need its SDPA twin, if any
             stock = self._twin_for(stock) or stock
@@ -263,3 +278,28 @@ class AttnProcessor:
         return Site(family=info.family.name if info.family else None, denoiser=info.denoiser, name=info.name,
                     index=info.index, layer=info.layer, kind=kind, layout=layout, step=step, module=attn, call=call,
                     inputs=inputs, state=states if states is not None else {})
+
+
+@lru_cache(maxsize=None)
+def _class_for(stock_cls: type) -> type:
+    """The :class:`AttnProcessor` subclass wrapping ``stock_cls``: same behaviour, the stock's ``__call__``
+    signature (``Attention.forward`` passes on only the keywords it names)."""
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return AttnProcessor.__call__(self, attn, hidden_states, *args, **kwargs)
+
+    __call__.__signature__ = inspect.signature(stock_cls.__call__)
+    name = f"AttnProcessor_{stock_cls.__name__}"
+    __call__.__qualname__ = f"{name}.__call__"
+    return type(name, (AttnProcessor,), {"__call__": __call__, "__module__": __name__, "__qualname__": name,
+                                         "stock_class": stock_cls})
+
+
+def fresh_stock(placeholder: AttnProcessor, module: torch.nn.Module, family: Family | None, kind: str | None):
+    """What diffusers' ``value.__class__()`` would have made had the stock processor been installed: a fresh
+    instance of the stock class, or the module's default stock processor when that class needs arguments (an
+    IP-Adapter processor being unloaded)."""
+    try:
+        return placeholder.stock_class()
+    except TypeError:
+        return stock_processor_for(module, family, kind)
