@@ -137,7 +137,10 @@ def _flux_grid(model, a):
     h = int(ids[:, 1].max().item()) + 1
     w = int(ids[:, 2].max().item()) + 1
     if frames * h * w != x.shape[1]:
-        raise RuntimeError(f"flux: img_ids describe {frames}x{h}x{w} tokens but hidden_states has {x.shape[1]}")
+        raise RuntimeError(
+            f"flux: img_ids describe {frames}x{h}x{w} tokens but hidden_states has {x.shape[1]} (not one grid: e.g. "
+            "Flux Kontext's reference-image tokens appended to the generated image's); methods that need the "
+            "token layout do not serve such inputs yet, methods that need none (dense, steering) do")
     return (frames, h, w), None
 
 

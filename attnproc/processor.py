@@ -265,11 +265,22 @@ class AttnProcessor:
                                       f"(it supports {sorted(self.method.sdpa_extras) or 'none'})")
         return self.method.attention(query, key, value, site, attn_mask=attn_mask, scale=scale, **extra)
 
+    def _context_layout(self) -> TokenLayout | None:
+        """The forward's layout; ``None`` for a method that needs none when the family cannot lay the tokens out
+        (Flux Kontext's reference tokens appended to the image's), so such a method still runs."""
+        try:
+            return self.context.layout
+        except RuntimeError:
+            if self.method.needs_layout:
+                raise
+            return None
+
     def _site(self, attn, kind, query, key, call=0, inputs=None, states=None) -> Site:
         info = self.info
         base, step, text_valid = self.layout, None, None
-        if self.context is not None and self.context.layout is not None:
-            base, step, text_valid = self.context.layout, self.context.step, self.context.text_valid
+        context_layout = self._context_layout() if self.context is not None else None
+        if context_layout is not None:
+            base, step, text_valid = context_layout, self.context.step, self.context.text_valid
         layout = None
         if base is not None and info.family is not None:
             layout = info.family.site_layout(base, kind, query.shape[-2], key.shape[-2], text_valid)

@@ -120,15 +120,16 @@ def test_item1_wrapper_shows_the_stock_signature_and_rebuilds_as_a_placeholder()
 
 
 # ---- 2. layouts never break dense -----------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="issue 10 item 2: fixed in phase 2 (the processor reads the layout eagerly and "
-                          "_flux_grid refuses Kontext's appended reference tokens)")
 def test_item2_flux_kontext_dense_matches_stock():
     pipe = FluxKontextPipeline(**tiny_pipeline("flux").components)
     kwargs = dict(image=torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(3)), _auto_resize=False)
     stock = images(pipe, "flux", **kwargs)
     attnproc.apply(pipe, "dense")
-    torch.testing.assert_close(images(pipe, "flux", **kwargs), stock)
+    assert torch.equal(images(pipe, "flux", **kwargs), stock)
+    attnproc.remove(pipe)
+    attnproc.apply(pipe, "gna", dense_first_steps=0)  # needs the layout: refused, naming the cause
+    with pytest.raises(RuntimeError, match="Flux Kontext's reference-image tokens"):
+        images(pipe, "flux", **kwargs)
 
 
 def test_item2_hook_reads_no_layout_unless_asked():
