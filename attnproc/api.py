@@ -12,7 +12,7 @@ from .errors import AttnprocError, ContextParallelError
 from .families import Family, attention_modules, family_named, family_of
 from .layout import TokenLayout
 from .method import Method
-from .processor import STATE_ATTR, AttnProcessor, BlockInput, ModuleInfo
+from .processor import STATE_ATTR, AttnProcessor, BlockInput, ModuleInfo, fresh_stock
 from .registry import REGISTRY
 
 DENOISERS = ("unet", "transformer", "transformer_2")
@@ -171,7 +171,9 @@ def _rewrap(module, ours: AttnProcessor) -> AttnProcessor:
     ``enable_attention_slicing``, ``set_attn_processor``): the new processor becomes the stock one we wrap, so the
     user's choice (fused projections, slicing) and the method both stay in force."""
     current = module.processor
-    if isinstance(current, AttnProcessor):  # ours again (e.g. unfuse_qkv_projections restored the saved ones)
+    if isinstance(current, AttnProcessor) and current.method is None:  # rebuilt as cls() (load/unload_ip_adapter)
+        current = fresh_stock(current, module, ours.info.family, ours.info.kind)
+    elif isinstance(current, AttnProcessor):  # ours again (e.g. unfuse_qkv_projections restored the saved ones)
         return current
     wrapped = AttnProcessor(ours.method, stock=current, info=ours.info, context=ours.context, block=ours.block)
     module.set_processor(wrapped)
@@ -196,11 +198,15 @@ def remove(pipe) -> bool:
 
     removed = False
     for _, model in _denoisers(pipe):
-        for _, module in attention_modules(model):
+        for mod_name, module in attention_modules(model):
             ours = _ours(module)
             if ours is not None and ours.stock is not None:
                 ours.detach(module)
                 module.set_processor(_stock_of(ours))
+                removed = True
+            elif ours is not None and ours.method is None:  # a cls() placeholder no forward has replaced yet
+                family = family_of(model)
+                module.set_processor(fresh_stock(ours, module, family, family.kind_of(mod_name, module)))
                 removed = True
         saved = getattr(model, "original_attn_processors", None)
         if isinstance(saved, dict) and any(isinstance(p, AttnProcessor) for p in saved.values()):
@@ -217,7 +223,7 @@ def processor(method: str, *, family: str | None = None, layout: TokenLayout | N
     Without our hooks it knows neither layout nor step: methods that need them fail on the first call with a
     message saying what to do, unless ``layout`` (the full-resolution visual grid of the calls to come) and
     ``family`` (e.g. ``"wan"``; aliases such as ``"wan21"`` are accepted) are given. ``family`` also picks the stock processor for legacy ``Attention``
-    modules whose processor cannot be told from the module alone (SD3, HunyuanVideo, CogVideoX).
+    modules whose processor cannot be told from the module alone (SD3, HunyuanVideo, CogVideoX, Qwen-Image).
     """
     fam = family_named(family) if family is not None else None
     if layout is not None and not isinstance(layout, TokenLayout):

@@ -137,7 +137,10 @@ def _flux_grid(model, a):
     h = int(ids[:, 1].max().item()) + 1
     w = int(ids[:, 2].max().item()) + 1
     if frames * h * w != x.shape[1]:
-        raise RuntimeError(f"flux: img_ids describe {frames}x{h}x{w} tokens but hidden_states has {x.shape[1]}")
+        raise RuntimeError(
+            f"flux: img_ids describe {frames}x{h}x{w} tokens but hidden_states has {x.shape[1]} (not one grid: e.g. "
+            "Flux Kontext's reference-image tokens appended to the generated image's); methods that need the "
+            "token layout do not serve such inputs yet, methods that need none (dense, steering) do")
     return (frames, h, w), None
 
 
@@ -225,7 +228,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            comfy_models=("LTXV",)),
     Family("qwenimage", "Qwen-Image (QwenImageTransformer2DModel)", ("QwenImageTransformer2DModel",),
            _by_suffix({"attn": "joint"}), _qwen_grid, aliases=("qwen",), comfy_models=("QwenImage",),
-           kind_without_name=_kind_joint, joint_text="before", batched_cfg=False, timestep_scale=1000.0),
+           kind_without_name=_kind_joint, joint_text="before", batched_cfg=False, timestep_scale=1000.0,
+           legacy_processors={"joint": "QwenDoubleStreamAttnProcessor2_0"}),
 ]}
 _BY_WORD = {word: f for f in FAMILIES.values() for word in (f.name, *f.aliases)}
 
@@ -290,10 +294,12 @@ def stock_processor_for(module: torch.nn.Module, family: Family | None, kind: st
         return default_cls()
     from diffusers.models import attention_processor as ap
     from diffusers.models.transformers import transformer_hunyuan_video as hv
+    from diffusers.models.transformers import transformer_qwenimage as qwen
 
     classes = {"AttnProcessor2_0": ap.AttnProcessor2_0, "JointAttnProcessor2_0": ap.JointAttnProcessor2_0,
                "CogVideoXAttnProcessor2_0": ap.CogVideoXAttnProcessor2_0,
-               "HunyuanVideoAttnProcessor2_0": hv.HunyuanVideoAttnProcessor2_0}
+               "HunyuanVideoAttnProcessor2_0": hv.HunyuanVideoAttnProcessor2_0,
+               "QwenDoubleStreamAttnProcessor2_0": qwen.QwenDoubleStreamAttnProcessor2_0}
     if family is not None and kind in family.legacy_processors:
         return classes[family.legacy_processors[kind]]()
     plain = (getattr(module, "norm_q", None) is None and getattr(module, "added_kv_proj_dim", None) is None

@@ -69,6 +69,32 @@ def _accepted_kwargs(stock_cls: type) -> tuple[frozenset, bool]:
     return frozenset(params), var_kw
 
 
+def _sdpa_equivalent(stock: Any) -> Any | None:
+    """diffusers' SDPA-calling twin of a stock processor that computes attention itself (``None``: no twin known).
+
+    Custom Diffusion's twin shares the stock's trained layers (the same modules, not copies)."""
+    from diffusers.models import attention_processor as ap
+
+    if type(stock) in (ap.AttnProcessor, ap.SlicedAttnProcessor):
+        return ap.AttnProcessor2_0()
+    if type(stock) is ap.CustomDiffusionAttnProcessor:
+        twin = ap.CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False, hidden_size=stock.hidden_size,
+                                                  cross_attention_dim=stock.cross_attention_dim)
+        twin.train_kv, twin.train_q_out = stock.train_kv, stock.train_q_out
+        for name, child in stock.named_children():
+            setattr(twin, name, child)
+        return twin
+    return None
+
+
+def _non_native_backend(stock: Any) -> str | None:
+    """The non-native diffusers attention backend in force for ``stock``, if any."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    backend = getattr(stock, "_attention_backend", None) or _AttentionBackendRegistry._active_backend
+    return None if backend in (None, AttentionBackendName.NATIVE, "native") else str(backend)
+
+
 class BlockInput:
     """The hidden states entering one transformer block, kept from its forward-pre-hook until its forward ends.
 
@@ -100,14 +126,26 @@ class AttnProcessor:
 
     ``__call__`` takes new-style positional arguments through ``*args`` and names every keyword argument a
     supported stock processor takes beyond the common ones, because legacy ``Attention.forward`` drops keyword
-    arguments the processor's signature does not name.
+    arguments the processor's signature does not name. Made around a ``stock``, the instance is of a subclass
+    per stock class (:func:`_class_for`) whose ``__call__`` shows the stock's exact signature, so the adapters'
+    extra keywords (``ip_adapter_masks``, ``ip_hidden_states``) reach it.
+
+    ``AttnProcessor()`` without a method (what diffusers makes when it rebuilds processors as ``cls()``, e.g.
+    ``load_ip_adapter``) is a placeholder: it runs the module's stock processor, and the step hook puts the
+    method back before the next forward.
     """
 
+    def __new__(cls, method: Method | None = None, *, stock: Any = None, **kwargs):
+        if cls is AttnProcessor and stock is not None:
+            cls = _class_for(type(stock))
+        return super().__new__(cls)
+
+    stock_class: type | None = None  # set on the per-stock-class subclasses
     # diffusers sets these on processors (set_attention_backend, enable_parallelism): we check them.
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, method: Method, *, stock: Any = None, info: ModuleInfo | None = None,
+    def __init__(self, method: Method | None = None, *, stock: Any = None, info: ModuleInfo | None = None,
                  context: DenoiserContext | None = None, layout: TokenLayout | None = None,
                  block: BlockInput | None = None):
         self.method = method
@@ -121,7 +159,8 @@ class AttnProcessor:
 
     def __repr__(self) -> str:
         where = self.info.name or "unbound"
-        return f"AttnProcessor({self.method.name!r} at {where}, stock={type(self.stock).__name__})"
+        name = self.method.name if self.method is not None else None
+        return f"AttnProcessor({name!r} at {where}, stock={type(self.stock).__name__})"
 
     # ---- per-module state ------------------------------------------------------------------------------
     def prepare(self, attn: torch.nn.Module, kind: str) -> torch.nn.Module | None:
@@ -156,8 +195,13 @@ class AttnProcessor:
         context = args[0] if args else kwargs.get("encoder_hidden_states")
         kind = self.info.kind or module_kind(attn, self.info.family, context is not None)
         stock = self._stock_for(attn, kind)
-        if kind is None:  # not attention over visual tokens: the stock processor as is
-            return stock(attn, hidden_states, *args, **kwargs)
+        if kind is None or self.method is None:  # not attention over visual tokens, or a placeholder: stock as is
+            given = {"image_rotary_emb": image_rotary_emb, "temb": temb,
+                     "encoder_hidden_states_mask": encoder_hidden_states_mask}
+            return stock(attn, hidden_states, *args, **kwargs, **{k: v for k, v in given.items() if v is not None})
+        dense = self.method.name == "dense"
+        if not dense:  # dense keeps the stock as is (bit for bit); other methods need its SDPA twin, if any
+            stock = self._twin_for(stock) or stock
         accepted, var_kw = _accepted_kwargs(type(stock))
         for name, value in (("image_rotary_emb", image_rotary_emb), ("temb", temb),
                             ("encoder_hidden_states_mask", encoder_hidden_states_mask)):
@@ -183,12 +227,26 @@ class AttnProcessor:
         with route:
             out = stock(attn, hidden_states, *args, **kwargs)
         if route.calls == 0:
+            backend = _non_native_backend(stock)
+            if dense and backend is None:  # a processor that computes attention itself: dense is its output
+                return out
+            cause = (f"the non-native attention backend {backend!r} is selected (set_attention_backend / "
+                     "attention_backend / DIFFUSERS_ATTN_BACKEND); use the default 'native' backend with attnproc "
+                     "processors" if backend else
+                     f"{type(stock).__name__} computes attention itself and diffusers has no "
+                     "scaled_dot_product_attention equivalent attnproc knows; set an SDPA processor (e.g. "
+                     "AttnProcessor2_0) on this module before applying, or use method 'dense'")
             raise NonNativeBackendError(
                 f"attnproc: the stock {type(stock).__name__} made no scaled_dot_product_attention call, so method "
-                f"{self.method.name!r} could not run. A non-native attention backend is probably selected "
-                "(set_attention_backend / attention_backend / DIFFUSERS_ATTN_BACKEND); use the default 'native' "
-                "backend with attnproc processors.")
+                f"{self.method.name!r} could not run: {cause}.")
         return out
+
+    def _twin_for(self, stock):
+        """The SDPA twin of a stock processor that makes no SDPA call (made once per stock instance)."""
+        key = ("twin", id(stock))
+        if key not in self._stocks:
+            self._stocks[key] = (stock, _sdpa_equivalent(stock))  # the stock kept alive so its id stays unique
+        return self._stocks[key][1]
 
     def _check_parallel(self) -> None:
         if (self._parallel_config or parallel_config(self.stock)) is not None:
@@ -215,11 +273,22 @@ class AttnProcessor:
                                       f"(it supports {sorted(self.method.sdpa_extras) or 'none'})")
         return self.method.attention(query, key, value, site, attn_mask=attn_mask, scale=scale, **extra)
 
+    def _context_layout(self) -> TokenLayout | None:
+        """The forward's layout; ``None`` for a method that needs none when the family cannot lay the tokens out
+        (Flux Kontext's reference tokens appended to the image's), so such a method still runs."""
+        try:
+            return self.context.layout
+        except RuntimeError:
+            if self.method.needs_layout:
+                raise
+            return None
+
     def _site(self, attn, kind, q_len, kv_len, call=0, inputs=None, states=None) -> Site:
         info = self.info
         base, step, text_valid = self.layout, None, None
-        if self.context is not None and self.context.layout is not None:
-            base, step, text_valid = self.context.layout, self.context.step, self.context.text_valid
+        context_layout = self._context_layout() if self.context is not None else None
+        if context_layout is not None:
+            base, step, text_valid = context_layout, self.context.step, self.context.text_valid
         layout = None
         if base is not None and info.family is not None:
             layout = info.family.site_layout(base, kind, q_len, kv_len, text_valid)
@@ -228,3 +297,28 @@ class AttnProcessor:
         return Site(family=info.family.name if info.family else None, denoiser=info.denoiser, name=info.name,
                     index=info.index, layer=info.layer, kind=kind, layout=layout, step=step, module=attn, call=call,
                     inputs=inputs, state=states if states is not None else {}, base_layout=base)
+
+
+@lru_cache(maxsize=None)
+def _class_for(stock_cls: type) -> type:
+    """The :class:`AttnProcessor` subclass wrapping ``stock_cls``: same behaviour, the stock's ``__call__``
+    signature (``Attention.forward`` passes on only the keywords it names)."""
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return AttnProcessor.__call__(self, attn, hidden_states, *args, **kwargs)
+
+    __call__.__signature__ = inspect.signature(stock_cls.__call__)
+    name = f"AttnProcessor_{stock_cls.__name__}"
+    __call__.__qualname__ = f"{name}.__call__"
+    return type(name, (AttnProcessor,), {"__call__": __call__, "__module__": __name__, "__qualname__": name,
+                                         "stock_class": stock_cls})
+
+
+def fresh_stock(placeholder: AttnProcessor, module: torch.nn.Module, family: Family | None, kind: str | None):
+    """What diffusers' ``value.__class__()`` would have made had the stock processor been installed: a fresh
+    instance of the stock class, or the module's default stock processor when that class needs arguments (an
+    IP-Adapter processor being unloaded)."""
+    try:
+        return placeholder.stock_class()
+    except TypeError:
+        return stock_processor_for(module, family, kind)

@@ -16,11 +16,7 @@ from standins import write_standins
 SUITE = Path(__file__).parent / "diffusers_tests" / "suite_pipelines.py"
 
 # "<Family>::<test>" -> why it differs today (issue 10 item)
-PHASE2 = {
-    f"FluxKontext::{t}": "item 2: _flux_grid refuses Kontext's reference tokens; the processor reads layouts eagerly"
-    for t in ("test_save_load_local", "test_inference_batch_single_identical", "test_callback_inputs",
-              "test_attnproc_output_matches_stock")
-}
+PHASE2: dict[str, str] = {}  # none left: Flux Kontext (item 2) matches stock since phase 2
 
 
 def _outcomes(junit: Path) -> dict[str, str]:
