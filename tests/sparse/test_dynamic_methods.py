@@ -75,8 +75,7 @@ def oracle(method, q, k, v, site, attn_mask, scale):
     return ref
 
 
-@pytest.mark.parametrize("name", ["vmoba", "rectified"])
-@pytest.mark.parametrize("family", VIDEO)
+@pytest.mark.parametrize("family,name", [(f, n) for n in ("vmoba", "rectified") for f in VIDEO] + [("flux", "rectified")])
 def test_apply_matches_the_oracle_at_two_sizes(family, name):
     pipe = tiny_pipeline(family)
     handle = attnproc.apply(pipe, name, **OPTIONS[name])
@@ -90,7 +89,7 @@ def test_apply_matches_the_oracle_at_two_sizes(family, name):
     assert any(math.prod(g) % 20 for g in grids) or name == "vmoba"
     assert name == "rectified" or any(g[1] % 3 or g[2] % 5 for g in grids)
     kinds = {(c[3].kind, bool(c[3].layout.text_len)) for c in calls}
-    assert kinds == ({("joint", True)} if family in ("hunyuanvideo", "cogvideox") else {("self", False)})
+    assert kinds == ({("joint", True)} if family in ("hunyuanvideo", "cogvideox", "flux") else {("self", False)})
     differs = False
     for q, k, v, site, attn_mask, scale, got in calls:
         assert torch.isfinite(got).all()
