@@ -24,14 +24,16 @@ from dataclasses import dataclass, replace
 import torch
 
 from attnproc.kernels import BACKENDS, block_sparse_attention, dense_attention, num_blocks, pad_to_blocks
-from attnproc.options import option
+from attnproc.options import OptionError, option
+from attnproc.registry import register
 from attnproc.schedule import Schedule
 
+from .base import SparseMethod
 from .gilbert import block_neighbors, gilbert_block_neighbors, gilbert_permutation
 from .select import keep_first, permutation_partition
 
 __all__ = ["rectified_attention", "rectified_plan", "rectified_visual_attention", "RectifiedConfig", "RECTIFIED_DEFAULTS",
-           "SUPPORTED_FAMILIES", "VARIANTS"]
+           "SUPPORTED_FAMILIES", "VARIANTS", "RectifiedSpaAttn"]
 
 VARIANTS = ("wan", "hunyuan")
 SUPPORTED_FAMILIES = ("wan", "hunyuanvideo", "cogvideox", "ltx", "flux")
@@ -222,7 +224,12 @@ class RectifiedConfig(Schedule):
             raise ValueError(f"p_remain must be in (0, 1]; got {self.p_remain}")
 
     def __post_init__(self):
-        self.validate()
+        try:  # a bad value is refused when the config is built, as an OptionError naming the option
+            self.validate()
+        except OptionError:
+            raise
+        except ValueError as e:
+            raise OptionError(f"method 'rectified': {e}") from None
 
     def resolved(self, family: str | None = None) -> "RectifiedConfig":
         values = RECTIFIED_DEFAULTS.get(family or "wan", RECTIFIED_DEFAULTS["wan"])
@@ -259,3 +266,22 @@ def rectified_visual_attention(q, k, v, extra_k, extra_v, scale, *, config: Rect
 def _raster_neighbors(grid, bs):
     """The neighbour table for raster order: the same 26-neighbourhood rule on raster-ordered tokens."""
     return block_neighbors(tuple(grid), None, bs)
+
+
+# ---- the method --------------------------------------------------------------------------------------------
+@register
+class RectifiedSpaAttn(SparseMethod):
+    """Rectified SpaAttn as a method: joint text (HunyuanVideo, CogVideoX, Flux) arrives as extra keys and
+    switches IPAR on; self-attention families (Wan, LTX) get the Wan rules. Selection depends on each call's
+    queries and keys, so there is no static token mask."""
+
+    name = "rectified"
+    summary = "Rectified SpaAttn: pooled-probability block selection with GAPR/IPAR rectification, Gilbert order."
+    Config = RectifiedConfig
+    families = SUPPORTED_FAMILIES
+    defaults = RECTIFIED_DEFAULTS
+    sparse_kinds = ("self", "joint")
+
+    def visual_attention(self, q, k, v, *, config, layout, site, extra_k=None, extra_v=None, scale=None):
+        return rectified_visual_attention(q, k, v, extra_k, extra_v, scale, config=config, layout=layout,
+                                          layer_index=site.layer or 0)

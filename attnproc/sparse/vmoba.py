@@ -22,15 +22,17 @@ from typing import Sequence
 import torch
 
 from attnproc.kernels import BACKENDS
-from attnproc.options import option
+from attnproc.options import OptionError, option
+from attnproc.registry import register
 from attnproc.schedule import Schedule
 
 from ._tiles import divisors
+from .base import SparseMethod
 from .select import Partition, box_partition, chunk_attention, chunk_means, keep_prefix, permutation_partition
 
 __all__ = ["vmoba_token_mask", "vmoba_partition", "vmoba_gate", "select_chunks", "vmoba_visual_attention",
            "default_chunk", "VMoBAConfig", "VMOBA_DEFAULTS", "VMOBA_SETTINGS", "SELECT_MODES", "THRESHOLD_TYPES",
-           "SUPPORTED_FAMILIES"]
+           "SUPPORTED_FAMILIES", "VMoBA"]
 
 SELECT_MODES = ("topk", "threshold")
 THRESHOLD_TYPES = ("query_head", "head_global", "block", "overall")
@@ -295,7 +297,12 @@ class VMoBAConfig(Schedule):
             raise ValueError("threshold_type='block' needs select='threshold'")
 
     def __post_init__(self):
-        self.validate()
+        try:  # a bad value is refused when the config is built, as an OptionError naming the option
+            self.validate()
+        except OptionError:
+            raise
+        except ValueError as e:
+            raise OptionError(f"method 'vmoba': {e}") from None
 
     def resolved(self, family: str | None = None) -> "VMoBAConfig":
         """A copy with every derived option filled in (chunk sizes stay ``None``: they depend on the grid)."""
@@ -340,3 +347,26 @@ def vmoba_visual_attention(q, k, v, extra_k, extra_v, scale, *, config: VMoBACon
     out = chunk_attention(qp, kp, vp, part, sel, scale, extra_k=extra_k, extra_v=extra_v, block_max=cfg.block_q,
                           backend=cfg.backend)
     return part.unpermute(out)
+
+
+# ---- the method --------------------------------------------------------------------------------------------
+@register
+class VMoBA(SparseMethod):
+    """VMoBA as a method: the layer's block index (``site.layer``) picks the 1D/2D/3D partition; selection is
+    recomputed from each call's queries and keys, so there is no static token mask."""
+
+    name = "vmoba"
+    summary = "VMoBA: query-dependent mixture-of-block attention, layer-wise 1D/2D/3D chunks (video DiTs)."
+    Config = VMoBAConfig
+    families = SUPPORTED_FAMILIES
+    defaults = VMOBA_DEFAULTS
+    sparse_kinds = ("self", "joint")
+
+    @classmethod
+    def resolve(cls, config, family, variant=None, step_known=True):
+        # the family fills the schedule, then ``setting`` fills the selection options
+        return super().resolve(config, family, variant, step_known).resolved(family)
+
+    def visual_attention(self, q, k, v, *, config, layout, site, extra_k=None, extra_v=None, scale=None):
+        return vmoba_visual_attention(q, k, v, extra_k, extra_v, scale, config=config, layout=layout,
+                                      layer_index=site.layer or 0)
