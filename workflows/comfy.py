@@ -36,6 +36,9 @@ def widget(info: OptionInfo) -> dict:
     library's default (a boolean whose default is the model family's is a tri-state ``auto``/``on``/``off``)."""
     w = {"name": info.name, "tooltip": info.help or info.describe_range()}
     if info.choices is not None:
+        if info.default is None:  # automatic: chosen per family or from another option
+            return {**w, "kind": "COMBO", "options": ["auto", *(str(c) for c in info.choices)], "default": "auto",
+                    "tooltip": w["tooltip"] + " (auto = chosen by the method)"}
         return {**w, "kind": "COMBO", "options": [str(c) for c in info.choices], "default": str(info.default)}
     if info.type == "bool":
         if info.default is None:
@@ -57,6 +60,11 @@ def widget(info: OptionInfo) -> dict:
             "tooltip": (info.help + " " if info.help else "") + "(JSON; empty = default)"}
 
 
+def comfy_servable(cls) -> bool:
+    """Whether a method runs from ComfyUI's attention override, which hands over only q, k and v."""
+    return not cls.needs_block_input and cls.create_state is attnproc.Method.create_state
+
+
 def node_specs(methods: list[str] | None = None) -> list[dict]:
     infos = attnproc.methods()
     if methods is not None:
@@ -68,6 +76,11 @@ def node_specs(methods: list[str] | None = None) -> list[dict]:
     specs = []
     for info in infos:
         cls = attnproc.registry.REGISTRY.get(info.name)
+        if not comfy_servable(cls):
+            if methods is not None:
+                raise ValueError(f"method {info.name!r} needs per-module state or the transformer block's input, "
+                                 "which ComfyUI's attention override (q, k, v only) cannot provide; it has no node")
+            continue  # e.g. agent: no node rather than one that always refuses
         description = f"{info.summary} {FALLBACK_NOTE}" + (f" {LAYOUT_NOTE}" if cls.needs_layout else "")
         extra = EXTRA_SOCKETS.get(info.name, [])
         taken = {s["name"] for s in extra}

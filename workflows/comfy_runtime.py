@@ -248,6 +248,11 @@ def parse_widget_options(method: str, values: dict[str, Any]) -> dict:
             if TRISTATE[value] is not None:
                 options[name] = TRISTATE[value]
             continue
+        if info.choices is not None and info.default is None and value == "auto":
+            continue  # the method chooses
+        if info.choices is not None:
+            options[name] = value
+            continue
         if info.type == "any" or (info.default is None and isinstance(value, str)):
             text = str(value).strip()
             if text == "" or text == "null":

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .jobs import JobFileError, _check_keys, _fail, _float, _int, _method, _options, _str, config_hash
+from .jobs import (JobFileError, _check_keys, _fail, _float, _int, _method, _options, _str, config_hash,
+                   read_yaml_or_json)
 
 TRAIN_MODES = ("method", "lora", "full")
 TIME_SAMPLING = ("lognormal", "uniform")
@@ -126,19 +127,7 @@ def parse_finetune_config(data: Any) -> FinetuneConfig:
 def load_finetune_config(path: str | os.PathLike) -> FinetuneConfig:
     """Read a YAML (``.yaml``/``.yml``) or JSON config; errors name the file and the field."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise FinetuneConfigError(f"cannot read config {path}: {e.strerror}") from None
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
-        raise FinetuneConfigError(f"{path}: not valid YAML/JSON: {e}") from None
+    data = read_yaml_or_json(path, FinetuneConfigError, "config")
     try:
         return parse_finetune_config(data)
     except FinetuneConfigError as e:

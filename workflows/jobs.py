@@ -317,23 +317,28 @@ def check_jobfile(jobfile: JobFile):
     return facts
 
 
-def load_jobfile(path: str | Path) -> JobFile:
-    """Read a YAML (``.yaml``/``.yml``) or JSON job file; errors name the file and the bad field."""
-    path = Path(path)
+def read_yaml_or_json(path: Path, error: type[Exception], what: str):
+    """The data of a YAML (``.yaml``/``.yml``) or JSON file; ``error`` names the file when it cannot be read or
+    parsed (job files and fine-tuning configs share this)."""
+    yaml_file = path.suffix.lower() in (".yaml", ".yml")
     try:
         text = path.read_text()
     except OSError as e:
-        raise JobFileError(f"cannot read job file {path}: {e.strerror}") from None
+        raise error(f"cannot read {what} {path}: {e.strerror}") from None
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
+        if yaml_file:
             import yaml
 
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+            return yaml.safe_load(text)
+        return json.loads(text)
     except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
-        raise JobFileError(f"{path}: not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: "
-                           f"{e}") from None
+        raise error(f"{path}: not valid {'YAML' if yaml_file else 'JSON'}: {e}") from None
+
+
+def load_jobfile(path: str | Path) -> JobFile:
+    """Read a YAML (``.yaml``/``.yml``) or JSON job file; errors name the file and the bad field."""
+    path = Path(path)
+    data = read_yaml_or_json(path, JobFileError, "job file")
     try:
         return parse_jobfile(data, path)
     except JobFileError as e:

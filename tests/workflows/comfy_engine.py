@@ -139,7 +139,7 @@ def wan_checks():
     context = torch.randn(1, 12, 4096, generator=torch.Generator().manual_seed(1))
     stock = sample(model, latent, context)
     results["wan_dense_vs_stock"] = diff(sample(patch_model(model, "dense"), latent, context), stock)
-    for method, path, opts in (("radial", "_sparse", {"block_size": 64}), ("gna", "_sparse", {})):
+    for method, path, opts in (("radial", "sparse_attention", {"block_size": 64}), ("gna", "sparse_attention", {})):
         recorder = Recorder()
         patched = patch_model(with_previous(model, recorder), method, **opts)
         instance = patched.model_options["transformer_options"][OVERRIDE_KEY].attnproc_method

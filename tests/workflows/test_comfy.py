@@ -16,6 +16,7 @@ import torch
 import attnproc
 from attnproc.kernels import dense_attention
 from attnproc.registry import REGISTRY
+from attnproc.workflows.comfy import comfy_servable
 from attnproc.workflows.cli import main
 from attnproc.workflows.comfy import export_comfy, node_id
 from attnproc.workflows.comfy_runtime import OVERRIDE_KEY, layout_from, make_override, patch_model, step_from
@@ -88,8 +89,8 @@ def bhsd(t, heads):
 def creatable_methods():
     names = []
     for name in REGISTRY.names():
-        if name == "corrected_test":  # tests/core/test_contract.py's per-module-state method: refused in ComfyUI
-            continue
+        if not comfy_servable(REGISTRY.get(name)):
+            continue  # refused in ComfyUI (test_methods_needing_more_than_qkv_are_refused)
         try:
             REGISTRY.create(name)
         except Exception:  # a method whose defaults need user input (e.g. regions) is tested with inputs elsewhere
@@ -227,7 +228,8 @@ def _fake_comfy_api():
 def test_export_pack_v1_and_v3(tmp_path, monkeypatch):
     pack = export_comfy(tmp_path / "attnproc_nodes")
     files = {p.relative_to(pack).as_posix() for p in pack.rglob("*") if p.is_file()}
-    names = REGISTRY.names()
+    names = [n for n in REGISTRY.names() if comfy_servable(REGISTRY.get(n))]
+    assert "agent" not in names and {"dense", "radial", "vmoba"} <= set(names)
     assert {"__init__.py", "nodes.py", "nodes.json", "pyproject.toml", "README.md"} <= files
     for n in names:
         ui = json.loads((pack / "example_workflows" / f"attnproc_{n}.json").read_text())
@@ -405,3 +407,16 @@ def test_old_comfyui_without_the_override_hook_is_refused(tmp_path, monkeypatch)
     node = pack.NODE_CLASS_MAPPINGS["AttnProcDense"]()
     with pytest.raises(RuntimeError, match=r"no optimized_attention_override \(added in ComfyUI 0.3.59"):
         node.patch(model=ModelPatcher(model=WAN21()))
+
+
+def test_methods_needing_more_than_qkv_are_refused():
+    """agent needs the block input; ComfyUI's override sees only q, k, v: no node in the pack, a clear error if
+    asked for one, and one clear error if the runtime is given it anyway."""
+    from attnproc.workflows.comfy import node_specs
+
+    assert "agent" not in {s["method"] for s in node_specs()}
+    with pytest.raises(ValueError, match="'agent' needs per-module state or the transformer block's input"):
+        node_specs(["agent"])
+    model = ModelPatcher(model=type("BaseModel", (), {})())
+    with pytest.raises(ValueError, match="method 'agent' needs per-module state or the transformer block's input"):
+        patch_model(model, "agent")

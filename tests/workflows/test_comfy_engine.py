@@ -112,8 +112,8 @@ def test_server_runs_the_shipped_examples(engine):
         set(engine["server_nodes"])
     sink = engine["server_sink_widget"]  # tri-state, the library's default (the family's)
     assert sink[0] == "COMBO" and sink[1]["options"] == ["auto", "on", "off"] and sink[1]["default"] == "auto"
-    assert set(engine["examples"]) == {"attnproc_dense_api", "attnproc_radial_api", "attnproc_gna_api",
-                                       "attnproc_maskmod_api"}
+    assert set(engine["examples"]) == {f"attnproc_{m}_api" for m in ("dense", "radial", "gna", "maskmod", "vmoba",
+                                                                      "rectified")}  # agent has no node
     for name, r in engine["examples"].items():
         assert r["validate"] == 200 and not r["node_errors"], (name, r)  # the shipped graph, unchanged
         assert r["run_validate"] == 200 and r["run"] == "success", (name, r)
