@@ -129,13 +129,18 @@ def build_config(config_cls: type, method: str, options: dict[str, Any]):
         raise OptionError(f"unknown option(s) {', '.join(map(repr, unknown))} for method {method!r}; "
                           f"valid options: {valid}")
     values = {name: _coerce(infos[name], value, method) for name, value in options.items()}
-    config = config_cls(**values)
+    return check_config(config_cls(**values), method)
+
+
+def check_config(config, method: str):
+    """Run ``config.validate()`` (cross-option rules) if it has one; a ``ValueError`` becomes an
+    :class:`OptionError` naming the method. Configs that validate when built call it from ``__post_init__``."""
     check = getattr(config, "validate", None)
     if check is not None:
         try:
             check()
         except OptionError:
             raise
-        except ValueError as e:  # cross-option constraints raise ValueError in validate()
+        except ValueError as e:
             raise OptionError(f"method {method!r}: {e}") from None
     return config

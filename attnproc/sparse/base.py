@@ -53,6 +53,17 @@ class LRU(OrderedDict):
         return value
 
 
+def fill_defaults(config, defaults: dict[str, Any], step_known: bool = True):
+    """A copy of ``config`` with every ``None`` option that ``defaults`` names set from it; automatic step options
+    become 0 when the call has no step index."""
+    changes = {}
+    for f in dataclasses.fields(config):
+        if getattr(config, f.name) is None and f.name in defaults:
+            auto_step = f.name in ("dense_first_steps", "dense_last_steps") and not step_known
+            changes[f.name] = 0.0 if auto_step else defaults[f.name]
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 class SparseMethod(Method):
     """A method that runs dense wherever its :class:`Schedule` says so and its visual attention elsewhere.
 
@@ -86,13 +97,7 @@ class SparseMethod(Method):
         """A copy of ``config`` with every ``None`` option replaced by the default of ``variant`` (or else
         ``family``). Step options resolved automatically become 0 when the call has no step index (direct
         processor use without our hooks), instead of raising as an explicit value does."""
-        defaults = cls.defaults.get(variant) or cls.defaults.get(family) or {}
-        changes = {}
-        for f in dataclasses.fields(config):
-            if getattr(config, f.name) is None and f.name in defaults:
-                auto_step = f.name in ("dense_first_steps", "dense_last_steps") and not step_known
-                changes[f.name] = 0.0 if auto_step else defaults[f.name]
-        return dataclasses.replace(config, **changes) if changes else config
+        return fill_defaults(config, cls.defaults.get(variant) or cls.defaults.get(family) or {}, step_known)
 
     def config_for(self, site):
         """The resolved config at ``site`` (cached per family and whether the step is known)."""

@@ -69,13 +69,19 @@ def _walk(out: list, x, y, z, a, b, c) -> None:
         _walk(out, *at(sub(a, da), sub(b2, db)), neg(b2), c2, neg(sub(a, a2)))
 
 
-def _check(grid, axis_order):
+def check_grid(grid) -> tuple[int, int, int]:
+    """``(T, H, W)`` as ints, or a clear error."""
     try:
         T, H, W = (int(g) for g in grid)
     except (TypeError, ValueError):
         raise ValueError(f"grid must be (T, H, W); got {grid!r}") from None
     if min(T, H, W) < 1:
         raise ValueError(f"grid sides must be >= 1; got {grid!r}")
+    return T, H, W
+
+
+def _check(grid, axis_order):
+    T, H, W = check_grid(grid)
     if sorted(axis_order) != ["h", "t", "w"]:
         raise ValueError(f"axis_order must order 'w', 'h', 't'; got {axis_order!r}")
     return (T, H, W), tuple(axis_order)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from attnproc.kernels import BACKENDS, block_sparse_attention, dense_attention, num_blocks, pad_to_blocks
-from attnproc.options import OptionError, option
+from attnproc.options import check_config, option
 from attnproc.registry import register
 from attnproc.schedule import Schedule
 
@@ -223,13 +223,8 @@ class RectifiedConfig(Schedule):
         if not 0 < self.p_remain <= 1:
             raise ValueError(f"p_remain must be in (0, 1]; got {self.p_remain}")
 
-    def __post_init__(self):
-        try:  # a bad value is refused when the config is built, as an OptionError naming the option
-            self.validate()
-        except OptionError:
-            raise
-        except ValueError as e:
-            raise OptionError(f"method 'rectified': {e}") from None
+    def __post_init__(self):  # a bad value is refused when the config is built, as an OptionError
+        check_config(self, "rectified")
 
     def resolved(self, family: str | None = None) -> "RectifiedConfig":
         values = RECTIFIED_DEFAULTS.get(family or "wan", RECTIFIED_DEFAULTS["wan"])

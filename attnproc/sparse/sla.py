@@ -213,13 +213,12 @@ class SLAConfig(Schedule):
 
     def resolved(self, family: str | None, step_known: bool = True) -> "SLAConfig":
         from attnproc.errors import UnsupportedFamilyError
-        from attnproc.sparse.base import SparseMethod
+        from attnproc.sparse.base import fill_defaults
 
         if family not in SUPPORTED_FAMILIES:
             raise UnsupportedFamilyError(f"method 'sla' does not support the model family {family!r}; supported "
                                          f"families: {', '.join(SUPPORTED_FAMILIES)}")
-        return SparseMethod.resolve.__func__(type("_SLA", (), {"defaults": SLA_DEFAULTS}), self, family, None,
-                                             step_known)
+        return fill_defaults(self, SLA_DEFAULTS[family], step_known)
 
 
 def sla_visual_attention(q, k, v, extra_k, extra_v, scale, *, config: SLAConfig, layout, proj) -> torch.Tensor:

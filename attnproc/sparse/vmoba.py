@@ -22,12 +22,13 @@ from typing import Sequence
 import torch
 
 from attnproc.kernels import BACKENDS
-from attnproc.options import OptionError, option
+from attnproc.options import check_config, option
 from attnproc.registry import register
 from attnproc.schedule import Schedule
 
 from ._tiles import divisors
 from .base import SparseMethod
+from .gilbert import check_grid as _grid
 from .select import Partition, box_partition, chunk_attention, chunk_means, keep_prefix, permutation_partition
 
 __all__ = ["vmoba_token_mask", "vmoba_partition", "vmoba_gate", "select_chunks", "vmoba_visual_attention",
@@ -58,14 +59,6 @@ MIN_CHUNK_TOKENS = 256
 
 
 # ---- partition ---------------------------------------------------------------------------------------------
-def _grid(grid) -> tuple[int, int, int]:
-    try:
-        T, H, W = (int(g) for g in grid)
-    except (TypeError, ValueError):
-        raise ValueError(f"grid must be (T, H, W); got {grid!r}") from None
-    if min(T, H, W) < 1:
-        raise ValueError(f"grid sides must be >= 1; got {grid!r}")
-    return T, H, W
 
 
 def _check_chunk(grid, chunk):
@@ -296,13 +289,8 @@ class VMoBAConfig(Schedule):
         if self.select == "topk" and self.threshold_type == "block":
             raise ValueError("threshold_type='block' needs select='threshold'")
 
-    def __post_init__(self):
-        try:  # a bad value is refused when the config is built, as an OptionError naming the option
-            self.validate()
-        except OptionError:
-            raise
-        except ValueError as e:
-            raise OptionError(f"method 'vmoba': {e}") from None
+    def __post_init__(self):  # a bad value is refused when the config is built, as an OptionError
+        check_config(self, "vmoba")
 
     def resolved(self, family: str | None = None) -> "VMoBAConfig":
         """A copy with every derived option filled in (chunk sizes stay ``None``: they depend on the grid)."""
