@@ -11,8 +11,13 @@ tests/workflows/test_comfy_engine.py):
 
 * token grid: Wan sets ``grid_sizes`` (post-patch T, H, W); the UNet's ``SpatialTransformer`` sets
   ``activations_shape`` (``[B, C, H, W]`` of its level). Other DiTs (Flux, SD3, HunyuanVideo, LTX, Qwen-Image)
-  pass no grid and no text length, so methods that need a layout refuse them when the node executes
-  (:func:`check_model`) instead of silently running dense;
+  pass neither the grid nor the text length of their joint sequences, so for them the node also installs an
+  ``apply_model`` wrapper (:func:`latent_wrapper`, ComfyUI's ``WrappersMP.APPLY_MODEL``) that sees the latent and
+  the text context and leaves their shapes in ``transformer_options``; the grid is the latent's over the model's
+  patch size, and the text sits where ComfyUI's own model code puts it (:data:`COMFY_TOKENS`: *before* the image
+  in every joint family ComfyUI has, unlike diffusers' SD3 and HunyuanVideo). A call whose length these do not
+  account for (Flux Kontext's reference latents, HunyuanVideo's extra text tokens) is handed on, with one
+  warning per node;
 * layer: ``block_index``; step: the index of ``sigmas`` in ``sample_sigmas`` (under ``KSamplerAdvanced`` that is
   the *sliced* schedule, so the index restarts in each sampler: ComfyUI does not pass the full one); timestep:
   ``model_sampling.timestep(sigma)`` (0–1000 scheduler units, what the methods' schedules expect);
@@ -48,6 +53,13 @@ _ARG_NAMES = ("q", "k", "v", "heads")
 _COMFY_FAMILIES = {cls: f.name for f in FAMILIES.values() for cls in f.comfy_models}
 # families whose token grid ComfyUI passes to the attention call, and the key it is read from
 LAYOUT_FAMILIES = {"wan": "grid_sizes", "unet": "activations_shape"}
+# families whose grid comes from the latent (latent_wrapper): where ComfyUI's model code puts the text in a joint
+# sequence ("before": comfy/ldm/flux, mmdit, hunyuan_video, qwen_image concatenate text first; "none": LTX's
+# self-attention holds video tokens only), and the (T, H, W) patch size when the model does not say
+COMFY_TOKENS = {"flux": ("before", (1, 2, 2)), "sd3": ("before", (1, 2, 2)), "hunyuanvideo": ("before", (1, 2, 2)),
+                "qwenimage": ("before", (1, 2, 2)), "ltx": ("none", (1, 1, 1))}
+LATENT_KEY = "attnproc_latent"
+WRAPPER_TYPE, WRAPPER_KEY = "apply_model", "attnproc_layout"  # comfy.patcher_extension.WrappersMP.APPLY_MODEL
 
 
 def family_from(model) -> str | None:
@@ -102,8 +114,8 @@ def check_model(method: Method, family: str | None, model_class: str) -> None:
         if m.needs_block_input or type(m).create_state is not Method.create_state:
             raise ValueError(f"method {m.name!r} needs per-module state or the transformer block's input, which "
                              "the ComfyUI override (q, k, v only) cannot provide; use it through diffusers")
-        if m.needs_layout and family not in LAYOUT_FAMILIES:
-            served = ", ".join(f"{f} ({key})" for f, key in LAYOUT_FAMILIES.items())
+        if m.needs_layout and family not in LAYOUT_FAMILIES and family not in COMFY_TOKENS:
+            served = ", ".join([*LAYOUT_FAMILIES, *COMFY_TOKENS])
             raise ValueError(f"method {m.name!r} needs the token grid, which attnproc reads in ComfyUI only for: "
                              f"{served}; this model is {model_class} (family {family!r})")
 
@@ -143,7 +155,75 @@ def _branch(transformer_options: dict) -> str | None:
     return names[0] if len(names) == 1 else "batched"
 
 
-def layout_from(transformer_options: dict, q_len: int, k_len: int | None = None) -> TokenLayout | None:
+def latent_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                   **kwargs):
+    """ComfyUI ``APPLY_MODEL`` wrapper: leaves the latent's shape, the text context's length, the model's patch
+    size and its number of double blocks in (a copy of) ``transformer_options`` for :func:`layout_from`."""
+    model = getattr(getattr(executor, "class_obj", None), "diffusion_model", None)
+    patch = getattr(model, "patch_size", None)
+    info = {"shape": tuple(int(n) for n in x.shape),
+            "text_len": int(c_crossattn.shape[1]) if c_crossattn is not None and c_crossattn.ndim == 3 else None,
+            "patch": tuple(patch) if isinstance(patch, (list, tuple)) else patch,
+            "double_blocks": len(getattr(model, "double_blocks", ()) or ())}
+    options = {**transformer_options, LATENT_KEY: info}
+    return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+
+def _latent_grid(info: dict, default_patch: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Post-patch (T, H, W) of a ``[B, C, H, W]`` or ``[B, C, T, H, W]`` latent (ComfyUI pads to the patch)."""
+    patch = info.get("patch")
+    if isinstance(patch, int):
+        patch = (1, patch, patch)
+    patch = tuple(patch) if patch is not None and len(patch) == 3 else default_patch
+    dims = info["shape"][2:]
+    dims = (1, *dims) if len(dims) == 2 else tuple(dims)
+    return tuple(-(-int(d) // int(p)) for d, p in zip(dims, patch))
+
+
+def visual_tokens(transformer_options: dict, family: str | None) -> int:
+    """How many image/video tokens the latent makes (a large number when unknown)."""
+    info = transformer_options.get(LATENT_KEY)
+    if info is None or family not in COMFY_TOKENS:
+        return 1 << 62
+    return math.prod(_latent_grid(info, COMFY_TOKENS[family][1]))
+
+
+def _joint_layout(transformer_options: dict, family: str | None, q_len: int, k_len: int) -> TokenLayout | None:
+    info = transformer_options.get(LATENT_KEY)
+    if info is None or family not in COMFY_TOKENS:
+        return None
+    text_position, patch = COMFY_TOKENS[family]
+    grid = _latent_grid(info, patch)
+    visual = math.prod(grid)
+    branches = _branches(transformer_options)
+    if q_len == visual:  # self-attention over the visual tokens (LTX), or its cross-attention
+        cross = k_len != q_len
+        return TokenLayout(*grid, text_len=k_len if cross else 0, text_position="separate" if cross else "none",
+                           branches=branches)
+    if text_position == "none" or k_len != q_len:
+        return None
+    text = q_len - visual
+    img_slice = transformer_options.get("img_slice")  # Flux/HunyuanVideo single blocks: [text, text + image]
+    known = img_slice[0] if img_slice is not None else info.get("text_len")
+    if text <= 0 or known != text:  # extra tokens (reference latents, added text) we cannot place
+        return None
+    return TokenLayout(*grid, text_len=text, text_position=text_position, branches=branches)
+
+
+def layer_from(transformer_options: dict) -> int | None:
+    """A layer index unique across block types: single-stream blocks count on after the double-stream ones
+    (ComfyUI restarts ``block_index`` at 0 for them)."""
+    block = transformer_options.get("block_index")
+    if block is None:
+        return None
+    info = transformer_options.get(LATENT_KEY) or {}
+    if transformer_options.get("block_type") == "single":
+        return int(block) + int(info.get("double_blocks", 0))
+    return int(block)
+
+
+def layout_from(transformer_options: dict, q_len: int, k_len: int | None = None,
+                family: str | None = None) -> TokenLayout | None:
     """The token layout of an attention call of ``q_len`` queries (``k_len`` keys: cross-attention when it
     differs), or None when what ComfyUI passes does not account for every query token."""
     given = transformer_options.get("attnproc_layout")
@@ -151,6 +231,8 @@ def layout_from(transformer_options: dict, q_len: int, k_len: int | None = None)
     if isinstance(given, (TokenLayout, dict)):
         layout = given if isinstance(given, TokenLayout) else TokenLayout(**given)
         return layout if layout.seq_len == q_len else None
+    if LATENT_KEY in transformer_options:
+        return _joint_layout(transformer_options, family, q_len, q_len if k_len is None else k_len)
     sizes = transformer_options.get("grid_sizes")  # Wan: post-patch (T, H, W)
     if sizes is not None and len(sizes) == 3 and math.prod(int(s) for s in sizes) == q_len:
         grid = tuple(int(s) for s in sizes)
@@ -186,6 +268,14 @@ def make_override(method: Method, previous: Callable | None = None, family: str 
     every call this one does not serve. ``family`` is the model's family, ``model_sampling`` ComfyUI's
     sigma↔timestep conversion of the model (None: timestep unknown)."""
     serves_cross = _serves_cross(method)
+    warned = []
+
+    def unplaced(q_len: int) -> None:
+        if not warned:
+            warned.append(q_len)
+            log.warning("attnproc %s: %d query tokens that the %s model's latent and text do not account for "
+                        "(reference latents or added text tokens); such calls run ComfyUI's attention",
+                        method.name, q_len, family)
 
     def fallback(original, args, kwargs):
         if previous is not None:
@@ -204,15 +294,16 @@ def make_override(method: Method, previous: Callable | None = None, family: str 
         q_len, k_len = q.shape[seq_axis], k.shape[seq_axis]
         if q_len != k_len and not serves_cross:  # cross-attention: the base methods run it dense
             return fallback(original, args, kwargs)
-        layout = layout_from(opts, q_len, k_len)
+        layout = layout_from(opts, q_len, k_len, family)
         if layout is None and method.needs_layout:
+            if visual_tokens(opts, family) < q_len:  # more than the image: tokens we cannot place
+                unplaced(q_len)
             return fallback(original, args, kwargs)
         qh, kh, vh = _qkv_bhsd(q, k, v, heads, skip_reshape, bool(kwargs.get("enable_gqa", False)))
-        block = opts.get("block_index")
-        site = attnproc.Site(family=family, denoiser="diffusion_model", name=None,
-                             index=int(block) if block is not None else None,
-                             layer=int(block) if block is not None else None,
-                             kind="self" if q_len == k_len else "cross", layout=layout,
+        layer = layer_from(opts)
+        joint = layout is not None and layout.text_position in ("before", "after")
+        site = attnproc.Site(family=family, denoiser="diffusion_model", name=None, index=layer, layer=layer,
+                             kind="joint" if joint else "self" if q_len == k_len else "cross", layout=layout,
                              step=step_from(opts, model_sampling))
         out = method.attention(qh, kh, vh, site, scale=kwargs.get("scale")).to(q.dtype)
         if kwargs.get("skip_output_reshape", False):
@@ -288,6 +379,9 @@ def install(model, instance: Method):
     patched = model.clone()
     options[OVERRIDE_KEY] = make_override(instance, previous, family, sampling)
     patched.model_options["transformer_options"] = options
+    if family in COMFY_TOKENS and hasattr(patched, "add_wrapper_with_key"):
+        patched.remove_wrappers_with_key(WRAPPER_TYPE, WRAPPER_KEY)  # chained attnproc nodes: one wrapper
+        patched.add_wrapper_with_key(WRAPPER_TYPE, WRAPPER_KEY, latent_wrapper)
     return patched
 
 

@@ -15,7 +15,7 @@ import sys
 import torch
 
 COMFY, WORK, OUT = sys.argv[1:4]
-SECTIONS = sys.argv[4:] or ["wan", "unet", "maskmod", "server"]
+SECTIONS = sys.argv[4:] or ["wan", "unet", "joint", "maskmod", "server"]
 sys.argv = ["main.py", "--cpu", "--use-pytorch-cross-attention", "--base-directory", WORK]
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), "comfy_stubs"), COMFY]
 
@@ -214,6 +214,82 @@ def unet_checks():
         results["unet_radial_patch"] = "ok"
     except ValueError as e:
         results["unet_radial_patch"] = str(e)
+
+
+# Tiny native DiTs built from ComfyUI's own model classes (supported_models + model_base): Flux (joint attention,
+# image) and HunyuanVideo (joint attention, video). One double- and one single-stream block each; context width 64.
+JOINT_MODELS = {
+    "flux": ("Flux", {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
+                      "vec_in_dim": 64, "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2,
+                      "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000,
+                      "qkv_bias": True, "guidance_embed": False, "txt_ids_dims": []},
+             torch.zeros(1, 16, 10, 12)),  # grid (1, 5, 6)
+    "hunyuanvideo": ("HunyuanVideo", {
+        "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 64,
+        "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+        "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 256, "patch_size": [1, 2, 2], "qkv_bias": True,
+        "guidance_embed": False, "byt5": False, "meanflow": False, "use_cond_type_embedding": False,
+        "vision_in_dim": None, "meanflow_sum": False},
+        torch.zeros(1, 16, 5, 16, 16)),  # grid (5, 8, 8)
+}
+JOINT_METHODS = {"flux": ("gna", {"kernel_size": 3}), "hunyuanvideo": ("radial", {"block_size": 16})}
+
+
+def joint_checks():
+    """Joint-attention DiTs: the layout comes from the latent (attnproc's apply_model wrapper), the text sits
+    where ComfyUI's model code puts it, and the sparse methods serve the joint calls."""
+    context = torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(4))
+    pooled = torch.randn(1, 64, generator=torch.Generator().manual_seed(5))
+    for family, (cls, config, latent) in JOINT_MODELS.items():
+        torch.manual_seed(6)
+        base = getattr(comfy.supported_models, cls)(config).get_model({}, device=torch.device("cpu"))
+        init_weights(base)
+        model = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"),
+                                                 offload_device=torch.device("cpu"))
+        positive = [[context, {"pooled_output": pooled}]]
+        negative = [[torch.zeros_like(context), {"pooled_output": torch.zeros_like(pooled)}]]
+
+        def run(m):
+            (out,) = nodes.common_ksampler(m, 0, STEPS, 5.0, "euler", "simple", positive, negative,
+                                           {"samples": latent})
+            return out["samples"]
+
+        stock = run(model)
+        r = {"model_class": type(base).__name__, "dense_vs_stock": diff(run(patch_model(model, "dense")), stock)}
+        # probe: the site of every served call, and ComfyUI's own img_slice (single-stream blocks) beside it
+        probe = Probe()
+        patched = install(model, probe)
+        override = patched.model_options["transformer_options"][OVERRIDE_KEY]
+        slices = []
+
+        def recording(original, *args, _inner=override, **kwargs):
+            n = len(probe.sites)
+            out = _inner(original, *args, **kwargs)
+            if len(probe.sites) > n:
+                slices.append(kwargs["transformer_options"].get("img_slice"))
+            return out
+
+        patched.model_options["transformer_options"][OVERRIDE_KEY] = recording
+        out = run(patched)
+        placed = [(s, sl) for s, sl in zip(probe.sites, slices) if s.layout is not None]
+        r["probe"] = {
+            "calls": len(placed), "unplaced": len(probe.sites) - len(placed),  # HunyuanVideo's text refiner
+            "kinds": sorted({s.kind for s, _ in placed}), "layers": sorted({s.layer for s, _ in placed}),
+            "layouts": sorted({(s.layout.grid, s.layout.text_len, s.layout.text_position, s.layout.branches)
+                               for s, _ in placed}, key=str),
+            "visual_slice_is_comfy_img_slice": [
+                [s.layout.visual_slice.start, s.layout.visual_slice.stop] == list(sl)
+                for s, sl in placed if sl is not None],
+            "vs_stock": diff(out, stock)}
+        method, opts = JOINT_METHODS[family]
+        recorder = Recorder()
+        patched = patch_model(with_previous(model, recorder), method, **opts)
+        counter = count_calls(patched.model_options["transformer_options"][OVERRIDE_KEY].attnproc_method,
+                              "sparse_attention")
+        out = run(patched)
+        r[method] = {"sparse_calls": counter["n"], "grids": sorted(counter["grids"]), "handed_on": recorder.calls,
+                     "vs_stock": diff(out, stock), "finite": bool(torch.isfinite(out).all())}
+        results[f"joint_{family}"] = r
 
 
 PROMPT = "a red fox running in the snow"

@@ -156,6 +156,31 @@ def test_layout_from_comfy_shapes():
     assert layout_from({}, 64) is None
 
 
+def test_layout_from_the_latent_for_joint_families():
+    """Flux/SD3/HunyuanVideo/Qwen-Image/LTX: the grid is the latent's (from attnproc's apply_model wrapper) over
+    the patch size; text sits before the image, as ComfyUI's model code concatenates it; a length the latent and
+    text do not account for (Kontext reference latents) gives no layout."""
+    from attnproc.workflows.comfy_runtime import LATENT_KEY, layer_from
+
+    flux = {LATENT_KEY: {"shape": (2, 16, 11, 12), "text_len": 7, "patch": 2, "double_blocks": 19},
+            "cond_or_uncond": [1, 0]}
+    joint = attnproc.TokenLayout(1, 6, 6, text_len=7, text_position="before", branches=("uncond", "cond"))
+    assert layout_from(flux, 7 + 36, family="flux") == joint  # odd height padded to the patch, as ComfyUI does
+    assert layout_from(flux, 7 + 36 + 36, family="flux") is None  # reference latents appended to the image
+    assert layout_from({**flux, "img_slice": [7, 43]}, 43, family="flux") == joint
+    assert layout_from(flux, 7, family="flux") is None  # a text-only call
+    assert layer_from({**flux, "block_index": 2, "block_type": "single"}) == 21
+    assert layer_from({**flux, "block_index": 2, "block_type": "double"}) == 2
+    hunyuan = {LATENT_KEY: {"shape": (1, 16, 5, 16, 16), "text_len": 9, "patch": (1, 2, 2)}}
+    assert layout_from(hunyuan, 9 + 320, family="hunyuanvideo") == \
+        attnproc.TokenLayout(5, 8, 8, text_len=9, text_position="before")
+    ltx = {LATENT_KEY: {"shape": (1, 128, 3, 4, 6), "text_len": 12, "patch": None}}
+    assert layout_from(ltx, 72, family="ltx") == attnproc.TokenLayout(3, 4, 6)
+    assert layout_from(ltx, 72, 12, family="ltx") == \
+        attnproc.TokenLayout(3, 4, 6, text_len=12, text_position="separate")
+    assert layout_from(flux, 43, family=None) is None  # a family without a known token order
+
+
 def test_fallbacks_chain_to_previous_override():
     calls = []
 
@@ -312,7 +337,7 @@ def test_family_from_comfy_model_classes():
 
 
 def test_unsupported_model_refused_when_the_node_executes():
-    layout_model = ModelPatcher(model=type("Flux", (), {})())
+    layout_model = ModelPatcher(model=type("CosmosVideo", (), {})())  # a family attnproc has no grid for
     with pytest.raises(ValueError, match="needs the token grid, which attnproc reads in ComfyUI only for"):
         patch_model(layout_model, "knobs")
     with pytest.raises(ValueError, match="method 'radial' does not support the model family None"):

@@ -83,6 +83,26 @@ def test_sparse_methods_serve_every_self_attention_call_they_should(engine, meth
     assert r["finite"] and r["vs_stock"] > 1e-3  # the sparse pattern changes the sample
 
 
+@pytest.mark.parametrize("family,cls,grid,method,served,refiner", [
+    # 1 double + 1 single block x 4 steps; the first step dense by each method's default schedule
+    ("flux", "Flux", [1, 5, 6], "gna", 6, 0),
+    # HunyuanVideo's text refiner (text-only self-attention, 2 calls a step) is handed on, not served
+    ("hunyuanvideo", "HunyuanVideo", [5, 8, 8], "radial", 6, 8),
+])
+def test_joint_attention_families_are_served(engine, family, cls, grid, method, served, refiner):
+    r = engine[f"joint_{family}"]
+    assert r["model_class"] == cls and r["dense_vs_stock"] == 0.0
+    p = r["probe"]  # the layout from the latent: the grid, the 7 text tokens first, both CFG halves in one batch
+    assert p["calls"] == 8 and p["kinds"] == ["joint"] and p["layers"] == [0, 1]
+    assert p["layouts"] == [[grid, 7, "before", ["uncond", "cond"]]] and p["vs_stock"] == 0.0
+    # in single-stream blocks ComfyUI says where the image is (img_slice): our layout agrees
+    assert p["visual_slice_is_comfy_img_slice"] == [True] * 4
+    m = r[method]
+    assert m["sparse_calls"] == served and m["grids"] == [grid]
+    assert m["handed_on"] == {"self": refiner, "cross": 0}
+    assert m["finite"] and m["vs_stock"] > 1e-3
+
+
 def test_ksampler_advanced_split_restarts_the_step_index(engine):
     # ComfyUI passes only the sliced schedule to each KSamplerAdvanced: steps restart (documented limitation)
     assert engine["wan_split_steps"] == [[0, 2], [1, 2]]
