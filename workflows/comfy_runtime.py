@@ -400,14 +400,23 @@ def add_region(regions: list | None, phrase: str, mask: torch.Tensor) -> list[di
     return [*(regions or []), {"phrase": phrase.strip(), "mask": mask}]
 
 
-def phrase_tokens(clip, prompt: str, phrase: str) -> list[int]:
+# maskmod in ComfyUI: the tokenizer (key of ``clip.tokenize``'s result) whose tokens are the model's text context;
+# None: the first (SD1.x/SDXL's CLIPs share one layout, Wan has only umt5xxl). Families whose context mixes
+# encoders or crops a chat template (SD3, HunyuanVideo, Qwen-Image) are refused rather than bound to wrong tokens.
+MASKMOD_CONTEXT_TOKENIZER = {"unet": None, "wan": None, "flux": "t5xxl"}
+
+
+def phrase_tokens(clip, prompt: str, phrase: str, key: str | None = None) -> list[int]:
     """The positions of ``phrase``'s tokens in the text context the model gets for ``prompt``, found with the
-    CLIP object's own tokenizer (``clip.tokenize(..., return_word_ids=True)``): token chunks are concatenated in
-    the context, so a position is the index in the flattened chunks. Special and padding tokens (word id 0)
-    never match."""
+    CLIP object's own tokenizer (``clip.tokenize(..., return_word_ids=True)``; ``key`` names the encoder whose
+    tokens make the context, default the first): token chunks are concatenated in the context, so a position is
+    the index in the flattened chunks. Special and padding tokens (word id 0) never match."""
     prompt_tokens = clip.tokenize(prompt, return_word_ids=True)
     phrase_tokens_ = clip.tokenize(phrase, return_word_ids=True)
-    key = next(iter(prompt_tokens))  # SDXL's encoders share one token layout; we use the first
+    if key is not None and key not in prompt_tokens:
+        raise ValueError(f"maskmod: this model's text context comes from the {key!r} tokenizer, which the CLIP "
+                         f"input does not have ({sorted(prompt_tokens)}): connect the model's own text encoder")
+    key = key or next(iter(prompt_tokens))
     flat = [t for chunk in prompt_tokens[key] for t in chunk]
     wanted = [t[0] for chunk in phrase_tokens_[key] for t in chunk if t[2] != 0]
     n = len(wanted)
@@ -424,7 +433,14 @@ def patch_maskmod(model, clip, prompt: str, regions: list | None, **widget_value
     """``model.clone()`` with maskmod: each region's phrase bound to its token positions with ``clip``."""
     if not regions:
         raise ValueError("maskmod: connect at least one region (attnproc: region node: a phrase and a MASK)")
-    bound = [{**r, "tokens": phrase_tokens(clip, prompt, r["phrase"])} for r in regions]
+    family = family_from(model)
+    if family not in MASKMOD_CONTEXT_TOKENIZER:
+        raise ValueError(f"maskmod in ComfyUI binds phrases for the families {sorted(MASKMOD_CONTEXT_TOKENIZER)}; "
+                         f"this model is {type(getattr(model, 'model', None)).__name__} (family {family!r}), whose "
+                         "text context mixes encoders or crops a template: use maskmod through diffusers with "
+                         "'tokens' per region")
+    key = MASKMOD_CONTEXT_TOKENIZER[family]
+    bound = [{**r, "tokens": phrase_tokens(clip, prompt, r["phrase"], key)} for r in regions]
     options = parse_widget_options("maskmod", widget_values)
     options.pop("regions", None)
     instance = attnproc.create("maskmod", **{**options, "regions": bound, "prompt": prompt})

@@ -421,6 +421,26 @@ def test_region_nodes_chain_and_check_their_inputs():
         add_region(None, "fox", torch.zeros(8))
     with pytest.raises(ValueError, match="maskmod: connect at least one region"):
         patch_maskmod(ModelPatcher(model=WAN21()), None, "a red fox", [])
+    # a family whose text context mixes encoders: refused, not bound to the wrong tokens
+    with pytest.raises(ValueError, match=r"maskmod in ComfyUI binds phrases for the families .*family 'sd3'"):
+        patch_maskmod(ModelPatcher(model=type("SD3", (), {})()), None, "a red fox", first)
+
+
+def test_maskmod_binds_flux_phrases_with_the_t5_tokens():
+    """Flux's text context is T5's: the phrase positions come from the 't5xxl' tokenizer of the CLIP input."""
+    from attnproc.workflows.comfy_runtime import phrase_tokens
+
+    class DualClip:  # ComfyUI's clip.tokenize(..., return_word_ids=True): {key: [[(token, weight, word_id)]]}
+        def tokenize(self, text, return_word_ids=True):
+            words = text.split()
+            l_tokens = [(49406, 1.0, 0)] + [(100 + len(w), 1.0, i + 1) for i, w in enumerate(words)]
+            t5 = [(200 + len(w), 1.0, i + 1) for i, w in enumerate(words)] + [(1, 1.0, 0)]
+            return {"l": [l_tokens], "t5xxl": [t5]}
+
+    assert phrase_tokens(DualClip(), "a red fox", "red fox", "t5xxl") == [1, 2]  # no start token in T5
+    assert phrase_tokens(DualClip(), "a red fox", "red fox") == [2, 3]  # CLIP-L: after the start token
+    with pytest.raises(ValueError, match="comes from the 'umt5xxl' tokenizer, which the CLIP input does not have"):
+        phrase_tokens(DualClip(), "a red fox", "red fox", "umt5xxl")
 
 
 def test_old_comfyui_without_the_override_hook_is_refused(tmp_path, monkeypatch):
