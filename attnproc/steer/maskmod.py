@@ -139,6 +139,7 @@ class MaskMod(Edit):
     summary = "Region control: pull each region's pixels toward its phrase and each other (DenseDiffusion modulation)."
     Config = MaskModConfig
     needs_layout = True
+    context_parallel = frozenset({"ulysses"})  # per head and per query row over the whole sequence
 
     def __init__(self, config=None):
         super().__init__(config)

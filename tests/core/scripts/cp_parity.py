@@ -1,0 +1,142 @@
+"""Run under torchrun (2 CPU processes, gloo): attnproc methods under diffusers context parallelism give the
+one-process output. Prints ``RESULT {json}`` on rank 0: per case the max abs difference to one process and to
+dense, or the refusal message.
+
+diffusers' ``enable_parallelism`` assumes an accelerator (``_resolve_parallel_config`` computes
+``rank % torch.accelerator.device_count()``, a ZeroDivisionError on a CPU-only machine), so :func:`enable_cp`
+does here, in test code only, what ``enable_parallelism`` does without that line: a CPU device mesh, the config's
+``setup``, ``_parallel_config`` on the model and its processors, and ``apply_context_parallel`` with the plan.
+"""
+import json
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from diffusers import ContextParallelConfig
+from diffusers.hooks.context_parallel import apply_context_parallel
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput, ParallelConfig
+from torch.distributed.device_mesh import init_device_mesh
+
+import attnproc
+from attnproc.pipelines import tiny_call_kwargs, tiny_pipeline
+
+# HunyuanVideo has no _cp_plan in diffusers 0.42: split the first block's sequences and the RoPE tables (the
+# attention mask stays whole: attnproc reads it in the unsharded order), gather proj_out
+HUNYUAN_PLAN = {
+    "rope": {0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+             1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)},
+    "transformer_blocks.0": {
+        "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3),
+        "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3),
+    },
+    "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+}
+PROMPT = "a red fox in the snow"
+SPARSE = dict(dense_first_steps=0, dense_first_layers=0)
+METHODS = {
+    "dense": {},
+    "radial": dict(SPARSE, block_size=16),
+    "gna": dict(dense_first_steps=0, block_target=32),
+    "vmoba": dict(SPARSE),
+    "rectified": dict(SPARSE, block_size=16),
+    "maskmod": "regions",
+}
+
+
+def enable_cp(model, cp: ContextParallelConfig, plan=None):
+    config = ParallelConfig(context_parallel_config=cp)
+    mesh = init_device_mesh("cpu", cp.mesh_shape, mesh_dim_names=cp.mesh_dim_names)
+    config.setup(dist.get_rank(), dist.get_world_size(), torch.device("cpu"), mesh=mesh)
+    model._parallel_config = config
+    for module in model.modules():
+        if hasattr(getattr(module, "processor", None), "_parallel_config"):
+            module.processor._parallel_config = config
+    apply_context_parallel(model, cp, plan or model._cp_plan)
+
+
+def regions(family, size):
+    f, h, w = size
+    fox = np.zeros((h, w), bool)
+    fox[:, : w // 2] = True
+    if family != "flux":
+        fox = np.repeat(fox[None], f, axis=0)
+    return [{"phrase": "red fox", "mask": fox}, {"phrase": "snow", "mask": ~fox}]
+
+
+def run(family, method, size, cp=None):
+    pipe = tiny_pipeline(family, seed=0)
+    if cp is not None:
+        enable_cp(pipe.transformer, cp, HUNYUAN_PLAN if family == "hunyuanvideo" else None)
+    options = METHODS[method]
+    if options == "regions":
+        options = dict(prompt=PROMPT, regions=regions(family, size), active_steps=1.0)
+    attnproc.apply(pipe, method, **options)
+    f, h, w = size
+    kw = dict(height=h, width=w, num_inference_steps=2, output_type="latent", prompt=PROMPT)
+    if family != "flux":
+        kw["num_frames"] = f
+    kw = tiny_call_kwargs(family, **kw)
+    kw["generator"] = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = pipe(**kw)
+    x = out.frames if hasattr(out, "frames") else out.images
+    return torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+
+
+def case(results, name, family, method, size, cp, dense_ref=None):
+    try:
+        got = run(family, method, size, cp)
+    except Exception as e:  # noqa: BLE001 - refusals are results
+        results[name] = {"error": f"{type(e).__name__}: {e}"}
+        return
+    ref = run(family, method, size)
+    entry = {"max_diff": float((got - ref).abs().max()), "scale": float(ref.abs().max())}
+    if dense_ref is not None:
+        entry["vs_dense"] = float((ref - dense_ref).abs().max())
+    results[name] = entry
+
+
+def main(which):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    results = {}
+    sizes = {"wan21": (9, 128, 128), "hunyuanvideo": (9, 128, 128), "flux": (1, 128, 128)}
+    if which == "ulysses":
+        for family, size in sizes.items():
+            dense = run(family, "dense", size)
+            for method in METHODS:
+                case(results, f"{family}/{method}", family, method, size, ContextParallelConfig(ulysses_degree=2),
+                     dense)
+        # ulysses_anything: 3 x 9 x 9 = 243 visual tokens, split 122 / 121
+        case(results, "wan21/radial/anything", "wan21", "radial", (9, 144, 144),
+             ContextParallelConfig(ulysses_degree=2, ulysses_anything=True))
+    else:
+        for family, size in sizes.items():
+            case(results, f"{family}/dense/ring", family, "dense", size, ContextParallelConfig(ring_degree=2))
+        case(results, "wan21/radial/ring", "wan21", "radial", sizes["wan21"], ContextParallelConfig(ring_degree=2))
+        # enable_parallelism after apply, with a plan that splits the model's own inputs (Flux): refused
+        pipe = tiny_pipeline("flux", seed=0)
+        attnproc.apply(pipe, "dense")
+        enable_cp(pipe.transformer, ContextParallelConfig(ulysses_degree=2))
+        try:
+            with torch.no_grad():
+                pipe(**tiny_call_kwargs("flux", num_inference_steps=1, output_type="latent"))
+            results["flux/apply_then_cp"] = {"error": None}
+        except Exception as e:  # noqa: BLE001
+            results["flux/apply_then_cp"] = {"error": f"{type(e).__name__}: {e}"}
+        try:
+            pipe = tiny_pipeline("wan21", seed=0)
+            enable_cp(pipe.transformer, ContextParallelConfig(ulysses_degree=2))
+            attnproc.apply(pipe, "vmoba", threshold_type="overall")
+            results["wan21/vmoba_overall"] = {"error": None}
+        except Exception as e:  # noqa: BLE001
+            results["wan21/vmoba_overall"] = {"error": f"{type(e).__name__}: {e}"}
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
+    sys.exit(0)
