@@ -139,14 +139,15 @@ def _text_sizes(local: int, plan: ParallelPlan, device) -> list[int]:
     return [int(g) for g in got]
 
 
-def query_segments(layout, kind: str, q_local: int, plan: ParallelPlan, device) -> _Segments:
-    """The queries' segments: visual only (self, cross) or the joint call's text and visual shares."""
+def query_segments(layout, kind: str, text_first: bool, q_local: int, plan: ParallelPlan, device) -> _Segments:
+    """The queries' segments: visual only (self, cross) or the joint call's text and visual shares (text first:
+    the family's ``joint_text == "before"``; ``layout`` is the forward's base layout, which has no text)."""
     visual = split_sizes(layout.visual_len, plan.world)
     if kind != "joint":
         return _segments([("visual", visual)])
     text = _text_sizes(q_local - visual[plan.rank], plan, device)
     parts = [("text", text), ("visual", visual)]
-    return _segments(parts if layout.text_position == "before" else parts[::-1])
+    return _segments(parts if text_first else parts[::-1])
 
 
 def key_segments(kind: str, q_seg: _Segments, k_local: int, text_sharded: bool, plan: ParallelPlan,
@@ -219,15 +220,15 @@ def _gather_mask(mask: torch.Tensor | None, k_seg: _Segments | None, plan: Paral
     return mask
 
 
-def ulysses(q, k, v, attn_mask, *, plan: ParallelPlan, layout, kind: str, text_sharded: bool, site_name, run):
+def ulysses(q, k, v, attn_mask, *, plan: ParallelPlan, layout, kind: str, family, site_name, run):
     """Ulysses around ``run(q, k, v, attn_mask, heads)`` (``heads``: the global head indices of the call it gets,
     which holds the whole sequence in canonical order); returns this rank's local output ``[B, H, S_local, Dv]``."""
     H = q.shape[1]
     heads = split_sizes(H, plan.world)
     mine = range(sum(heads[:plan.rank]), sum(heads[:plan.rank + 1]))
-    q_seg = query_segments(layout, kind, q.shape[2], plan, q.device)
+    q_seg = query_segments(layout, kind, family.joint_text == "before", q.shape[2], plan, q.device)
     _check_local("queries", q.shape[2], q_seg, plan.rank, site_name)
-    k_seg = key_segments(kind, q_seg, k.shape[2], text_sharded, plan, q.device)
+    k_seg = key_segments(kind, q_seg, k.shape[2], family.cp_text_sharded, plan, q.device)
     if k_seg is None:
         kf, vf = k[:, mine.start:mine.stop], v[:, mine.start:mine.stop]
     else:
@@ -243,12 +244,12 @@ def ulysses(q, k, v, attn_mask, *, plan: ParallelPlan, layout, kind: str, text_s
 
 
 # ---- Ring ------------------------------------------------------------------------------------------------------
-def ring(q, k, v, attn_mask, *, plan: ParallelPlan, layout, kind: str, text_sharded: bool, site_name, run):
+def ring(q, k, v, attn_mask, *, plan: ParallelPlan, layout, kind: str, family, site_name, run):
     """Ring (all-gather of keys and values): ``run(q_local, k, v, attn_mask, None, q_len)`` over every key, with
     ``q_len`` the whole call's query count (for the site); returns the local output. Exact for methods whose output rows depend only on their own query."""
-    q_seg = query_segments(layout, kind, q.shape[2], plan, q.device)
+    q_seg = query_segments(layout, kind, family.joint_text == "before", q.shape[2], plan, q.device)
     _check_local("queries", q.shape[2], q_seg, plan.rank, site_name)
-    k_seg = key_segments(kind, q_seg, k.shape[2], text_sharded, plan, q.device)
+    k_seg = key_segments(kind, q_seg, k.shape[2], family.cp_text_sharded, plan, q.device)
     if k_seg is None:
         return run(q, k, v, attn_mask, None, q_seg.total())
     _check_local("keys", k.shape[2], k_seg, plan.rank, site_name)

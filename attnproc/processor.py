@@ -268,12 +268,6 @@ class AttnProcessor:
                 raise ContextParallelError(f"attnproc: context parallelism is not supported for the "
                                            f"{self.info.family.name!r} family (attention at several resolutions)")
             self.method.check_parallel(parallel.mode_of(config))
-            if self.info.family.joint_text == "before" and "ring" not in self.method.context_parallel:
-                # known gap: the token order rebuilt for text-first joint calls (Flux) does not match one process
-                raise ContextParallelError(
-                    f"attnproc: method {self.method.name!r} under context parallelism is not exact yet for the "
-                    f"{self.info.family.name!r} family (text before image in joint attention); only 'dense' runs "
-                    "there (docs/context_parallel.md)")
             plan = parallel.plan_of(config)
             self._stocks[key] = (config, plan)  # the config kept alive so its id stays unique
         return self._stocks[key][1]
@@ -318,7 +312,7 @@ class AttnProcessor:
                                        f"which the {self.info.family.name} family cannot give for these inputs")
         exchange = parallel.ulysses if plan.mode == "ulysses" else parallel.ring
         return exchange(query, key, value, attn_mask, plan=plan, layout=layout, kind=kind,
-                        text_sharded=self.info.family.cp_text_sharded, site_name=self.info.name, run=run)
+                        family=self.info.family, site_name=self.info.name, run=run)
 
     def _context_layout(self) -> TokenLayout | None:
         """The forward's layout; ``None`` for a method that needs none when the family cannot lay the tokens out

@@ -40,7 +40,10 @@ def ring():
 
 @pytest.mark.parametrize("case", ["wan21/dense", "wan21/radial", "wan21/gna", "wan21/vmoba", "wan21/rectified",
                                   "wan21/maskmod", "hunyuanvideo/dense", "hunyuanvideo/radial", "hunyuanvideo/gna",
-                                  "hunyuanvideo/vmoba", "hunyuanvideo/rectified", "flux/dense"])
+                                  "hunyuanvideo/vmoba", "hunyuanvideo/rectified", "hunyuanvideo/maskmod",
+                                  "flux/dense", "flux/gna", "flux/rectified", "flux/maskmod",
+                                  "exchange/self/wan", "exchange/cross/wan", "exchange/cross/ltx",
+                                  "exchange/joint/flux", "exchange/joint/hunyuanvideo"])
 def test_ulysses_degree_2_matches_one_process(ulysses, case):
     r = ulysses[case]
     assert "error" not in r, r
@@ -48,15 +51,11 @@ def test_ulysses_degree_2_matches_one_process(ulysses, case):
 
 
 @pytest.mark.parametrize("case", ["wan21/radial", "wan21/gna", "wan21/rectified", "wan21/maskmod",
-                                  "hunyuanvideo/radial", "hunyuanvideo/gna", "hunyuanvideo/rectified"])
+                                  "hunyuanvideo/radial", "hunyuanvideo/gna", "hunyuanvideo/rectified",
+                                  "hunyuanvideo/maskmod", "flux/gna", "flux/maskmod"])
 def test_the_sparse_cases_are_not_dense(ulysses, case):
     """Parity would be vacuous if the method ran dense: these differ from dense on one process."""
     assert ulysses[case]["vs_dense"] > 1e-3, ulysses[case]
-
-
-def test_flux_joint_sparse_is_refused_not_wrong(ulysses):
-    assert "not exact yet for the 'flux' family" in ulysses["flux/gna"]["error"]
-    assert "not exact yet for the 'flux' family" in ulysses["flux/maskmod"]["error"]
 
 
 @pytest.mark.parametrize("case", ["wan21/dense/ring", "hunyuanvideo/dense/ring", "flux/dense/ring"])

@@ -61,6 +61,8 @@ def regions(family, size):
     fox[:, : w // 2] = True
     if family != "flux":
         fox = np.repeat(fox[None], f, axis=0)
+    if family == "hunyuanvideo":  # its prompt template hides the phrase tokens: give their positions
+        return [{"phrase": "red fox", "mask": fox, "tokens": [2, 3]}, {"phrase": "snow", "mask": ~fox, "tokens": [6]}]
     return [{"phrase": "red fox", "mask": fox}, {"phrase": "snow", "mask": ~fox}]
 
 
@@ -97,6 +99,50 @@ def case(results, name, family, method, size, cp, dense_ref=None):
     results[name] = entry
 
 
+def exchange(results):
+    """The Ulysses exchange itself on ragged splits (what ulysses_anything gives: 243 visual tokens as 122 / 121,
+    3 heads as 2 / 1, 7 text tokens as 4 / 3), in every kind of call, against the unsharded computation. The
+    attention run on each rank scales each head's queries by its *global* index + 1, so a wrong head index shows.
+    (diffusers' own ulysses_anything gathers the model output with an uneven all_gather, which gloo refuses.)"""
+    from attnproc.families import FAMILIES
+    from attnproc.layout import TokenLayout
+    from attnproc.parallel import ParallelPlan, ulysses
+
+    rank = dist.get_rank()
+    plan = ParallelPlan("ulysses", dist.group.WORLD, rank, 2, ragged=True)
+    layout = TokenLayout(3, 9, 9)
+    g = torch.Generator().manual_seed(0)
+
+    def attend(q, k, v, mask, heads):
+        w = torch.tensor([h + 1.0 for h in heads])[None, :, None, None]
+        return torch.nn.functional.scaled_dot_product_attention(q * w, k, v, attn_mask=mask)
+
+    for kind, family in (("self", "wan"), ("cross", "wan"), ("cross", "ltx"), ("joint", "flux"),
+                         ("joint", "hunyuanvideo")):
+        fam = FAMILIES[family]
+        N, T = layout.visual_len, 7
+        q_len = N + T if kind == "joint" else N
+        k_len = T if kind == "cross" else q_len
+        q, k, v = (torch.randn(1, 3, n, 8, generator=g) for n in (q_len, k_len, k_len))
+        mask = torch.ones(1, 1, 1, k_len, dtype=torch.bool)
+        mask[..., -2 if fam.joint_text != "before" or kind == "cross" else T - 2] = False  # one masked key
+        full = attend(q, k, v, mask, range(3))
+
+        def shard(x, parts, dim=2):  # rank's share of each part, concatenated in order
+            return torch.cat([p.tensor_split(2, dim=dim)[rank] for p in x.split(parts, dim=dim)], dim=dim)
+
+        q_parts = ([T, N] if fam.joint_text == "before" else [N, T]) if kind == "joint" else [N]
+        k_parts = [T] if kind == "cross" else q_parts
+        k_sharded = kind != "cross" or fam.cp_text_sharded
+        ks, vs = (shard(x, k_parts) if k_sharded else x for x in (k, v))
+        local_mask = shard(mask, k_parts, dim=3) if k_sharded else mask
+        got = ulysses(shard(q, q_parts), ks, vs, local_mask, plan=plan, layout=layout, kind=kind, family=fam,
+                      site_name=kind, run=attend)
+        want = shard(full, q_parts)
+        results[f"exchange/{kind}/{family}"] = {"max_diff": float((got - want).abs().max()),
+                                                "scale": float(want.abs().max())}
+
+
 def main(which):
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -108,9 +154,7 @@ def main(which):
             for method in METHODS:
                 case(results, f"{family}/{method}", family, method, size, ContextParallelConfig(ulysses_degree=2),
                      dense)
-        # ulysses_anything: 3 x 9 x 9 = 243 visual tokens, split 122 / 121
-        case(results, "wan21/radial/anything", "wan21", "radial", (9, 144, 144),
-             ContextParallelConfig(ulysses_degree=2, ulysses_anything=True))
+        exchange(results)
     else:
         for family, size in sizes.items():
             case(results, f"{family}/dense/ring", family, "dense", size, ContextParallelConfig(ring_degree=2))
