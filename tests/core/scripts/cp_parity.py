@@ -38,7 +38,7 @@ METHODS = {
     "dense": {},
     "radial": dict(SPARSE, block_size=16),
     "gna": dict(dense_first_steps=0, block_target=32),
-    "vmoba": dict(SPARSE),
+    "vmoba": dict(SPARSE, chunk_1d=1, chunk_2d=(3, 5), chunk_3d=(2, 3, 5), topk=2),  # several chunks on tiny grids
     "rectified": dict(SPARSE, block_size=16),
     "maskmod": "regions",
 }
@@ -123,10 +123,12 @@ def exchange(results):
         N, T = layout.visual_len, 7
         q_len = N + T if kind == "joint" else N
         k_len = T if kind == "cross" else q_len
-        q, k, v = (torch.randn(1, 3, n, 8, generator=g) for n in (q_len, k_len, k_len))
+        q, k, v = (torch.randn(1, 3, n, 8, generator=g).requires_grad_() for n in (q_len, k_len, k_len))
+        weight = torch.randn(1, 3, q_len, 8, generator=g)  # a loss that weighs every output element differently
         mask = torch.ones(1, 1, 1, k_len, dtype=torch.bool)
         mask[..., -2 if fam.joint_text != "before" or kind == "cross" else T - 2] = False  # one masked key
         full = attend(q, k, v, mask, range(3))
+        (full * weight).sum().backward()
 
         def shard(x, parts, dim=2):  # rank's share of each part, concatenated in order
             return torch.cat([p.tensor_split(2, dim=dim)[rank] for p in x.split(parts, dim=dim)], dim=dim)
@@ -134,12 +136,19 @@ def exchange(results):
         q_parts = ([T, N] if fam.joint_text == "before" else [N, T]) if kind == "joint" else [N]
         k_parts = [T] if kind == "cross" else q_parts
         k_sharded = kind != "cross" or fam.cp_text_sharded
-        ks, vs = (shard(x, k_parts) if k_sharded else x for x in (k, v))
+        qs = shard(q.detach(), q_parts).requires_grad_()
+        ks, vs = (shard(x.detach(), k_parts) if k_sharded else x.detach() for x in (k, v))
+        ks.requires_grad_(), vs.requires_grad_()
         local_mask = shard(mask, k_parts, dim=3) if k_sharded else mask
-        got = ulysses(shard(q, q_parts), ks, vs, local_mask, plan=plan, layout=layout, kind=kind, family=fam,
+        got = ulysses(qs, ks, vs, local_mask, plan=plan, layout=layout, kind=kind, family=fam,
                       site_name=kind, run=attend)
-        want = shard(full, q_parts)
-        results[f"exchange/{kind}/{family}"] = {"max_diff": float((got - want).abs().max()),
+        (got * shard(weight, q_parts)).sum().backward()  # each rank's share of the loss; backward exchanges too
+        want = shard(full.detach(), q_parts)
+        grad_diff = float((qs.grad - shard(q.grad, q_parts)).abs().max())
+        if k_sharded:  # (whole text: each rank holds a partial gradient of k, v; their sum is the full one)
+            grad_diff = max(grad_diff, float((ks.grad - shard(k.grad, k_parts)).abs().max()),
+                            float((vs.grad - shard(v.grad, k_parts)).abs().max()))
+        results[f"exchange/{kind}/{family}"] = {"max_diff": max(float((got - want).abs().max()), grad_diff),
                                                 "scale": float(want.abs().max())}
 
 
