@@ -122,11 +122,10 @@ class _Segments:
         return torch.cat(idx).to(device)
 
 
-def _segments(parts: list[tuple[str, list[int]]]) -> _Segments:
-    """``parts``: (name, per-rank sizes) of each consecutive part of a rank's local sequence, in the order of the
+def _segments(*parts: list[int]) -> _Segments:
+    """``parts``: the per-rank sizes of each consecutive part of a rank's local sequence, in the order of the
     unsharded sequence (each rank holds its share of every part, in the same order)."""
-    world = len(parts[0][1])
-    return _Segments(tuple(tuple(sizes[r] for _, sizes in parts) for r in range(world)))
+    return _Segments(tuple(tuple(sizes[r] for sizes in parts) for r in range(len(parts[0]))))
 
 
 def _text_sizes(local: int, plan: ParallelPlan, device) -> list[int]:
@@ -144,10 +143,9 @@ def query_segments(layout, kind: str, text_first: bool, q_local: int, plan: Para
     the family's ``joint_text == "before"``; ``layout`` is the forward's base layout, which has no text)."""
     visual = split_sizes(layout.visual_len, plan.world)
     if kind != "joint":
-        return _segments([("visual", visual)])
+        return _segments(visual)
     text = _text_sizes(q_local - visual[plan.rank], plan, device)
-    parts = [("text", text), ("visual", visual)]
-    return _segments(parts if text_first else parts[::-1])
+    return _segments(text, visual) if text_first else _segments(visual, text)
 
 
 def key_segments(kind: str, q_seg: _Segments, k_local: int, text_sharded: bool, plan: ParallelPlan,
@@ -158,7 +156,7 @@ def key_segments(kind: str, q_seg: _Segments, k_local: int, text_sharded: bool, 
         return q_seg
     if not text_sharded:
         return None
-    return _segments([("text", _text_sizes(k_local, plan, device))])
+    return _segments(_text_sizes(k_local, plan, device))
 
 
 def _check_local(what: str, got: int, seg: _Segments, rank: int, site_name) -> None:
@@ -246,7 +244,8 @@ def ulysses(q, k, v, attn_mask, *, plan: ParallelPlan, layout, kind: str, family
 # ---- Ring ------------------------------------------------------------------------------------------------------
 def ring(q, k, v, attn_mask, *, plan: ParallelPlan, layout, kind: str, family, site_name, run):
     """Ring (all-gather of keys and values): ``run(q_local, k, v, attn_mask, None, q_len)`` over every key, with
-    ``q_len`` the whole call's query count (for the site); returns the local output. Exact for methods whose output rows depend only on their own query."""
+    ``q_len`` the whole call's query count (for the site); returns the local output. Exact for methods whose
+    output rows depend only on their own query."""
     q_seg = query_segments(layout, kind, family.joint_text == "before", q.shape[2], plan, q.device)
     _check_local("queries", q.shape[2], q_seg, plan.rank, site_name)
     k_seg = key_segments(kind, q_seg, k.shape[2], family.cp_text_sharded, plan, q.device)
