@@ -8,10 +8,11 @@ import torch
 
 from ._compat import parallel_config
 from .context import DenoiserContext
-from .errors import AttnprocError, ContextParallelError
+from .errors import AttnprocError
 from .families import Family, attention_modules, family_named, family_of
 from .layout import TokenLayout
 from .method import Method
+from .parallel import mode_of
 from .processor import STATE_ATTR, AttnProcessor, BlockInput, ModuleInfo, fresh_stock
 from .registry import REGISTRY
 
@@ -127,9 +128,9 @@ def apply(pipe, method: str | list[str], **options) -> Handle:
                 raise AlreadyPatchedError(
                     f"{name}.{mod_name} already runs attnproc method {ours.method.name!r}; call "
                     "attnproc.remove(pipe) before applying another method")
-            if parallel_config(module.processor) is not None:
-                raise ContextParallelError(f"{name} uses diffusers context parallelism, which attnproc processors do not "
-                                   "support yet; apply attnproc to a pipeline without enable_parallelism")
+            config = parallel_config(module.processor)
+            if config is not None:  # enable_parallelism came first: the method must serve its mode
+                instance.check_parallel(mode_of(config))
 
     from . import hooks  # diffusers' hook registry: imported here so `import attnproc` does not need diffusers
 

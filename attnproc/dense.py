@@ -12,6 +12,7 @@ class Dense(Method):
     name = "dense"
     summary = "Stock softmax attention through attnproc's machinery; reproduces the unpatched pipeline."
     sdpa_extras = frozenset({"dropout_p", "is_causal", "enable_gqa"})
+    context_parallel = frozenset({"ulysses", "ring"})
 
     def attention(self, q, k, v, site, *, attn_mask=None, scale=None, **sdpa_kwargs):
         return dense_attention(q, k, v, attn_mask=attn_mask, scale=scale, **sdpa_kwargs)

@@ -31,7 +31,8 @@ class NonNativeBackendError(AttnprocError, RuntimeError):
 
 
 class ContextParallelError(AttnprocError, RuntimeError):
-    """diffusers context parallelism is enabled; our processors would see only one shard of the sequence."""
+    """Under diffusers context parallelism: a method, mode or setup attnproc cannot run exactly (it would see only
+    one shard of the sequence or of the heads); the message names what works (docs/context_parallel.md)."""
 
 
 class BlockInputUnavailableError(AttnprocError, RuntimeError):

@@ -72,6 +72,8 @@ class Family:
     batched_cfg: bool = True  # pipelines run cond and uncond in one batch (vs. two passes)
     timestep_scale: float = 1.0  # pipeline passes timestep / scale to the model
     multiscale: bool = False  # UNet: attention runs at several resolutions
+    # context parallelism: whether diffusers' CP plan shards the cross-attention text (Wan keeps it whole)
+    cp_text_sharded: bool = True
     legacy_processors: dict[str, str] = field(default_factory=dict)  # kind -> stock class for legacy Attention
 
     # ---- layout of one attention call ------------------------------------------------------------------
@@ -215,7 +217,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            joint_text="before", batched_cfg=False, timestep_scale=1000.0),
     Family("wan", "Wan 2.1 / 2.2, both experts (WanTransformer3DModel)", ("WanTransformer3DModel",),
            _by_suffix({"attn1": "self", "attn2": "cross"}), _wan_grid, aliases=("wan21", "wan22"),
-           comfy_models=("WAN21",), variant_of=_wan_variant, batched_cfg=False),
+           comfy_models=("WAN21",), variant_of=_wan_variant, batched_cfg=False, cp_text_sharded=False),
     Family("hunyuanvideo", "HunyuanVideo (HunyuanVideoTransformer3DModel)", ("HunyuanVideoTransformer3DModel",),
            _by_suffix({"attn": "joint"}, prefixes=("transformer_blocks.", "single_transformer_blocks.")),
            _hunyuan_grid, aliases=("hunyuan",), comfy_models=("HunyuanVideo",), kind_without_name=_hunyuan_kind,

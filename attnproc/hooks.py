@@ -21,12 +21,14 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from ._compat import cache_context
+from ._compat import cache_context, hooks_after, parallel_config
 from .context import DenoiserContext, StepContext
+from .errors import ContextParallelError
 from .families import Family
 from .layout import TokenLayout
 
 HOOK_NAME = "attnproc.step"
+ROOT_SPLIT_HOOK = "cp_input---"  # diffusers' name for the hook splitting the model's own inputs (CP plan key "")
 
 
 class _NoState(BaseState):
@@ -155,6 +157,11 @@ class StepHook(ModelHook):
     # traced code would guard on it and recompile every step).
     @torch.compiler.disable
     def _layout(self, module, bound: dict, cache) -> tuple[TokenLayout, int | None]:
+        if parallel_config(module) is not None and ROOT_SPLIT_HOOK in hooks_after(module, HOOK_NAME):
+            raise ContextParallelError(
+                f"attnproc: {type(module).__name__}.enable_parallelism was called after attnproc.apply, so diffusers "
+                "shards the forward's inputs before attnproc's step hook reads the token layout; call "
+                "enable_parallelism(...) first, then attnproc.apply(...)")
         grid, text_valid = self.family.grid_of(module, bound)
         branches, _ = self._branches(cache, _batch_size(bound))
         return TokenLayout(*grid, branches=branches), text_valid

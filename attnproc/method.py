@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 
 from attnproc.kernels import dense_attention
-from .errors import BlockInputUnavailableError, UnsupportedFamilyError
+from .errors import BlockInputUnavailableError, ContextParallelError, UnsupportedFamilyError
 from .site import Site
 
 
@@ -31,7 +31,10 @@ class Method:
     * ``sdpa_extras``: the SDPA options honoured beyond ``attn_mask``/``scale`` (``dropout_p``, ``is_causal``,
       ``enable_gqa``); a call using another one is refused;
     * ``computes_output``: may compute a whole attention module's output itself (:meth:`module_output`), for
-      methods that change more than the SDPA call (AgentSD merges tokens before the projections).
+      methods that change more than the SDPA call (AgentSD merges tokens before the projections);
+    * ``context_parallel``: the diffusers context-parallel modes it runs exactly under (``"ulysses"``: the whole
+      sequence for a subset of heads, ``site.heads`` their global indices; ``"ring"``: the rank's queries against
+      every key). Empty: refused under ``enable_parallelism`` (docs/context_parallel.md).
     """
 
     name: ClassVar[str]
@@ -42,9 +45,23 @@ class Method:
     families: ClassVar[tuple[str, ...] | None] = None
     sdpa_extras: ClassVar[frozenset[str]] = frozenset()
     computes_output: ClassVar[bool] = False
+    context_parallel: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()
+
+    def check_parallel(self, mode: str) -> None:
+        """Raise :class:`ContextParallelError` unless this method (with its options) runs exactly under diffusers
+        context parallelism in ``mode`` (``"ulysses"`` or ``"ring"``). Called by ``apply`` and the processor."""
+        if mode in self.context_parallel:
+            return
+        served = sorted(self.context_parallel)
+        hint = ("use ContextParallelConfig(ulysses_degree=N) instead: under Ulysses each rank attends the whole "
+                "sequence for a subset of heads" if "ulysses" in served else
+                "run it without enable_parallelism (or with method 'dense')")
+        raise ContextParallelError(
+            f"method {self.name!r} does not support diffusers context parallelism in {mode} mode (it supports "
+            f"{served or 'none'}); {hint}. See docs/context_parallel.md")
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Site, *,
                   attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
@@ -144,6 +161,7 @@ class Composed(Method):
         served = [set(m.families) for m in parts if m.families is not None]
         self.families = tuple(sorted(set.intersection(*served))) if served else None
         self.sdpa_extras = frozenset()  # edits see only attn_mask and scale
+        self.context_parallel = frozenset.intersection(*(m.context_parallel for m in parts))
         chain: Method = base
         for edit in self.edits:  # built once: the outermost edit is called first
             chain = _Wrapped(edit, chain)
@@ -155,6 +173,10 @@ class Composed(Method):
     def bind(self, target) -> None:
         for m in [self.base, *self.edits]:
             m.bind(target)
+
+    def check_parallel(self, mode: str) -> None:
+        for m in [self.base, *self.edits]:
+            m.check_parallel(mode)
 
     def module_states(self, site):
         return {n: s for m in [self.base, *self.edits] for n, s in m.module_states(site).items()}

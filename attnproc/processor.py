@@ -10,6 +10,7 @@ module as ``attnproc``) and, for methods that ask, the transformer block's input
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +26,7 @@ from .errors import ContextParallelError, NonNativeBackendError, UnsupportedCall
 from .families import Family, module_kind, stock_processor_for
 from .layout import TokenLayout
 from .method import Method
+from . import parallel
 from .site import CallInputs, Site
 
 STATE_ATTR = "attnproc"  # the child of an attention module that holds the method's per-module state
@@ -191,10 +193,12 @@ class AttnProcessor:
     # ---------------------------------------------------------------------------------------------------
     def __call__(self, attn, hidden_states, *args, image_rotary_emb=None, temb=None,
                  encoder_hidden_states_mask=None, **kwargs):
-        self._check_parallel()
+        plan = self._parallel_plan()
         context = args[0] if args else kwargs.get("encoder_hidden_states")
         kind = self.info.kind or module_kind(attn, self.info.family, context is not None)
         stock = self._stock_for(attn, kind)
+        if plan is not None:  # the stock attends locally; our exchange (parallel.py) does the parallel part
+            stock = self._local(stock)
         if kind is None or self.method is None:  # not attention over visual tokens, or a placeholder: stock as is
             given = {"image_rotary_emb": image_rotary_emb, "temb": temb,
                      "encoder_hidden_states_mask": encoder_hidden_states_mask}
@@ -223,12 +227,12 @@ class AttnProcessor:
             out = self.method.module_output(self._site(attn, kind, q_len, kv_len, 0, inputs, states))
             if out is not None:
                 return out
-        route = _RouteAttention(lambda call, **sdpa: self._attend(attn, kind, call, inputs, states, **sdpa))
+        route = _RouteAttention(lambda call, **sdpa: self._attend(attn, kind, call, inputs, states, plan, **sdpa))
         with route:
             out = stock(attn, hidden_states, *args, **kwargs)
         if route.calls == 0:
             backend = _non_native_backend(stock)
-            if dense and backend is None:  # a processor that computes attention itself: dense is its output
+            if dense and backend is None and plan is None:  # computes attention itself: dense is its output
                 return out
             cause = (f"the non-native attention backend {backend!r} is selected (set_attention_backend / "
                      "attention_backend / DIFFUSERS_ATTN_BACKEND); use the default 'native' backend with attnproc "
@@ -248,12 +252,36 @@ class AttnProcessor:
             self._stocks[key] = (stock, _sdpa_equivalent(stock))  # the stock kept alive so its id stays unique
         return self._stocks[key][1]
 
-    def _check_parallel(self) -> None:
-        if (self._parallel_config or parallel_config(self.stock)) is not None:
-            raise ContextParallelError(
-                "attnproc processors do not support diffusers context parallelism yet: each rank would see only "
-                "its shard of the sequence and a layout-dependent method would be silently wrong. Apply attnproc "
-                "without enable_parallelism (or disable it).")
+    def _parallel_plan(self) -> parallel.ParallelPlan | None:
+        """The context-parallel plan in force (``enable_parallelism`` before or after ``apply``), checked against
+        the method; ``None`` without context parallelism."""
+        config = self._parallel_config or parallel_config(self.stock)
+        if config is None:
+            return None
+        key = ("plan", id(config))
+        if key not in self._stocks:
+            if self.method is None or self.context is None or self.info.family is None:
+                raise ContextParallelError(
+                    "attnproc processors run under diffusers context parallelism only when installed by "
+                    "attnproc.apply (the step hook gives the unsharded layout the exchange needs)")
+            if self.info.family.multiscale:
+                raise ContextParallelError(f"attnproc: context parallelism is not supported for the "
+                                           f"{self.info.family.name!r} family (attention at several resolutions)")
+            self.method.check_parallel(parallel.mode_of(config))
+            plan = parallel.plan_of(config)
+            self._stocks[key] = (config, plan)  # the config kept alive so its id stays unique
+        return self._stocks[key][1]
+
+    def _local(self, stock):
+        """``stock`` without diffusers' parallel attention (a copy, made once), so its SDPA call sees the shard."""
+        if parallel_config(stock) is None:
+            return stock
+        key = ("local", id(stock))
+        if key not in self._stocks:
+            local = copy.copy(stock)
+            local._parallel_config = None
+            self._stocks[key] = (stock, local)
+        return self._stocks[key][1]
 
     def _stock_for(self, attn, kind):
         if self.stock is not None:
@@ -264,14 +292,27 @@ class AttnProcessor:
         return stock
 
     # ---------------------------------------------------------------------------------------------------
-    def _attend(self, attn, kind, call, inputs, states, query, key, value, attn_mask=None, scale=None, **extra):
-        site = self._site(attn, kind, query.shape[-2], key.shape[-2], call, inputs, states)
+    def _attend(self, attn, kind, call, inputs, states, plan, query, key, value, attn_mask=None, scale=None,
+                **extra):
         extra = {k: v for k, v in extra.items() if v != _SDPA_DEFAULTS.get(k)}
         unsupported = sorted(set(extra) - self.method.sdpa_extras)
         if unsupported:
             raise UnsupportedCallError(f"method {self.method.name!r} does not support SDPA options {unsupported} "
                                       f"(it supports {sorted(self.method.sdpa_extras) or 'none'})")
-        return self.method.attention(query, key, value, site, attn_mask=attn_mask, scale=scale, **extra)
+
+        def run(q, k, v, mask, heads=None, q_len=None):  # q_len: the whole call's (Ring: q is one shard)
+            site = self._site(attn, kind, q_len or q.shape[-2], k.shape[-2], call, inputs, states, heads)
+            return self.method.attention(q, k, v, site, attn_mask=mask, scale=scale, **extra)
+
+        if plan is None:
+            return run(query, key, value, attn_mask)
+        layout = self.context.layout
+        if layout is None:
+            raise ContextParallelError(f"attnproc: {self.info.name}: context parallelism needs the token layout, "
+                                       f"which the {self.info.family.name} family cannot give for these inputs")
+        exchange = parallel.ulysses if plan.mode == "ulysses" else parallel.ring
+        return exchange(query, key, value, attn_mask, plan=plan, layout=layout, kind=kind,
+                        family=self.info.family, site_name=self.info.name, run=run)
 
     def _context_layout(self) -> TokenLayout | None:
         """The forward's layout; ``None`` for a method that needs none when the family cannot lay the tokens out
@@ -283,7 +324,7 @@ class AttnProcessor:
                 raise
             return None
 
-    def _site(self, attn, kind, q_len, kv_len, call=0, inputs=None, states=None) -> Site:
+    def _site(self, attn, kind, q_len, kv_len, call=0, inputs=None, states=None, heads=None) -> Site:
         info = self.info
         base, step, text_valid = self.layout, None, None
         context_layout = self._context_layout() if self.context is not None else None
@@ -296,7 +337,7 @@ class AttnProcessor:
             layout = base
         return Site(family=info.family.name if info.family else None, denoiser=info.denoiser, name=info.name,
                     index=info.index, layer=info.layer, kind=kind, layout=layout, step=step, module=attn, call=call,
-                    inputs=inputs, state=states if states is not None else {}, base_layout=base)
+                    inputs=inputs, state=states if states is not None else {}, base_layout=base, heads=heads)
 
 
 @lru_cache(maxsize=None)

@@ -43,6 +43,9 @@ class Site:
     ``layout`` and ``step`` are ``None`` when the processor runs without our hooks (plain
     ``set_attn_processor`` without an explicit layout). ``inputs`` holds the processor's inputs, ``state`` the
     per-module state of the method(s) (``{method name: nn.Module}``, see ``Method.create_state``).
+
+    ``heads`` are the global indices of the heads in this call's ``q`` (Ulysses context parallelism hands each
+    rank a range of them), or ``None`` when the call holds every head; see :meth:`global_heads`.
     """
 
     family: str | None
@@ -58,10 +61,15 @@ class Site:
     inputs: CallInputs | None = field(default=None, compare=False, repr=False)
     state: Mapping[str, torch.nn.Module] = field(default_factory=dict, compare=False, repr=False)
     base_layout: TokenLayout | None = None
+    heads: range | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"Site.kind must be one of {KINDS}, got {self.kind!r}")
+
+    def global_heads(self, num: int) -> range:
+        """The global head index of each of the call's ``num`` heads (per-head choices must use these)."""
+        return self.heads if self.heads is not None else range(num)
 
     def require_layout(self, method: str) -> TokenLayout:
         if self.layout is None:

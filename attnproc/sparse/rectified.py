@@ -276,6 +276,7 @@ class RectifiedSpaAttn(SparseMethod):
     families = SUPPORTED_FAMILIES
     defaults = RECTIFIED_DEFAULTS
     sparse_kinds = ("self", "joint")
+    context_parallel = frozenset({"ulysses"})  # selection pooled per head over the whole sequence
 
     def visual_attention(self, q, k, v, *, config, layout, site, extra_k=None, extra_v=None, scale=None):
         return rectified_visual_attention(q, k, v, extra_k, extra_v, scale, config=config, layout=layout,

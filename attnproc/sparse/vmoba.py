@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from attnproc.errors import ContextParallelError
 from attnproc.kernels import BACKENDS
 from attnproc.options import check_config, option
 from attnproc.registry import register
@@ -349,6 +350,16 @@ class VMoBA(SparseMethod):
     families = SUPPORTED_FAMILIES
     defaults = VMOBA_DEFAULTS
     sparse_kinds = ("self", "joint")
+    context_parallel = frozenset({"ulysses"})  # exact when the selection group stays within one head
+
+    def check_parallel(self, mode: str) -> None:
+        super().check_parallel(mode)
+        group = self.config.resolved().threshold_type
+        if group in ("block", "overall"):
+            raise ContextParallelError(
+                f"method 'vmoba' with threshold_type={group!r} selects over all heads together, which a Ulysses rank "
+                "(a subset of the heads) cannot do exactly; use threshold_type 'query_head' or 'head_global' under "
+                "context parallelism")
 
     @classmethod
     def resolve(cls, config, family, variant=None, step_known=True):

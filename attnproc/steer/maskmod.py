@@ -139,6 +139,7 @@ class MaskMod(Edit):
     summary = "Region control: pull each region's pixels toward its phrase and each other (DenseDiffusion modulation)."
     Config = MaskModConfig
     needs_layout = True
+    context_parallel = frozenset({"ulysses"})  # per head and per query row over the whole sequence
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -301,7 +302,8 @@ class MaskMod(Edit):
             for qs, ks, kind, m, coef in masks:
                 _modulate_(s[..., qs, ks], m, coef)
             if self.observers:
-                info = {"scores": raw, "modulated": s, "weights": maps.weights, "heads": (hs.start, hs.stop),
+                heads = site.global_heads(H)[hs]  # global indices (a Ulysses rank holds a subset)
+                info = {"scores": raw, "modulated": s, "weights": maps.weights, "heads": (heads.start, heads.stop),
                         "blocks": [(qs, ks, kind) for qs, ks, kind, _, _ in masks],
                         "spans": self.span_matrix(len(range(K)[masks[0][1]])) if masks[0][2] == "cross" else None}
                 for fn in self.observers:

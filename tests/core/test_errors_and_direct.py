@@ -80,18 +80,24 @@ def test_non_native_backend_is_refused_not_skipped(wan):
         attnproc.remove(pipe)
 
 
-def test_context_parallel_config_is_refused(wan):
+def test_context_parallel_mode_a_method_does_not_serve_is_refused(wan):
+    """Real CP runs in tests/core/test_context_parallel.py; here only the refusal path (no process group)."""
+    from types import SimpleNamespace
+
     pipe, stock = wan
+    ring = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=2, ulysses_degree=1))
     module = pipe.transformer.blocks[0].attn1
-    module.processor._parallel_config = object()  # what enable_parallelism sets on every processor
+    module.processor._parallel_config = ring  # what enable_parallelism sets on every processor
     try:
-        with pytest.raises(RuntimeError, match="context parallelism"):
-            attnproc.apply(pipe, "dense")
+        with pytest.raises(attnproc.ContextParallelError, match="'radial' does not support diffusers context "
+                                                               "parallelism in ring mode.*ulysses_degree=N"):
+            attnproc.apply(pipe, "radial")
     finally:
         del module.processor._parallel_config
-    attnproc.apply(pipe, "dense")
-    module.processor._parallel_config = object()  # parallelism enabled after apply
-    with pytest.raises(RuntimeError, match="do not support diffusers context parallelism"):
+    assert torch.equal(run(pipe, "wan21"), stock)
+    attnproc.apply(pipe, "knobs")
+    module.processor._parallel_config = ring  # parallelism enabled after apply
+    with pytest.raises(attnproc.ContextParallelError, match="'knobs' does not support .*it supports none"):
         run(pipe, "wan21")
     attnproc.remove(pipe)
     assert torch.equal(run(pipe, "wan21"), stock)

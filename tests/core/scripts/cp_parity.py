@@ -1,0 +1,195 @@
+"""Run under torchrun (2 CPU processes, gloo): attnproc methods under diffusers context parallelism give the
+one-process output. Prints ``RESULT {json}`` on rank 0: per case the max abs difference to one process and to
+dense, or the refusal message.
+
+diffusers' ``enable_parallelism`` assumes an accelerator (``_resolve_parallel_config`` computes
+``rank % torch.accelerator.device_count()``, a ZeroDivisionError on a CPU-only machine), so :func:`enable_cp`
+does here, in test code only, what ``enable_parallelism`` does without that line: a CPU device mesh, the config's
+``setup``, ``_parallel_config`` on the model and its processors, and ``apply_context_parallel`` with the plan.
+"""
+import json
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from diffusers import ContextParallelConfig
+from diffusers.hooks.context_parallel import apply_context_parallel
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput, ParallelConfig
+from torch.distributed.device_mesh import init_device_mesh
+
+import attnproc
+from attnproc.pipelines import tiny_call_kwargs, tiny_pipeline
+
+# HunyuanVideo has no _cp_plan in diffusers 0.42: split the first block's sequences and the RoPE tables (the
+# attention mask stays whole: attnproc reads it in the unsharded order), gather proj_out
+HUNYUAN_PLAN = {
+    "rope": {0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+             1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)},
+    "transformer_blocks.0": {
+        "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3),
+        "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3),
+    },
+    "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+}
+PROMPT = "a red fox in the snow"
+SPARSE = dict(dense_first_steps=0, dense_first_layers=0)
+METHODS = {
+    "dense": {},
+    "radial": dict(SPARSE, block_size=16),
+    "gna": dict(dense_first_steps=0, block_target=32),
+    "vmoba": dict(SPARSE, chunk_1d=1, chunk_2d=(3, 5), chunk_3d=(2, 3, 5), topk=2),  # several chunks on tiny grids
+    "rectified": dict(SPARSE, block_size=16),
+    "maskmod": "regions",
+}
+
+
+def enable_cp(model, cp: ContextParallelConfig, plan=None):
+    config = ParallelConfig(context_parallel_config=cp)
+    mesh = init_device_mesh("cpu", cp.mesh_shape, mesh_dim_names=cp.mesh_dim_names)
+    config.setup(dist.get_rank(), dist.get_world_size(), torch.device("cpu"), mesh=mesh)
+    model._parallel_config = config
+    for module in model.modules():
+        if hasattr(getattr(module, "processor", None), "_parallel_config"):
+            module.processor._parallel_config = config
+    apply_context_parallel(model, cp, plan or model._cp_plan)
+
+
+def regions(family, size):
+    f, h, w = size
+    fox = np.zeros((h, w), bool)
+    fox[:, : w // 2] = True
+    if family != "flux":
+        fox = np.repeat(fox[None], f, axis=0)
+    if family == "hunyuanvideo":  # its prompt template hides the phrase tokens: give their positions
+        return [{"phrase": "red fox", "mask": fox, "tokens": [2, 3]}, {"phrase": "snow", "mask": ~fox, "tokens": [6]}]
+    return [{"phrase": "red fox", "mask": fox}, {"phrase": "snow", "mask": ~fox}]
+
+
+def run(family, method, size, cp=None):
+    pipe = tiny_pipeline(family, seed=0)
+    if cp is not None:
+        enable_cp(pipe.transformer, cp, HUNYUAN_PLAN if family == "hunyuanvideo" else None)
+    options = METHODS[method]
+    if options == "regions":
+        options = dict(prompt=PROMPT, regions=regions(family, size), active_steps=1.0)
+    attnproc.apply(pipe, method, **options)
+    f, h, w = size
+    kw = dict(height=h, width=w, num_inference_steps=2, output_type="latent", prompt=PROMPT)
+    if family != "flux":
+        kw["num_frames"] = f
+    kw = tiny_call_kwargs(family, **kw)
+    kw["generator"] = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = pipe(**kw)
+    x = out.frames if hasattr(out, "frames") else out.images
+    return torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+
+
+def case(results, name, family, method, size, cp, dense_ref=None):
+    try:
+        got = run(family, method, size, cp)
+    except Exception as e:  # noqa: BLE001 - refusals are results
+        results[name] = {"error": f"{type(e).__name__}: {e}"}
+        return
+    ref = run(family, method, size)
+    entry = {"max_diff": float((got - ref).abs().max()), "scale": float(ref.abs().max())}
+    if dense_ref is not None:
+        entry["vs_dense"] = float((ref - dense_ref).abs().max())
+    results[name] = entry
+
+
+def exchange(results):
+    """The Ulysses exchange itself on ragged splits (what ulysses_anything gives: 243 visual tokens as 122 / 121,
+    3 heads as 2 / 1, 7 text tokens as 4 / 3), in every kind of call, against the unsharded computation. The
+    attention run on each rank scales each head's queries by its *global* index + 1, so a wrong head index shows.
+    (diffusers' own ulysses_anything gathers the model output with an uneven all_gather, which gloo refuses.)"""
+    from attnproc.families import FAMILIES
+    from attnproc.layout import TokenLayout
+    from attnproc.parallel import ParallelPlan, ulysses
+
+    rank = dist.get_rank()
+    plan = ParallelPlan("ulysses", dist.group.WORLD, rank, 2, ragged=True)
+    layout = TokenLayout(3, 9, 9)
+    g = torch.Generator().manual_seed(0)
+
+    def attend(q, k, v, mask, heads):
+        w = torch.tensor([h + 1.0 for h in heads])[None, :, None, None]
+        return torch.nn.functional.scaled_dot_product_attention(q * w, k, v, attn_mask=mask)
+
+    for kind, family in (("self", "wan"), ("cross", "wan"), ("cross", "ltx"), ("joint", "flux"),
+                         ("joint", "hunyuanvideo")):
+        fam = FAMILIES[family]
+        N, T = layout.visual_len, 7
+        q_len = N + T if kind == "joint" else N
+        k_len = T if kind == "cross" else q_len
+        q, k, v = (torch.randn(1, 3, n, 8, generator=g).requires_grad_() for n in (q_len, k_len, k_len))
+        weight = torch.randn(1, 3, q_len, 8, generator=g)  # a loss that weighs every output element differently
+        mask = torch.ones(1, 1, 1, k_len, dtype=torch.bool)
+        mask[..., -2 if fam.joint_text != "before" or kind == "cross" else T - 2] = False  # one masked key
+        full = attend(q, k, v, mask, range(3))
+        (full * weight).sum().backward()
+
+        def shard(x, parts, dim=2):  # rank's share of each part, concatenated in order
+            return torch.cat([p.tensor_split(2, dim=dim)[rank] for p in x.split(parts, dim=dim)], dim=dim)
+
+        q_parts = ([T, N] if fam.joint_text == "before" else [N, T]) if kind == "joint" else [N]
+        k_parts = [T] if kind == "cross" else q_parts
+        k_sharded = kind != "cross" or fam.cp_text_sharded
+        qs = shard(q.detach(), q_parts).requires_grad_()
+        ks, vs = (shard(x.detach(), k_parts) if k_sharded else x.detach() for x in (k, v))
+        ks.requires_grad_(), vs.requires_grad_()
+        local_mask = shard(mask, k_parts, dim=3) if k_sharded else mask
+        got = ulysses(qs, ks, vs, local_mask, plan=plan, layout=layout, kind=kind, family=fam,
+                      site_name=kind, run=attend)
+        (got * shard(weight, q_parts)).sum().backward()  # each rank's share of the loss; backward exchanges too
+        want = shard(full.detach(), q_parts)
+        grad_diff = float((qs.grad - shard(q.grad, q_parts)).abs().max())
+        if k_sharded:  # (whole text: each rank holds a partial gradient of k, v; their sum is the full one)
+            grad_diff = max(grad_diff, float((ks.grad - shard(k.grad, k_parts)).abs().max()),
+                            float((vs.grad - shard(v.grad, k_parts)).abs().max()))
+        results[f"exchange/{kind}/{family}"] = {"max_diff": max(float((got - want).abs().max()), grad_diff),
+                                                "scale": float(want.abs().max())}
+
+
+def main(which):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    results = {}
+    sizes = {"wan21": (9, 128, 128), "hunyuanvideo": (9, 128, 128), "flux": (1, 128, 128)}
+    if which == "ulysses":
+        for family, size in sizes.items():
+            dense = run(family, "dense", size)
+            for method in METHODS:
+                case(results, f"{family}/{method}", family, method, size, ContextParallelConfig(ulysses_degree=2),
+                     dense)
+        exchange(results)
+    else:
+        for family, size in sizes.items():
+            case(results, f"{family}/dense/ring", family, "dense", size, ContextParallelConfig(ring_degree=2))
+        case(results, "wan21/radial/ring", "wan21", "radial", sizes["wan21"], ContextParallelConfig(ring_degree=2))
+        # enable_parallelism after apply, with a plan that splits the model's own inputs (Flux): refused
+        pipe = tiny_pipeline("flux", seed=0)
+        attnproc.apply(pipe, "dense")
+        enable_cp(pipe.transformer, ContextParallelConfig(ulysses_degree=2))
+        try:
+            with torch.no_grad():
+                pipe(**tiny_call_kwargs("flux", num_inference_steps=1, output_type="latent"))
+            results["flux/apply_then_cp"] = {"error": None}
+        except Exception as e:  # noqa: BLE001
+            results["flux/apply_then_cp"] = {"error": f"{type(e).__name__}: {e}"}
+        try:
+            pipe = tiny_pipeline("wan21", seed=0)
+            enable_cp(pipe.transformer, ContextParallelConfig(ulysses_degree=2))
+            attnproc.apply(pipe, "vmoba", threshold_type="overall")
+            results["wan21/vmoba_overall"] = {"error": None}
+        except Exception as e:  # noqa: BLE001
+            results["wan21/vmoba_overall"] = {"error": f"{type(e).__name__}: {e}"}
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
+    sys.exit(0)
