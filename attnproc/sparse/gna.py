@@ -27,7 +27,7 @@ from attnproc.schedule import Schedule
 from ._tiles import auto_tile, tile_permutation
 from .base import LRU, SparseMethod
 
-__all__ = ["gna_mask", "gna_mask_1d", "gna_tile_masks", "GNAPlan", "gna_plan", "GNAConfig", "GNA", "GNA_DEFAULTS",
+__all__ = ["gna_mask", "gna_mask_1d", "gna_window_1d", "gna_tile_masks", "GNAPlan", "gna_plan", "GNAConfig", "GNA", "GNA_DEFAULTS",
            "SUPPORTED_FAMILIES"]
 
 SUPPORTED_FAMILIES = ("wan", "hunyuanvideo", "cogvideox", "ltx", "flux")
@@ -83,23 +83,30 @@ def _check(grid, kernel_size, stride, dilation, causal):
     return grid, k, s, d, c
 
 
-def gna_mask_1d(length: int, kernel_size: int, stride: int = 1, dilation: int = 1, causal: bool = False
-                ) -> torch.Tensor:
-    """One dimension of GNA: bool ``[length, length]`` (query, key)."""
+def gna_window_1d(length: int, kernel_size: int, stride: int = 1, dilation: int = 1, causal: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One dimension of GNA as per-position windows: ``(group, pos, lo, hi)``, long ``[length]`` each. Position
+    ``x`` is ``pos[x]`` in dilation group ``group[x]``; a query attends the keys of its group with ``lo <= pos <
+    hi``. The window arithmetic lives here only: :func:`gna_mask_1d` and the exact kernels both use it."""
     (L,), (k,), (s,), (d,), (c,) = _check((length,), kernel_size, stride, dilation, causal)
     x = torch.arange(L)
     g, xd = x % d, x // d                         # dilation group and position inside it
     Lg = (L - g + d - 1) // d                     # length of each query's dilation group
-    same = g[:, None] == g[None, :]
-    y = xd[None, :]
     if c:
-        lead = torch.minimum((xd // s) * s + s - 1, Lg - 1)[:, None]
-        win = (y <= xd[:, None]) & (lead - y < k)
+        lead = torch.minimum((xd // s) * s + s - 1, Lg - 1)
+        lo, hi = lead - k + 1, xd + 1             # keys <= the query and within k of the leader
     else:
         lead = torch.minimum((xd // s) * s + s // 2, Lg - 1)
-        start = torch.minimum(torch.clamp(lead - k // 2, min=0), Lg - k)  # window shifted inward at the borders
-        win = (y >= start[:, None]) & (y < (start + k)[:, None])
-    return same & win
+        lo = torch.minimum(torch.clamp(lead - k // 2, min=0), Lg - k)  # window shifted inward at the borders
+        hi = lo + k
+    return g, xd, lo, hi
+
+
+def gna_mask_1d(length: int, kernel_size: int, stride: int = 1, dilation: int = 1, causal: bool = False
+                ) -> torch.Tensor:
+    """One dimension of GNA: bool ``[length, length]`` (query, key)."""
+    g, y, lo, hi = gna_window_1d(length, kernel_size, stride, dilation, causal)
+    return (g[:, None] == g[None, :]) & (y[None, :] >= lo[:, None]) & (y[None, :] < hi[:, None])
 
 
 def gna_mask(grid: int | Sequence[int], kernel_size, stride=1, dilation=1, causal=False) -> torch.Tensor:
@@ -143,6 +150,7 @@ class GNAPlan:
     causal: tuple[bool, ...]
     tile: tuple[int, ...]
     block_mask: torch.Tensor      # bool [nb, nb] in tile order (a block is kept if any of its pairs is)
+    full_block_mask: torch.Tensor  # bool [nb, nb]: every pair of the block is in the window
     perm: torch.Tensor
     inverse: torch.Tensor
     aligned: bool                 # every kept block is entirely inside the mask: block-sparse is exact
@@ -161,10 +169,11 @@ def gna_plan(grid, kernel_size, stride=1, dilation=1, causal=False, tile=None) -
     perm, inv = tile_permutation(grid, tile)
     summaries = gna_tile_masks(grid, k, s, d, c, tile)
     block = _outer_and([a for a, _ in summaries])
-    aligned = all(bool(torch.equal(a, b)) for a, b in summaries)
+    full = _outer_and([b for _, b in summaries])
+    aligned = bool(torch.equal(block, full))
     token_density = math.prod(float(gna_mask_1d(L, ki, si, di, ci).float().mean())
                               for L, ki, si, di, ci in zip(grid, k, s, d, c))
-    return GNAPlan(grid, k, s, d, c, tile, block, perm, inv, aligned, token_density, float(block.float().mean()))
+    return GNAPlan(grid, k, s, d, c, tile, block, full, perm, inv, aligned, token_density, float(block.float().mean()))
 
 
 # ---- the method --------------------------------------------------------------------------------------------
@@ -264,6 +273,7 @@ class GNA(SparseMethod):
         self._plans = LRU(32)          # (family, grid) -> GNAPlan
         self._on_device = LRU(8)       # (family, grid, device) -> (block mask, perm, inverse)
         self._token_masks = LRU(1)     # N x N each: keep one
+        self._windows = LRU(8)         # (family, grid, device) -> exact window test (gna_exact.gna_token_window)
 
     def plan_for(self, site) -> GNAPlan:
         """The plan (tile permutation, tile-order block mask, densities) at ``site``; cached per grid."""
@@ -299,7 +309,14 @@ class GNA(SparseMethod):
         plan = self._plan(config, layout, site)
         if config.backend == "natten":
             return _natten_attention(plan, q, k, v, extra_k, extra_v, scale)
-        if config.exact and not plan.aligned:  # exact windows that do not fill whole tiles: dense, masked
+        if config.exact and not plan.aligned and config.backend != "dense":
+            from .gna_exact import exact_gna_attention, gna_token_window  # it builds on this module
+
+            window = self._windows.get_or((site.family, plan.grid, str(q.device)),
+                                          lambda: gna_token_window(plan, q.device))
+            return exact_gna_attention(plan, window, q, k, v, extra_k=extra_k, extra_v=extra_v, scale=scale,
+                                       backend=config.backend if config.backend in ("flex", "gather") else "auto")
+        if config.exact and not plan.aligned:  # the oracle: dense attention with the N x N token mask
             tm = self.visual_token_mask(config, layout, site).to(q.device)
             if extra_k is not None:
                 k, v = torch.cat([k, extra_k], 2), torch.cat([v, extra_v], 2)
