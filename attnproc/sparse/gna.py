@@ -331,20 +331,29 @@ class GNA(SparseMethod):
 
 def _natten_attention(plan: GNAPlan, q, k, v, extra_k, extra_v, scale):
     """Visual attention through NATTEN's ``na3d`` (``na2d`` for single-frame grids): its tensors are heads-last,
-    ``[B, *grid, heads, D]``, with text tokens as ``additional_keys``/``additional_values``."""
+    ``[B, *grid, heads, D]``. Text keys are a second attention merged by log-sum-exp here, not NATTEN's
+    ``additional_keys`` (0.21.7 on CPU rejects its own non-contiguous Flex output when merging them)."""
     import natten
+
+    from attnproc.kernels import merge_attention
+    from attnproc.kernels.sparse import dense_block_sparse
 
     dims = slice(0, 3) if plan.grid[0] > 1 else slice(1, 3)
     shape = plan.grid[dims]
     na = natten.na3d if plan.grid[0] > 1 else natten.na2d
     b, h, n, _ = q.shape
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
 
     def grid_major(t):
         return t.transpose(1, 2).reshape(b, *shape, h, t.shape[-1])
 
-    extra = {}
-    if extra_k is not None:
-        extra = dict(additional_keys=extra_k.transpose(1, 2), additional_values=extra_v.transpose(1, 2))
-    out = na(grid_major(q), grid_major(k), grid_major(v), kernel_size=plan.kernel_size[dims], stride=plan.stride[dims],
-             dilation=plan.dilation[dims], is_causal=plan.causal[dims], scale=scale, **extra)
-    return out.reshape(b, n, h, -1).transpose(1, 2)
+    out, lse = na(grid_major(q), grid_major(k), grid_major(v), kernel_size=plan.kernel_size[dims],
+                  stride=plan.stride[dims], dilation=plan.dilation[dims], is_causal=plan.causal[dims], scale=scale,
+                  return_lse=True)
+    out = out.reshape(b, n, h, -1).transpose(1, 2)
+    if extra_k is None:
+        return out
+    lse = lse.reshape(b, n, h).transpose(1, 2).float()
+    one_block = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
+    text, text_lse = dense_block_sparse(q, extra_k, extra_v, one_block, n, extra_k.shape[2], scale, return_lse=True)
+    return merge_attention(out, lse, text, text_lse)[0]
