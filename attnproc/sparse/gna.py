@@ -5,7 +5,8 @@ inward at the borders so every query sees exactly ``kernel_size`` keys); ``strid
 window of their group leader; ``dilation`` splits the axis into interleaved groups; ``causal`` windows end at the
 query. The N-D mask is the AND of the per-dimension masks. :func:`gna_mask` is that definition; the method runs it
 block-sparse on tokens permuted into tiles (exact and fully block-sparse when the mask is tile-aligned, e.g.
-stride = tile and a window that is an odd multiple of it) with text tokens as extra keys.
+stride = tile and a window that is an odd multiple of it; otherwise exact through ``gna_exact``, the window
+tested per token inside the kept tiles) with text tokens as extra keys.
 
     attnproc.apply(pipe, "gna")                                   # family defaults, tile-aligned windows
     attnproc.apply(pipe, "gna", kernel_size=(3, 24, 24), stride=(1, 8, 8))
@@ -193,15 +194,17 @@ class GNAConfig(Schedule):
     tile: Any = option(None, help="tile shape per dimension, each side dividing the grid; default: automatic, "
                                   "volume <= block_target")
     block_target: int = option(128, low=1, high=4096, help="largest tile volume (kernel block size) for auto tiles")
-    exact: bool = option(True, help="exact token windows; when the mask is not tile-aligned this runs a dense "
-                                    "masked attention. False: attend whole tiles (a superset of the window), fast")
+    exact: bool = option(True, help="exact token windows; when the mask is not tile-aligned the window is tested per "
+                                    "token inside the kept tiles (memory linear in tokens x window; backend='dense' "
+                                    "runs the N x N masked oracle). False: attend whole tiles (a superset), fastest")
     backend: str = option("auto", choices=BACKENDS + ("natten",),
                            help="block-sparse kernel backend, or 'natten' to call NATTEN's na2d/na3d (if installed)")
 
     def validate(self):
         if self.backend == "natten" and importlib.util.find_spec("natten") is None:
-            raise ValueError("backend='natten' needs the natten package (pip install natten; it ships CUDA builds "
-                             "matched to your torch), which is not installed; use backend='auto' for our kernels")
+            raise ValueError("backend='natten' needs the natten package, which is not installed (pip install wheel && "
+                             "pip install --no-build-isolation natten; on CPU it runs its Flex backend); use "
+                             "backend='auto' for our kernels")
         for name in ("kernel_size", "stride", "dilation", "tile"):
             v = getattr(self, name)
             if v is None and name != "dilation":
