@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import torch
 
-from attnproc.kernels import BACKENDS, block_sparse_attention, dense_attention
+from attnproc.kernels import BACKENDS, block_sparse_attention, dense_attention, merge_attention
+from attnproc.kernels.sparse import dense_block_sparse
 from attnproc.options import option
 from attnproc.registry import register
 from attnproc.schedule import Schedule
@@ -28,8 +29,8 @@ from attnproc.schedule import Schedule
 from ._tiles import auto_tile, tile_permutation
 from .base import LRU, SparseMethod
 
-__all__ = ["gna_mask", "gna_mask_1d", "gna_window_1d", "gna_tile_masks", "GNAPlan", "gna_plan", "GNAConfig", "GNA", "GNA_DEFAULTS",
-           "SUPPORTED_FAMILIES"]
+__all__ = ["gna_mask", "gna_mask_1d", "gna_window_1d", "gna_tile_masks", "GNAPlan", "gna_plan", "GNAConfig", "GNA",
+           "GNA_DEFAULTS", "SUPPORTED_FAMILIES"]
 
 SUPPORTED_FAMILIES = ("wan", "hunyuanvideo", "cogvideox", "ltx", "flux")
 
@@ -337,9 +338,6 @@ def _natten_attention(plan: GNAPlan, q, k, v, extra_k, extra_v, scale):
     ``[B, *grid, heads, D]``. Text keys are a second attention merged by log-sum-exp here, not NATTEN's
     ``additional_keys`` (0.21.7 on CPU rejects its own non-contiguous Flex output when merging them)."""
     import natten
-
-    from attnproc.kernels import merge_attention
-    from attnproc.kernels.sparse import dense_block_sparse
 
     dims = slice(0, 3) if plan.grid[0] > 1 else slice(1, 3)
     shape = plan.grid[dims]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import attnproc
 from attnproc.kernels import dense_attention
 from attnproc.kernels.masked import masked_block_attention
 from attnproc.sparse._tiles import auto_tile
@@ -103,6 +104,19 @@ def test_exact_flex_path_equals_oracle_with_text():
                                    extra_k=k[:, :, n:], extra_v=v[:, :, n:], backend="flex")
     mask = torch.cat([gna_mask(*cfg), torch.ones(n, 5, dtype=torch.bool)], 1)
     torch.testing.assert_close(ours, dense_attention(q[:, :, :n], k, v, attn_mask=mask), atol=1e-5, rtol=0)
+
+
+def test_method_exact_path_equals_natten_backend():
+    """GNA with a window that is not tile-aligned, text tokens after the video: the automatic exact path equals
+    backend='natten' (NATTEN's na3d, text merged by LSE) to 1e-5."""
+    layout = attnproc.TokenLayout(4, 8, 8, text_len=5, text_position="after")
+    site = attnproc.Site("wan", "transformer", "blocks.3.attn1", 6, 3, "joint", layout, None)
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 16) for _ in range(3))
+    opts = dict(dense_first_steps=0, kernel_size=(3, 5, 5), stride=1, tile=(2, 4, 4))
+    ours = attnproc.registry.REGISTRY.create("gna", **opts)
+    assert not ours.plan_for(site).aligned
+    theirs = attnproc.registry.REGISTRY.create("gna", backend="natten", **opts)
+    torch.testing.assert_close(ours.attention(q, k, v, site), theirs.attention(q, k, v, site), atol=1e-5, rtol=0)
 
 
 def test_window_test_is_the_mask_in_tile_order():
