@@ -13,6 +13,7 @@ chunk of query blocks, gather the kept key blocks and apply ``token_mask`` to th
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -60,8 +61,6 @@ def masked_block_attention(q, k, v, kept: torch.Tensor, full: torch.Tensor, toke
         name = "flex" if _flex.supports(q.device.type, needs_grad=needs_grad, return_lse=False, bq=bs,
                                         bk=bs) is None else "gather"
     if backend not in ("auto", name):
-        import warnings
-
         warnings.warn(f"backend={backend!r} -> {name!r}: {reason}", BackendFallbackWarning, stacklevel=2)
     if name == "flex":
         return _flex.flex_attention_token_masked(q, k, v, kept, full, token_mask, bs, scale, extra_k, extra_v)
