@@ -134,3 +134,43 @@ def flex_attention_blocks(q, k, v, block_mask, bq, bk, scale, extra_k=None, extr
         out, lse = res
         return out[:, :, :Sq], lse[:, :, :Sq].float()
     return res[:, :, :Sq], None
+
+
+@functools.lru_cache(maxsize=64)
+def _token_mask_mod(token_mask, sk: int, se: int):
+    """``token_mask`` on the visual keys, every real extra key after them. Memoised per ``token_mask`` object so
+    dynamo sees the same function for the same mask."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        visual = kv_idx < sk
+        return (visual & token_mask(q_idx, torch.clamp(kv_idx, max=sk - 1))) | (~visual & (kv_idx < sk + se))
+
+    return mask_mod
+
+
+def flex_attention_token_masked(q, k, v, kept, full, token_mask, bs, scale, extra_k=None, extra_v=None):
+    """Compiled flex attention over ``[k | extra_k]``: full blocks (``kept & full``) attend every pair, partial
+    blocks (``kept & ~full``) evaluate ``token_mask(q_idx, kv_idx)``; lengths of q and k are multiples of ``bs``
+    (see :func:`kernels.masked.masked_block_attention`)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    Sq, Sk = q.shape[2], k.shape[2]
+    se = extra_k.shape[2] if extra_k is not None else 0
+    full, partial = kept & full, kept & ~full
+    if se:
+        ne = num_blocks(se, bs)
+        ekp, _ = pad_to_blocks(extra_k, bs)
+        evp, _ = pad_to_blocks(extra_v, bs)
+        k, v = torch.cat([k, ekp], 2), torch.cat([v, evp], 2)
+        tail = torch.zeros(ne, dtype=torch.bool, device=kept.device)
+        tail[-1] = se % bs != 0                                # a padded last extra block is partial
+        full = torch.cat([full, (~tail).expand(full.shape[0], ne)], 1)
+        partial = torch.cat([partial, tail.expand(partial.shape[0], ne)], 1)
+    full_cnt, full_idx = _table(full[None, None])
+    part_cnt, part_idx = _table(partial[None, None])
+    bm = BlockMask.from_kv_blocks(part_cnt, part_idx, full_cnt, full_idx, BLOCK_SIZE=(bs, bs),
+                                  mask_mod=_token_mask_mod(token_mask, Sk, se), seq_lengths=(Sq, k.shape[2]),
+                                  compute_q_blocks=False)
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT,
+                                    accumulated_recompile_limit=max(256, _RECOMPILE_LIMIT)):
+        return _compiled_flex()(q, k, v, block_mask=bm, scale=scale)

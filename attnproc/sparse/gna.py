@@ -5,7 +5,8 @@ inward at the borders so every query sees exactly ``kernel_size`` keys); ``strid
 window of their group leader; ``dilation`` splits the axis into interleaved groups; ``causal`` windows end at the
 query. The N-D mask is the AND of the per-dimension masks. :func:`gna_mask` is that definition; the method runs it
 block-sparse on tokens permuted into tiles (exact and fully block-sparse when the mask is tile-aligned, e.g.
-stride = tile and a window that is an odd multiple of it) with text tokens as extra keys.
+stride = tile and a window that is an odd multiple of it; otherwise exact through ``gna_exact``, the window
+tested per token inside the kept tiles) with text tokens as extra keys.
 
     attnproc.apply(pipe, "gna")                                   # family defaults, tile-aligned windows
     attnproc.apply(pipe, "gna", kernel_size=(3, 24, 24), stride=(1, 8, 8))
@@ -19,7 +20,8 @@ from typing import Any, Sequence
 
 import torch
 
-from attnproc.kernels import BACKENDS, block_sparse_attention, dense_attention
+from attnproc.kernels import BACKENDS, block_sparse_attention, dense_attention, merge_attention
+from attnproc.kernels.sparse import dense_block_sparse
 from attnproc.options import option
 from attnproc.registry import register
 from attnproc.schedule import Schedule
@@ -27,8 +29,8 @@ from attnproc.schedule import Schedule
 from ._tiles import auto_tile, tile_permutation
 from .base import LRU, SparseMethod
 
-__all__ = ["gna_mask", "gna_mask_1d", "gna_tile_masks", "GNAPlan", "gna_plan", "GNAConfig", "GNA", "GNA_DEFAULTS",
-           "SUPPORTED_FAMILIES"]
+__all__ = ["gna_mask", "gna_mask_1d", "gna_window_1d", "gna_tile_masks", "GNAPlan", "gna_plan", "GNAConfig", "GNA",
+           "GNA_DEFAULTS", "SUPPORTED_FAMILIES"]
 
 SUPPORTED_FAMILIES = ("wan", "hunyuanvideo", "cogvideox", "ltx", "flux")
 
@@ -83,23 +85,30 @@ def _check(grid, kernel_size, stride, dilation, causal):
     return grid, k, s, d, c
 
 
-def gna_mask_1d(length: int, kernel_size: int, stride: int = 1, dilation: int = 1, causal: bool = False
-                ) -> torch.Tensor:
-    """One dimension of GNA: bool ``[length, length]`` (query, key)."""
+def gna_window_1d(length: int, kernel_size: int, stride: int = 1, dilation: int = 1, causal: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One dimension of GNA as per-position windows: ``(group, pos, lo, hi)``, long ``[length]`` each. Position
+    ``x`` is ``pos[x]`` in dilation group ``group[x]``; a query attends the keys of its group with ``lo <= pos <
+    hi``. The window arithmetic lives here only: :func:`gna_mask_1d` and the exact kernels both use it."""
     (L,), (k,), (s,), (d,), (c,) = _check((length,), kernel_size, stride, dilation, causal)
     x = torch.arange(L)
     g, xd = x % d, x // d                         # dilation group and position inside it
     Lg = (L - g + d - 1) // d                     # length of each query's dilation group
-    same = g[:, None] == g[None, :]
-    y = xd[None, :]
     if c:
-        lead = torch.minimum((xd // s) * s + s - 1, Lg - 1)[:, None]
-        win = (y <= xd[:, None]) & (lead - y < k)
+        lead = torch.minimum((xd // s) * s + s - 1, Lg - 1)
+        lo, hi = lead - k + 1, xd + 1             # keys <= the query and within k of the leader
     else:
         lead = torch.minimum((xd // s) * s + s // 2, Lg - 1)
-        start = torch.minimum(torch.clamp(lead - k // 2, min=0), Lg - k)  # window shifted inward at the borders
-        win = (y >= start[:, None]) & (y < (start + k)[:, None])
-    return same & win
+        lo = torch.minimum(torch.clamp(lead - k // 2, min=0), Lg - k)  # window shifted inward at the borders
+        hi = lo + k
+    return g, xd, lo, hi
+
+
+def gna_mask_1d(length: int, kernel_size: int, stride: int = 1, dilation: int = 1, causal: bool = False
+                ) -> torch.Tensor:
+    """One dimension of GNA: bool ``[length, length]`` (query, key)."""
+    g, y, lo, hi = gna_window_1d(length, kernel_size, stride, dilation, causal)
+    return (g[:, None] == g[None, :]) & (y[None, :] >= lo[:, None]) & (y[None, :] < hi[:, None])
 
 
 def gna_mask(grid: int | Sequence[int], kernel_size, stride=1, dilation=1, causal=False) -> torch.Tensor:
@@ -143,6 +152,7 @@ class GNAPlan:
     causal: tuple[bool, ...]
     tile: tuple[int, ...]
     block_mask: torch.Tensor      # bool [nb, nb] in tile order (a block is kept if any of its pairs is)
+    full_block_mask: torch.Tensor  # bool [nb, nb]: every pair of the block is in the window
     perm: torch.Tensor
     inverse: torch.Tensor
     aligned: bool                 # every kept block is entirely inside the mask: block-sparse is exact
@@ -161,10 +171,11 @@ def gna_plan(grid, kernel_size, stride=1, dilation=1, causal=False, tile=None) -
     perm, inv = tile_permutation(grid, tile)
     summaries = gna_tile_masks(grid, k, s, d, c, tile)
     block = _outer_and([a for a, _ in summaries])
-    aligned = all(bool(torch.equal(a, b)) for a, b in summaries)
+    full = _outer_and([b for _, b in summaries])
+    aligned = bool(torch.equal(block, full))
     token_density = math.prod(float(gna_mask_1d(L, ki, si, di, ci).float().mean())
                               for L, ki, si, di, ci in zip(grid, k, s, d, c))
-    return GNAPlan(grid, k, s, d, c, tile, block, perm, inv, aligned, token_density, float(block.float().mean()))
+    return GNAPlan(grid, k, s, d, c, tile, block, full, perm, inv, aligned, token_density, float(block.float().mean()))
 
 
 # ---- the method --------------------------------------------------------------------------------------------
@@ -184,15 +195,17 @@ class GNAConfig(Schedule):
     tile: Any = option(None, help="tile shape per dimension, each side dividing the grid; default: automatic, "
                                   "volume <= block_target")
     block_target: int = option(128, low=1, high=4096, help="largest tile volume (kernel block size) for auto tiles")
-    exact: bool = option(True, help="exact token windows; when the mask is not tile-aligned this runs a dense "
-                                    "masked attention. False: attend whole tiles (a superset of the window), fast")
+    exact: bool = option(True, help="exact token windows; when the mask is not tile-aligned the window is tested per "
+                                    "token inside the kept tiles (memory linear in tokens x window; backend='dense' "
+                                    "runs the N x N masked oracle). False: attend whole tiles (a superset), fastest")
     backend: str = option("auto", choices=BACKENDS + ("natten",),
                            help="block-sparse kernel backend, or 'natten' to call NATTEN's na2d/na3d (if installed)")
 
     def validate(self):
         if self.backend == "natten" and importlib.util.find_spec("natten") is None:
-            raise ValueError("backend='natten' needs the natten package (pip install natten; it ships CUDA builds "
-                             "matched to your torch), which is not installed; use backend='auto' for our kernels")
+            raise ValueError("backend='natten' needs the natten package, which is not installed (pip install wheel && "
+                             "pip install --no-build-isolation natten; on CPU it runs its Flex backend); use "
+                             "backend='auto' for our kernels")
         for name in ("kernel_size", "stride", "dilation", "tile"):
             v = getattr(self, name)
             if v is None and name != "dilation":
@@ -265,6 +278,7 @@ class GNA(SparseMethod):
         self._plans = LRU(32)          # (family, grid) -> GNAPlan
         self._on_device = LRU(8)       # (family, grid, device) -> (block mask, perm, inverse)
         self._token_masks = LRU(1)     # N x N each: keep one
+        self._windows = LRU(8)         # (family, grid, device) -> exact window test (gna_exact.gna_token_window)
 
     def plan_for(self, site) -> GNAPlan:
         """The plan (tile permutation, tile-order block mask, densities) at ``site``; cached per grid."""
@@ -300,7 +314,14 @@ class GNA(SparseMethod):
         plan = self._plan(config, layout, site)
         if config.backend == "natten":
             return _natten_attention(plan, q, k, v, extra_k, extra_v, scale)
-        if config.exact and not plan.aligned:  # exact windows that do not fill whole tiles: dense, masked
+        if config.exact and not plan.aligned and config.backend != "dense":
+            from .gna_exact import exact_gna_attention, gna_token_window  # it builds on this module
+
+            window = self._windows.get_or((site.family, plan.grid, str(q.device)),
+                                          lambda: gna_token_window(plan, q.device))
+            return exact_gna_attention(plan, window, q, k, v, extra_k=extra_k, extra_v=extra_v, scale=scale,
+                                       backend=config.backend if config.backend in ("flex", "gather") else "auto")
+        if config.exact and not plan.aligned:  # the oracle: dense attention with the N x N token mask
             tm = self.visual_token_mask(config, layout, site).to(q.device)
             if extra_k is not None:
                 k, v = torch.cat([k, extra_k], 2), torch.cat([v, extra_v], 2)
@@ -315,20 +336,26 @@ class GNA(SparseMethod):
 
 def _natten_attention(plan: GNAPlan, q, k, v, extra_k, extra_v, scale):
     """Visual attention through NATTEN's ``na3d`` (``na2d`` for single-frame grids): its tensors are heads-last,
-    ``[B, *grid, heads, D]``, with text tokens as ``additional_keys``/``additional_values``."""
+    ``[B, *grid, heads, D]``. Text keys are a second attention merged by log-sum-exp here, not NATTEN's
+    ``additional_keys`` (0.21.7 on CPU rejects its own non-contiguous Flex output when merging them)."""
     import natten
 
     dims = slice(0, 3) if plan.grid[0] > 1 else slice(1, 3)
     shape = plan.grid[dims]
     na = natten.na3d if plan.grid[0] > 1 else natten.na2d
     b, h, n, _ = q.shape
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
 
     def grid_major(t):
         return t.transpose(1, 2).reshape(b, *shape, h, t.shape[-1])
 
-    extra = {}
-    if extra_k is not None:
-        extra = dict(additional_keys=extra_k.transpose(1, 2), additional_values=extra_v.transpose(1, 2))
-    out = na(grid_major(q), grid_major(k), grid_major(v), kernel_size=plan.kernel_size[dims], stride=plan.stride[dims],
-             dilation=plan.dilation[dims], is_causal=plan.causal[dims], scale=scale, **extra)
-    return out.reshape(b, n, h, -1).transpose(1, 2)
+    out, lse = na(grid_major(q), grid_major(k), grid_major(v), kernel_size=plan.kernel_size[dims],
+                  stride=plan.stride[dims], dilation=plan.dilation[dims], is_causal=plan.causal[dims], scale=scale,
+                  return_lse=True)
+    out = out.reshape(b, n, h, -1).transpose(1, 2)
+    if extra_k is None:
+        return out
+    lse = lse.reshape(b, n, h).transpose(1, 2).float()
+    one_block = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
+    text, text_lse = dense_block_sparse(q, extra_k, extra_v, one_block, n, extra_k.shape[2], scale, return_lse=True)
+    return merge_attention(out, lse, text, text_lse)[0]
