@@ -13,7 +13,7 @@ model's attention, Otsu). Measured on the scene image with the detector, per sto
   reference image; ``both_consistent``: both subjects found and consistent;
 * in_box: the share of found subjects whose blob centre lies in their scene box.
 
-    python benchmarks/isolate_story.py [--n 48] [--model PATH]   # -> benchmarks/results/isolate-story.json
+    python benchmarks/isolate_story.py [--n 48] [--mixed 24] [--model PATH]   # -> benchmarks/results/isolate-story.json
 """
 from __future__ import annotations
 
@@ -37,11 +37,11 @@ BOXES = ([0.04, 0.25, 0.48, 0.75], [0.52, 0.25, 0.96, 0.75])
 HEADLINE = (("red", "triangle"), ("blue", "square"))
 
 
-def stories(n: int) -> list[tuple[tuple[str, str], tuple[str, str], int]]:
-    """The headline pair on ``n`` seeds, then ``n`` stories of other colour/kind pairs (distinct colours)."""
+def stories(n: int, mixed: int) -> list[tuple[tuple[str, str], tuple[str, str], int]]:
+    """The headline pair on ``n`` seeds, then ``mixed`` stories of random colour/kind pairs (distinct colours)."""
     out = [(*HEADLINE, 1000 + s) for s in range(n)]
     colours, rng = list(COLOURS), np.random.default_rng(7)
-    for s in range(n):
+    for s in range(mixed):
         c1, c2 = rng.choice(len(colours), 2, replace=False)
         out.append(((colours[c1], KINDS[rng.integers(3)]), (colours[c2], KINDS[rng.integers(3)]), 5000 + s))
     return out
@@ -125,10 +125,11 @@ def summarise(items, scenes, refs, size) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=48, help="stories per set (headline pair, then mixed pairs)")
+    ap.add_argument("--mixed", type=int, default=24, help="stories of random colour/kind pairs")
     ap.add_argument("--model", default=None, help="a diffusers folder instead of the packaged shapes:sd15")
     ap.add_argument("--out", default=str(RESULTS / "isolate-story.json"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     if args.model:
         from diffusers import DiffusionPipeline
 
@@ -137,10 +138,10 @@ def main(argv=None):
     else:
         pipe = shapes_pipeline("sd15")
     size = shapes_call_kwargs("sd15", "x")["height"]
-    items = stories(args.n)
+    items = stories(args.n, args.mixed)
     t0 = time.time()
     scenes_v, refs_v = run(pipe, items, "vanilla", size)
-    result = {"model": args.model or "shapes:sd15 (packaged)", "n_per_set": args.n, "boxes": BOXES,
+    result = {"model": args.model or "shapes:sd15 (packaged)", "n_headline": args.n, "n_mixed": args.mixed, "boxes": BOXES,
               "call": {k: v for k, v in shapes_call_kwargs("sd15", "x").items() if k not in ("prompt",)},
               "options": "isolate defaults (start_layer 0.514, dropout 0.5, mutual_lambda 0.9)", "sets": {}}
     arms = {"vanilla": (scenes_v, refs_v)}
@@ -150,7 +151,7 @@ def main(argv=None):
         result.setdefault("references_identical", {})[variant] = same
         arms[variant] = (scenes, refs)
     for name, sl in (("headline: red triangle + blue square", slice(0, args.n)),
-                     ("mixed colour/kind pairs", slice(args.n, 2 * args.n))):
+                     ("mixed colour/kind pairs", slice(args.n, args.n + args.mixed))):
         result["sets"][name] = {arm: summarise(items[sl], sc[sl], rf[sl], size) for arm, (sc, rf) in arms.items()}
     result["seconds"] = round(time.time() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -102,12 +102,12 @@ def build_call(pipe, spec: str, job: Job, device: torch.device | str = "cpu") ->
     return call
 
 
-def _frames_of(result) -> tuple[np.ndarray, str]:
-    """uint8 frames [F, H, W, C] and "video" or "image"."""
+def _frames_of(result, index: int = 0) -> tuple[np.ndarray, str]:
+    """uint8 frames [F, H, W, C] and "video" or "image", of output ``index`` of the batch."""
     if hasattr(result, "frames") and result.frames is not None:
-        return to_uint8_frames(np.asarray(result.frames[0])), "video"
+        return to_uint8_frames(np.asarray(result.frames[index])), "video"
     images = result.images
-    first = images[0] if not hasattr(images, "save") else images
+    first = images[index] if not hasattr(images, "save") else images
     return to_uint8_frames(np.asarray(first, dtype=np.float32) / (255.0 if hasattr(first, "save") else 1.0)), "image"
 
 
@@ -169,7 +169,8 @@ def run_once(pipe, method, options: dict, call: dict, device="cpu", step_callbac
         total = time.perf_counter() - start
     finally:
         attnproc.remove(pipe)
-    frames, kind = _frames_of(result)
+    # a list of prompts in `call` (isolate: the references, then the scene) renders the batch; its last image is kept
+    frames, kind = _frames_of(result, -1 if isinstance(call.get("prompt"), (list, tuple)) else 0)
     return {"frames": frames, "kind": kind, "total_s": total, "attention_s": timer.seconds,
             "attention_calls": timer.calls, "peak_memory": peak_memory(device), "patched": handle.num_patched,
             "method_options": _options_of(handle.method), "handle": handle}

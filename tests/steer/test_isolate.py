@@ -158,7 +158,7 @@ def test_attention_subject_map_is_the_power_series():
 
 # ---- the edit on the tiny pipelines ------------------------------------------------------------------------
 def run(pipe, name, **over):
-    kw = tiny_call_kwargs(name, **{"prompt": PROMPTS, "num_inference_steps": 3, **over})
+    kw = tiny_call_kwargs(name, **{"prompt": PROMPTS, "num_inference_steps": 3, "height": 64, "width": 64, **over})
     kw["generator"] = torch.Generator().manual_seed(0)
     return pipe(**kw).images
 
@@ -316,3 +316,31 @@ def test_unsupported_family_is_refused_at_apply():
     with pytest.raises(attnproc.UnsupportedFamilyError, match="isolate"):
         attnproc.apply(pipe, "isolate", subjects=SUBJECTS)
     assert pipe.transformer.attn_processors == before
+
+
+# ---- job files ---------------------------------------------------------------------------------------------
+def test_job_file_renders_the_story_and_keeps_the_scene(tmp_path):
+    """examples/isolate_story_tiny.yaml: call.prompt gives the batch; the saved image is its last one, the scene."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from attnproc.workflows.cli import main
+    from attnproc.workflows.media import to_uint8_frames
+
+    jobfile = Path(__file__).parents[2] / "examples" / "isolate_story_tiny.yaml"
+    assert main(["render", str(jobfile), "--out", str(tmp_path), "--quiet"]) == 0
+    saved = np.asarray(Image.open(next(tmp_path.glob("story-*.png"))).convert("RGB")).astype(int)
+    pipe = tiny_pipeline("sd15")
+    attnproc.apply(pipe, "isolate", prompts=PROMPTS, subjects=[
+        {"phrase": "red fox", "box": [0.0, 0.25, 0.5, 0.75], "reference_box": [0.25, 0.25, 0.75, 0.75]},
+        {"phrase": "blue bird", "box": [0.5, 0.25, 1.0, 0.75], "reference_box": [0.25, 0.25, 0.75, 0.75]}])
+    try:
+        kw = tiny_call_kwargs("sd15", prompt=PROMPTS, num_inference_steps=2, height=64, width=64, output_type="np")
+        kw["generator"] = torch.Generator().manual_seed(0)
+        images = pipe(**kw).images
+    finally:
+        attnproc.remove(pipe)
+    frames = [to_uint8_frames(images[i])[0].astype(int) for i in range(3)]
+    assert np.abs(saved - frames[2]).max() <= 1
+    assert np.abs(saved - frames[0]).max() > 1
