@@ -86,6 +86,9 @@ def build_call(pipe, spec: str, job: Job, device: torch.device | str = "cpu") ->
     else:
         call = {"output_type": "np"}
     call["prompt"] = job.prompt
+    batch = batch_prompts(job)
+    if batch is not None:
+        call["prompt"] = batch
     fields = {"negative_prompt": job.negative_prompt, "num_inference_steps": job.steps, "height": job.height,
               "width": job.width, "num_frames": job.frames, "guidance_scale": job.guidance_scale}
     for key, value in fields.items():
@@ -100,6 +103,22 @@ def build_call(pipe, spec: str, job: Job, device: torch.device | str = "cpu") ->
     gen_device = "cpu" if torch.device(device).type == "cpu" else device
     call["generator"] = torch.Generator(device=gen_device).manual_seed(job.seed)
     return call
+
+
+def batch_prompts(job: Job) -> list[str] | None:
+    """A method option named ``prompts`` (isolate: the reference prompts, then the scene) is the batch the pipeline
+    renders; its last prompt must be the job's prompt (the image that is kept). ``None`` when no method has one."""
+    methods = list(job.method) if isinstance(job.method, (list, tuple)) else [job.method]
+    options = job.options or {}
+    for m in methods:
+        mine = options.get(m) if len(methods) > 1 else options
+        prompts = mine.get("prompts") if isinstance(mine, dict) else None
+        if isinstance(prompts, (list, tuple)) and prompts:
+            if prompts[-1] != job.prompt:
+                raise ValueError(f"job {job.index}: the last of method {m!r}'s prompts ({prompts[-1]!r}) must be the "
+                                 f"job's prompt {job.prompt!r} (the scene that is rendered and kept)")
+            return list(prompts)
+    return None
 
 
 def _frames_of(result, index: int = 0) -> tuple[np.ndarray, str]:

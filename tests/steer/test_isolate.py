@@ -320,7 +320,7 @@ def test_unsupported_family_is_refused_at_apply():
 
 # ---- job files ---------------------------------------------------------------------------------------------
 def test_job_file_renders_the_story_and_keeps_the_scene(tmp_path):
-    """examples/isolate_story_tiny.yaml: call.prompt gives the batch; the saved image is its last one, the scene."""
+    """examples/isolate_story_tiny.yaml: the `prompts` option is the batch; the saved image is its last one, the scene."""
     from pathlib import Path
 
     from PIL import Image
