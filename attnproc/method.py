@@ -31,7 +31,9 @@ class Method:
     * ``sdpa_extras``: the SDPA options honoured beyond ``attn_mask``/``scale`` (``dropout_p``, ``is_causal``,
       ``enable_gqa``); a call using another one is refused;
     * ``computes_output``: may compute a whole attention module's output itself (:meth:`module_output`), for
-      methods that change more than the SDPA call (AgentSD merges tokens before the projections).
+      methods that change more than the SDPA call (AgentSD merges tokens before the projections);
+    * ``needs_prompt_batch``: reads a batch whose images have different prompts (isolate: the references, then
+      the scene), which ComfyUI's conditioning (one prompt for the whole batch) does not give.
     """
 
     name: ClassVar[str]
@@ -42,6 +44,7 @@ class Method:
     families: ClassVar[tuple[str, ...] | None] = None
     sdpa_extras: ClassVar[frozenset[str]] = frozenset()
     computes_output: ClassVar[bool] = False
+    needs_prompt_batch: ClassVar[bool] = False
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()
@@ -141,6 +144,7 @@ class Composed(Method):
         self.name = "+".join(m.name for m in parts)
         self.needs_layout = any(m.needs_layout for m in parts)
         self.needs_block_input = any(m.needs_block_input for m in parts)
+        self.needs_prompt_batch = any(m.needs_prompt_batch for m in parts)
         served = [set(m.families) for m in parts if m.families is not None]
         self.families = tuple(sorted(set.intersection(*served))) if served else None
         self.sdpa_extras = frozenset()  # edits see only attn_mask and scale

@@ -296,6 +296,7 @@ class Isolate(Edit):
                "stay apart (IR-Diffusion).")
     Config = IsolateConfig
     needs_layout = True
+    needs_prompt_batch = True
     families = ("unet",)
 
     def __init__(self, config=None):

@@ -344,3 +344,21 @@ def test_job_file_renders_the_story_and_keeps_the_scene(tmp_path):
     frames = [to_uint8_frames(images[i])[0].astype(int) for i in range(3)]
     assert np.abs(saved - frames[2]).max() <= 1
     assert np.abs(saved - frames[0]).max() > 1
+
+
+# ---- ComfyUI -----------------------------------------------------------------------------------------------
+def test_comfyui_has_no_isolate_node_and_refuses_it_clearly():
+    """ComfyUI's conditioning gives one prompt for the whole batch, so the story batch cannot be expressed there."""
+    from attnproc.workflows.comfy import node_specs
+    from attnproc.workflows.comfy_runtime import install
+
+    assert "isolate" not in {s["method"] for s in node_specs()}
+    with pytest.raises(ValueError, match="'isolate' needs a batch with one prompt per image"):
+        node_specs(["isolate"])
+
+    class ModelPatcher:
+        model = type("BaseModel", (), {})()
+        model_options = {"transformer_options": {}}
+
+    with pytest.raises(ValueError, match="method 'isolate' needs a batch with one prompt per image"):
+        install(ModelPatcher(), attnproc.create("isolate", subjects=SUBJECTS))
