@@ -152,6 +152,8 @@ def main(argv=None):
         arms[variant] = (scenes, refs)
     for name, sl in (("headline: red triangle + blue square", slice(0, args.n)),
                      ("mixed colour/kind pairs", slice(args.n, args.n + args.mixed))):
+        if sl.stop <= sl.start:
+            continue
         result["sets"][name] = {arm: summarise(items[sl], sc[sl], rf[sl], size) for arm, (sc, rf) in arms.items()}
     result["seconds"] = round(time.time() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

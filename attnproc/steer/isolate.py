@@ -41,7 +41,7 @@ from ..method import Edit, Method
 from ..options import option
 from ..registry import register
 from ..site import Site
-from .regions import check_phrases, grid_maps, parse_regions
+from .regions import Region, check_phrases, grid_maps, parse_regions
 
 __all__ = ["reposition", "isolation_keep", "isolated_attention", "mutual_cross", "otsu_threshold",
            "attention_subject_map", "Isolate", "IsolateConfig"]
@@ -84,9 +84,8 @@ def isolation_keep(masks: torch.Tensor) -> torch.Tensor:
     ``masks`` is bool ``[N, Q]``."""
     m = masks.float()
     same = m.t() @ m  # [Q, Q]: pairs sharing a subject
-    q_in, k_in = m.sum(0) > 0, m.sum(0) > 0
-    cross = q_in[:, None] & k_in[None, :] & (same == 0)
-    return ~cross
+    inside = m.sum(0) > 0
+    return ~(inside[:, None] & inside[None, :] & (same == 0))
 
 
 def isolated_attention(q, k_t, v_t, k_refs, v_refs, ref_masks, tgt_masks, height, width, *, reposition_refs=True,
@@ -261,8 +260,6 @@ class IsolateConfig:
                                  " its mask comes from the attention of its words: give 'phrase' and prompts=[...]"
                                  " (or explicit token positions)")
             if phrase is not None and prompts is not None:
-                from .regions import Region
-
                 check_phrases([Region(phrase.strip(), index=i)], prompts[-1])
                 check_phrases([Region(phrase.strip(), index=i)], prompts[i])
         return list(subs), target, reference
@@ -481,12 +478,12 @@ class _MapStore:
     """Attention maps of the current and the previous denoising step, per token grid (for attention masks)."""
 
     def __init__(self):
-        self.step, self.current, self.previous = None, {}, {}
+        self.step, self.current, self.previous, self.made = None, {}, {}, {}
 
     def _at(self, step):
         if step != self.step:
             self.previous = self.current if self.step is not None and step == self.step + 1 else {}
-            self.current, self.step = {}, step
+            self.current, self.step, self.made = {}, step, {}
 
     def add(self, site, probs, copies, n, tgt_tokens, ref_tokens):
         self._at(site.step.index)
@@ -510,6 +507,11 @@ class _MapStore:
     def masks(self, step, copy, h, w, n, exponent):
         """(reference [N, h·w], target [N, h·w]) bool from the previous step's maps, or ``None``."""
         self._at(step)
+        if (copy, h, w) not in self.made:
+            self.made[(copy, h, w)] = self._masks(copy, h, w, n, exponent)
+        return self.made[(copy, h, w)]
+
+    def _masks(self, copy, h, w, n, exponent):
         grids = [g for g, e in self.previous.items() if "S" in e and "C" in e]
         if not grids:
             return None
