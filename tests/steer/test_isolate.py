@@ -362,3 +362,11 @@ def test_comfyui_has_no_isolate_node_and_refuses_it_clearly():
 
     with pytest.raises(ValueError, match="method 'isolate' needs a batch with one prompt per image"):
         install(ModelPatcher(), attnproc.create("isolate", subjects=SUBJECTS))
+
+
+def test_bad_subjects_at_apply_leave_the_pipeline_untouched(sd15):
+    pipe, _ = sd15
+    before = dict(pipe.unet.attn_processors)
+    with pytest.raises(OptionError, match="phrase 'green cat'"):
+        attnproc.apply(pipe, "isolate", prompts=PROMPTS, subjects=[{"phrase": "green cat"}, SUBJECTS[1]])
+    assert pipe.unet.attn_processors == before
