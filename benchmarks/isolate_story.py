@@ -4,8 +4,8 @@ A story is one pipeline call with ``prompt=[ref_1, ref_2, scene]``: the two subj
 triangle", "a blue square"), then the scene with both ("a red triangle and a blue square"), from one seed.
 The references are the same in both arms (isolate leaves them untouched; checked here). As in the reference
 code's rehearsal, each reference subject's box is read by the detector from the reference image; the scene
-boxes are fixed (left / right). Variants: ``isolate`` (user boxes), ``isolate-auto`` (every mask from the
-model's attention, Otsu). Measured on the scene image with the detector, per story:
+boxes are fixed (left / right). Variants (``VARIANTS``): ``isolate`` (user boxes), ``isolate-auto`` (every
+mask from the model's attention, Otsu), each also without mutual cross-attention (``-no-mutual``). Measured on the scene image with the detector, per story:
 
 * merged: the scene does not show the two subjects' colours as two separate blobs (one missing, or a single
   blob where two were asked);
@@ -13,7 +13,7 @@ model's attention, Otsu). Measured on the scene image with the detector, per sto
   reference image; ``both_consistent``: both subjects found and consistent;
 * in_box: the share of found subjects whose blob centre lies in their scene box.
 
-    python benchmarks/isolate_story.py [--n 48] [--mixed 24] [--model PATH]   # -> benchmarks/results/isolate-story.json
+    python benchmarks/isolate_story.py [--n 48] [--mixed 24] [--variants ...] [--model PATH]   # -> benchmarks/results/isolate-story.json
 """
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ from attnproc.workflows.media import to_uint8_frames
 RESULTS = Path(__file__).resolve().parent / "results"
 BOXES = ([0.04, 0.25, 0.48, 0.75], [0.52, 0.25, 0.96, 0.75])
 HEADLINE = (("red", "triangle"), ("blue", "square"))
+# isolate arms: name -> options beyond the defaults ("isolate-auto*": every mask from attention, no boxes)
+VARIANTS = {"isolate": {}, "isolate-no-mutual": {"mutual_cross": False}, "isolate-auto": {},
+            "isolate-auto-no-mutual": {"mutual_cross": False}}
 
 
 def stories(n: int, mixed: int) -> list[tuple[tuple[str, str], tuple[str, str], int]]:
@@ -86,13 +89,13 @@ def run(pipe, items, variant: str, size: int, ref_images=None) -> tuple[list, li
             subjects = []
             for i, (s, box) in enumerate(zip((s1, s2), BOXES)):
                 sub = {"phrase": f"{s[0]} {s[1]}"}
-                if variant == "isolate":
+                if not variant.startswith("isolate-auto"):
                     sub["box"] = box
                     ref_box = _ref_box(ref_images[k][i], s[0], size)
                     if ref_box is not None:
                         sub["reference_box"] = ref_box
                 subjects.append(sub)
-            handle = attnproc.apply(pipe, "isolate", prompts=prompts, subjects=subjects)
+            handle = attnproc.apply(pipe, "isolate", prompts=prompts, subjects=subjects, **VARIANTS[variant])
         try:
             g = torch.Generator().manual_seed(seed)
             imgs = pipe(**shapes_call_kwargs("sd15", prompts, generator=g)).images
@@ -126,6 +129,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=48, help="stories per set (headline pair, then mixed pairs)")
     ap.add_argument("--mixed", type=int, default=24, help="stories of random colour/kind pairs")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="isolate arms measured against vanilla")
     ap.add_argument("--model", default=None, help="a diffusers folder instead of the packaged shapes:sd15")
     ap.add_argument("--out", default=str(RESULTS / "isolate-story.json"))
     args = ap.parse_args(argv)
@@ -143,9 +148,9 @@ def main(argv=None):
     scenes_v, refs_v = run(pipe, items, "vanilla", size)
     result = {"model": args.model or "shapes:sd15 (packaged)", "n_headline": args.n, "n_mixed": args.mixed, "boxes": BOXES,
               "call": {k: v for k, v in shapes_call_kwargs("sd15", "x").items() if k not in ("prompt",)},
-              "options": "isolate defaults (start_layer 0.514, dropout 0.5, mutual_lambda 0.9)", "sets": {}}
+              "options": {"defaults": "start_layer 0.514, dropout 0.5, mutual_lambda 0.9", "variants": VARIANTS}, "sets": {}}
     arms = {"vanilla": (scenes_v, refs_v)}
-    for variant in ("isolate", "isolate-auto"):
+    for variant in args.variants:
         scenes, refs = run(pipe, items, variant, size, ref_images=refs_v)
         same = all(np.array_equal(a, b) for ra, rb in zip(refs, refs_v) for a, b in zip(ra, rb))
         result.setdefault("references_identical", {})[variant] = same
