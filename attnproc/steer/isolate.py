@@ -354,7 +354,7 @@ class Isolate(Edit):
         return pos >= self.config.start_layer
 
     def _groups(self, site: Site, batch: int):
-        """[(first row of the branch chunk, copies k, edited?)] for the [refs…, target] arrangement."""
+        """[(first row of the branch chunk, copies k, edited?, branch name)] for the [refs…, target] arrangement."""
         n = len(self.subjects)
         branches = site.layout.branches or ("cond",)
         if batch % len(branches):
