@@ -319,7 +319,7 @@ class Isolate(Edit):
         model = target if isinstance(target, torch.nn.Module) else getattr(target, "unet", None)
         if model is not None:
             family = family_of(model)
-            names = [n for n, m in attention_modules(model) if family.kind_of(n, m) == "self"]
+            names = execution_order([n for n, m in attention_modules(model) if family.kind_of(n, m) == "self"])
             self.positions = {n: i / len(names) for i, n in enumerate(names)}
         prompts = self.config.prompts
         if prompts is None or isinstance(target, torch.nn.Module):
@@ -456,6 +456,13 @@ class Isolate(Edit):
                 s = s.masked_fill(~am, float("-inf")) if am.dtype == torch.bool else s + am
             p = torch.softmax(s, -1).mean(1)  # [rows, Q, K]
         self._maps.add(site, p, copies, n, self.target_tokens, self.reference_tokens)
+
+
+def execution_order(names: list[str]) -> list[str]:
+    """UNet module names in the order the forward runs them: diffusers registers ``mid_block`` after
+    ``up_blocks``, but runs it between the down and up blocks."""
+    rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    return sorted(names, key=lambda n: rank.get(n.split(".", 1)[0], 1))  # stable: keeps order within a part
 
 
 def _binary(regions, h: int, w: int) -> torch.Tensor:

@@ -251,6 +251,25 @@ def test_attention_masks_come_from_the_previous_step(sd15):
     assert method.reference_tokens == [[2, 3], [2, 3]] and method.target_tokens == [[2, 3], [6, 7]]
 
 
+def test_layer_positions_follow_the_forward_down_mid_up():
+    """Positions are in execution order (diffusers registers mid_block after up_blocks): SDXL's 0.514 is the
+    reference's "self-attention layer 36 of 70 and later", the decoder from the third layer of up_blocks.0."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(  # SDXL's block layout (transformer depths 0/2/10), tiny widths
+        sample_size=8, block_out_channels=(8, 16, 32), layers_per_block=2, cross_attention_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(1, 2, 4), norm_num_groups=4, addition_embed_type=None).to("meta")
+    method = attnproc.create("isolate", subjects=SUBJECTS)
+    method.bind(unet)
+    names = sorted(method.positions, key=method.positions.get)
+    assert len(names) == 70 and [n.split(".")[0] for n in names] == ["down_blocks"] * 24 + ["mid_block"] * 10 + \
+        ["up_blocks"] * 36
+    chosen = [n for n in names if method.positions[n] >= 0.514]
+    assert len(chosen) == 34 and chosen[0].startswith("up_blocks.0.attentions.0.transformer_blocks.2.")
+
+
 def test_sdxl_and_num_images_per_prompt():
     pipe = tiny_pipeline("sdxl")
     kw = dict(num_images_per_prompt=2)
