@@ -35,6 +35,8 @@ class Method:
     * ``context_parallel``: the diffusers context-parallel modes it runs exactly under (``"ulysses"``: the whole
       sequence for a subset of heads, ``site.heads`` their global indices; ``"ring"``: the rank's queries against
       every key). Empty: refused under ``enable_parallelism`` (docs/context_parallel.md).
+    * ``needs_prompt_batch``: reads a batch whose images have different prompts (isolate: the references, then
+      the scene), which ComfyUI's conditioning (one prompt for the whole batch) does not give.
     """
 
     name: ClassVar[str]
@@ -46,6 +48,7 @@ class Method:
     sdpa_extras: ClassVar[frozenset[str]] = frozenset()
     computes_output: ClassVar[bool] = False
     context_parallel: ClassVar[frozenset[str]] = frozenset()
+    needs_prompt_batch: ClassVar[bool] = False
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()
@@ -158,6 +161,7 @@ class Composed(Method):
         self.name = "+".join(m.name for m in parts)
         self.needs_layout = any(m.needs_layout for m in parts)
         self.needs_block_input = any(m.needs_block_input for m in parts)
+        self.needs_prompt_batch = any(m.needs_prompt_batch for m in parts)
         served = [set(m.families) for m in parts if m.families is not None]
         self.families = tuple(sorted(set.intersection(*served))) if served else None
         self.sdpa_extras = frozenset()  # edits see only attn_mask and scale

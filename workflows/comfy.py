@@ -61,8 +61,10 @@ def widget(info: OptionInfo) -> dict:
 
 
 def comfy_servable(cls) -> bool:
-    """Whether a method runs from ComfyUI's attention override, which hands over only q, k and v."""
-    return not cls.needs_block_input and cls.create_state is attnproc.Method.create_state
+    """Whether a method runs from ComfyUI's attention override, which hands over only q, k and v (and a batch
+    with one prompt for all its images)."""
+    return (not cls.needs_block_input and cls.create_state is attnproc.Method.create_state
+            and not cls.needs_prompt_batch)
 
 
 def node_specs(methods: list[str] | None = None) -> list[dict]:
@@ -77,6 +79,10 @@ def node_specs(methods: list[str] | None = None) -> list[dict]:
     for info in infos:
         cls = attnproc.registry.REGISTRY.get(info.name)
         if not comfy_servable(cls):
+            if methods is not None and cls.needs_prompt_batch:
+                raise ValueError(f"method {info.name!r} needs a batch with one prompt per image (references, then "
+                                 "the scene), which ComfyUI's conditioning does not give; it has no node (use it "
+                                 "from Python, job files or the UI)")
             if methods is not None:
                 raise ValueError(f"method {info.name!r} needs per-module state or the transformer block's input, "
                                  "which ComfyUI's attention override (q, k, v only) cannot provide; it has no node")

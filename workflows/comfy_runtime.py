@@ -111,6 +111,9 @@ def check_model(method: Method, family: str | None, model_class: str) -> None:
             raise UnsupportedFamilyError(
                 f"method {m.name!r} does not support the model family {family!r} (ComfyUI model {model_class}); "
                 f"supported families: {describe_families(m.families)}")
+        if m.needs_prompt_batch:
+            raise ValueError(f"method {m.name!r} needs a batch with one prompt per image (references, then the "
+                             "scene), which ComfyUI's conditioning does not give; use it through diffusers")
         if m.needs_block_input or type(m).create_state is not Method.create_state:
             raise ValueError(f"method {m.name!r} needs per-module state or the transformer block's input, which "
                              "the ComfyUI override (q, k, v only) cannot provide; use it through diffusers")

@@ -86,6 +86,9 @@ def build_call(pipe, spec: str, job: Job, device: torch.device | str = "cpu") ->
     else:
         call = {"output_type": "np"}
     call["prompt"] = job.prompt
+    batch = batch_prompts(job)
+    if batch is not None:
+        call["prompt"] = batch
     fields = {"negative_prompt": job.negative_prompt, "num_inference_steps": job.steps, "height": job.height,
               "width": job.width, "num_frames": job.frames, "guidance_scale": job.guidance_scale}
     for key, value in fields.items():
@@ -102,12 +105,28 @@ def build_call(pipe, spec: str, job: Job, device: torch.device | str = "cpu") ->
     return call
 
 
-def _frames_of(result) -> tuple[np.ndarray, str]:
-    """uint8 frames [F, H, W, C] and "video" or "image"."""
+def batch_prompts(job: Job) -> list[str] | None:
+    """A method option named ``prompts`` (isolate: the reference prompts, then the scene) is the batch the pipeline
+    renders; its last prompt must be the job's prompt (the image that is kept). ``None`` when no method has one."""
+    methods = list(job.method) if isinstance(job.method, (list, tuple)) else [job.method]
+    options = job.options or {}
+    for m in methods:
+        mine = options.get(m) if len(methods) > 1 else options
+        prompts = mine.get("prompts") if isinstance(mine, dict) else None
+        if isinstance(prompts, (list, tuple)) and prompts:
+            if prompts[-1] != job.prompt:
+                raise ValueError(f"job {job.index}: the last of method {m!r}'s prompts ({prompts[-1]!r}) must be the "
+                                 f"job's prompt {job.prompt!r} (the scene that is rendered and kept)")
+            return list(prompts)
+    return None
+
+
+def _frames_of(result, index: int = 0) -> tuple[np.ndarray, str]:
+    """uint8 frames [F, H, W, C] and "video" or "image", of output ``index`` of the batch."""
     if hasattr(result, "frames") and result.frames is not None:
-        return to_uint8_frames(np.asarray(result.frames[0])), "video"
+        return to_uint8_frames(np.asarray(result.frames[index])), "video"
     images = result.images
-    first = images[0] if not hasattr(images, "save") else images
+    first = images[index] if not hasattr(images, "save") else images
     return to_uint8_frames(np.asarray(first, dtype=np.float32) / (255.0 if hasattr(first, "save") else 1.0)), "image"
 
 
@@ -169,7 +188,8 @@ def run_once(pipe, method, options: dict, call: dict, device="cpu", step_callbac
         total = time.perf_counter() - start
     finally:
         attnproc.remove(pipe)
-    frames, kind = _frames_of(result)
+    # a list of prompts in `call` (isolate: the references, then the scene) renders the batch; its last image is kept
+    frames, kind = _frames_of(result, -1 if isinstance(call.get("prompt"), (list, tuple)) else 0)
     return {"frames": frames, "kind": kind, "total_s": total, "attention_s": timer.seconds,
             "attention_calls": timer.calls, "peak_memory": peak_memory(device), "patched": handle.num_patched,
             "method_options": _options_of(handle.method), "handle": handle}

@@ -230,3 +230,22 @@ def test_mask_picture_shows_the_methods_sparse_pattern():
     img = np.asarray(picture)
     assert img.shape[1] == 384 and img.shape[0] > 384  # the pattern, then its legend
     assert (img[:384] == 0).any() and (img[:384] == 255).any()
+
+
+def test_isolate_story_through_the_ui(client):
+    """isolate's subjects (boxes) and prompts go in the options box; the prompt is the scene, rendered in the batch
+    [references, scene] and compared with dense on the same batch."""
+    prompts = ["a red fox", "a blue bird", "a red fox and a blue bird"]
+    options = {"prompts": prompts, "subjects": [
+        {"phrase": "red fox", "box": [0, 0.25, 0.5, 0.75], "reference_box": [0.25, 0.25, 0.75, 0.75]},
+        {"phrase": "blue bird", "box": [0.5, 0.25, 1, 0.75], "reference_box": [0.25, 0.25, 0.75, 0.75]}]}
+    res = client.predict("tiny:sd15", "isolate", prompts[-1], "", 0, 2, 64, 64, 0, True, json.dumps(options), 1,
+                         api_name="/generate_json")
+    assert res["shape"] == [1, 64, 64, 3] and set(res["outputs"]) == {"isolate", "dense"}
+    assert res["options"]["subjects"][1]["phrase"] == "blue bird"
+    assert res["difference_to_dense"]["max_abs_diff"] > 0
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="must be the job's prompt"):
+        client.predict("tiny:sd15", "isolate", "a fox", "", 0, 1, 64, 64, 0, False, json.dumps(options), 1,
+                       api_name="/generate_json")
