@@ -297,7 +297,7 @@ class AttnProcessor:
     def _site(self, attn, kind, q_len, kv_len, call=0, inputs=None, states=None) -> Site:
         info = self.info
 
-        def resolve():  # on first read of site.layout / .step / .base_layout (dense reads none of them)
+        def resolve():
             base, step, text_valid = self.layout, None, None
             context_layout = self._context_layout() if self.context is not None else None
             if context_layout is not None:
@@ -308,9 +308,13 @@ class AttnProcessor:
             elif base is not None:
                 layout = base
             return layout, step, base
-        return LazySite(resolve, family=info.family.name if info.family else None, denoiser=info.denoiser,
-                        name=info.name, index=info.index, layer=info.layer, kind=kind, module=attn, call=call,
-                        inputs=inputs, state=states if states is not None else {})
+        fields = dict(family=info.family.name if info.family else None, denoiser=info.denoiser, name=info.name,
+                      index=info.index, layer=info.layer, kind=kind, module=attn, call=call, inputs=inputs,
+                      state=states if states is not None else {})
+        if torch.compiler.is_compiling():  # read only if the method asks: no graph break for one that does not
+            return LazySite(resolve, **fields)
+        layout, step, base = resolve()  # eager: now, while this forward's context is current (sites may be kept)
+        return Site(layout=layout, step=step, base_layout=base, **fields)
 
 
 @lru_cache(maxsize=None)

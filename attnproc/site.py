@@ -88,10 +88,10 @@ def _resolved(index: int) -> property:
 class LazySite(Site):
     """A :class:`Site` whose ``layout``, ``step`` and ``base_layout`` are worked out on first read.
 
-    The processor makes these: a method that reads neither (``dense``) costs nothing per call, and under
-    ``torch.compile`` never reaches the hooks' resolvers (which run outside the graph), so it adds no graph break.
-    ``resolve()`` returns ``(layout, step, base_layout)``; without it (``dataclasses.replace``) the given values
-    are used.
+    The processor makes these under ``torch.compile``: a method that reads neither (``dense``) then never reaches
+    the hooks' resolvers (which run outside the graph), so it adds no graph break. Read them during the call: the
+    forward's context is gone after it. ``resolve()`` returns ``(layout, step, base_layout)``; without it
+    (``dataclasses.replace``) the given values are used.
     """
 
     def __init__(self, resolve=None, *, layout=None, step=None, base_layout=None, **fields):
