@@ -276,7 +276,10 @@ class AttnProcessor:
 
     # ---------------------------------------------------------------------------------------------------
     def _attend(self, attn, kind, call, inputs, states, query, key, value, attn_mask=None, scale=None, **extra):
-        site = self._site(attn, kind, query.shape[-2], key.shape[-2], call, inputs, states)
+        q_len, kv_len = query.shape[-2], key.shape[-2]
+        if kind == "joint" and kv_len != q_len:  # a joint module's extra call to other keys (Flux IP-Adapter's image
+            kind = "cross"                       # tokens): cross-attention of the visual queries
+        site = self._site(attn, kind, q_len, kv_len, call, inputs, states)
         extra = {k: v for k, v in extra.items() if v != _SDPA_DEFAULTS.get(k)}
         unsupported = sorted(set(extra) - self.method.sdpa_extras)
         if unsupported:
