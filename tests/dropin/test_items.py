@@ -1,6 +1,5 @@
 """Issue 10, one focused test per numbered item: attnproc must be invisible (``dense``) or refuse clearly under what
-diffusers users do. Items whose fix lives in the processor / family adapters are strict xfails pinning today's
-failure, to be flipped by phase 2."""
+diffusers users do (status per item: docs/dropin.md)."""
 import pytest
 import torch
 from diffusers import (FlowMatchHeunDiscreteScheduler, FluxKontextPipeline, HeunDiscreteScheduler,
