@@ -27,7 +27,7 @@ from .families import Family, module_kind, stock_processor_for
 from .layout import TokenLayout
 from .method import Method
 from . import parallel
-from .site import CallInputs, Site
+from .site import CallInputs, LazySite, Site
 
 STATE_ATTR = "attnproc"  # the child of an attention module that holds the method's per-module state
 
@@ -61,10 +61,12 @@ class _RouteAttention(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             self.calls += 1
             return self.route(self.calls - 1, **dict(zip(_SDPA_PARAMS, args)), **kwargs)
+        if func is torch.Tensor.unflatten and torch.compiler.is_compiling():
+            # dynamo cannot trace Tensor.unflatten's Python body (its super() call) under a mode; same op
+            return torch.unflatten(*args, **kwargs)
         return func(*args, **kwargs)
 
 
-@lru_cache(maxsize=None)
 def _accepted_kwargs(stock_cls: type) -> tuple[frozenset, bool]:
     params = inspect.signature(stock_cls.__call__).parameters
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -158,6 +160,9 @@ class AttnProcessor:
         self.block = block
         self._stocks: dict[int, Any] = {}  # per module, when one instance was set on many modules
         self._states: dict[int, Any] = {}  # per module: the method's state (None: it has none)
+        self._accepted: dict[type, tuple[frozenset, bool]] = {}  # per stock class: keywords its __call__ takes
+        if stock is not None:  # read now, so a compiled forward does not trace inspect.signature
+            self._accepted_by(stock)
 
     def __repr__(self) -> str:
         where = self.info.name or "unbound"
@@ -206,7 +211,7 @@ class AttnProcessor:
         dense = self.method.name == "dense"
         if not dense:  # dense keeps the stock as is (bit for bit); other methods need its SDPA twin, if any
             stock = self._twin_for(stock) or stock
-        accepted, var_kw = _accepted_kwargs(type(stock))
+        accepted, var_kw = self._accepted_by(stock)
         for name, value in (("image_rotary_emb", image_rotary_emb), ("temb", temb),
                             ("encoder_hidden_states_mask", encoder_hidden_states_mask)):
             if value is not None:  # None is every stock processor's default
@@ -244,6 +249,12 @@ class AttnProcessor:
                 f"attnproc: the stock {type(stock).__name__} made no scaled_dot_product_attention call, so method "
                 f"{self.method.name!r} could not run: {cause}.")
         return out
+
+    def _accepted_by(self, stock) -> tuple[frozenset, bool]:
+        spec = self._accepted.get(type(stock))
+        if spec is None:
+            spec = self._accepted[type(stock)] = _accepted_kwargs(type(stock))
+        return spec
 
     def _twin_for(self, stock):
         """The SDPA twin of a stock processor that makes no SDPA call (made once per stock instance)."""
@@ -294,6 +305,8 @@ class AttnProcessor:
     # ---------------------------------------------------------------------------------------------------
     def _attend(self, attn, kind, call, inputs, states, plan, query, key, value, attn_mask=None, scale=None,
                 **extra):
+        if kind == "joint" and key.shape[-2] != query.shape[-2]:  # a joint module's extra call to other keys (Flux
+            kind = "cross"  # IP-Adapter's image tokens): cross-attention of the visual queries
         extra = {k: v for k, v in extra.items() if v != _SDPA_DEFAULTS.get(k)}
         unsupported = sorted(set(extra) - self.method.sdpa_extras)
         if unsupported:
@@ -326,18 +339,25 @@ class AttnProcessor:
 
     def _site(self, attn, kind, q_len, kv_len, call=0, inputs=None, states=None, heads=None) -> Site:
         info = self.info
-        base, step, text_valid = self.layout, None, None
-        context_layout = self._context_layout() if self.context is not None else None
-        if context_layout is not None:
-            base, step, text_valid = context_layout, self.context.step, self.context.text_valid
-        layout = None
-        if base is not None and info.family is not None:
-            layout = info.family.site_layout(base, kind, q_len, kv_len, text_valid)
-        elif base is not None:
-            layout = base
-        return Site(family=info.family.name if info.family else None, denoiser=info.denoiser, name=info.name,
-                    index=info.index, layer=info.layer, kind=kind, layout=layout, step=step, module=attn, call=call,
-                    inputs=inputs, state=states if states is not None else {}, base_layout=base, heads=heads)
+
+        def resolve():
+            base, step, text_valid = self.layout, None, None
+            context_layout = self._context_layout() if self.context is not None else None
+            if context_layout is not None:
+                base, step, text_valid = context_layout, self.context.step, self.context.text_valid
+            layout = None
+            if base is not None and info.family is not None:
+                layout = info.family.site_layout(base, kind, q_len, kv_len, text_valid)
+            elif base is not None:
+                layout = base
+            return layout, step, base
+        fields = dict(family=info.family.name if info.family else None, denoiser=info.denoiser, name=info.name,
+                      index=info.index, layer=info.layer, kind=kind, module=attn, call=call, inputs=inputs,
+                      state=states if states is not None else {}, heads=heads)
+        if torch.compiler.is_compiling():  # read only if the method asks: no graph break for one that does not
+            return LazySite(resolve, **fields)
+        layout, step, base = resolve()  # eager: now, while this forward's context is current (sites may be kept)
+        return Site(layout=layout, step=step, base_layout=base, **fields)
 
 
 @lru_cache(maxsize=None)

@@ -79,3 +79,36 @@ class Site:
                 f"{method!r}, ...), or pass layout=attnproc.TokenLayout(frames, height, width, ...) and "
                 "family=... to attnproc.processor().")
         return self.layout
+
+
+
+def _resolved(index: int) -> property:
+    def read(self):
+        if "_value" not in self.__dict__:
+            object.__setattr__(self, "_value", self._resolve())
+        return self.__dict__["_value"][index]
+
+    def written(self, value):  # only Site.__init__ writes (placeholders); the values come from ``resolve``
+        pass
+    return property(read, written)
+
+
+class LazySite(Site):
+    """A :class:`Site` whose ``layout``, ``step`` and ``base_layout`` are worked out on first read.
+
+    The processor makes these under ``torch.compile``: a method that reads neither (``dense``) then never reaches
+    the hooks' resolvers (which run outside the graph), so it adds no graph break. Read them during the call: the
+    forward's context is gone after it. ``resolve()`` returns ``(layout, step, base_layout)``; without it
+    (``dataclasses.replace``) the given values are used.
+    """
+
+    def __init__(self, resolve=None, *, layout=None, step=None, base_layout=None, **fields):
+        if resolve is None:
+            value = (layout, step, base_layout)
+            resolve = lambda: value  # noqa: E731
+        object.__setattr__(self, "_resolve", resolve)
+        Site.__init__(self, layout=None, step=None, base_layout=None, **fields)
+
+    layout = _resolved(0)
+    step = _resolved(1)
+    base_layout = _resolved(2)

@@ -3,8 +3,8 @@
 The tiny Wan 2.1 pipeline (attnproc.pipelines, CFG as two passes), its transformer compiled with
 ``model.compile(backend=...)`` after ``apply``. For each variant, a 10-step run from a cold compile cache counts
 dynamo's graph breaks (with the reasons, deduplicated), the graphs compiled, and the recompiles after the first
-step; a second, warm run of the same length gives the time per step (median and spread over the steps after the
-first).
+step; ``--repeats`` warm runs of the same length then give the time per step (median and spread over their
+steps after the first).
 
     python benchmarks/compile.py                      # -> benchmarks/results/compile-cpu.json
     python benchmarks/compile.py --backend eager      # dynamo only (fast to compile; same breaks and recompiles)
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -40,7 +41,18 @@ def run(pipe, steps: int):
     return [b - a for a, b in zip(marks, marks[1:])]
 
 
-def measure(variant: str, backend: str, steps: int) -> dict:
+def _reasons(breaks: dict) -> dict:
+    """Graph-break counts per reason: dynamo's headline and its explanation (which names the function)."""
+    out: dict[str, int] = {}
+    for text, n in breaks.items():
+        lines = text.splitlines()
+        why = next((line.strip() for line in lines if line.strip().startswith("Explanation:")), "")
+        key = f"{lines[0][:100]} | {why[13:180]}" if why else lines[0][:160]
+        out[key] = out.get(key, 0) + n
+    return out
+
+
+def measure(variant: str, backend: str, steps: int, repeats: int) -> dict:
     pipe = tiny_pipeline("wan21")
     if VARIANTS[variant] is not None:
         name, options = VARIANTS[variant]
@@ -59,9 +71,9 @@ def measure(variant: str, backend: str, steps: int) -> dict:
     cold = time.perf_counter() - cold_start
     breaks = dict(counters["graph_break"])
     graphs = counters["stats"]["unique_graphs"]
-    warm = run(pipe, steps)[1:]
+    warm = [t for _ in range(repeats) for t in run(pipe, steps)[1:]]
     return dict(variant=variant, graph_breaks=sum(breaks.values()),
-                graph_break_reasons={k.splitlines()[0][:160]: v for k, v in breaks.items()},
+                graph_break_reasons=_reasons(breaks),
                 graphs=graphs, recompiles_after_first_step=graphs - graphs_after_first[0],
                 cold_run_s=round(cold, 3), step_s_median=round(statistics.median(warm), 5),
                 step_s_min=round(min(warm), 5), step_s_max=round(max(warm), 5))
@@ -71,18 +83,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
     for variant in VARIANTS:
-        row = measure(variant, args.backend, args.steps)
+        row = measure(variant, args.backend, args.steps, args.repeats)
         print(json.dumps(row))
         rows.append(row)
     meta = dict(torch=torch.__version__, device="cpu", threads=torch.get_num_threads(), backend=args.backend,
-                steps=args.steps, machine=platform.machine(), pipeline="tiny wan21 (attnproc.pipelines), 128x128x9",
+                steps=args.steps, repeats=args.repeats, machine=platform.machine(), pipeline="tiny wan21 (attnproc.pipelines), 128x128x9",
                 note="graph breaks/recompiles counted by torch._dynamo counters over a cold 10-step run; step times "
-                     "from a second, warm run (median and range over steps 2..N)")
+                     "from --repeats warm runs (median and range over their steps 2..N)",
+                load_average=os.getloadavg()[0])
     out = Path(args.out) if args.out else RESULTS / f"compile-cpu{'' if args.backend == 'inductor' else '-' + args.backend}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
