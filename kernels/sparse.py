@@ -15,6 +15,7 @@ from . import _flex
 from ._gather import gather_attention
 from .autotune import BACKEND_ENV, BackendTuner, default_tuner, forced_backend, tune_key
 from .blockmask import block_to_token_mask, normalize_block_size, num_blocks
+from .record import recorded_run
 
 __all__ = ["block_sparse_attention", "select_backend", "BACKENDS", "BACKEND_TABLE", "Backend", "AUTO_FLEX_MIN_PAIRS", "BackendFallbackWarning"]
 
@@ -352,7 +353,9 @@ def block_sparse_attention(
             origin = f"{BACKEND_ENV}={requested}" if backend == "auto" else f"backend={requested!r}"
             warnings.warn(f"{origin} -> {name!r}: {reason}", BackendFallbackWarning, stacklevel=2)
     try:
-        out, lse = BACKEND_TABLE[name].run(*args, needs_grad=needs_grad)
+        out, lse = recorded_run(lambda: BACKEND_TABLE[name].run(*args, needs_grad=needs_grad), name=name,
+                                reason=reason, q=q, k_len=k.shape[2], extra_len=se, block_mask=block_mask, bq=bq,
+                                bk=bk)
     except Exception as exc:  # compile failures (no compiler, inductor bug): auto falls back once, memoised
         if name != "flex":
             raise
