@@ -11,9 +11,10 @@ and one or more methods with their options, on the current device and dtype:
   building, permutations) as overhead, and the backends ``auto`` picked;
 - the fraction of the ideal speedup 1/density, and the peak memory of one call (CUDA allocator peak; on CPU the
   peak of live tensor bytes in torch's profiler);
-- an *estimate* of the denoising-step speedup: one random-weight block of the real architecture (at the
-  benchmarked width and grid, :func:`~attnproc.workflows.bench_shapes.layer_model`) gives the share of the layer's
-  time spent in the attention the method changes; with the per-layer ratio measured above and the share of
+- an *estimate* of the denoising-step speedup: one random-weight block of the real architecture (real width and
+  heads, at the benchmarked grid, :func:`~attnproc.workflows.bench_shapes.layer_model`) gives the share of the
+  block's time spent in the attention the method changes (for a scaled shape also extrapolated to the full grid:
+  attention time x (S_full/S)^2, the rest x S_full/S); with the per-layer ratio measured above and the share of
   (step, layer) pairs the method's schedule runs sparse, Amdahl's law gives the step and whole-run speedups.
 """
 from __future__ import annotations
@@ -217,9 +218,9 @@ def _share(shape, device, dtype, repeats, warmup) -> dict | None:
     total, attn = timings["total_s"]["median"], timings["attention_s"]["median"]
     out = {"block_ms": round(total * 1e3, 3), "attention_ms": round(attn * 1e3, 3), "share": round(attn / total, 4)}
     full = shape.full
-    if full is not None:  # FLOP scaling: attention ~ H * S^2, the rest ~ N * width^2
-        a = attn * (full.heads / shape.heads) * (full.seq_len / shape.seq_len) ** 2
-        o = (total - attn) * (full.visual_len / shape.visual_len) * (full.dim / shape.dim) ** 2
+    if full is not None and full.seq_len != shape.seq_len:  # attention time grows as S^2, the rest as S
+        a = attn * (full.seq_len / shape.seq_len) ** 2
+        o = (total - attn) * (full.seq_len / shape.seq_len)
         out["full_shape_share"] = round(a / (a + o), 4)
     return out
 

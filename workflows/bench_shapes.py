@@ -2,7 +2,7 @@
 
 Each :class:`ProblemShape` is one self/joint attention layer of a real model at its usual resolution: heads, head
 dim, latent token grid after patchify, text tokens and where they sit, the number of such layers and denoising
-steps, and the block widths (model dim, MLP) used to build a one-layer random-weight model of the architecture
+steps, and the block widths (model dim, MLP) used to build a one-block random-weight model of the architecture
 for the end-to-end estimate. Grids follow diffusers' pipeline defaults (VAE /8 in space, /4 in time, patch 2);
 model sizes are the published configs (see ``shared/methods/performance-anchors.md`` section 0).
 
@@ -22,7 +22,8 @@ __all__ = ["ProblemShape", "SHAPES", "shape_named", "layer_model"]
 @dataclass(frozen=True)
 class ProblemShape:
     """One attention layer of a model: ``heads`` x ``head_dim`` over a ``frames x height x width`` token grid plus
-    ``text_len`` text tokens (``text_position``: "before"/"after" = joint, "separate" = cross-attention, "none")."""
+    ``text_len`` text tokens (``text_position``: "before"/"after" = joint, "separate" = cross-attention, "none").
+    ``dim``/``mlp_dim`` are the model's block widths; ``full`` is the unscaled shape of a scaled one."""
 
     name: str
     family: str
@@ -67,7 +68,8 @@ class ProblemShape:
 
     def scaled(self, *, frames: int | None = None, height: int | None = None, width: int | None = None,
                heads: int | None = None) -> "ProblemShape":
-        """The same layer with fewer frames, rows, columns or heads (the model width follows the heads)."""
+        """The same layer with fewer frames, rows, columns or heads (for the per-layer timing; the one-block model
+        of the estimate keeps the model's heads and width)."""
         full = self.full or self
         changes = {}
         for field, value in (("frames", frames), ("height", height), ("width", width), ("heads", heads)):
@@ -79,8 +81,6 @@ class ProblemShape:
             changes[field] = value
         if not changes:
             return self
-        heads_b = changes.get("heads", self.heads)
-        changes.update(dim=full.dim * heads_b // full.heads, mlp_dim=full.mlp_dim * heads_b // full.heads)
         return dataclasses.replace(self, full=full, **changes)
 
     def to_dict(self) -> dict:
@@ -131,8 +131,9 @@ def shape_named(name: str) -> ProblemShape:
 
 def layer_model(shape: ProblemShape, *, device="cpu", dtype=torch.float32, seed: int = 0):
     """A random-weight denoiser of ``shape``'s architecture with one transformer block (dual-stream for
-    HunyuanVideo/Flux) at ``shape``'s width, and the keyword arguments of one forward at ``shape``'s grid; or
-    ``None`` for families without a one-block builder here (UNets, whose levels differ)."""
+    HunyuanVideo/Flux) at the model's real width and head count (a scaled shape scales the grid, not the block),
+    and the keyword arguments of one forward at ``shape``'s grid; or ``None`` for families without a one-block
+    builder here (UNets, whose levels differ)."""
     import diffusers
 
     gen = torch.Generator().manual_seed(seed)
@@ -140,7 +141,7 @@ def layer_model(shape: ProblemShape, *, device="cpu", dtype=torch.float32, seed:
     def rand(*size):
         return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
 
-    H, D, (F, h, w), T = shape.heads, shape.head_dim, shape.grid, shape.text_len
+    H, D, (F, h, w), T = (shape.full or shape).heads, shape.head_dim, shape.grid, shape.text_len
     step = torch.tensor([500.0], device=device)
     torch.manual_seed(seed)
     if shape.family == "wan":
