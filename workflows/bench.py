@@ -7,7 +7,7 @@ and one or more methods with their options, on the current device and dtype:
   and timed in alternating rounds (:func:`~attnproc.workflows.timing.compare_runs`: median, min, max, speedup per
   round, whether the difference is within noise);
 - from one recorded call (:func:`~attnproc.kernels.record_kernel_calls`): the achieved density (query-key pairs
-  computed exactly / all pairs), the block-sparse kernel time and the rest of the method's time (selection, mask
+  the kernels computed, padding included, plus a joint call's dense text queries, over the dense call's pairs), the block-sparse kernel time and the rest of the method's time (selection, mask
   building, permutations) as overhead, and the backends ``auto`` picked;
 - the fraction of the ideal speedup 1/density, and the peak memory of one call (CUDA allocator peak; on CPU the
   peak of live tensor bytes in torch's profiler);
@@ -180,10 +180,10 @@ def _method_row(spec, method, shape, qkv, device, repeats, warmup, memory) -> di
                time_ms=ms(report[spec.label]["attention_s"]), dense_ms=ms(report["dense"]["attention_s"]),
                speedup={k2: round(speed[k2], 3) for k2 in ("median", "min", "max")},
                within_noise=speed["within_noise"], peak_bytes=mem)
-    total_pairs = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
-    if calls:  # pairs outside the kernel (text queries of a joint call) ran dense
-        kernel_pairs = sum(c["pairs"] for c in calls)
-        density = (sum(c["kept_pairs"] for c in calls) + total_pairs - kernel_pairs) / total_pairs
+    B, H, S = q.shape[:3]
+    if calls:  # computed pairs / dense pairs; a joint call's text queries run dense outside the kernel
+        text_pairs = B * H * shape.text_len * S if shape.kind == "joint" else 0
+        density = (sum(c["kept_pairs"] for c in calls) + text_pairs) / (B * H * S * k.shape[2])
         kernel_ms = sum(c["ms"] for c in calls)
         row.update(density=round(density, 4), ideal=round(1 / density, 3),
                    frac_ideal=round(speed["median"] * density, 3), recorded_ms=round(t * 1e3, 3),
@@ -275,7 +275,7 @@ def bench(methods, shape: ProblemShape | str, *, device: str | torch.device = "c
     share = None
     if e2e:
         bar.set_postfix_str("one-block model")
-        share = _share(shape, device, dtype, repeats, warmup)
+        share = _share(shape, device, dtype, min(repeats, 2), min(warmup, 1))  # a whole block: fewer rounds
         bar.update()
     bar.close()
     for row in rows:

@@ -85,7 +85,7 @@ def test_peak_bytes_sees_a_temporary_allocation():
 
 def test_bench_rows_follow_their_definitions():
     shape = shape_named("wan2.1-1.3b-480p").scaled(frames=4, height=8, width=8, heads=1)
-    report = bench([("radial", {"block_size": 16}), "gna", "maskmod", "agent", "dense"], shape, repeats=2,
+    report = bench([("radial", {"block_size": 16}), "gna", "vmoba", "maskmod", "agent", "dense"], shape, repeats=2,
                    warmup=1, e2e=False, memory=False, progress=False)
     rows = {r["label"]: r for r in report["rows"]}
     radial = rows["radial (block_size=16)"]
@@ -100,6 +100,7 @@ def test_bench_rows_follow_their_definitions():
     # Wan defaults: dense for the first 0.24 * 50 = 12 steps and the first layer of 30
     assert radial["sparse_share"] == pytest.approx((50 - 12) * (30 - 1) / (50 * 30))
     assert rows["gna"]["status"] == "ok" and 0 < rows["gna"]["density"] < 1
+    assert 0 < rows["vmoba"]["density"] <= 1  # packed per-chunk kernel calls: computed pairs, not call sizes
     assert rows["maskmod"]["status"] == "skipped" and "steering edit" in rows["maskmod"]["reason"]
     assert rows["agent"]["status"] == "skipped" and "dit=True" in rows["agent"]["reason"]
     assert rows["dense"]["density"] is None and rows["dense"]["sparse_share"] is None
