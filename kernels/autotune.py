@@ -165,7 +165,7 @@ class BackendTuner:
             self._choices[name] = self._read(device)
         return self._choices[name]
 
-    def _read(self, device) -> dict[str, dict]:
+    def _read(self, device, warn: bool = True) -> dict[str, dict]:
         path = self.path(device)
         if not path.exists():
             return {}
@@ -176,12 +176,16 @@ class BackendTuner:
                                                         for e in entries.values()):
                 raise ValueError("'choices' is not a mapping of {key: {'backend': name, ...}}")
         except (OSError, ValueError, KeyError, TypeError) as exc:
+            if not warn:
+                return {}
             warnings.warn(f"backend cache {path} is unreadable ({type(exc).__name__}: {exc}); ignoring it, "
                           "backends will be timed again", AutotuneCacheWarning, stacklevel=4)
             return {}
         want = self.header(device)
         got = {k: data.get(k) for k in want}
         if got != want:
+            if not warn:
+                return {}
             warnings.warn(f"backend cache {path} was written for {got}, not this machine {want}; ignoring it, "
                           "backends will be timed again", AutotuneCacheWarning, stacklevel=4)
             return {}
@@ -190,7 +194,9 @@ class BackendTuner:
     def _write(self, device) -> None:
         path = self.path(device)
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({**self.header(device), "choices": self.choices(device)}, indent=1, sort_keys=True)
+        mine = self.choices(device)
+        mine.update({k: e for k, e in self._read(device, warn=False).items() if k not in mine})  # other processes'
+        text = json.dumps({**self.header(device), "choices": mine}, indent=1, sort_keys=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -139,3 +139,14 @@ def test_time_candidates_measures_and_drops_failing_runs():
 def test_density_bands():
     assert [density_band(d) for d in (1.0, 0.5, 0.49, 0.25, 0.2, 0.1, 0.05, 0.01)] == [
         "50-100%", "50-100%", "25-50%", "25-50%", "12.5-25%", "6.25-12.5%", "3.125-6.25%", "<3%"]
+
+
+def test_choices_of_two_processes_are_merged_in_the_file(tmp_path):
+    a = BackendTuner(tmp_path, min_pairs=1, measure=Injected({"flex": 1.0, "gather": 2.0}))
+    b = BackendTuner(tmp_path, min_pairs=1, measure=Injected({"flex": 2.0, "gather": 1.0}))
+    runs = {"flex": None, "gather": None}
+    assert b.choices("cpu") == {}  # b read the (absent) file before a wrote it
+    assert a.choose("cpu", "class-a", runs)[0] == "flex"
+    assert b.choose("cpu", "class-b", runs)[0] == "gather"
+    saved = json.loads(a.path("cpu").read_text())["choices"]
+    assert {k: e["backend"] for k, e in saved.items()} == {"class-a": "flex", "class-b": "gather"}
