@@ -21,31 +21,28 @@ def _default(fn, name):
     return inspect.signature(fn).parameters[name].default
 
 
-@pytest.mark.parametrize("name, pipe, model, layers", [
-    ("wan2.1-14b-720p", diffusers.WanPipeline, diffusers.WanTransformer3DModel, ("num_layers",)),
+@pytest.mark.parametrize("name, pipe, model, layers, size", [
+    ("wan2.1-1.3b-480p", diffusers.WanPipeline, None, (), None),  # 1.3B widths are not diffusers' defaults
+    ("wan2.1-14b-720p", diffusers.WanPipeline, diffusers.WanTransformer3DModel, ("num_layers",), (720, 1280)),
     ("hunyuanvideo-720p", diffusers.HunyuanVideoPipeline, diffusers.HunyuanVideoTransformer3DModel,
-     ("num_layers", "num_single_layers")),
-    ("flux-1024", diffusers.FluxPipeline, diffusers.FluxTransformer2DModel, ("num_layers", "num_single_layers")),
+     ("num_layers", "num_single_layers"), None),
+    ("flux-1024", diffusers.FluxPipeline, diffusers.FluxTransformer2DModel, ("num_layers", "num_single_layers"),
+     (1024, 1024)),  # FluxPipeline takes its default size from the model config (128 * 8)
 ])
-def test_named_shapes_match_diffusers_defaults(name, pipe, model, layers):
-    """Grid = pipeline default size / VAE 8 / patch 2 (frames: (F - 1) / 4 + 1); heads, head dim and layer count
-    are the transformer's defaults (the published large models)."""
+def test_named_shapes_match_diffusers_defaults(name, pipe, model, layers, size):
+    """Grid = the pipeline's default size (or the model's usual one) / VAE 8 / patch 2, frames (F - 1) / 4 + 1;
+    text = the pipeline's max_sequence_length, steps its default; heads, head dim and layers the transformer's
+    defaults (the published large models)."""
     s = SHAPES[name]
-    call = pipe.__call__
-    height = _default(call, "height")
-    width = _default(call, "width")
-    if name == "wan2.1-14b-720p":  # WanPipeline defaults to 480p; the 720p shape is the 14B model's usual size
-        height, width = 720, 1280
-    if name == "flux-1024":  # FluxPipeline's size comes from the model (128 * 8)
-        height = width = 1024
-    frames = _default(call, "num_frames") if "num_frames" in inspect.signature(call).parameters else 1
-    if name == "hunyuanvideo-720p":
-        height, width = 720, 1280
-        frames = 129
+    params = inspect.signature(pipe.__call__).parameters
+    height, width = size or (params["height"].default, params["width"].default)
+    frames = params["num_frames"].default if "num_frames" in params else 1
     assert (s.frames, s.height, s.width) == ((frames - 1) // 4 + 1, height // 16, width // 16)
-    assert s.heads == _default(model.__init__, "num_attention_heads")
-    assert s.head_dim == _default(model.__init__, "attention_head_dim")
-    assert s.layers == sum(_default(model.__init__, n) for n in layers)
+    assert (s.text_len, s.steps) == (params["max_sequence_length"].default, params["num_inference_steps"].default)
+    if model is not None:
+        assert s.heads == _default(model.__init__, "num_attention_heads")
+        assert s.head_dim == _default(model.__init__, "attention_head_dim")
+        assert s.layers == sum(_default(model.__init__, n) for n in layers)
     assert (SHAPES["wan2.1-1.3b-480p"].visual_len, SHAPES["hunyuanvideo-720p"].visual_len) == (32760, 118800)
     assert SHAPES["hunyuanvideo-720p"].seq_len == 118800 + 256 and SHAPES["wan2.1-14b-720p"].seq_len == 75600
 
