@@ -11,6 +11,7 @@ from .blockmask import (
     pad_to_blocks,
     token_to_block_mask,
 )
+from .autotune import AutotuneCacheWarning, BackendTuner
 from .dense import dense_attention
 from .merge import linear_attention, merge_attention, resolve_feature_map
 from .sparse import (
@@ -20,6 +21,7 @@ from .sparse import (
     block_sparse_attention,
     select_backend,
 )
+from .record import record_kernel_calls
 
 __all__ = [
     "dense_attention",
@@ -28,6 +30,9 @@ __all__ = [
     "BACKENDS",
     "AUTO_FLEX_MIN_PAIRS",
     "BackendFallbackWarning",
+    "BackendTuner",
+    "AutotuneCacheWarning",
+    "record_kernel_calls",
     "block_mask_to_index",
     "index_to_block_mask",
     "token_to_block_mask",

@@ -1,6 +1,7 @@
 """``block_sparse_attention``: one entry point, backends behind it (flex, triton, gather, dense, xformers)."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -12,7 +13,9 @@ import torch.nn.functional as F
 
 from . import _flex
 from ._gather import gather_attention
+from .autotune import BACKEND_ENV, BackendTuner, default_tuner, forced_backend, tune_key
 from .blockmask import block_to_token_mask, normalize_block_size, num_blocks
+from .record import recorded_run
 
 __all__ = ["block_sparse_attention", "select_backend", "BACKENDS", "BACKEND_TABLE", "Backend", "AUTO_FLEX_MIN_PAIRS", "BackendFallbackWarning"]
 
@@ -123,6 +126,20 @@ BACKEND_TABLE: dict[str, Backend] = {b.name: b for b in [
 _AUTO_ORDER = {"cuda": ("triton", "flex", "gather"), "cpu": ("flex", "gather")}
 
 
+def _auto_candidates(device_type: str, call: _Call, *, small_rule: bool = True) -> tuple[list[str], list[str]]:
+    """The backends of the device's order that can serve ``call`` (never empty: gather serves every call), and
+    why the others cannot. ``small_rule``: skip flex on CPU below ``AUTO_FLEX_MIN_PAIRS`` pairs."""
+    usable, skipped = [], []
+    for name in _AUTO_ORDER.get(device_type, ("gather",)):
+        missing = BACKEND_TABLE[name].missing(device_type)
+        why = str(missing) if missing is not None else BACKEND_TABLE[name].unavailable(device_type, call)
+        if why is None and small_rule and name == "flex" and device_type == "cpu" and call.pairs is not None \
+                and call.pairs < AUTO_FLEX_MIN_PAIRS:
+            why = f"small problem ({call.pairs} < {AUTO_FLEX_MIN_PAIRS} pairs), compile not worth it"
+        (skipped.append(f"{name}: {why}") if why else usable.append(name))
+    return usable or ["gather"], skipped
+
+
 def select_backend(
     backend: str,
     device_type: str,
@@ -147,16 +164,8 @@ def select_backend(
     bq, bk = normalize_block_size(block_size)
     call = _Call(needs_grad, return_lse, bq, bk, pairs)
     if backend == "auto":
-        skipped = []
-        for name in _AUTO_ORDER.get(device_type, ("gather",)):
-            missing = BACKEND_TABLE[name].missing(device_type)
-            why = str(missing) if missing is not None else BACKEND_TABLE[name].unavailable(device_type, call)
-            if why is None and name == "flex" and device_type == "cpu" and pairs is not None \
-                    and pairs < AUTO_FLEX_MIN_PAIRS:
-                why = f"small problem ({pairs} < {AUTO_FLEX_MIN_PAIRS} pairs), compile not worth it"
-            if why is None:
-                return name, f"auto on {device_type}" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
-            skipped.append(f"{name}: {why}")
+        usable, skipped = _auto_candidates(device_type, call)
+        return usable[0], f"auto on {device_type}" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
     chosen = BACKEND_TABLE[backend]
     missing = chosen.missing(device_type)
     if missing is not None:
@@ -166,6 +175,25 @@ def select_backend(
         return backend, "requested"
     name = next(n for n in chosen.fallback + ("gather",) if BACKEND_TABLE[n].unavailable(device_type, call) is None)
     return name, f"{backend} cannot serve this call: {why}"
+
+
+def _measured_auto(args, call: _Call, tuner: BackendTuner | None) -> tuple[str, str]:
+    """``auto`` for one call: the fixed order for small calls or a single candidate, else the measured choice."""
+    q, block_mask, bq, bk = args[0], args[3], args[4], args[5]
+    dev = q.device.type
+    name, reason = select_backend("auto", dev, needs_grad=call.needs_grad, return_lse=call.return_lse,
+                                  block_size=(bq, bk), pairs=call.pairs)
+    tuner = tuner if tuner is not None else default_tuner(AUTO_FLEX_MIN_PAIRS)
+    if call.pairs < tuner.min_pairs:
+        return name, reason
+    usable, _ = _auto_candidates(dev, call, small_rule=False)
+    if len(usable) < 2:
+        return name, reason
+    key = tune_key(dev, q.dtype, head_dim=q.shape[-1], pairs=call.pairs, block=(bq, bk),
+                   density=float(block_mask.float().mean()), needs_grad=call.needs_grad,
+                   return_lse=call.return_lse)
+    runs = {n: functools.partial(BACKEND_TABLE[n].run, *args, needs_grad=call.needs_grad) for n in usable}
+    return tuner.choose(q.device, key, runs)
 
 
 def _shape(t) -> tuple:
@@ -286,6 +314,7 @@ def block_sparse_attention(
     extra_v: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    tuner: BackendTuner | None = None,
 ):
     """Block-sparse softmax attention.
 
@@ -296,7 +325,10 @@ def block_sparse_attention(
 
     Returns ``out [B, H, Sq, Dv]`` in q's dtype, and with ``return_lse=True`` also ``lse [B, H, Sq]``
     (float32, natural log) of the whole attention. ``backend``: ``"auto"``, ``"flex"``, ``"triton"``,
-    ``"gather"``, ``"dense"`` or ``"xformers"`` (see :func:`select_backend`).
+    ``"gather"``, ``"dense"`` or ``"xformers"``. ``"auto"`` times the backends that can serve a large call
+    the first time it meets its class and reuses the fastest (cached on disk per machine; ``tuner`` says where,
+    default :func:`~attnproc.kernels.autotune.default_tuner`); smaller calls and ``ATTNPROC_BACKEND=static``
+    follow :func:`select_backend`'s fixed order. ``ATTNPROC_BACKEND=<name>`` makes ``auto`` mean that backend.
     """
     bq, bk = normalize_block_size(block_size)
     _validate(q, k, v, block_mask, bq, bk, extra_k, extra_v)
@@ -308,14 +340,22 @@ def block_sparse_attention(
     B, H, Sq = q.shape[:3]
     pairs = B * H * Sq * (k.shape[2] + se)
     dev = q.device.type
-    name, reason = select_backend(
-        backend, dev, needs_grad=needs_grad, return_lse=return_lse, block_size=(bq, bk), pairs=pairs
-    )
-    if backend not in ("auto", name):
-        warnings.warn(f"backend={backend!r} -> {name!r}: {reason}", BackendFallbackWarning, stacklevel=2)
     args = (q, k, v, block_mask, bq, bk, scale, extra_k, extra_v, return_lse)
+    requested = backend
+    if backend == "auto":
+        requested = forced_backend() or "auto"  # ATTNPROC_BACKEND overrides what auto resolves to
+    if requested == "auto":
+        name, reason = _measured_auto(args, _Call(needs_grad, return_lse, bq, bk, pairs), tuner)
+    else:
+        name, reason = select_backend("auto" if requested == "static" else requested, dev, needs_grad=needs_grad,
+                                      return_lse=return_lse, block_size=(bq, bk), pairs=pairs)
+        if requested not in ("auto", "static", name):
+            origin = f"{BACKEND_ENV}={requested}" if backend == "auto" else f"backend={requested!r}"
+            warnings.warn(f"{origin} -> {name!r}: {reason}", BackendFallbackWarning, stacklevel=2)
     try:
-        out, lse = BACKEND_TABLE[name].run(*args, needs_grad=needs_grad)
+        out, lse = recorded_run(lambda: BACKEND_TABLE[name].run(*args, needs_grad=needs_grad), name=name,
+                                reason=reason, q=q, k_len=k.shape[2], extra_len=se, block_mask=block_mask, bq=bq,
+                                bk=bk)
     except Exception as exc:  # compile failures (no compiler, inductor bug): auto falls back once, memoised
         if name != "flex":
             raise

@@ -57,6 +57,15 @@ attnproc.register(Probe)
 attnproc.register(Knobs)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _backend_cache(tmp_path_factory):
+    """Measured backend choices go to a temporary folder, never the user's cache (kernels/autotune.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATTNPROC_CACHE_DIR", str(tmp_path_factory.mktemp("attnproc-cache")))
+        mp.delenv("ATTNPROC_BACKEND", raising=False)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The ``attnproc`` command line: ``methods``, ``demo``, ``render``, ``ui``, ``export-comfy``."""
+"""The ``attnproc`` command line: ``methods``, ``demo``, ``render``, ``bench``, ``ui``, ``export-comfy``."""
 from __future__ import annotations
 
 import argparse
@@ -98,6 +98,70 @@ def _cmd_export_comfy(args) -> int:
     return 0
 
 
+class _MethodAction(argparse.Action):
+    """``--method NAME`` starts a method; the ``-o`` options after it belong to it."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        specs = getattr(namespace, "bench_methods", None) or []
+        if option_string == "--method":
+            specs.append((value, {}))
+        elif not specs:
+            parser.error(f"{option_string} {value[0]}=...: give --method NAME before its options")
+        else:
+            specs[-1][1][value[0]] = value[1]
+        namespace.bench_methods = specs
+
+
+def _grid(text: str) -> tuple[int, int, int]:
+    try:
+        f, h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"grid must be FRAMESxHEIGHTxWIDTH in tokens (e.g. 21x30x52), got {text!r}")
+    return f, h, w
+
+
+def _cmd_bench(args) -> int:
+    from .bench import bench, format_table
+    from .bench_shapes import ProblemShape, shape_named
+
+    if args.shape:
+        shape = shape_named(args.shape)
+    else:
+        missing = [n for n in ("family", "grid", "heads", "head_dim") if getattr(args, n) is None]
+        if missing:
+            raise ValueError(f"bench: give --shape NAME, or --family, --grid, --heads and --head-dim (missing: "
+                             f"{', '.join('--' + m.replace('_', '-') for m in missing)})")
+        dim = args.heads * args.head_dim
+        shape = ProblemShape("custom", args.family, "explicit shape", args.heads, args.head_dim, *args.grid,
+                             text_len=args.text_len, text_position=args.text_position if args.text_len else "none",
+                             layers=args.layers, steps=args.steps, dim=dim, mlp_dim=4 * dim)
+    if args.shape:
+        shape = shape.scaled(frames=args.frames, height=args.height, width=args.width, heads=args.heads)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    specs = args.bench_methods or [(info.name, {}) for info in attnproc.methods()]
+    if args.backends:
+        specs = [(name, {**opts, "backend": b}) if "backend" in _option_names(name) else (name, opts)
+                 for name, opts in specs for b in args.backends.split(",")]
+        specs = list({(n, json.dumps(o, sort_keys=True)): (n, o) for n, o in specs}.values())
+    report = bench(specs, shape, device=args.device, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
+                   e2e=not args.no_estimate, memory=not args.no_memory, progress=not args.quiet)
+    print(format_table(report))
+    if args.json:
+        from .media import atomic_path
+
+        with atomic_path(Path(args.json), ".tmp.json") as tmp, open(tmp, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        print(f"report: {args.json}")
+    return 0
+
+
+def _option_names(method: str) -> set[str]:
+    return {o.name for info in attnproc.methods() if info.name == method for o in info.options}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DEFAULT_PIPELINE, DEFAULT_PROMPT
 
@@ -148,6 +212,40 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--pipeline", action="append", metavar="SPEC",
                    help="pipeline choice offered in the UI (hub id, folder, tiny:<family>); repeatable")
     u.set_defaults(func=_cmd_ui)
+    b = sub.add_parser("bench", help="time methods on one attention layer of a real model's shape, on this machine",
+                       epilog="Example: attnproc bench --shape wan2.1-1.3b-480p --frames 4 --heads 2 --method radial "
+                              "--method gna -o kernel_size='[2,8,8]' --json bench.json")
+    b.add_argument("--method", action=_MethodAction, metavar="NAME",
+                   help="a method to bench (repeatable; default: every registered method)")
+    b.add_argument("--option", "-o", action=_MethodAction, type=parse_option, metavar="NAME=VALUE",
+                   help="an option of the --method before it (repeatable)")
+    b.add_argument("--shape", default=None, help="a named shape (wan2.1-1.3b-480p, wan2.1-14b-720p, "
+                                                "hunyuanvideo-720p, cogvideox-5b-720x480, flux-1024, sdxl-1024)")
+    for name in ("frames", "height", "width"):
+        b.add_argument(f"--{name}", type=int, default=None, help=f"scale the named shape down to this many {name} "
+                                                               "of tokens")
+    b.add_argument("--heads", type=int, default=None, help="scale the named shape to this many heads (or the heads "
+                                                          "of an explicit shape)")
+    b.add_argument("--family", default=None, help="explicit shape: the model family (wan, hunyuanvideo, flux, ...)")
+    b.add_argument("--grid", type=_grid, default=None, help="explicit shape: FRAMESxHEIGHTxWIDTH tokens")
+    b.add_argument("--head-dim", type=int, default=None, help="explicit shape: head dim")
+    b.add_argument("--text-len", type=int, default=0, help="explicit shape: text tokens")
+    b.add_argument("--text-position", default="separate", choices=("before", "after", "separate"),
+                   help="explicit shape: joint text before/after the visual tokens, or cross-attention (separate)")
+    b.add_argument("--layers", type=int, default=30, help="explicit shape: layers (for the schedule share)")
+    b.add_argument("--steps", type=int, default=50, help="explicit shape: denoising steps (for the schedule share)")
+    b.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    b.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    b.add_argument("--repeats", type=int, default=5, help="alternating timed rounds (default 5)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    b.add_argument("--backends", default=None, metavar="LIST",
+                   help="also bench each method with a backend option at these backends (e.g. auto,flex,gather)")
+    b.add_argument("--no-estimate", action="store_true", help="skip the one-block model and the step estimate")
+    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    b.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_cmd_bench)
     c = sub.add_parser("export-comfy", help="write a ComfyUI custom-node pack: one node per registered method")
     c.add_argument("dir", help="folder to write (e.g. ComfyUI/custom_nodes/attnproc_nodes)")
     c.add_argument("--method", action="append", help="export only these methods (repeatable; default: all)")

@@ -133,10 +133,12 @@ def _frames_of(result, index: int = 0) -> tuple[np.ndarray, str]:
 # ----------------------------------------------------------------------------- measuring
 class AttentionTimer:
     """Times every ``method.attention`` call of an applied method (no per-method code): wraps the instance's
-    bound ``attention``. On CUDA it synchronises after each call so the time is the kernel's, not the launch's."""
+    bound ``attention``. On CUDA it synchronises after each call so the time is the kernel's, not the launch's.
+    ``by_kind`` splits the seconds by the calls' site kind (self, cross, joint)."""
 
     def __init__(self, method: attnproc.Method):
         self.seconds, self.calls = 0.0, 0
+        self.by_kind: dict[str, float] = {}
         inner = method.attention
 
         def timed(*args, **kwargs):
@@ -144,8 +146,11 @@ class AttentionTimer:
             out = inner(*args, **kwargs)
             if isinstance(out, torch.Tensor) and out.is_cuda:
                 torch.cuda.synchronize(out.device)
-            self.seconds += time.perf_counter() - start
+            dt = time.perf_counter() - start
+            self.seconds += dt
             self.calls += 1
+            kind = getattr(args[3] if len(args) > 3 else kwargs.get("site"), "kind", None)
+            self.by_kind[kind] = self.by_kind.get(kind, 0.0) + dt
             return out
 
         method.attention = timed
