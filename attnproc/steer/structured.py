@@ -50,15 +50,16 @@ def structured_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list
     ``mean_i attend(q, K_i, mean_j V_j)``. ``attend(q, k, v)`` is the attention itself (dense or a sparse inner)."""
     if not keys or not values:
         raise ValueError("structured_attention needs at least one key set and one value set")
+    acc = torch.promote_types(values[0].dtype, torch.float32)  # average in at least fp32
     if len(keys) == len(values):
         pairs = list(zip(keys, values))
     else:
-        mean_v = torch.stack([v.float() for v in values]).mean(0).to(values[0].dtype)
+        mean_v = torch.stack([v.to(acc) for v in values]).mean(0).to(values[0].dtype)
         pairs = [(k, mean_v) for k in keys]
     if len(pairs) == 1:
         return attend(q, *pairs[0])
     outs = [attend(q, k, v) for k, v in pairs]
-    return torch.stack([o.float() for o in outs]).mean(0).to(outs[0].dtype)
+    return torch.stack([o.to(acc) for o in outs]).mean(0).to(outs[0].dtype)
 
 
 def aligned_contexts(full: torch.Tensor, alone: list[torch.Tensor], alignments: list[tuple[list[int], list[int]]],
