@@ -62,7 +62,8 @@ def widget(info: OptionInfo) -> dict:
 
 def comfy_servable(cls) -> bool:
     """Whether a method runs from ComfyUI's attention override, which hands over only q, k and v."""
-    return not cls.needs_block_input and cls.create_state is attnproc.Method.create_state
+    return (not cls.needs_block_input and not cls.needs_call_inputs
+            and cls.create_state is attnproc.Method.create_state)
 
 
 def node_specs(methods: list[str] | None = None) -> list[dict]:
@@ -78,8 +79,9 @@ def node_specs(methods: list[str] | None = None) -> list[dict]:
         cls = attnproc.registry.REGISTRY.get(info.name)
         if not comfy_servable(cls):
             if methods is not None:
-                raise ValueError(f"method {info.name!r} needs per-module state or the transformer block's input, "
-                                 "which ComfyUI's attention override (q, k, v only) cannot provide; it has no node")
+                raise ValueError(f"method {info.name!r} needs per-module state or the transformer block's input "
+                                 "(or the module's projections and text context), which ComfyUI's attention "
+                                 "override (q, k, v only) cannot provide; it has no node")
             continue  # e.g. agent: no node rather than one that always refuses
         description = f"{info.summary} {FALLBACK_NOTE}" + (f" {LAYOUT_NOTE}" if cls.needs_layout else "")
         extra = EXTRA_SOCKETS.get(info.name, [])

@@ -99,9 +99,10 @@ def check_model(method: Method, family: str | None, model_class: str) -> None:
             raise UnsupportedFamilyError(
                 f"method {m.name!r} does not support the model family {family!r} (ComfyUI model {model_class}); "
                 f"supported families: {describe_families(m.families)}")
-        if m.needs_block_input or type(m).create_state is not Method.create_state:
-            raise ValueError(f"method {m.name!r} needs per-module state or the transformer block's input, which "
-                             "the ComfyUI override (q, k, v only) cannot provide; use it through diffusers")
+        if m.needs_block_input or m.needs_call_inputs or type(m).create_state is not Method.create_state:
+            raise ValueError(f"method {m.name!r} needs per-module state or the transformer block's input (or the "
+                             "module's projections and text context), which the ComfyUI override (q, k, v only) "
+                             "cannot provide; use it through diffusers")
         if m.needs_layout and family not in LAYOUT_FAMILIES:
             served = ", ".join(f"{f} ({key})" for f, key in LAYOUT_FAMILIES.items())
             raise ValueError(f"method {m.name!r} needs the token grid, which attnproc reads in ComfyUI only for: "

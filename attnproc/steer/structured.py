@@ -26,6 +26,7 @@ does; the pooled embedding is never touched, so it stays the full prompt's). See
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -85,8 +86,9 @@ def aligned_contexts(full: torch.Tensor, alone: list[torch.Tensor], alignments: 
 @dataclass
 class StructuredConfig:
     prompt: str = option("", help="the full prompt given to the pipeline (phrases are parts of it)")
-    phrases: Any = option(None, help="noun phrases encoded on their own, each a part of the prompt, e.g. "
-                                     "['a red circle', 'a blue square']; None = found by the parser")
+    phrases: Any = option(None, help="noun phrases encoded on their own, each a part of the prompt: a list, e.g. "
+                                     "['a red circle', 'a blue square'], or one string 'a red circle; a blue "
+                                     "square' (';' or new lines between phrases); None = found by the parser")
     parser: str = option("auto", choices=PARSERS,
                          help="how phrases are found when not given: 'rules' (built-in chunker), 'stanza' / "
                               "'benepar' (installed with their English model), 'auto' (a parser if usable, else "
@@ -107,6 +109,8 @@ class StructuredConfig:
                              "found in it")
         if not self.prompt:
             return []
+        if isinstance(self.phrases, str):  # the UI's and ComfyUI's text boxes: ';' or new lines between phrases
+            return locate_phrases(self.prompt, [p for p in re.split(r"[;\n]", self.phrases) if p.strip()])
         if self.phrases is not None:
             return locate_phrases(self.prompt, self.phrases)
         found = noun_phrases(self.prompt, self.parser)
@@ -134,6 +138,7 @@ class Structured(Edit):
                "attributes stay with their noun (StructureDiffusion).")
     Config = StructuredConfig
     needs_layout = True
+    needs_call_inputs = True  # the module's to_k/to_v and the call's text context
     families = ("unet",)
 
     def __init__(self, config=None):
@@ -174,8 +179,11 @@ class Structured(Edit):
     # ---- where it acts ----------------------------------------------------------------------------------
     def active(self, site: Site) -> bool:
         step = site.step
-        if site.kind != "cross" or self.encoded is None or site.layout is None or step is None:
+        if site.kind != "cross" or site.layout is None or step is None:
             return False
+        if self.encoded is None:
+            raise RuntimeError("structured was not bound to a pipeline (its phrases are not encoded): use "
+                               "attnproc.apply(pipe, 'structured', prompt=...)")
         if step.branch == "uncond":
             return False
         a = self.config.active_steps
@@ -192,7 +200,10 @@ class Structured(Edit):
         if not self.active(site):
             return []
         context = site.inputs.encoder_hidden_states if site.inputs is not None else None
-        if context is None or context.ndim != 3 or context.shape[0] != batch:
+        if context is None or site.module is None:
+            raise RuntimeError("structured needs the attention module and its text context (site.module, "
+                               "site.inputs), which only attnproc's diffusers processor gives")
+        if context.ndim != 3 or context.shape[0] != batch:
             return []
         branches = site.layout.branches or ("cond",)
         if batch % len(branches):
