@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 __all__ = ["Phrase", "locate_phrases", "chunk_noun_phrases", "tree_noun_phrases", "noun_phrases", "align_phrase",
-           "PARSERS"]
+           "token_offsets", "covered_tokens", "PARSERS"]
 
 PARSERS = ("auto", "rules", "stanza", "benepar")
 
@@ -217,19 +217,21 @@ def noun_phrases(prompt: str, parser: str = "auto") -> list[Phrase]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-def _encode(tokenizer, text: str, max_length: int | None):
+def token_offsets(tokenizer, text: str, max_length: int | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``text`` (special tokens included) and each token's character range, from a fast tokenizer."""
     kwargs = dict(return_offsets_mapping=True, add_special_tokens=True)
     if max_length is not None:
         kwargs.update(truncation=True, max_length=max_length)
     try:
         enc = tokenizer(text, **kwargs)
     except NotImplementedError as e:
-        raise ValueError(f"{type(tokenizer).__name__} gives no character offsets (a slow tokenizer?); phrase "
-                         "alignment needs a fast tokenizer") from e
+        raise ValueError(f"{type(tokenizer).__name__} gives no character offsets (a slow tokenizer?); finding a "
+                         "phrase's tokens needs a fast tokenizer (or give the token positions)") from e
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
-def _covered(offsets, start: int, end: int) -> list[int]:
+def covered_tokens(offsets, start: int, end: int) -> list[int]:
+    """Positions of the tokens whose character range meets ``[start, end)``."""
     return [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
 
 
@@ -240,8 +242,8 @@ def align_phrase(tokenizer, prompt: str, phrase: Phrase, max_length: int | None 
     Exact: the two position lists have equal length and the same token ids, and every token is wholly inside
     the phrase; otherwise a ``ValueError`` says why (a word the tokenizer splits differently in context, a
     phrase cut off by ``max_length``)."""
-    ids, offsets = _encode(tokenizer, prompt, max_length)
-    inside = _covered(offsets, phrase.start, phrase.end)
+    ids, offsets = token_offsets(tokenizer, prompt, max_length)
+    inside = covered_tokens(offsets, phrase.start, phrase.end)
     if not inside:
         raise ValueError(f"phrase {phrase.text!r} falls outside the {len(ids)} tokens {type(tokenizer).__name__} "
                          f"keeps of the prompt (truncated at {max_length})")
@@ -249,8 +251,8 @@ def align_phrase(tokenizer, prompt: str, phrase: Phrase, max_length: int | None 
     if a < phrase.start or b > phrase.end:
         raise ValueError(f"phrase {phrase.text!r}: {type(tokenizer).__name__} joins its edge with the text around "
                          f"it (tokens span {prompt[a:b]!r}); choose a phrase that ends at a token boundary")
-    alone_ids, alone_off = _encode(tokenizer, phrase.text, max_length)
-    own = _covered(alone_off, 0, len(phrase.text))
+    alone_ids, alone_off = token_offsets(tokenizer, phrase.text, max_length)
+    own = covered_tokens(alone_off, 0, len(phrase.text))
     if [ids[i] for i in inside] != [alone_ids[i] for i in own]:
         got = tokenizer.convert_ids_to_tokens([ids[i] for i in inside])
         alone = tokenizer.convert_ids_to_tokens([alone_ids[i] for i in own])
