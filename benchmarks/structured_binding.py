@@ -7,7 +7,8 @@ every arm; one pipeline call per prompt (its seeds are the batch: ``structured``
 * ``binding``: every asked shape is found in its colour *and* has its kind (the red thing is a circle and the
   blue thing a square): the attribute-binding accuracy;
 * ``colour``: both colours present; ``count``: exactly two shapes; ``swap``: both colours present, each with
-  the other phrase's kind (the attributes exchanged).
+  the other phrase's kind (the attributes exchanged); ``first/second_phrase_bound``: that phrase's colour found
+  with its kind (CLIP is causal, so only the second phrase's encoding changes when encoded alone).
 
 Arms are paired by (prompt, seed): discordant pairs (dense wrong and structured right, or the reverse) and the
 two-sided exact sign-test p-value over them are reported, so a small difference is not read as a gain.
@@ -91,7 +92,19 @@ def run_arm(pipe, method, options, items) -> tuple[list[dict], float]:
 
 
 def summary(rows: list[dict]) -> dict:
-    return {k: round(float(np.mean([r[k] for r in rows])), 4) for k in ("binding", "colour", "count", "swap")}
+    rates = {k: round(float(np.mean([r[k] for r in rows])), 4) for k in ("binding", "colour", "count", "swap")}
+    for i, name in ((0, "first_phrase_bound"), (1, "second_phrase_bound")):  # CLIP is causal: phrase 1 alone = its span
+        rates[name] = round(float(np.mean([_bound(r, i) for r in rows])), 4)
+    return rates
+
+
+def _bound(row: dict, i: int) -> bool:
+    """Whether the ``i``-th asked shape's colour is found (its largest blob) with the asked kind."""
+    asked = row["prompt"].split(" and ")[i].split()  # "a {colour} {kind}"
+    found = {}
+    for f in reversed(row["found"]):  # detections are largest first: the largest of each colour wins
+        found[f["colour"]] = f["kind"]
+    return found.get(asked[1]) == asked[2]
 
 
 def main():
