@@ -107,6 +107,14 @@ def _bound(row: dict, i: int) -> bool:
     return found.get(asked[1]) == asked[2]
 
 
+def dumps(result: dict) -> str:
+    """JSON with one line per sample (the summary indented above them)."""
+    head = json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1)[:-2]
+    arms = ",\n".join(f' "{arm}": [\n' + ",\n".join("  " + json.dumps(r) for r in rows) + "\n ]"
+                       for arm, rows in result["samples"].items())
+    return head + ',\n "samples": {\n' + arms + "\n }\n}\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="shapes:sd15")
@@ -144,7 +152,7 @@ def main():
                 "same_detections": same}
     result["samples"] = per_arm
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    Path(args.out).write_text(dumps(result))
     print("wrote", args.out)
 
 
