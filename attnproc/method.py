@@ -27,6 +27,8 @@ class Method:
 
     * ``needs_layout``: cannot run without the call's token layout;
     * ``needs_block_input``: reads ``site.inputs.block_input`` (``apply`` then hooks each transformer block);
+    * ``needs_call_inputs``: reads ``site.module`` and ``site.inputs`` (the module's projections, the text
+      context), which attnproc's diffusers processor gives and ComfyUI's attention override (q, k, v) does not;
     * ``families``: the model families served (``None``: every family), checked at ``bind``;
     * ``sdpa_extras``: the SDPA options honoured beyond ``attn_mask``/``scale`` (``dropout_p``, ``is_causal``,
       ``enable_gqa``); a call using another one is refused;
@@ -44,6 +46,7 @@ class Method:
     Config: ClassVar[type] = NoOptions
     needs_layout: ClassVar[bool] = False
     needs_block_input: ClassVar[bool] = False
+    needs_call_inputs: ClassVar[bool] = False
     families: ClassVar[tuple[str, ...] | None] = None
     sdpa_extras: ClassVar[frozenset[str]] = frozenset()
     computes_output: ClassVar[bool] = False
@@ -162,6 +165,7 @@ class Composed(Method):
         self.needs_layout = any(m.needs_layout for m in parts)
         self.needs_block_input = any(m.needs_block_input for m in parts)
         self.needs_prompt_batch = any(m.needs_prompt_batch for m in parts)
+        self.needs_call_inputs = any(m.needs_call_inputs for m in parts)
         served = [set(m.families) for m in parts if m.families is not None]
         self.families = tuple(sorted(set.intersection(*served))) if served else None
         self.sdpa_extras = frozenset()  # edits see only attn_mask and scale

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from attnproc.families import family_of
+from attnproc.steer.phrases import covered_tokens, token_offsets
 from attnproc.steer.regions import to_mask
 
 __all__ = ["load_mask", "text_token_spans", "phrase_prompt_embeds", "phrase_char_span"]
@@ -70,16 +71,8 @@ def phrase_char_span(prompt: str, phrase: str) -> tuple[int, int]:
 
 def _positions(tokenizer, prompt: str, phrase: str, max_length: int | None = None) -> list[int]:
     start, end = phrase_char_span(prompt, phrase)
-    kwargs = dict(return_offsets_mapping=True, add_special_tokens=True)
-    if max_length is not None:
-        kwargs.update(truncation=True, max_length=max_length)
-    try:
-        enc = tokenizer(prompt, **kwargs)
-    except NotImplementedError as e:
-        raise ValueError(f"{type(tokenizer).__name__} gives no character offsets (a slow tokenizer?); give "
-                         "'tokens' per region instead") from e
-    offsets = enc["offset_mapping"]
-    idx = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    _, offsets = token_offsets(tokenizer, prompt, max_length)
+    idx = covered_tokens(offsets, start, end)
     if not idx:
         raise ValueError(f"phrase {phrase!r} falls outside the {len(offsets)} tokens {type(tokenizer).__name__} keeps "
                          "of the prompt (truncated)")

@@ -63,8 +63,8 @@ def widget(info: OptionInfo) -> dict:
 def comfy_servable(cls) -> bool:
     """Whether a method runs from ComfyUI's attention override, which hands over only q, k and v (and a batch
     with one prompt for all its images)."""
-    return (not cls.needs_block_input and cls.create_state is attnproc.Method.create_state
-            and not cls.needs_prompt_batch)
+    return (not cls.needs_block_input and not cls.needs_call_inputs
+            and cls.create_state is attnproc.Method.create_state and not cls.needs_prompt_batch)
 
 
 def node_specs(methods: list[str] | None = None) -> list[dict]:
@@ -84,8 +84,9 @@ def node_specs(methods: list[str] | None = None) -> list[dict]:
                                  "the scene), which ComfyUI's conditioning does not give; it has no node (use it "
                                  "from Python, job files or the UI)")
             if methods is not None:
-                raise ValueError(f"method {info.name!r} needs per-module state or the transformer block's input, "
-                                 "which ComfyUI's attention override (q, k, v only) cannot provide; it has no node")
+                raise ValueError(f"method {info.name!r} needs per-module state or the transformer block's input "
+                                 "(or the module's projections and text context), which ComfyUI's attention "
+                                 "override (q, k, v only) cannot provide; it has no node")
             continue  # e.g. agent: no node rather than one that always refuses
         description = f"{info.summary} {FALLBACK_NOTE}" + (f" {LAYOUT_NOTE}" if cls.needs_layout else "")
         extra = EXTRA_SOCKETS.get(info.name, [])

@@ -114,9 +114,10 @@ def check_model(method: Method, family: str | None, model_class: str) -> None:
         if m.needs_prompt_batch:
             raise ValueError(f"method {m.name!r} needs a batch with one prompt per image (references, then the "
                              "scene), which ComfyUI's conditioning does not give; use it through diffusers")
-        if m.needs_block_input or type(m).create_state is not Method.create_state:
-            raise ValueError(f"method {m.name!r} needs per-module state or the transformer block's input, which "
-                             "the ComfyUI override (q, k, v only) cannot provide; use it through diffusers")
+        if m.needs_block_input or m.needs_call_inputs or type(m).create_state is not Method.create_state:
+            raise ValueError(f"method {m.name!r} needs per-module state or the transformer block's input (or the "
+                             "module's projections and text context), which the ComfyUI override (q, k, v only) "
+                             "cannot provide; use it through diffusers")
         if m.needs_layout and family not in LAYOUT_FAMILIES and family not in COMFY_TOKENS:
             served = ", ".join([*LAYOUT_FAMILIES, *COMFY_TOKENS])
             raise ValueError(f"method {m.name!r} needs the token grid, which attnproc reads in ComfyUI only for: "
