@@ -199,14 +199,21 @@ REFERENCE_BLOCK = 64  # the reference's block size (BLKQ = BLKK = 64 in training
 
 def auto_block_size(length: int, topk: float) -> int:
     """The block size used when ``block_q``/``block_k`` are left automatic: the reference's 64 when a 64-token
-    block map of ``length`` tokens keeps at least one key block at ``topk``, else the largest smaller size that
-    does (at topk 0.1, sequences under 640 tokens: the shapes world's 144-token videos get 14-token blocks, 11
-    key blocks, 1 kept). Refuses a sequence too short for ``topk`` even with 1-token blocks."""
-    for size in range(min(REFERENCE_BLOCK, max(length, 1)), 0, -1):
-        if int(topk * num_blocks(length, size)) >= 1:
-            return size
-    raise ValueError(f"topk={topk} selects no key block of a {length}-token sequence even with 1-token blocks; "
-                     f"use topk >= {1 / max(length, 1):.4g}")
+    block map of ``length`` tokens keeps at least one key block at ``topk`` (at topk 0.1: more than 576 tokens),
+    else the size that cuts the sequence into the fewest even blocks of which ``topk`` keeps one (the shapes
+    world's 144-token videos: 10 blocks of 15 tokens, 1 kept). Refuses a sequence shorter than ``1 / topk``."""
+    if int(topk * num_blocks(length, REFERENCE_BLOCK)) >= 1:
+        return REFERENCE_BLOCK
+    need = max(1, math.ceil(1 / topk) - 1)  # the fewest key blocks of which topk keeps one
+    while int(topk * need) < 1:
+        need += 1
+    if need > length:
+        raise ValueError(f"topk={topk} selects no key block of a {length}-token sequence even with 1-token "
+                         f"blocks; use topk >= {1 / max(length, 1):.4g}")
+    size = math.ceil(length / need)
+    while num_blocks(length, size) < need:
+        size -= 1
+    return size
 
 
 @dataclass
