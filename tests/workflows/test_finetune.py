@@ -114,3 +114,35 @@ def test_explicit_parameters_train_and_a_method_without_parameters_is_refused(tm
     assert list(saved) == ["proj_out.weight"] and not torch.equal(saved["proj_out.weight"], before)
     with pytest.raises(ValueError, match="train: method: method 'radial' owns no trainable parameters"):
         finetune(parse_finetune_config(dict(BASE, train="method", output=str(tmp_path / "m"))), progress=False)
+
+
+def test_sla_projections_train_resume_exactly_and_load_with_apply(tmp_path):
+    """train: method on SLA trains its per-module proj_l only; a kill and a resume end with the uninterrupted
+    run's projections, in the file apply(..., weights=) loads."""
+    import attnproc
+    from attnproc.pipelines import tiny_pipeline
+
+    sla = dict(BASE, method="sla", options=dict(topk=0.5), train="method", lr=1e-2)
+    whole = finetune(parse_finetune_config(dict(sla, output=str(tmp_path / "whole"))), progress=False)
+    cfg = parse_finetune_config(dict(sla, output=str(tmp_path / "killed")))
+
+    def kill_at_3(step, loss):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        finetune(cfg, callback=kill_at_3, progress=False)
+    resumed = finetune(cfg, progress=False)
+    assert resumed.resumed_from == 2 and resumed.losses == whole.losses
+    a, b = load_file(whole.weights), load_file(resumed.weights)
+    assert sorted(a) == sorted(f"transformer.blocks.{i}.attn1.{p}" for i in range(2) for p in ("weight", "bias"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert all(float(t.abs().max()) > 0 for t in a.values())  # trained away from the zero initialisation
+    pipe = tiny_pipeline("wan21", seed=0)
+    handle = attnproc.apply(pipe, "sla", topk=0.5, weights=str(whole.weights))
+    loaded = handle.state_dict()
+    for key, value in a.items():
+        module, part = key.rsplit(".", 1)
+        assert torch.equal(loaded[f"{module}.attnproc.sla.{part}"], value)
+    handle.remove()
