@@ -138,7 +138,8 @@ def main():
     k = max(1, len(losses) // 20)
     row = dict(dense=dense_row, before=before, after=after,
                heldout_rel_error_curve=[(s, round(e, 6)) for s, e in curve],
-               loss_curve=[(i + k, round(float(np.mean(losses[i:i + k])), 8)) for i in range(0, len(losses), k)],
+               loss_curve=[(min(i + k, len(losses)), round(float(np.mean(losses[i:i + k])), 8))
+                           for i in range(0, len(losses), k)],
                train_seconds=round(train_seconds, 1), total_seconds=round(time.perf_counter() - t0, 1))
     meta = dict(pipeline=f"shapes:{KIND} (17 x 32 x 32 video, 9 x 4 x 4 = 144 tokens, 3 layers, 2 heads, D=32)",
                 method="sla", options=dict(topk=TOPK, variant="main", block_size="auto (15 tokens: 10 key blocks, "
