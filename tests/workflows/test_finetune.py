@@ -29,6 +29,7 @@ BASE = dict(pipeline="tiny:wan21", method="radial", options=dict(dense_first_ste
     (dict(method="nope"), r"method: unknown method 'nope'"),
     (dict(options=dict(decay=-1)), r"options: .*decay"),
     (dict(lora_targets="to_q"), r"lora_targets: must be a non-empty list"),
+    (dict(prompt=["a red circle", 3]), r"prompt: must be a string or a non-empty list of strings"),
     (dict(gradient_checkpointing="yes"), r"gradient_checkpointing: must be true or false"),
 ])
 def test_config_errors_name_the_field(tmp_path, change, match):
