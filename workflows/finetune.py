@@ -61,7 +61,7 @@ class FinetuneConfig:
     checkpoint_every: int = 50
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"
-    prompt: str | None = None                      # data: one teacher generation with these call settings
+    prompt: Any = None                             # data: one teacher generation (a list: one per prompt)
     height: int | None = None
     width: int | None = None
     frames: int | None = None
@@ -113,7 +113,10 @@ def parse_finetune_config(data: Any) -> FinetuneConfig:
                 _choice(d[key], key, choices)
         if "gradient_checkpointing" in d and not isinstance(d["gradient_checkpointing"], bool):
             _fail("gradient_checkpointing", f"must be true or false, got {d['gradient_checkpointing']!r}")
-        if "prompt" in d:
+        if isinstance(d.get("prompt"), list):  # several teacher generations, one batch
+            if not d["prompt"] or not all(isinstance(p, str) for p in d["prompt"]):
+                _fail("prompt", f"must be a string or a non-empty list of strings, got {d['prompt']!r}")
+        elif "prompt" in d:
             d["prompt"] = _str(d["prompt"], "prompt", allow_none=True)
         if "lora_targets" in d:
             t = d["lora_targets"]
@@ -151,6 +154,10 @@ def record_inputs(pipe, cfg: FinetuneConfig) -> tuple[torch.Tensor, dict]:
         from attnproc.pipelines import tiny_call_kwargs
 
         call = tiny_call_kwargs(cfg.pipeline[5:])
+    elif cfg.pipeline.startswith("shapes:"):  # what the shapes model was trained for (size, frames, guidance)
+        from attnproc.pipelines import shapes_call_kwargs
+
+        call = shapes_call_kwargs(cfg.pipeline[7:], cfg.prompt or "")
     else:
         call = {}
     call.update(num_inference_steps=cfg.data_steps, output_type="latent",
@@ -210,12 +217,12 @@ def _trainable(cfg: FinetuneConfig, student, handle, params) -> list[tuple[str, 
         student.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=cfg.lora_targets,
                                        init_lora_weights=True))
         named = [(n, p) for n, p in student.named_parameters() if "lora_" in n]
-    else:
-        owner = getattr(handle.method, "named_parameters", None)
-        if owner is None:
+    else:  # the per-module state the method created (Method.create_state), named as in handle.state_dict()
+        named = [(f"{module}.attnproc.{key}", p) for module, state in handle.states().items()
+                 for key, p in state.named_parameters()]
+        if not named:
             raise ValueError(f"train: method: method {handle.name!r} owns no trainable parameters; "
                              f"use train: lora or train: full")
-        named = list(owner())
     if not named:
         raise ValueError(f"train: {cfg.train}: nothing to train (no parameters found)")
     for _, p in named:
@@ -336,18 +343,23 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
                 _save_checkpoint(ckpt, done, named, optimizer, losses, chash)
             if callback is not None:
                 callback(done, losses[-1])
-        weights = _export(out, cfg, pipe, accelerator.unwrap_model(student), named)
+        weights = _export(out, cfg, pipe, accelerator.unwrap_model(student), named, handle)
         (out / "losses.json").write_text(json.dumps(losses))
         return FinetuneResult(out, weights, cfg.steps, losses, start)
     finally:
         handle.remove()
 
 
-def _export(out: Path, cfg: FinetuneConfig, pipe, student, named) -> Path:
-    """The trained tensors by name (``weights.safetensors``); LoRA also in diffusers' format when possible."""
+def _export(out: Path, cfg: FinetuneConfig, pipe, student, named, handle) -> Path:
+    """The trained tensors by name (``weights.safetensors``); LoRA also in diffusers' format when possible; a
+    method's own parameters in its own file format when it has one (``save_weights``: what
+    ``apply(..., weights=...)`` loads)."""
     from safetensors.torch import save_file
 
     path = out / "weights.safetensors"
+    saver = getattr(handle.method, "save_weights", None)
+    if cfg.train == "method" and saver is not None:
+        return saver(path, pipe, handle.states())
     partial = path.with_name(path.name + ".partial")
     save_file({n: p.detach().cpu().contiguous() for n, p in named}, str(partial),
               metadata={"train": cfg.train, "method": json.dumps(cfg.method)})

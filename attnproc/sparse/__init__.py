@@ -3,3 +3,4 @@ on import)."""
 from .base import SparseMethod  # noqa: F401
 from . import agent, gna, radial  # noqa: F401,E402
 from . import rectified, vmoba  # noqa: F401,E402
+from . import sla  # noqa: F401,E402

@@ -41,21 +41,24 @@ from attnproc.kernels import (
     resolve_feature_map,
 )
 from attnproc.options import option
+from attnproc.registry import register
 from attnproc.schedule import Schedule
+from attnproc.sparse.base import SparseMethod
 
 
 __all__ = ["sla_attention", "sla_block_map", "selected_key_blocks", "sla_visual_attention", "SLAConfig",
            "SLA_DEFAULTS", "SUPPORTED_FAMILIES", "VARIANTS", "FEATURE_MAPS", "MAIN_EPS", "save_sla_weights",
-           "load_sla_weights", "model_fingerprint", "SLAWeightsError"]
+           "load_sla_weights", "model_fingerprint", "SLAWeightsError", "auto_block_size", "SLA"]
 
 VARIANTS = ("main", "sla1")
 FEATURE_MAPS = ("softmax", "elu", "relu")
 MAIN_EPS = 1e-5  # the ``main`` linear branch's denominator epsilon (``SLA-1`` has none)
-SUPPORTED_FAMILIES = ("wan", "hunyuanvideo", "cogvideox", "ltx")
+# the video families, plus the image families of the shapes-world models (sd15: ``unet``, ``flux``)
+SUPPORTED_FAMILIES = ("wan", "hunyuanvideo", "cogvideox", "ltx", "flux", "unet")
 
 # Per-family defaults (``None`` options resolve to these). TurboDiffusion trains Wan2.1 with topk 0.1 and 64/64
 # blocks and runs SLA in every self-attention layer at every step (no dense warm-up); no other family has a
-# reference setting, so they take Wan's.
+# reference setting, so they take Wan's (block sizes: see ``auto_block_size``).
 SLA_DEFAULTS: dict[str, dict] = {
     fam: dict(topk=0.1, dense_first_steps=0.0, dense_first_layers=0) for fam in SUPPORTED_FAMILIES
 }
@@ -191,21 +194,49 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight
 
 
 # ---- the method's building blocks (the registered method wraps these) ----------------------------------------
+REFERENCE_BLOCK = 64  # the reference's block size (BLKQ = BLKK = 64 in training)
+
+
+def auto_block_size(length: int, topk: float) -> int:
+    """The block size used when ``block_q``/``block_k`` are left automatic: the reference's 64 when a 64-token
+    block map of ``length`` tokens keeps at least one key block at ``topk`` (at topk 0.1: more than 576 tokens),
+    else the size that cuts the sequence into the fewest even blocks of which ``topk`` keeps one (the shapes
+    world's 144-token videos: 10 blocks of 15 tokens, 1 kept). Refuses a sequence shorter than ``1 / topk``."""
+    if int(topk * num_blocks(length, REFERENCE_BLOCK)) >= 1:
+        return REFERENCE_BLOCK
+    need = max(1, math.ceil(1 / topk) - 1)  # the fewest key blocks of which topk keeps one
+    while int(topk * need) < 1:
+        need += 1
+    if need > length:
+        raise ValueError(f"topk={topk} selects no key block of a {length}-token sequence even with 1-token "
+                         f"blocks; use topk >= {1 / max(length, 1):.4g}")
+    size = math.ceil(length / need)
+    while num_blocks(length, size) < need:
+        size -= 1
+    return size
+
+
 @dataclass
 class SLAConfig(Schedule):
-    """SLA options. ``None`` means the model family's default (see ``SLA_DEFAULTS``)."""
+    """SLA options. ``None`` means the model family's default (see ``SLA_DEFAULTS``) or, for block sizes,
+    automatic (:func:`auto_block_size`)."""
 
     topk: float | None = option(
         None, low=0, high=1,
         help="fraction of key blocks each query block attends exactly (1 - sparsity, > 0); default: the family's "
              "(0.1, as TurboDiffusion trains)")
-    block_q: int = option(64, low=1, high=1024, help="query block size of the block map and kernel")
-    block_k: int = option(64, low=1, high=1024, help="key block size of the block map and kernel")
+    block_q: int | None = option(None, low=1, high=1024,
+                                 help="query block size of the block map and kernel; default 64, smaller for "
+                                      "sequences too short to keep a 64-token block at this topk")
+    block_k: int | None = option(None, low=1, high=1024,
+                                 help="key block size of the block map and kernel; default as block_q")
     variant: str = option("main", choices=VARIANTS,
                           help="'main': linear branch over all keys (upstream); 'sla1': over the non-selected "
                                "key blocks only (branch SLA-1). Weights trained with one do not fit the other")
     feature_map: str = option("softmax", choices=FEATURE_MAPS, help="linear-attention feature map of q and k")
     backend: str = option("auto", choices=BACKENDS, help="block-sparse kernel backend")
+    weights: str | None = option(None, help="safetensors file of trained projections (attnproc finetune, "
+                                            "train: method); default: zero projections (plain block-sparse)")
 
     def validate(self):
         if self.topk is not None and not self.topk > 0:
@@ -224,17 +255,19 @@ class SLAConfig(Schedule):
 def sla_visual_attention(q, k, v, extra_k, extra_v, scale, *, config: SLAConfig, layout, proj) -> torch.Tensor:
     """One SLA call over the visual tokens of ``layout`` (frame-major order, the order the reference's blocks
     run in), with joint attention's text keys as ``extra_k``/``extra_v``. ``config`` must be resolved (no
-    ``None`` topk); ``proj`` is the module's ``nn.Linear(D, D)``. This is the ``visual_attention`` callable of
-    ``SparseMethod.sparse_attention``."""
+    ``None`` topk); automatic block sizes are chosen for this call's length. ``proj`` is the module's
+    ``nn.Linear(D, D)``. This is what the registered method's ``visual_attention`` runs."""
     if config.topk is None:
         raise ValueError("sla_visual_attention needs a resolved config (topk is None); use config.resolved(family)")
     if layout is not None and q.shape[2] != layout.visual_len:
         raise RuntimeError(f"SLA: {q.shape[2]} visual queries do not match the layout grid {layout.grid} "
                            f"({layout.visual_len} tokens)")
-    return sla_attention(q, k, v, proj.weight, proj.bias, block_q=config.block_q, block_k=config.block_k,
-                         topk=config.topk, variant=config.variant, feature_map=config.feature_map, scale=scale,
-                         extra_k=extra_k, extra_v=extra_v, backend=config.backend)
-
+    auto = None if config.block_q is not None and config.block_k is not None else \
+        auto_block_size(q.shape[2], config.topk)
+    return sla_attention(q, k, v, proj.weight, proj.bias, block_q=config.block_q or auto,
+                         block_k=config.block_k or auto, topk=config.topk, variant=config.variant,
+                         feature_map=config.feature_map, scale=scale, extra_k=extra_k, extra_v=extra_v,
+                         backend=config.backend)
 
 # ---- the per-module projection file -------------------------------------------------------------------------
 FILE_FORMAT = "attnproc-sla"
@@ -319,3 +352,80 @@ def load_sla_weights(path: str | os.PathLike, dims: Mapping[str, int], *, varian
     if problems:
         raise SLAWeightsError(f"{path} does not fit: " + "; ".join(problems))
     return {m: (tensors[f"{m}.weight"].float(), tensors[f"{m}.bias"].float()) for m in dims}
+
+
+# ---- the registered method ----------------------------------------------------------------------------------
+def _head_dim(module: torch.nn.Module) -> int:
+    """The per-head value width of a diffusers attention module (the size of its ``proj_l``)."""
+    return module.inner_dim // module.heads
+
+
+@register
+class SLA(SparseMethod):
+    """SLA on every self-attention (and joint) module, each with its own ``proj_l`` (``create_state``), zero
+    unless ``weights`` names a trained file. Cross-attention runs dense, as in TurboDiffusion."""
+
+    name = "sla"
+    summary = ("Sparse-Linear Attention: exact softmax over each query block's top-k key blocks plus a learned "
+               "projection of a linear attention; needs fine-tuning (attnproc finetune, train: method)")
+    Config = SLAConfig
+    families = SUPPORTED_FAMILIES
+    defaults = SLA_DEFAULTS
+    sparse_kinds = ("self", "joint")
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self._loaded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def weight_dims(target) -> dict[str, int]:
+        """``{"<denoiser>.<module name>": head dim}`` of every module that gets a ``proj_l``: the keys of a
+        projection file for ``target`` (a pipeline: ``transformer.blocks.0.attn1``; a bare model: its class
+        name in front)."""
+        from attnproc.api import _denoisers
+        from attnproc.families import attention_modules, family_of
+
+        dims = {}
+        for den, model in _denoisers(target):
+            family = family_of(model)
+            for name, module in attention_modules(model):
+                if family.kind_of(name, module) in SLA.sparse_kinds:
+                    dims[f"{den}.{name}"] = _head_dim(module)
+        return dims
+
+    @staticmethod
+    def model_id(target) -> str:
+        """What a projection file records as its model: the fingerprint of each denoiser, by name."""
+        from attnproc.api import _denoisers
+
+        return ";".join(f"{den}={model_fingerprint(model)}" for den, model in _denoisers(target))
+
+    def bind(self, target) -> None:
+        """Also reads and checks ``weights`` against ``target`` (before apply changes anything)."""
+        super().bind(target)
+        self._loaded = {}
+        if self.config.weights is not None:
+            self._loaded = load_sla_weights(self.config.weights, self.weight_dims(target),
+                                            variant=self.config.variant, model=self.model_id(target))
+
+    def create_state(self, site):
+        if site.kind not in self.sparse_kinds:
+            return None
+        d = _head_dim(site.module)
+        device = next(site.module.parameters()).device
+        proj = torch.nn.Linear(d, d, dtype=torch.float32, device=device)  # fp32, as the reference keeps it
+        weight, bias = self._loaded.get(f"{site.denoiser}.{site.name}", (torch.zeros(d, d), torch.zeros(d)))
+        with torch.no_grad():
+            proj.weight.copy_(weight)
+            proj.bias.copy_(bias)
+        return proj
+
+    def visual_attention(self, q, k, v, *, config, layout, site, extra_k=None, extra_v=None, scale=None):
+        return sla_visual_attention(q, k, v, extra_k, extra_v, scale, config=config, layout=layout,
+                                    proj=self.module_state(site))
+
+    def save_weights(self, path, target, states: Mapping[str, torch.nn.ModuleDict]) -> Path:
+        """Write the projections ``states`` (``Handle.states()`` of this method applied to ``target``) as the
+        file ``apply(target, "sla", weights=path)`` loads."""
+        return save_sla_weights(path, {name: s[self.name] for name, s in states.items() if self.name in s},
+                                variant=self.config.variant, model=self.model_id(target))

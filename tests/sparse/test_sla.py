@@ -219,8 +219,8 @@ def test_config_options_and_family_defaults():
         build_config(SLAConfig, "sla", {"topk": 0})
     with pytest.raises(OptionError, match="'variant'.*'main', 'sla1'"):
         build_config(SLAConfig, "sla", {"variant": "x"})
-    with pytest.raises(ValueError, match="does not support the model family 'flux'"):
-        SLAConfig().resolved("flux")
+    with pytest.raises(ValueError, match="does not support the model family 'sd3'"):
+        SLAConfig().resolved("sd3")
 
 
 def test_visual_attention_in_a_joint_call_matches_reference():
