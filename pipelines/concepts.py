@@ -259,7 +259,7 @@ def add_tokens(pipe, concepts: list[Concept]) -> None:
     seen = set()
     width = te.get_input_embeddings().weight.shape[-1]
     for c in concepts:
-        if c.token in vocab:
+        if c.token in vocab or len(tok(c.token, add_special_tokens=False).input_ids) == 1:  # CLIP: "fox</w>"
             raise ValueError(f"concept token {c.token!r} is already in the tokenizer's vocabulary; choose a token "
                              "the tokenizer does not know (e.g. '<my-concept>') or remove the loaded concept first")
         if c.token in seen:

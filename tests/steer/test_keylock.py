@@ -8,6 +8,7 @@ import torch
 
 import attnproc
 from attnproc.kernels import dense_attention
+from attnproc.processor import AttnProcessor
 from attnproc.pipelines import concepts as cc
 from attnproc.pipelines import tiny_call_kwargs, tiny_pipeline
 from attnproc.steer.keylock import gate, keylock_linear, projection_basis, similarity
@@ -225,7 +226,7 @@ def test_two_concepts_with_own_beta(sd15, tmp_path):
 # ---- bad input: clear errors, nothing changed -----------------------------------------------------------------
 def _untouched(pipe, n_vocab):
     assert len(pipe.tokenizer) == n_vocab
-    assert not any(isinstance(p, attnproc.processor.AttnProcessor) for p in pipe.unet.attn_processors.values())
+    assert not any(isinstance(p, AttnProcessor) for p in pipe.unet.attn_processors.values())
 
 
 def test_concept_for_another_model_is_refused(sd15, tmp_path):
