@@ -90,6 +90,8 @@ class KeyLockConfig:
                                help="gate temperature τ for every concept without its own (None: the file's, 0.15)")
     multi: str = option("exact", choices=("exact", "approx"),
                         help="several concepts: exact projection (Cholesky + QR in the C⁻¹ metric) or per concept")
+    lock_keys: bool = option(True, help="keys locked to the superclass (Perfusion); False makes o*_K trainable "
+                                        "too (the no-key-locking ablation; only matters when training)")
 
     def validate(self):
         entries(self.concepts)
@@ -156,11 +158,10 @@ class KeyLock(Edit):
     Config = KeyLockConfig
     families = ("unet",)
 
-    def __init__(self, config=None, *, train_keys: bool = False):
+    def __init__(self, config=None):
         super().__init__(config)
         from attnproc.pipelines.concepts import ConceptFileError, load_concept, load_covariance
 
-        self.train_keys = train_keys
         parsed = entries(self.config.concepts)
         self.concepts = []
         for i, ent in enumerate(parsed):
@@ -257,7 +258,7 @@ class KeyLock(Edit):
         if w is not None and (o_k.shape[-1] != w.shape[0] or o_v.shape[-1] != site.module.to_v.weight.shape[0]):
             raise UnsupportedModelError(f"the concepts' targets for {site.name!r} have sizes {o_k.shape[-1]}/"
                                         f"{o_v.shape[-1]}, the module projects to {w.shape[0]}: another model")
-        state = KeyLockState(o_k, o_v, train_keys=self.train_keys)
+        state = KeyLockState(o_k, o_v, train_keys=not self.config.lock_keys)
         return state.to(w.device) if w is not None else state
 
     def edit(self, q, k, v, site, *, inner: Method, attn_mask=None, scale=None):
