@@ -22,9 +22,10 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["Concept", "initial_concept", "superclass_id", "save_concept", "load_concept", "save_covariance", "load_covariance", "estimate_covariance",
-           "model_fingerprint", "encoder_fingerprint", "cross_attention_modules", "encode_prompts", "token_position",
-           "add_tokens", "remove_tokens", "ConceptFileError"]
+__all__ = ["Concept", "initial_concept", "superclass_id", "save_concept", "load_concept", "save_covariance",
+           "load_covariance", "estimate_covariance", "model_fingerprint", "encoder_fingerprint", "text_parts",
+           "cross_attention_modules", "encode_prompts", "add_tokens", "remove_tokens",
+           "ConceptFileError"]
 
 CONCEPT_FORMAT = "attnproc-keylock-concept/1"
 COVARIANCE_FORMAT = "attnproc-keylock-covariance/1"
@@ -138,7 +139,7 @@ def encoder_fingerprint(text_encoder: torch.nn.Module, tokenizer) -> str:
 
 def superclass_id(pipe, superclass: str) -> int:
     """The one token id of the ``superclass`` word (a word that splits into several tokens is refused)."""
-    _, tok = _text_parts(pipe)
+    _, tok = text_parts(pipe)
     ids = tok(superclass, add_special_tokens=False).input_ids
     if len(ids) != 1:
         raise ValueError(f"superclass {superclass!r} is {len(ids)} tokens for this tokenizer; give a word that is "
@@ -151,7 +152,7 @@ def initial_concept(pipe, token: str, superclass: str, prompts: list[str]) -> Co
     """The training start of a concept: its embedding is the superclass word's, ``i*`` and ``e_super`` the
     superclass word's encoding at its position in ``prompts`` (templates with ``{}`` filled by the superclass),
     averaged; ``o*_K = W_K e_super`` (locked) and ``o*_V = W_V e_super`` (to be learned)."""
-    te, tok = _text_parts(pipe)
+    te, tok = text_parts(pipe)
     sid = superclass_id(pipe, superclass)
     filled = [p.format(superclass) for p in prompts]
     enc, ids = encode_prompts(pipe, filled)
@@ -170,7 +171,8 @@ def _project(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
 
 
 # ---- covariance --------------------------------------------------------------------------------------------------
-def _text_parts(pipe):
+def text_parts(pipe):
+    """``(text_encoder, tokenizer)`` of a one-text-encoder pipeline (SD 1.x/2.x); others are refused clearly."""
     if getattr(pipe, "text_encoder_2", None) is not None:
         from attnproc.errors import UnsupportedModelError
 
@@ -185,20 +187,10 @@ def _text_parts(pipe):
 def encode_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(encodings [N, L, d], input_ids [N, L])``: the text encoder's output as the denoiser sees it (padded to
     the tokenizer's max length, last hidden state), gradients kept (training goes through it)."""
-    te, tok = _text_parts(pipe)
+    te, tok = text_parts(pipe)
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids.to(te.device)
     return te(ids)[0], ids
-
-
-def token_position(pipe, prompt: str, token: str) -> int:
-    """The position of ``token`` (a single token of the tokenizer) in the encoded ``prompt``."""
-    _, tok = _text_parts(pipe)
-    tid = tok.convert_tokens_to_ids(token)
-    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
-    if tid not in ids:
-        raise ValueError(f"token {token!r} does not occur in the prompt {prompt!r}")
-    return ids.index(tid)
 
 
 @torch.no_grad()
@@ -254,7 +246,7 @@ def load_covariance(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
 def add_tokens(pipe, concepts: list[Concept]) -> None:
     """Add each concept's token with its embedding to the pipeline's tokenizer and text encoder (diffusers'
     textual-inversion loader). Everything is checked first, so an error changes nothing."""
-    te, tok = _text_parts(pipe)
+    te, tok = text_parts(pipe)
     vocab = tok.get_vocab()
     seen = set()
     width = te.get_input_embeddings().weight.shape[-1]
@@ -274,7 +266,7 @@ def add_tokens(pipe, concepts: list[Concept]) -> None:
 
 def remove_tokens(pipe, tokens: list[str]) -> None:
     """Undo :func:`add_tokens` (tokens not present are skipped)."""
-    _, tok = _text_parts(pipe)
+    _, tok = text_parts(pipe)
     present = [t for t in tokens if t in tok.get_vocab()]
     if present:
         pipe.unload_textual_inversion(present)
