@@ -290,3 +290,23 @@ def test_damaged_or_foreign_file_is_refused(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "lora.safetensors"))
     with pytest.raises(cc.ConceptFileError, match="is not an attnproc concept file"):
         cc.load_concept(tmp_path / "lora.safetensors")
+
+
+def test_sd15_sized_concept_file_is_at_most_110_kb(tmp_path):
+    """The issue's size target, on SD 1.5's real cross-attention shapes (built on the meta device, no weights;
+    diffusers' default UNet2DConditionModel is SD 1.x's but for the 768-wide text context)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(cross_attention_dim=768)
+    mods = cc.cross_attention_modules(unet)
+    concept = cc.Concept(token="<c>", superclass="teddy", embedding=torch.zeros(768), i_star=torch.zeros(768),
+                         keys={n: torch.zeros(m.to_k.out_features) for n, m in mods},
+                         values={n: torch.zeros(m.to_v.out_features) for n, m in mods},
+                         model="0" * 16, text_encoder="0" * 16)
+    assert len(mods) == 16 and sum(t.numel() for t in concept.values.values()) == 12480
+    size = cc.save_concept(concept, tmp_path / "sd15.safetensors").stat().st_size
+    assert 26496 * 4 < size <= 110 * 1024
+    assert [t.numel() for t in cc.load_concept(tmp_path / "sd15.safetensors").keys.values()] == \
+        [m.to_k.out_features for _, m in mods]
