@@ -16,7 +16,9 @@ right arrangement. Measured, over seeds:
   rate, mean absolute pixel difference);
 * two concepts in one prompt ("a <flag> and a <ball>"), exact and approximate multi-concept projection.
 
-    python benchmarks/keylock_shapes.py [--model FOLDER] [--n 8] [--steps 120]   # -> results/keylock-shapes.json
+    python benchmarks/keylock_shapes.py train:flag train:ball train:flag-nolock   # parts may run in parallel
+    python benchmarks/keylock_shapes.py base lock nolock preservation two
+    python benchmarks/keylock_shapes.py merge                 # -> benchmarks/results/keylock-shapes.json
 """
 from __future__ import annotations
 
@@ -96,16 +98,11 @@ def make_data(root: Path, name: str, n: int, seed: int) -> Path:
     return root / name
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="shapes:sd15", help="shapes:sd15 or a diffusers folder of the sd15 model")
-    ap.add_argument("--n", type=int, default=8, help="seeds per measured prompt")
-    ap.add_argument("--steps", type=int, default=120, help="training steps per concept (reference: 400)")
-    ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--betas", type=float, nargs="+", default=[0.5, 0.7, 0.9])
-    ap.add_argument("--work", default="/tmp/keylock-shapes")
-    ap.add_argument("--out", default=str(RESULTS / "keylock-shapes.json"))
-    args = ap.parse_args()
+RUNS = {"flag": ("flag", True), "ball": ("ball", True), "flag-nolock": ("flag", False)}
+PARTS = ("base", "lock", "nolock", "preservation", "two")
+
+
+def setup(args):
     from attnproc.workflows.render import load_pipeline
 
     torch.manual_seed(0)
@@ -113,95 +110,120 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    report: dict = {"model": args.model, "n": args.n, "steps": args.steps, "images": args.images,
-                    "model_fingerprint": cc.model_fingerprint(pipe.unet)}
-    # the covariance: from the world's own captions (the user's caption list)
-    captions = eval_prompts("sd15", 2000, start=1_000_000_000)
-    cov = cc.estimate_covariance(pipe, captions)
-    cov_path = cc.save_covariance(cov, work / "C.safetensors", text_encoder=cc.encoder_fingerprint(*cc.text_parts(pipe)),
-                                  captions=len(captions), ridge=1e-3)
-    files, timing = {}, {}
-    runs = [("flag", True), ("ball", True), ("flag", False)]
-    for name, lock in runs:
-        token, kind, colours, axis = CONCEPTS[name]
-        data = make_data(work, name, args.images, seed=len(name))
-        cfg = ConceptConfig(pipeline=args.model, images=str(data / "img"), masks=str(data / "mask"), token=token,
-                            superclass=kind, covariance=str(cov_path), output=str(work / f"{name}-{lock}"),
-                            steps=args.steps, batch_size=4, grad_accum=1, templates=["a {}"], lock_keys=lock,
-                            checkpoint_every=max(1, args.steps // 4))
-        t0 = time.perf_counter()
-        res = train_concept(cfg, pipe=pipe, progress=False)
-        timing[f"{name}{'' if lock else '-nolock'}"] = round(time.perf_counter() - t0, 1)
-        files[(name, lock)] = res.concept
-        print(f"trained {name} lock={lock} in {timing[f'{name}' + ('' if lock else '-nolock')]} s, "
-              f"loss {np.mean(res.losses[:10]):.4f} -> {np.mean(res.losses[-10:]):.4f}", flush=True)
-    report["train_seconds"] = timing
-    report["concept_bytes"] = {f"{n}-{'lock' if l else 'nolock'}": Path(p).stat().st_size for (n, l), p in files.items()}
+    cov_path = work / "C.safetensors"
+    if not cov_path.exists():  # the covariance: from the world's own captions (the user's caption list)
+        captions = eval_prompts("sd15", 2000, start=1_000_000_000)
+        cov = cc.estimate_covariance(pipe, captions)
+        cc.save_covariance(cov, cov_path, text_encoder=cc.encoder_fingerprint(*cc.text_parts(pipe)),
+                           captions=len(captions), ridge=1e-3)
+    return pipe, work, cov_path
+
+
+def train(args, pipe, work: Path, cov_path: Path, run: str) -> dict:
+    name, lock = RUNS[run]
+    token, kind, colours, axis = CONCEPTS[name]
+    data = make_data(work, name, args.images, seed=len(name))
+    cfg = ConceptConfig(pipeline=args.model, images=str(data / "img"), masks=str(data / "mask"), token=token,
+                        superclass=kind, covariance=str(cov_path), output=str(work / f"{name}-{lock}"),
+                        steps=args.steps, batch_size=4, grad_accum=1, templates=["a {}"], lock_keys=lock,
+                        checkpoint_every=10)
+    t0 = time.perf_counter()
+    res = train_concept(cfg, pipe=pipe, progress=False)
+    return {"run": run, "seconds_this_process": round(time.perf_counter() - t0, 1), "resumed_from": res.resumed_from,
+            "steps": res.steps, "loss_first10": float(np.mean(res.losses[:10])),
+            "loss_last10": float(np.mean(res.losses[-10:])), "bytes": Path(res.concept).stat().st_size}
+
+
+def concept_file(work: Path, run: str) -> str:
+    name, lock = RUNS[run]
+    return str(work / f"{name}-{lock}" / "concept.safetensors")
+
+
+def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
     seeds = list(range(args.n))
     _, _, fcol, fax = CONCEPTS["flag"]
+    _, _, bcol, bax = CONCEPTS["ball"]
+    cov = str(cov_path)
 
     def rate(images, fn) -> float:
         return float(np.mean([fn(im) for im in images]))
 
-    def sweep(prompt_imgs: dict) -> dict:
-        alone, withc = prompt_imgs["a <flag>"], prompt_imgs["a <flag> and a blue circle"]
+    def sweep(alone, pair) -> dict:
         return {"appears": rate(alone, lambda im: found(im, fcol, fax)),
-                "appears_in_pair": rate(withc, lambda im: found(im, fcol, fax)),
-                "other_shape_kept": rate(withc, lambda im: has_colour(im, "blue"))}
+                "appears_in_pair": rate(pair, lambda im: found(im, fcol, fax)),
+                "other_shape_kept": rate(pair, lambda im: has_colour(im, "blue"))}
 
-    prompts = ["a <flag>", "a <flag> and a blue circle"]
-    base = {"a <flag>": generate(pipe, "sd15", ["a square"] * args.n, seeds),
-            "a <flag> and a blue circle": generate(pipe, "sd15", ["a square and a blue circle"] * args.n, seeds)}
-    report["base_superclass_prompt"] = sweep(base)
-    print("base", report["base_superclass_prompt"], flush=True)
-    curves = {}
-    for lock in (True, False):
-        rows = []
-        for beta in args.betas:
-            attnproc.apply(pipe, "keylock", concepts=[str(files[("flag", lock)])], covariance=str(cov_path), beta=beta)
-            try:
-                imgs = {p: generate(pipe, "sd15", [p] * args.n, seeds) for p in prompts}
-            finally:
-                attnproc.remove(pipe)
-            rows.append({"beta": beta, **sweep(imgs)})
-            print("lock" if lock else "nolock", rows[-1], flush=True)
-        curves["key_locked" if lock else "no_key_locking"] = rows
-    report["pareto"] = curves
-    # preservation of other prompts (concept loaded at β 0.7, prompts without its token)
-    held = eval_prompts("sd15", args.n)
-    plain = generate(pipe, "sd15", held, seeds)
-    attnproc.apply(pipe, "keylock", concepts=[str(files[("flag", True)])], covariance=str(cov_path))
-    try:
-        loaded = generate(pipe, "sd15", held, seeds)
-    finally:
-        attnproc.remove(pipe)
-    q0, q1 = quality(held, plain), quality(held, loaded)
-    report["preservation"] = {"colour_base": q0["colour"], "colour_with_concept": q1["colour"],
-                              "count_base": q0["count"], "count_with_concept": q1["count"],
-                              "mean_abs_pixel_diff": float(np.mean([np.abs(np.asarray(a, np.float64) -
-                                                                           np.asarray(b, np.float64)).mean()
-                                                                    for a, b in zip(plain, loaded)]))}
-    print("preservation", report["preservation"], flush=True)
-    # two concepts in one prompt
-    _, _, bcol, bax = CONCEPTS["ball"]
-    two = {}
-    for multi in ("exact", "approx"):
-        attnproc.apply(pipe, "keylock", concepts=[str(files[("flag", True)]), str(files[("ball", True)])],
-                       covariance=str(cov_path), multi=multi, beta=0.6)
+    def with_concepts(files, prompts, **options):
+        attnproc.apply(pipe, "keylock", concepts=files, covariance=cov, **options)
         try:
-            imgs = generate(pipe, "sd15", ["a <flag> and a <ball>"] * args.n, seeds)
+            return generate(pipe, "sd15", prompts, seeds * (len(prompts) // len(seeds)))
         finally:
             attnproc.remove(pipe)
-        two[multi] = {"flag": rate(imgs, lambda im: found(im, fcol, fax)),
-                      "ball": rate(imgs, lambda im: found(im, bcol, bax)),
-                      "both": rate(imgs, lambda im: found(im, fcol, fax) and found(im, bcol, bax))}
-        Image.fromarray(np.concatenate([np.asarray(i * 255, np.uint8) for i in imgs], 1)).save(work / f"two-{multi}.png")
-    report["two_concepts_beta_0.6"] = two
-    print("two", two, flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+
+    n = args.n
+    if part == "base":  # the base model, given the superclass word where the concept would be
+        imgs = generate(pipe, "sd15", ["a square"] * n + ["a square and a blue circle"] * n, seeds * 2)
+        return {"base_superclass_prompt": sweep(imgs[:n], imgs[n:])}
+    if part in ("lock", "nolock"):
+        run = "flag" if part == "lock" else "flag-nolock"
+        rows = []
+        for beta in args.betas:
+            imgs = with_concepts([concept_file(work, run)], ["a <flag>"] * n + ["a <flag> and a blue circle"] * n,
+                                 beta=beta)
+            rows.append({"beta": beta, **sweep(imgs[:n], imgs[n:])})
+            print(part, rows[-1], flush=True)
+        return {"pareto_" + ("key_locked" if part == "lock" else "no_key_locking"): rows}
+    if part == "preservation":  # held-out captions without the token, the concept loaded at its β 0.7
+        held = eval_prompts("sd15", n)
+        plain = generate(pipe, "sd15", held, seeds)
+        loaded = with_concepts([concept_file(work, "flag")], held)
+        q0, q1 = quality(held, plain), quality(held, loaded)
+        diff = [np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean() for a, b in zip(plain, loaded)]
+        return {"preservation": {"colour_base": q0["colour"], "colour_with_concept": q1["colour"],
+                                 "count_base": q0["count"], "count_with_concept": q1["count"],
+                                 "mean_abs_pixel_diff_0_1": float(np.mean(diff))}}
+    if part == "two":
+        two = {}
+        for multi in ("exact", "approx"):
+            imgs = with_concepts([concept_file(work, "flag"), concept_file(work, "ball")],
+                                 ["a <flag> and a <ball>"] * n, multi=multi, beta=0.6)
+            two[multi] = {"flag": rate(imgs, lambda im: found(im, fcol, fax)),
+                          "ball": rate(imgs, lambda im: found(im, bcol, bax)),
+                          "both": rate(imgs, lambda im: found(im, fcol, fax) and found(im, bcol, bax))}
+            Image.fromarray(np.concatenate([np.asarray(np.round(i * 255), np.uint8) for i in imgs], 1)).save(
+                work / f"two-{multi}.png")
+        return {"two_concepts_beta_0.6": two}
+    raise ValueError(f"unknown part {part!r}; one of {PARTS}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", nargs="+", help=f"train:<{'|'.join(RUNS)}>, a part ({', '.join(PARTS)}) or merge")
+    ap.add_argument("--model", default="shapes:sd15", help="shapes:sd15 or a diffusers folder of the sd15 model")
+    ap.add_argument("--n", type=int, default=8, help="seeds per measured prompt")
+    ap.add_argument("--steps", type=int, default=60, help="training steps per concept (reference: 400)")
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--betas", type=float, nargs="+", default=[0.5, 0.7, 0.9])
+    ap.add_argument("--work", default="/tmp/keylock-shapes")
+    ap.add_argument("--out", default=str(RESULTS / "keylock-shapes.json"))
+    args = ap.parse_args()
+    work = Path(args.work)
+    if args.what == ["merge"]:
+        report = {"model": args.model, "n": args.n, "steps": args.steps, "images": args.images}
+        for f in sorted(work.glob("part-*.json")):
+            report.update(json.loads(f.read_text()))
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+        return
+    pipe, work, cov_path = setup(args)
+    for what in args.what:
+        if what.startswith("train:"):
+            result = {"train_" + what[6:]: train(args, pipe, work, cov_path, what[6:])}
+        else:
+            result = measure(args, pipe, work, cov_path, what)
+        result[f"fingerprint_{what}"] = cc.model_fingerprint(pipe.unet)
+        (work / f"part-{what.replace(':', '-')}.json").write_text(json.dumps(result, indent=2))
+        print(what, json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
