@@ -90,6 +90,9 @@ class KeyLockConfig:
                                help="gate temperature τ for every concept without its own (None: the file's, 0.15)")
     multi: str = option("exact", choices=("exact", "approx"),
                         help="several concepts: exact projection (Cholesky + QR in the C⁻¹ metric) or per concept")
+    locking: str = option("local", choices=("local", "global"),
+                          help="local: the edit's keys come from the prompt; global: every key of a prompt with a "
+                               "concept comes from the same prompt with each concept word replaced by its superclass")
     lock_keys: bool = option(True, help="keys locked to the superclass (Perfusion); False makes o*_K trainable "
                                         "too (the no-key-locking ablation; only matters when training)")
 
@@ -194,6 +197,8 @@ class KeyLock(Edit):
         self.taus = torch.tensor([e["tau"] if e["tau"] is not None else self.config.tau if self.config.tau
                                   is not None else con.tau for e, con in zip(parsed, self.concepts)])
         self._added: list[str] = []
+        self._hook = None
+        self._super: list[tuple[torch.Tensor, torch.Tensor]] = []  # global locking: (encoding, superclass encoding)
 
     @property
     def tokens(self) -> list[str]:
@@ -237,8 +242,46 @@ class KeyLock(Edit):
         new = [c for c in self.concepts if c.embedding is not None and c.embedding.numel()]
         add_tokens(target, new)  # checks every token first: an error adds none
         self._added = [c.token for c in new]
+        if self.config.locking == "global":
+            self._watch_encoder(target)
+
+    def _watch_encoder(self, pipe) -> None:
+        """Global locking: a forward hook on the text encoder encodes every prompt holding a concept token once
+        more with the superclass words in its place; the edit finds that encoding by the prompt's own."""
+        from attnproc.pipelines.concepts import superclass_id
+
+        tok = pipe.tokenizer
+        swap = {tok.convert_tokens_to_ids(c.token): superclass_id(pipe, c.superclass) for c in self.concepts}
+
+        def hook(module, args, kwargs, output):
+            ids = args[0] if args else kwargs.get("input_ids")
+            if ids is None or not any(bool((ids == t).any()) for t in swap):
+                return None
+            plain = ids.clone()
+            for t, sup in swap.items():
+                plain[ids == t] = sup
+            with torch.no_grad():
+                rest = {k: v for k, v in kwargs.items() if k != "input_ids"}
+                other = module(plain, *args[1:], **rest)[0]
+            self._super = (self._super + list(zip(output[0].detach(), other)))[-64:]
+            return None
+
+        self._hook = pipe.text_encoder.register_forward_hook(hook, with_kwargs=True)
+
+    def superclass_context(self, e: torch.Tensor) -> torch.Tensor:
+        """Global locking: ``e [B, L, d]`` with each row that encodes a prompt holding a concept replaced by the
+        encoding of that prompt with the superclass words (rows without a concept stay as they are)."""
+        rows = []
+        for row in e:
+            match = next((sup for enc, sup in reversed(self._super)
+                          if enc.shape == row.shape and torch.equal(enc.to(row.dtype), row)), None)
+            rows.append(row if match is None else match.to(row))
+        return torch.stack(rows)
 
     def unbind(self, target) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook, self._super = None, []
         if self._added and not isinstance(target, torch.nn.Module):
             from attnproc.pipelines.concepts import remove_tokens
 
@@ -270,7 +313,8 @@ class KeyLock(Edit):
         if getattr(attn, "norm_cross", None) is not None or getattr(attn, "norm_k", None) is not None:
             raise UnsupportedModelError(f"keylock: {site.name} normalises its text context or keys; only plain "
                                         "cross-attention projections (SD 1.x/2.x UNets) are supported")
-        new_k = self.project(e, attn.to_k, state.o_k)
+        key_context = self.superclass_context(e) if self.config.locking == "global" else e
+        new_k = self.project(key_context, attn.to_k, state.o_k)
         new_v = self.project(e, attn.to_v, state.o_v)
         heads = k.shape[1]
         new_k = new_k.view(e.shape[0], -1, heads, k.shape[-1]).transpose(1, 2).to(k.dtype)

@@ -139,6 +139,33 @@ def test_edit_computes_keys_and_values_by_the_formula_under_a_base_method(sd15):
         attnproc.remove(pipe)
 
 
+def test_global_locking_takes_keys_from_the_superclass_prompt(sd15):
+    pipe, con, cov = sd15
+    g = torch.Generator().manual_seed(2)  # a learned-looking embedding: the prompt's encoding differs from the plain one
+    con = cc.Concept(**{**con.__dict__, "embedding": con.embedding + torch.randn(con.embedding.shape, generator=g)})
+    handle = attnproc.apply(pipe, ["kv_recorder_test", "keylock"],
+                            keylock={"concepts": [con], "covariance": cov, "locking": "global"})
+    try:
+        _image(pipe, "a red <flag> in the snow")
+        name, e, k, v = handle.method.base.seen[0]
+        attn = dict(pipe.unet.named_modules())[name]
+        plain = cc.encode_prompts(pipe, ["a red fox in the snow"])[0].detach()
+        assert e.shape[0] == 2 and not torch.equal(e[1], plain[0])  # CFG: [uncond, cond]
+        c_inv = torch.linalg.inv(cov).float()
+
+        def heads(x, like):
+            return x.view(x.shape[0], -1, like.shape[1], like.shape[-1]).transpose(1, 2)
+
+        ctx = torch.stack([e[0], plain[0]])  # the uncond row holds no concept: its own encoding
+        want_k = keylock_linear(ctx, attn.to_k.weight, None, con.i_star[None], con.keys[name][None], c_inv, 0.7, 0.15)
+        want_v = keylock_linear(e, attn.to_v.weight, None, con.i_star[None], con.values[name][None], c_inv, 0.7, 0.15)
+        torch.testing.assert_close(k, heads(want_k, k), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, heads(want_v, v), rtol=1e-5, atol=1e-5)
+    finally:
+        attnproc.remove(pipe)
+    assert not pipe.text_encoder._forward_hooks  # the encoder hook went with remove()
+
+
 def test_trained_parameters_are_the_values_and_keys_stay_locked(sd15):
     """lucidrains' verified bug: its parameters() returned o*_K and never o*_V. Here the optimizer gets o*_V."""
     pipe, con, cov = sd15
@@ -170,7 +197,7 @@ def test_constructor_arguments_are_the_documented_options(sd15):
     method = attnproc.create("keylock", concepts=[con], covariance=cov, beta=0.6, tau=0.2, multi="approx")
     assert method.betas.tolist() == [pytest.approx(0.6)] and method.taus.tolist() == [pytest.approx(0.2)]
     with pytest.raises(attnproc.OptionError, match="unknown option.*'input_covariance'.*valid options: concepts, "
-                                                   "covariance, beta, tau, multi, lock_keys"):
+                                                   "covariance, beta, tau, multi, locking, lock_keys"):
         attnproc.create("keylock", concepts=[con], input_covariance=cov)
 
 
