@@ -156,13 +156,14 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
     def with_concepts(files, prompts, **options):
         attnproc.apply(pipe, "keylock", concepts=files, covariance=cov, **options)
         try:
-            return generate(pipe, "sd15", prompts, seeds * (len(prompts) // len(seeds)))
+            return generate(pipe, "sd15", prompts, seeds * (len(prompts) // len(seeds)), **call)
         finally:
             attnproc.remove(pipe)
 
     n = args.n
+    call = {"num_inference_steps": args.infer_steps} if args.infer_steps else {}
     if part == "base":  # the base model, given the superclass word where the concept would be
-        imgs = generate(pipe, "sd15", ["a square"] * n + ["a square and a blue circle"] * n, seeds * 2)
+        imgs = generate(pipe, "sd15", ["a square"] * n + ["a square and a blue circle"] * n, seeds * 2, **call)
         return {"base_superclass_prompt": sweep(imgs[:n], imgs[n:])}
     if part in ("lock", "nolock"):
         run = "flag" if part == "lock" else "flag-nolock"
@@ -175,7 +176,7 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         return {"pareto_" + ("key_locked" if part == "lock" else "no_key_locking"): rows}
     if part == "preservation":  # held-out captions without the token, the concept loaded at its β 0.7
         held = eval_prompts("sd15", n)
-        plain = generate(pipe, "sd15", held, seeds)
+        plain = generate(pipe, "sd15", held, seeds, **call)
         loaded = with_concepts([concept_file(work, "flag")], held)
         q0, q1 = quality(held, plain), quality(held, loaded)
         diff = [np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean() for a, b in zip(plain, loaded)]
@@ -203,13 +204,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8, help="seeds per measured prompt")
     ap.add_argument("--steps", type=int, default=60, help="training steps per concept (reference: 400)")
     ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--infer-steps", type=int, default=None, help="denoising steps (default: the model's 25)")
     ap.add_argument("--betas", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     ap.add_argument("--work", default="/tmp/keylock-shapes")
     ap.add_argument("--out", default=str(RESULTS / "keylock-shapes.json"))
     args = ap.parse_args()
     work = Path(args.work)
     if args.what == ["merge"]:
-        report = {"model": args.model, "n": args.n, "steps": args.steps, "images": args.images}
+        report = {"model": args.model, "n": args.n, "images": args.images, "infer_steps": args.infer_steps or 25}
         for f in sorted(work.glob("part-*.json")):
             report.update(json.loads(f.read_text()))
         Path(args.out).write_text(json.dumps(report, indent=2))
