@@ -192,10 +192,11 @@ class KeyLock(Edit):
                                   f"encoder than the covariance file's ({con.text_encoder} vs "
                                   f"{self.covariance_encoder}); every concept must share its encoder's C")
         self.c_inv = torch.linalg.inv(c.double()).float()
-        self.betas = torch.tensor([e["beta"] if e["beta"] is not None else self.config.beta if self.config.beta
-                                   is not None else con.beta for e, con in zip(parsed, self.concepts)])
-        self.taus = torch.tensor([e["tau"] if e["tau"] is not None else self.config.tau if self.config.tau
-                                  is not None else con.tau for e, con in zip(parsed, self.concepts)])
+        # β/τ per concept: its entry's, else the option's, else the file's
+        self.betas = torch.tensor([next(x for x in (e["beta"], self.config.beta, con.beta) if x is not None)
+                                   for e, con in zip(parsed, self.concepts)])
+        self.taus = torch.tensor([next(x for x in (e["tau"], self.config.tau, con.tau) if x is not None)
+                                  for e, con in zip(parsed, self.concepts)])
         self._added: list[str] = []
         self._hook = None
         self._super: list[tuple[torch.Tensor, torch.Tensor]] = []  # global locking: (encoding, superclass encoding)
