@@ -198,9 +198,12 @@ def remove(pipe) -> bool:
     from . import hooks
 
     removed = False
+    methods: dict[int, Method] = {}
     for _, model in _denoisers(pipe):
         for mod_name, module in attention_modules(model):
             ours = _ours(module)
+            if ours is not None and ours.method is not None:
+                methods.setdefault(id(ours.method), ours.method)
             if ours is not None and ours.stock is not None:
                 ours.detach(module)
                 module.set_processor(_stock_of(ours))
@@ -214,6 +217,8 @@ def remove(pipe) -> bool:
             model.original_attn_processors = {name: _stock_of(p) for name, p in saved.items()}
             removed = True
         removed = hooks.uninstall(model) or removed
+    for method in methods.values():  # what bind added outside the modules (a concept's token)
+        method.unbind(pipe)
     return removed
 
 

@@ -88,6 +88,10 @@ class Method:
         for family, _ in denoiser_families(target):
             self.check_family(family)
 
+    def unbind(self, target) -> None:
+        """Undo what :meth:`bind` added to the pipeline outside the attention modules (a concept's token in
+        the tokenizer, say); ``attnproc.remove`` calls it once per installed method. The default does nothing."""
+
     def check_family(self, family: str | None) -> None:
         """Raise :class:`UnsupportedFamilyError` unless this method serves ``family``."""
         if self.families is None or family in self.families:
@@ -185,6 +189,9 @@ class Composed(Method):
     def check_parallel(self, mode: str) -> None:
         for m in [self.base, *self.edits]:
             m.check_parallel(mode)
+    def unbind(self, target) -> None:
+        for m in [self.base, *self.edits]:
+            m.unbind(target)
 
     def module_states(self, site):
         return {n: s for m in [self.base, *self.edits] for n, s in m.module_states(site).items()}

@@ -83,6 +83,35 @@ def _cmd_finetune(args) -> int:
     return 0
 
 
+def _cmd_train_concept(args) -> int:
+    from .train_concept import load_concept_config, parse_concept_config, train_concept
+
+    given = {k: v for k, v in vars(args).items() if k in _CONCEPT_FLAGS and v is not None}
+    cfg = load_concept_config(args.config, **given) if args.config else parse_concept_config(given)
+    result = train_concept(cfg, progress=not args.quiet)
+    tail = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
+    print(f"concept {cfg.token!r}: {result.concept} ({result.steps} steps{tail})")
+    return 0
+
+
+def _cmd_keylock_covariance(args) -> int:
+    from attnproc.pipelines import concepts as cc
+
+    from .render import load_pipeline
+
+    captions = [line.strip() for line in open(args.captions, encoding="utf-8") if line.strip()]
+    pipe = load_pipeline(args.pipeline)
+    c = cc.estimate_covariance(pipe, captions, ridge=args.ridge)
+    fp = cc.encoder_fingerprint(*cc.text_parts(pipe))
+    path = cc.save_covariance(c, args.output, text_encoder=fp, captions=len(captions), ridge=args.ridge)
+    print(f"covariance of {len(captions)} captions ({c.shape[0]}x{c.shape[0]}, text encoder {fp}): {path}")
+    return 0
+
+
+_CONCEPT_FLAGS = ("pipeline", "images", "masks", "token", "superclass", "covariance", "output", "steps", "batch_size",
+                  "grad_accum", "lr_embedding", "lr_values", "seed", "checkpoint_every", "mixed_precision")
+
+
 def _cmd_ui(args) -> int:
     from attnproc.ui.app import launch
 
@@ -206,6 +235,33 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--output", default=None, help="output folder (overrides the config's `output`)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=_cmd_finetune)
+    t = sub.add_parser("train-concept", help="learn a key-locked (Perfusion) concept from 4-20 images "
+                                             "(docs/perfusion.md)")
+    t.add_argument("config", nargs="?", help="optional YAML/JSON config; flags given override its fields")
+    for flag, kind, text in (("pipeline", str, "shapes:sd15, tiny:sd15, a folder or hub id (SD 1.x/2.x)"),
+                             ("images", str, "folder of the concept's images"),
+                             ("masks", str, "folder of subject masks named like the images (optional)"),
+                             ("token", str, "the new word, e.g. '<flag>'"),
+                             ("superclass", str, "a one-token word the keys lock to, e.g. square"),
+                             ("covariance", str, "the text encoder's covariance file (attnproc keylock-covariance)"),
+                             ("output", str, "output folder (checkpoint, concept.safetensors)"),
+                             ("steps", int, "optimizer steps (default 400)"),
+                             ("batch_size", int, "images per micro-batch (default 4)"),
+                             ("grad_accum", int, "micro-batches per step (default 4)"),
+                             ("lr_embedding", float, "token embedding learning rate (default 0.006)"),
+                             ("lr_values", float, "o*_V learning rate (default 0.03)"),
+                             ("seed", int, "seed (default 0)"), ("checkpoint_every", int, "steps between checkpoints"),
+                             ("mixed_precision", str, "no | fp16 | bf16")):
+        t.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None, help=text)
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_cmd_train_concept)
+    k = sub.add_parser("keylock-covariance", help="estimate a text encoder's covariance C from a caption list "
+                                                  "(shared by all its key-locking concepts)")
+    k.add_argument("--pipeline", required=True, help="the pipeline whose text encoder to use")
+    k.add_argument("--captions", required=True, help="text file, one caption per line (the paper used ~100K)")
+    k.add_argument("--output", required=True, help="covariance file to write (.safetensors)")
+    k.add_argument("--ridge", type=float, default=1e-3, help="C += ridge * tr(C)/d * I (default 1e-3)")
+    k.set_defaults(func=_cmd_keylock_covariance)
     u = sub.add_parser("ui", help="the gradio generation UI (needs `pip install attnproc[ui]`)")
     u.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     u.add_argument("--port", type=int, default=7860)
