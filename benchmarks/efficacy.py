@@ -2,7 +2,7 @@
 
 For each shapes model (sd15, flux, wan21) and fixed held-out prompts × seeds:
 
-* sparse methods (radial, gna) at their family defaults and at an all-sparse setting
+* sparse methods (radial, gna at their family defaults; vmoba, rectified, sla, agent at theirs) and at an all-sparse setting
   (``dense_first_steps=0``, no dense layers, small blocks) where the mask keeps ≤ 50 % of the pairs:
   PSNR and SSIM of the outputs vs dense, the detector's rates (colour / kind / count / motion) and
   its agreement with the dense verdict per sample, and the mask density seen;
@@ -39,6 +39,10 @@ ROWS = [
     ("radial", {**ALL_SPARSE, "block_size": 16}),
     ("gna", {}),
     ("gna", {**ALL_SPARSE, "block_target": 16, "kernel_size": 3}),
+    ("vmoba", {}),
+    ("rectified", {}),
+    ("sla", {}),  # untrained (zero projection): the block-sparse branch alone, before any fine-tuning
+    ("agent", {}),
 ]
 EDITS = [("maskmod", {})]
 PAIRS = [("red", "circle", "blue", "square"), ("green", "triangle", "yellow", "circle"),
