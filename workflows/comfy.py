@@ -16,6 +16,7 @@ from pathlib import Path
 
 import attnproc
 from attnproc.options import OptionInfo
+from attnproc.workflows.comfy_runtime import comfy_unservable
 
 PACK_NAME = "attnproc-nodes"
 CATEGORY = "attnproc"
@@ -61,10 +62,8 @@ def widget(info: OptionInfo) -> dict:
 
 
 def comfy_servable(cls) -> bool:
-    """Whether a method runs from ComfyUI's attention override, which hands over only q, k and v (and a batch
-    with one prompt for all its images)."""
-    return (not cls.needs_block_input and not cls.needs_call_inputs
-            and cls.create_state is attnproc.Method.create_state and not cls.needs_prompt_batch)
+    """Whether a method runs from ComfyUI's attention override (:func:`comfy_runtime.comfy_unservable`)."""
+    return comfy_unservable(cls) is None
 
 
 def node_specs(methods: list[str] | None = None) -> list[dict]:
@@ -79,14 +78,9 @@ def node_specs(methods: list[str] | None = None) -> list[dict]:
     for info in infos:
         cls = attnproc.registry.REGISTRY.get(info.name)
         if not comfy_servable(cls):
-            if methods is not None and cls.needs_prompt_batch:
-                raise ValueError(f"method {info.name!r} needs a batch with one prompt per image (references, then "
-                                 "the scene), which ComfyUI's conditioning does not give; it has no node (use it "
-                                 "from Python, job files or the UI)")
             if methods is not None:
-                raise ValueError(f"method {info.name!r} needs per-module state or the transformer block's input "
-                                 "(or the module's projections and text context), which ComfyUI's attention "
-                                 "override (q, k, v only) cannot provide; it has no node")
+                raise ValueError(f"method {info.name!r} {comfy_unservable(cls)}; it has no node (use it from "
+                                 "Python, job files or the UI)")
             continue  # e.g. agent: no node rather than one that always refuses
         description = f"{info.summary} {FALLBACK_NOTE}" + (f" {LAYOUT_NOTE}" if cls.needs_layout else "")
         extra = EXTRA_SOCKETS.get(info.name, [])

@@ -99,6 +99,18 @@ def _serves_cross(method: Method) -> bool:
     return bool(_parts(method)[1])  # edits change cross-attention; base methods run it dense anyway
 
 
+def comfy_unservable(cls: type[Method]) -> str | None:
+    """Why ComfyUI's attention override cannot run a method class (it hands over only q, k and v, and a batch
+    with one prompt for all its images), or None when it can. The one rule for the node pack and the runtime."""
+    if cls.needs_prompt_batch:
+        return ("needs a batch with one prompt per image (references, then the scene), which ComfyUI's "
+                "conditioning does not give")
+    if cls.needs_block_input or cls.needs_call_inputs or cls.create_state is not Method.create_state:
+        return ("needs per-module state or the transformer block's input (or the module's projections and text "
+                "context), which ComfyUI's attention override (q, k, v only) cannot provide")
+    return None
+
+
 def check_model(method: Method, family: str | None, model_class: str) -> None:
     """Refuse, when the node executes, a model the method cannot serve in ComfyUI (one clear error instead of a
     warning on every attention call)."""
@@ -111,13 +123,9 @@ def check_model(method: Method, family: str | None, model_class: str) -> None:
             raise UnsupportedFamilyError(
                 f"method {m.name!r} does not support the model family {family!r} (ComfyUI model {model_class}); "
                 f"supported families: {describe_families(m.families)}")
-        if m.needs_prompt_batch:
-            raise ValueError(f"method {m.name!r} needs a batch with one prompt per image (references, then the "
-                             "scene), which ComfyUI's conditioning does not give; use it through diffusers")
-        if m.needs_block_input or m.needs_call_inputs or type(m).create_state is not Method.create_state:
-            raise ValueError(f"method {m.name!r} needs per-module state or the transformer block's input (or the "
-                             "module's projections and text context), which the ComfyUI override (q, k, v only) "
-                             "cannot provide; use it through diffusers")
+        reason = comfy_unservable(type(m))
+        if reason is not None:
+            raise ValueError(f"method {m.name!r} {reason}; use it through diffusers")
         if m.needs_layout and family not in LAYOUT_FAMILIES and family not in COMFY_TOKENS:
             served = ", ".join([*LAYOUT_FAMILIES, *COMFY_TOKENS])
             raise ValueError(f"method {m.name!r} needs the token grid, which attnproc reads in ComfyUI only for: "
