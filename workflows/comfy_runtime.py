@@ -158,21 +158,19 @@ def sigma_percent(model_sampling) -> Callable[[float], float] | None:
 def schedule_span(schedule: list[float], percent: Callable[[float], float]) -> tuple[int, int] | None:
     """``(offset, total)``: where a sampler's slice of sigmas lies in the whole schedule, read from the sigmas
     themselves when the schedule's steps are evenly spaced in the model's percent (ComfyUI's ``simple``
-    scheduler): ``KSamplerAdvanced`` passes each sampler only its slice. None when the spacing does not say."""
+    scheduler): ``KSamplerAdvanced`` passes each sampler only its slice. None when the sigmas do not say: other
+    spacings, or fewer than three schedule points (two fit any spacing)."""
     k = len(schedule) - 1
     points = list(enumerate(percent(s) for s in schedule))
-    if schedule[-1] == 0 and k >= 2:  # the end may be forced to 0 (force_full_denoise): not a schedule point
-        points = points[:-1]
-    (first, p_first), (last, p_last) = points[0], points[-1]
-    if k < 1 or p_last - p_first <= 1e-6:
-        return None
-    total = round((last - first) / (p_last - p_first))
-    offset = round(p_first * total)
-    if total < k or offset + k > total:
-        return None
-    if any(abs(p * total - (offset + j)) > 0.25 for j, p in points):
-        return None
-    return offset, total
+    # a final 0 is the schedule's end, or an end forced early (force_full_denoise): try both
+    for usable in ([points, points[:-1]] if schedule[-1] == 0 else [points]):
+        if len(usable) < 3 or usable[-1][1] - usable[0][1] <= 1e-6:
+            continue
+        total = round((usable[-1][0] - usable[0][0]) / (usable[-1][1] - usable[0][1]))
+        offset = round(usable[0][1] * total)
+        if total >= k and offset + k <= total and all(abs(p * total - (offset + j)) <= 0.25 for j, p in usable):
+            return offset, total
+    return None
 
 
 def step_from(transformer_options: dict, model_sampling=None,
