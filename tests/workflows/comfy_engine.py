@@ -16,7 +16,7 @@ import sys
 import torch
 
 COMFY, WORK, OUT = sys.argv[1:4]
-SECTIONS = sys.argv[4:] or ["wan", "unet", "joint", "ltx", "mmdit", "split", "maskmod", "server"]
+SECTIONS = sys.argv[4:] or ["wan", "unet", "joint", "ltx", "mmdit", "split", "chain", "maskmod", "server"]
 sys.argv = ["main.py", "--cpu", "--use-pytorch-cross-attention", "--base-directory", WORK]
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), "comfy_stubs"), COMFY]
 
@@ -175,6 +175,39 @@ def wan_checks():
     except ValueError as e:
         results["two_bases"] = str(e)
     return model
+
+
+def chain_checks():
+    """Two attnproc nodes in a row on Wan (radial, then maskmod): one composed method, as
+    ``attnproc.apply(pipe, [radial, maskmod])``: radial's sparse calls and maskmod's modulated calls both happen."""
+    from comfy_test_nodes import tiny_clip
+
+    from attnproc.workflows.comfy_runtime import add_region, patch_maskmod
+
+    (model,) = nodes.UNETLoader().load_unet(tiny_wan_file(), "default")
+    latent = {"samples": torch.zeros(1, 16, 5, 32, 32)}
+    context = torch.randn(1, 12, 4096, generator=torch.Generator().manual_seed(1))  # umt5's width; tiny CLIP tokens
+    mask = torch.zeros(1, 256, 256)
+    mask[:, :, :128] = 1.0
+    regions = add_region(None, "a red fox", mask)
+    clip = tiny_clip(64)
+    runs = {}
+    for name, build in (("radial", lambda: patch_model(model, "radial", block_size=64)),
+                        ("maskmod", lambda: patch_maskmod(model, clip, PROMPT, regions)),
+                        ("chain", lambda: patch_maskmod(patch_model(model, "radial", block_size=64), clip, PROMPT,
+                                                        regions))):
+        patched = build()
+        method = patched.model_options["transformer_options"][OVERRIDE_KEY].attnproc_method
+        base = getattr(method, "base", method)
+        counter = count_calls(base, "sparse_attention") if base.name == "radial" else {"n": 0}
+        edit = next((m for m in getattr(method, "edits", [method]) if m.name == "maskmod"), None)
+        modulated = []
+        if edit is not None:
+            edit.observers.append(lambda site, info: modulated.append(site.kind))
+        runs[name] = (sample(patched, latent, context), method.name, counter["n"], modulated)
+    results["chain"] = {name: {"method": m, "sparse_calls": n, "modulated": {k: mod.count(k) for k in set(mod)},
+                               "vs_radial": diff(out, runs["radial"][0]), "vs_maskmod": diff(out, runs["maskmod"][0])}
+                        for name, (out, m, n, mod) in runs.items()}
 
 
 def tiny_unet():
@@ -655,6 +688,9 @@ def server_checks():
                 time.sleep(0.5)
         results["server_nodes"] = sorted(k for k in info if k.startswith("AttnProc"))
         results["server_sink_widget"] = info["AttnProcRadial"]["input"]["required"]["sink"]
+        results["server_float_steps"] = sorted({
+            spec[1].get("step") for name in results["server_nodes"]
+            for spec in info[name]["input"].get("required", {}).values() if spec[0] == "FLOAT"}, key=str)
         results["examples"] = {}
         for name, api in examples.items():
             code, answer = _post(f"{base}/prompt", {"prompt": api})

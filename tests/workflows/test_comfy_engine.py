@@ -170,6 +170,14 @@ def test_ksampler_advanced_split_follows_the_whole_schedule(engine):
     assert "step rules (dense_first_steps) count from this sampler's first step" in r["karras"]["warnings"][0]
 
 
+def test_chained_nodes_compose_base_and_edit(engine):
+    r = engine["chain"]  # radial node, then maskmod node, on Wan: one method, both parts run
+    assert r["chain"]["method"] == "radial+maskmod"
+    assert r["chain"]["sparse_calls"] == r["radial"]["sparse_calls"] == 3
+    assert r["chain"]["modulated"] == r["maskmod"]["modulated"] == {"self": 4, "cross": 4}
+    assert r["chain"]["vs_radial"] > 1e-3 and r["chain"]["vs_maskmod"] > 1e-3  # neither alone gives the sample
+
+
 def test_refusals_when_the_node_executes(engine):
     assert engine["wan_radial_patch"] == "ok"
     assert "does not support the model family 'unet'" in engine["unet_radial_patch"]
@@ -194,6 +202,7 @@ def test_server_runs_the_shipped_examples(engine):
         set(engine["server_nodes"])
     sink = engine["server_sink_widget"]  # tri-state, the library's default (the family's)
     assert sink[0] == "COMBO" and sink[1]["options"] == ["auto", "on", "off"] and sink[1]["default"] == "auto"
+    assert engine["server_float_steps"] == [0.01]  # every FLOAT widget takes fractions (dense_first_steps=0.24)
     assert set(engine["examples"]) == {f"attnproc_{m}_api" for m in ("dense", "radial", "gna", "maskmod", "vmoba",
                                                                       "rectified")}  # agent has no node
     for name, r in engine["examples"].items():
