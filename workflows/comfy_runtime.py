@@ -18,14 +18,15 @@ tests/workflows/test_comfy_engine.py):
   in every joint family ComfyUI has, unlike diffusers' SD3 and HunyuanVideo). A call whose length these do not
   account for (Flux Kontext's reference latents, HunyuanVideo's extra text tokens) is handed on, with one
   warning per node;
-* layer: ``block_index``; step: the index of ``sigmas`` in ``sample_sigmas`` (under ``KSamplerAdvanced`` that is
-  the *sliced* schedule, so the index restarts in each sampler: ComfyUI does not pass the full one); timestep:
-  ``model_sampling.timestep(sigma)`` (0–1000 scheduler units, what the methods' schedules expect);
+* layer: ``block_index``, or the call's ordinal in the forward where the model sets none (SD3, LTX); step: the
+  index of ``sigmas`` in ``sample_sigmas``, placed in the whole schedule when that is a ``KSamplerAdvanced``
+  slice and the sigmas tell (:func:`schedule_span`); timestep: ``model_sampling.timestep(sigma)`` (0–1000
+  scheduler units, what the methods' schedules expect);
 * branch: ``cond_or_uncond`` (0 = cond, 1 = uncond, one entry per batch chunk).
 
 Self-attention without a mask is served by the method; cross-attention by methods that edit it (maskmod);
-everything else (masked calls, unknown layouts) goes to the override that was installed before, or to ComfyUI's
-own attention. Chained attnproc nodes compose like ``attnproc.apply(pipe, [base, edit])`` (:func:`compose`).
+everything else (masked calls, with one warning when the method would have served them; unknown layouts) goes to
+the override that was installed before, or to ComfyUI's own attention. Chained attnproc nodes compose like ``attnproc.apply(pipe, [base, edit])`` (:func:`compose`).
 
 Nothing here imports ComfyUI or diffusers.
 """

@@ -689,8 +689,8 @@ def server_checks():
         results["server_nodes"] = sorted(k for k in info if k.startswith("AttnProc"))
         results["server_sink_widget"] = info["AttnProcRadial"]["input"]["required"]["sink"]
         results["server_float_steps"] = sorted({
-            spec[1].get("step") for name in results["server_nodes"]
-            for spec in info[name]["input"].get("required", {}).values() if spec[0] == "FLOAT"}, key=str)
+            spec[1].get("step") for name in results["server_nodes"] for group in ("required", "optional")
+            for spec in info[name]["input"].get(group, {}).values() if spec[0] == "FLOAT"}, key=str)
         results["examples"] = {}
         for name, api in examples.items():
             code, answer = _post(f"{base}/prompt", {"prompt": api})
