@@ -16,7 +16,7 @@ import sys
 import torch
 
 COMFY, WORK, OUT = sys.argv[1:4]
-SECTIONS = sys.argv[4:] or ["wan", "unet", "joint", "ltx", "mmdit", "split", "chain", "maskmod", "server"]
+SECTIONS = sys.argv[4:] or ["wan", "wan22", "unet", "joint", "ltx", "mmdit", "split", "chain", "maskmod", "server"]
 sys.argv = ["main.py", "--cpu", "--use-pytorch-cross-attention", "--base-directory", WORK]
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), "comfy_stubs"), COMFY]
 
@@ -175,6 +175,23 @@ def wan_checks():
     except ValueError as e:
         results["two_bases"] = str(e)
     return model
+
+
+def wan22_checks():
+    """Wan 2.2's TI2V-5B class (``WAN22``: 48-channel latent, Wan 2.2 VAE format): the family, the grid and radial."""
+    model = native("WAN22_T2V", {"image_model": "wan2.1", "model_type": "t2v", "dim": 256, "ffn_dim": 512,
+                                 "num_heads": 2, "num_layers": 2, "in_dim": 48, "out_dim": 48})
+    latent = {"samples": torch.zeros(1, 48, 3, 16, 16)}  # grid (3, 8, 8)
+    context = torch.randn(1, 12, 4096, generator=torch.Generator().manual_seed(1))
+    stock = sample(model, latent, context)
+    patched = patch_model(model, "radial", block_size=64)
+    counter = count_calls(patched.model_options["transformer_options"][OVERRIDE_KEY].attnproc_method,
+                          "sparse_attention")
+    out = sample(patched, latent, context)
+    results["wan22"] = {"model_class": type(model.model).__name__,
+                        "dense_vs_stock": diff(sample(patch_model(model, "dense"), latent, context), stock),
+                        "radial": {"sparse_calls": counter["n"], "grids": sorted(counter["grids"]),
+                                   "vs_stock": diff(out, stock)}}
 
 
 def chain_checks():

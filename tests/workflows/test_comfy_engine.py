@@ -103,6 +103,12 @@ def test_joint_attention_families_are_served(engine, family, cls, grid, method, 
     assert m["finite"] and m["vs_stock"] > 1e-3
 
 
+def test_wan22_ti2v_class_is_served_as_wan(engine):
+    r = engine["wan22"]  # WAN22 (a WAN21 subclass): grid_sizes of a 48 x 3 x 16 x 16 latent; radial in block 1
+    assert r["model_class"] == "WAN22" and r["dense_vs_stock"] == 0.0
+    assert r["radial"]["sparse_calls"] == 3 and r["radial"]["grids"] == [[3, 8, 8]] and r["radial"]["vs_stock"] > 1e-3
+
+
 def test_ltx_video_is_served_with_comfyuis_own_grid(engine):
     r = engine["ltx"]
     assert r["model_class"] == "LTXV" and r["dense_vs_stock"] == 0.0
