@@ -227,14 +227,14 @@ def chain_checks():
                         for name, (out, m, n, mod) in runs.items()}
 
 
-def tiny_unet():
-    """A tiny SD1.x UNet from ComfyUI's own classes (SD15 config, BaseModel, ModelPatcher); context width 64."""
-    config = comfy.supported_models.SD15({
+def tiny_unet(cls: str = "SD15", **overrides):
+    """A tiny UNet from ComfyUI's own classes (SD15 config, BaseModel, ModelPatcher by default); context width 64."""
+    config = getattr(comfy.supported_models, cls)({
         "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
         "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 1],
         "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
         "context_dim": 64, "num_head_channels": 16, "use_linear_in_transformer": False, "adm_in_channels": None,
-        "use_temporal_attention": False, "legacy": False, "use_spatial_transformer": True})
+        "use_temporal_attention": False, "legacy": False, "use_spatial_transformer": True, **overrides})
     torch.manual_seed(2)
     base = config.get_model({}, device=torch.device("cpu"))
     init_weights(base, qk_std=0.3)
@@ -260,6 +260,23 @@ def unet_checks():
         results["unet_radial_patch"] = "ok"
     except ValueError as e:
         results["unet_radial_patch"] = str(e)
+    # SDXL (its own model class; the ADM vector from a 1280-wide pooled output and the image size)
+    sdxl = tiny_unet("SDXL", use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential",
+                     model_channels=64)  # SDXL fixes 64 channels per head
+    pooled = torch.randn(1, 1280, generator=torch.Generator().manual_seed(3))
+    positive, negative = [[context, {"pooled_output": pooled}]], [[context * 0, {"pooled_output": pooled * 0}]]
+
+    def run(m):
+        (out,) = nodes.common_ksampler(m, 0, STEPS, 5.0, "euler", "simple", positive, negative, latent)
+        return out["samples"]
+
+    probe = Probe()
+    stock = run(sdxl)
+    out = run(install(sdxl, probe))
+    selfs = [s for s in probe.sites if s.kind == "self"]
+    results["sdxl"] = {"model_class": type(sdxl.model).__name__, "dense_vs_stock": diff(run(patch_model(sdxl, "dense")), stock),
+                       "self_calls": len(selfs), "grids": sorted({s.layout.grid for s in selfs if s.layout}),
+                       "without_layout": sum(s.layout is None for s in selfs), "probe_vs_stock": diff(out, stock)}
 
 
 # Tiny native DiTs built from ComfyUI's own model classes (supported_models + model_base): Flux (joint attention,

@@ -103,6 +103,12 @@ def test_joint_attention_families_are_served(engine, family, cls, grid, method, 
     assert m["finite"] and m["vs_stock"] > 1e-3
 
 
+def test_sdxl_unet_levels_get_their_grids(engine):
+    r = engine["sdxl"]  # SDXL's own class and ADM conditioning; the same SpatialTransformer levels as SD1.x
+    assert r["model_class"] == "SDXL" and r["dense_vs_stock"] == 0.0 and r["probe_vs_stock"] == 0.0
+    assert r["self_calls"] == 28 and r["without_layout"] == 0 and r["grids"] == [[1, 8, 12], [1, 16, 24]]
+
+
 def test_wan22_ti2v_class_is_served_as_wan(engine):
     r = engine["wan22"]  # WAN22 (a WAN21 subclass): grid_sizes of a 48 x 3 x 16 x 16 latent; radial in block 1
     assert r["model_class"] == "WAN22" and r["dense_vs_stock"] == 0.0
