@@ -352,8 +352,8 @@ def make_override(method: Method, previous: Callable | None = None, family: str 
 
     def unplaced(q_len: int) -> None:
         warn_once("unplaced", "attnproc %s: %d query tokens that the %s model's latent and text do not account "
-                  "for (reference latents or added text tokens); such calls run ComfyUI's attention",
-                  method.name, q_len, family)
+                  "for (reference latents, added text tokens, or LTX keyframe guides); such calls run ComfyUI's "
+                  "attention", method.name, q_len, family)
 
     def masked() -> None:
         warn_once("masked", "attnproc %s: ComfyUI passes an attention mask to some attention calls of this %s "
@@ -389,7 +389,8 @@ def make_override(method: Method, previous: Callable | None = None, family: str 
             return fallback(original, args, kwargs)
         layout = layout_from(opts, q_len, k_len, family)
         if layout is None and method.needs_layout:
-            if visual_tokens(opts, family) < q_len:  # more than the image: tokens we cannot place
+            video_only = COMFY_TOKENS.get(family, ("",))[0] == "none"  # LTX: every self-attention is the video
+            if visual_tokens(opts, family) < q_len or (video_only and q_len == k_len):  # tokens we cannot place
                 unplaced(q_len)
             return fallback(original, args, kwargs)
         qh, kh, vh = _qkv_bhsd(q, k, v, heads, skip_reshape, bool(kwargs.get("enable_gqa", False)))

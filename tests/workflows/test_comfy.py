@@ -521,3 +521,27 @@ def test_step_from_a_second_sampler_counts_in_the_whole_schedule():
     assert (step.index, step.num_steps) == (5, 8) and not restarts
     step = step_from(opts, sampling)  # without the model's percent: the slice's own count
     assert (step.index, step.num_steps) == (1, 4)
+
+
+def test_ltx_self_attention_the_latent_does_not_account_for_warns_once(caplog):
+    # LTX with keyframe guides drops (grid_mask) or adds tokens: the call is handed on, with one warning
+    from attnproc.workflows.comfy_runtime import LATENT_KEY
+
+    class LTXV:
+        pass
+
+    model = patch_model(ModelPatcher({}, model=LTXV()), "knobs")
+    opts = model.model_options["transformer_options"]
+    ltx = {LATENT_KEY: {"shape": (1, 128, 1, 8, 8), "text_len": 9, "patch": None, "calls": {"self": -1}}}
+    q, k, v = qkv()  # 64 tokens: the latent's grid, served
+    attention(q, k, v, 2, transformer_options={**opts, **ltx})
+    assert opts[OVERRIDE_KEY].attnproc_method.sparse_calls == 1
+    with caplog.at_level("WARNING", logger="attnproc.comfy"):
+        for _ in range(3):
+            q = torch.randn(1, 60, 32)
+            out = attention(q, q, q, 2, transformer_options={**opts, **ltx})
+            torch.testing.assert_close(out, comfy_sdpa(q, q, q, 2))
+    assert opts[OVERRIDE_KEY].attnproc_method.sparse_calls == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "attnproc knobs: 60 query tokens that the ltx model's latent and text do not account for (reference "
+        "latents, added text tokens, or LTX keyframe guides); such calls run ComfyUI's attention"]
