@@ -361,9 +361,10 @@ def make_override(method: Method, previous: Callable | None = None, family: str 
                   "without %s", method.name, family, method.name)
 
     def restarted() -> None:
-        warn_once("restart", "attnproc %s: this sampler got a part of a schedule whose whole length its sigmas do "
-                  "not tell (a scheduler not evenly spaced, e.g. karras, split across KSamplerAdvanced nodes): "
-                  "step rules (dense_first_steps) count from this sampler's first step", method.name)
+        warn_once("restart", "attnproc %s: this sampler runs a part of a schedule (KSamplerAdvanced split, or "
+                  "denoise < 1) whose whole length its sigmas do not tell (a scheduler that does not space steps "
+                  "evenly, e.g. karras, or fewer than 3 sigmas): step rules (dense_first_steps) count from this "
+                  "sampler's first step", method.name)
 
     def fallback(original, args, kwargs):
         if previous is not None:
