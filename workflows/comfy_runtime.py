@@ -343,6 +343,7 @@ def make_override(method: Method, previous: Callable | None = None, family: str 
     serves_cross = _serves_cross(method)
     serves_self = not (method.name == "dense" and not serves_cross)  # plain dense: a masked call loses nothing
     percent = sigma_percent(model_sampling)
+    video_only = COMFY_TOKENS.get(family, ("",))[0] == "none"  # LTX: every self-attention is over the video
     warned = set()
 
     def warn_once(key: str, message: str, *args) -> None:
@@ -382,6 +383,9 @@ def make_override(method: Method, previous: Callable | None = None, family: str 
         seq_axis = 2 if skip_reshape else 1
         q_len, k_len = q.shape[seq_axis], k.shape[seq_axis]
         layer = layer_from(opts, self_call=q_len == k_len)
+        if video_only and q_len != k_len and k_len != (opts.get(LATENT_KEY) or {}).get("text_len", k_len):
+            unplaced(q_len)  # keys neither the text nor the queries: LTX's guide attention split by query group
+            return fallback(original, args, kwargs)
         if named.get("mask") is not None:  # never served as if unmasked
             if serves_cross if q_len != k_len else serves_self:
                 masked()
@@ -390,7 +394,6 @@ def make_override(method: Method, previous: Callable | None = None, family: str 
             return fallback(original, args, kwargs)
         layout = layout_from(opts, q_len, k_len, family)
         if layout is None and method.needs_layout:
-            video_only = COMFY_TOKENS.get(family, ("",))[0] == "none"  # LTX: every self-attention is the video
             if visual_tokens(opts, family) < q_len or (video_only and q_len == k_len):  # tokens we cannot place
                 unplaced(q_len)
             return fallback(original, args, kwargs)

@@ -523,25 +523,32 @@ def test_step_from_a_second_sampler_counts_in_the_whole_schedule():
     assert (step.index, step.num_steps) == (1, 4)
 
 
-def test_ltx_self_attention_the_latent_does_not_account_for_warns_once(caplog):
-    # LTX with keyframe guides drops (grid_mask) or adds tokens: the call is handed on, with one warning
+def _ltx_calls(calls, caplog):
+    """Run ``calls`` ((q_len, k_len, masked) each) through a fresh knobs node on an LTX model: (served, warnings)."""
     from attnproc.workflows.comfy_runtime import LATENT_KEY
 
     class LTXV:
         pass
 
-    model = patch_model(ModelPatcher({}, model=LTXV()), "knobs")
-    opts = model.model_options["transformer_options"]
+    opts = patch_model(ModelPatcher({}, model=LTXV()), "knobs").model_options["transformer_options"]
     ltx = {LATENT_KEY: {"shape": (1, 128, 1, 8, 8), "text_len": 9, "patch": None, "calls": {"self": -1}}}
-    q, k, v = qkv()  # 64 tokens: the latent's grid, served
-    attention(q, k, v, 2, transformer_options={**opts, **ltx})
-    assert opts[OVERRIDE_KEY].attnproc_method.sparse_calls == 1
+    caplog.clear()
     with caplog.at_level("WARNING", logger="attnproc.comfy"):
-        for _ in range(3):
-            q = torch.randn(1, 60, 32)
-            out = attention(q, q, q, 2, transformer_options={**opts, **ltx})
-            torch.testing.assert_close(out, comfy_sdpa(q, q, q, 2))
-    assert opts[OVERRIDE_KEY].attnproc_method.sparse_calls == 1
-    assert [r.getMessage() for r in caplog.records] == [
-        "attnproc knobs: 60 query tokens that the ltx model's latent and text do not account for (reference "
-        "latents, added text tokens, or LTX keyframe guides); such calls run ComfyUI's attention"]
+        for q_len, k_len, masked in calls:
+            q, k, v = qkv(s=q_len, kv_len=k_len)
+            mask = torch.zeros(q_len, k_len) if masked else None
+            out = attention(q, k, v, 2, mask, transformer_options={**opts, **ltx})
+            if (q_len, k_len) != (64, 64):  # handed on: ComfyUI's attention
+                torch.testing.assert_close(out, comfy_sdpa(q, k, v, 2, mask=mask))
+    return opts[OVERRIDE_KEY].attnproc_method.sparse_calls, [r.getMessage() for r in caplog.records]
+
+
+def test_ltx_self_attention_the_latent_does_not_account_for_warns_once(caplog):
+    # the grid (64 tokens) is served; the text cross-attention (9 keys) is handed on without a word
+    assert _ltx_calls([(64, 64, False), (64, 9, True), (64, 9, False)], caplog) == (1, [])
+    expected = ["attnproc knobs: {} query tokens that the ltx model's latent and text do not account for "
+                "(reference latents, added text tokens, or LTX keyframe guides); such calls run ComfyUI's attention"]
+    # keyframe guides appended or filtered (grid_mask): another length than the latent's
+    assert _ltx_calls([(60, 60, False)] * 3, caplog) == (0, [expected[0].format(60)])
+    # guide attenuation: the self-attention split by query group (masked, then unmasked), keys all video tokens
+    assert _ltx_calls([(20, 64, True), (30, 64, True), (14, 64, False)] * 2, caplog) == (0, [expected[0].format(20)])
