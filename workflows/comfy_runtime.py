@@ -18,14 +18,15 @@ tests/workflows/test_comfy_engine.py):
   in every joint family ComfyUI has, unlike diffusers' SD3 and HunyuanVideo). A call whose length these do not
   account for (Flux Kontext's reference latents, HunyuanVideo's extra text tokens) is handed on, with one
   warning per node;
-* layer: ``block_index``; step: the index of ``sigmas`` in ``sample_sigmas`` (under ``KSamplerAdvanced`` that is
-  the *sliced* schedule, so the index restarts in each sampler: ComfyUI does not pass the full one); timestep:
-  ``model_sampling.timestep(sigma)`` (0–1000 scheduler units, what the methods' schedules expect);
+* layer: ``block_index``, or the call's ordinal in the forward where the model sets none (SD3, LTX); step: the
+  index of ``sigmas`` in ``sample_sigmas``, placed in the whole schedule when that is a ``KSamplerAdvanced``
+  slice and the sigmas tell (:func:`schedule_span`); timestep: ``model_sampling.timestep(sigma)`` (0–1000
+  scheduler units, what the methods' schedules expect);
 * branch: ``cond_or_uncond`` (0 = cond, 1 = uncond, one entry per batch chunk).
 
 Self-attention without a mask is served by the method; cross-attention by methods that edit it (maskmod);
-everything else (masked calls, unknown layouts) goes to the override that was installed before, or to ComfyUI's
-own attention. Chained attnproc nodes compose like ``attnproc.apply(pipe, [base, edit])`` (:func:`compose`).
+everything else (masked calls, with one warning when the method would have served them; unknown layouts) goes to
+the override that was installed before, or to ComfyUI's own attention. Chained attnproc nodes compose like ``attnproc.apply(pipe, [base, edit])`` (:func:`compose`).
 
 Nothing here imports ComfyUI or diffusers.
 """
@@ -46,7 +47,8 @@ from attnproc.method import Composed, Edit, Method
 
 log = logging.getLogger("attnproc.comfy")
 OVERRIDE_KEY = "optimized_attention_override"
-_ARG_NAMES = ("q", "k", "v", "heads")
+# ComfyUI's attention signature, in order: Qwen-Image passes its text mask positionally
+_ARG_NAMES = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
 
 # ComfyUI's model classes (comfy.model_base; subclasses such as WAN22 match through their bases) -> our families,
 # from the family records. "BaseModel" (SD 1.x / 2.x) counts only as the exact class: every model derives from it.
@@ -132,9 +134,53 @@ def check_model(method: Method, family: str | None, model_class: str) -> None:
                              f"{served}; this model is {model_class} (family {family!r})")
 
 
-def step_from(transformer_options: dict, model_sampling=None) -> StepContext | None:
-    """The denoising step: the index of ``sigmas`` (the current sigma) within ``sample_sigmas``; the timestep in
-    0–1000 scheduler units from the model's own ``model_sampling`` (NaN when it is unknown)."""
+def sigma_percent(model_sampling) -> Callable[[float], float] | None:
+    """sigma -> how much of the model's noise schedule lies before it (0 at the largest sigma, 1 at 0): the inverse
+    of ComfyUI's ``model_sampling.percent_to_sigma`` (decreasing), by bisection; remembered per sigma."""
+    to_sigma = getattr(model_sampling, "percent_to_sigma", None)
+    if to_sigma is None:
+        return None
+    known: dict[float, float] = {}
+
+    def percent(sigma: float) -> float:
+        if sigma <= 0:
+            return 1.0
+        if sigma not in known:
+            low, high = 0.0, 1.0
+            for _ in range(40):
+                mid = (low + high) / 2
+                low, high = (mid, high) if float(to_sigma(mid)) > sigma else (low, mid)
+            known[sigma] = (low + high) / 2
+        return known[sigma]
+
+    return percent
+
+
+def schedule_span(schedule: list[float], percent: Callable[[float], float]) -> tuple[int, int] | None:
+    """``(offset, total)``: where a sampler's slice of sigmas lies in the whole schedule, read from the sigmas
+    themselves when the schedule's steps are evenly spaced in the model's percent (ComfyUI's ``simple``
+    scheduler): ``KSamplerAdvanced`` passes each sampler only its slice. None when the sigmas do not say: other
+    spacings, or fewer than three schedule points (two fit any spacing)."""
+    k = len(schedule) - 1
+    points = list(enumerate(percent(s) for s in schedule))
+    # a final 0 is the schedule's end, or an end forced early (force_full_denoise): try both
+    for usable in ([points, points[:-1]] if schedule[-1] == 0 else [points]):
+        if len(usable) < 3 or usable[-1][1] - usable[0][1] <= 1e-6:
+            continue
+        total = round((usable[-1][0] - usable[0][0]) / (usable[-1][1] - usable[0][1]))
+        offset = round(usable[0][1] * total)
+        if total >= k and offset + k <= total and all(abs(p * total - (offset + j)) <= 0.25 for j, p in usable):
+            return offset, total
+    return None
+
+
+def step_from(transformer_options: dict, model_sampling=None,
+              percent: Callable[[float], float] | None = None, on_restart: Callable[[], None] | None = None
+              ) -> StepContext | None:
+    """The denoising step: the index of ``sigmas`` (the current sigma) within ``sample_sigmas``; when that is a
+    slice of a longer schedule (``KSamplerAdvanced``), the index and length in the whole one, from ``percent``
+    (:func:`sigma_percent`, :func:`schedule_span`), or ``on_restart()`` is called and the slice's are used. The
+    timestep in 0–1000 scheduler units from the model's own ``model_sampling`` (NaN when it is unknown)."""
     sigmas = transformer_options.get("sigmas")
     if sigmas is None:
         return None
@@ -148,6 +194,12 @@ def step_from(transformer_options: dict, model_sampling=None) -> StepContext | N
         close = torch.isclose(schedule, torch.tensor(current), rtol=1e-4, atol=1e-6).nonzero()
         index = int(close[0]) if len(close) else int((schedule - current).abs().argmin())
         index = min(index, num - 1)
+        values = schedule.tolist()
+        span = schedule_span(values, percent) if percent is not None and len(values) > 1 else None
+        if span is not None:
+            index, num = span[0] + index, span[1]
+        elif on_restart is not None and percent is not None and (percent(values[0]) > 1e-3 or values[-1] != 0):
+            on_restart()
     timestep = math.nan
     if model_sampling is not None:
         timestep = float(model_sampling.timestep(sigma).flatten()[0])
@@ -172,11 +224,12 @@ def latent_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None
     """ComfyUI ``APPLY_MODEL`` wrapper: leaves the latent's shape, the text context's length, the model's patch
     size and its number of double blocks in (a copy of) ``transformer_options`` for :func:`layout_from`."""
     model = getattr(getattr(executor, "class_obj", None), "diffusion_model", None)
-    patch = getattr(model, "patch_size", None)
+    patch = getattr(model, "patch_size", None) or getattr(getattr(model, "patchifier", None), "patch_size", None)
     info = {"shape": tuple(int(n) for n in x.shape),
             "text_len": int(c_crossattn.shape[1]) if c_crossattn is not None and c_crossattn.ndim == 3 else None,
             "patch": tuple(patch) if isinstance(patch, (list, tuple)) else patch,
-            "double_blocks": len(getattr(model, "double_blocks", ()) or ())}
+            "double_blocks": len(getattr(model, "double_blocks", ()) or ()),
+            "calls": {"self": -1}}  # this forward's self/joint attention calls so far (layer_from)
     options = {**transformer_options, LATENT_KEY: info}
     return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
@@ -222,13 +275,21 @@ def _joint_layout(transformer_options: dict, family: str | None, q_len: int, k_l
     return TokenLayout(*grid, text_len=text, text_position=text_position, branches=branches)
 
 
-def layer_from(transformer_options: dict) -> int | None:
+def layer_from(transformer_options: dict, self_call: bool = True) -> int | None:
     """A layer index unique across block types: single-stream blocks count on after the double-stream ones
-    (ComfyUI restarts ``block_index`` at 0 for them)."""
+    (ComfyUI restarts ``block_index`` at 0 for them). Models that set no ``block_index`` (SD3's MMDiT, LTX) get
+    the ordinal of the self/joint attention call in this forward (counted in :func:`latent_wrapper`'s record;
+    a cross-attention call gets its block's): unique per call site, equal to the block index when each block
+    has one self-attention (SD3.5's second, image-only attention counts as one more)."""
     block = transformer_options.get("block_index")
-    if block is None:
-        return None
     info = transformer_options.get(LATENT_KEY) or {}
+    if block is None:
+        calls = info.get("calls")
+        if calls is None:
+            return None
+        if self_call:
+            calls["self"] += 1
+        return max(calls["self"], 0)
     if transformer_options.get("block_type") == "single":
         return int(block) + int(info.get("double_blocks", 0))
     return int(block)
@@ -280,14 +341,31 @@ def make_override(method: Method, previous: Callable | None = None, family: str 
     every call this one does not serve. ``family`` is the model's family, ``model_sampling`` ComfyUI's
     sigma↔timestep conversion of the model (None: timestep unknown)."""
     serves_cross = _serves_cross(method)
-    warned = []
+    serves_self = not (method.name == "dense" and not serves_cross)  # plain dense: a masked call loses nothing
+    percent = sigma_percent(model_sampling)
+    video_only = COMFY_TOKENS.get(family, ("",))[0] == "none"  # LTX: every self-attention is over the video
+    warned = set()
+
+    def warn_once(key: str, message: str, *args) -> None:
+        if key not in warned:
+            warned.add(key)
+            log.warning(message, *args)
 
     def unplaced(q_len: int) -> None:
-        if not warned:
-            warned.append(q_len)
-            log.warning("attnproc %s: %d query tokens that the %s model's latent and text do not account for "
-                        "(reference latents or added text tokens); such calls run ComfyUI's attention",
-                        method.name, q_len, family)
+        warn_once("unplaced", "attnproc %s: %d query tokens that the %s model's latent and text do not account "
+                  "for (reference latents, added text tokens, or LTX keyframe guides); such calls run ComfyUI's "
+                  "attention", method.name, q_len, family)
+
+    def masked() -> None:
+        warn_once("masked", "attnproc %s: ComfyUI passes an attention mask to some attention calls of this %s "
+                  "model (a padded text context, or guide attenuation); masked calls run ComfyUI's attention, "
+                  "without %s", method.name, family, method.name)
+
+    def restarted() -> None:
+        warn_once("restart", "attnproc %s: this sampler runs a part of a schedule (KSamplerAdvanced split, or "
+                  "denoise < 1) whose whole length its sigmas do not tell (a scheduler that does not space steps "
+                  "evenly, e.g. karras, or fewer than 3 sigmas): step rules (dense_first_steps) count from this "
+                  "sampler's first step", method.name)
 
     def fallback(original, args, kwargs):
         if previous is not None:
@@ -297,28 +375,35 @@ def make_override(method: Method, previous: Callable | None = None, family: str 
     def override(original: Callable, *args, **kwargs):
         named = dict(zip(_ARG_NAMES, args))
         named.update({k: kwargs[k] for k in _ARG_NAMES if k in kwargs})
-        q, k, v, heads = (named.get(n) for n in _ARG_NAMES)
+        q, k, v, heads = (named.get(n) for n in _ARG_NAMES[:4])
         opts = kwargs.get("transformer_options") or {}
-        skip_reshape = bool(kwargs.get("skip_reshape", False))
-        if q is None or k is None or v is None or heads is None or kwargs.get("mask") is not None:
+        skip_reshape = bool(named.get("skip_reshape", False))
+        if q is None or k is None or v is None or heads is None:
             return fallback(original, args, kwargs)
         seq_axis = 2 if skip_reshape else 1
         q_len, k_len = q.shape[seq_axis], k.shape[seq_axis]
+        layer = layer_from(opts, self_call=q_len == k_len)
+        if video_only and q_len != k_len and k_len != (opts.get(LATENT_KEY) or {}).get("text_len", k_len):
+            unplaced(q_len)  # keys neither the text nor the queries: LTX's guide attention split by query group
+            return fallback(original, args, kwargs)
+        if named.get("mask") is not None:  # never served as if unmasked
+            if serves_cross if q_len != k_len else serves_self:
+                masked()
+            return fallback(original, args, kwargs)
         if q_len != k_len and not serves_cross:  # cross-attention: the base methods run it dense
             return fallback(original, args, kwargs)
         layout = layout_from(opts, q_len, k_len, family)
         if layout is None and method.needs_layout:
-            if visual_tokens(opts, family) < q_len:  # more than the image: tokens we cannot place
+            if visual_tokens(opts, family) < q_len or (video_only and q_len == k_len):  # tokens we cannot place
                 unplaced(q_len)
             return fallback(original, args, kwargs)
         qh, kh, vh = _qkv_bhsd(q, k, v, heads, skip_reshape, bool(kwargs.get("enable_gqa", False)))
-        layer = layer_from(opts)
         joint = layout is not None and layout.text_position in ("before", "after")
         site = attnproc.Site(family=family, denoiser="diffusion_model", name=None, index=layer, layer=layer,
                              kind="joint" if joint else "self" if q_len == k_len else "cross", layout=layout,
-                             step=step_from(opts, model_sampling))
+                             step=step_from(opts, model_sampling, percent, restarted))
         out = method.attention(qh, kh, vh, site, scale=kwargs.get("scale")).to(q.dtype)
-        if kwargs.get("skip_output_reshape", False):
+        if named.get("skip_output_reshape", False):
             return out
         b, h, s, d = out.shape
         return out.transpose(1, 2).reshape(b, s, h * d)

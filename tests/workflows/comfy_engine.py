@@ -9,13 +9,14 @@ SD1.x UNet built from ComfyUI's own model classes. Writes measurements (output d
 as JSON; the test asserts on them.
 """
 import json
+import logging
 import os
 import sys
 
 import torch
 
 COMFY, WORK, OUT = sys.argv[1:4]
-SECTIONS = sys.argv[4:] or ["wan", "unet", "joint", "maskmod", "server"]
+SECTIONS = sys.argv[4:] or ["wan", "wan22", "unet", "joint", "ltx", "mmdit", "split", "chain", "maskmod", "server"]
 sys.argv = ["main.py", "--cpu", "--use-pytorch-cross-attention", "--base-directory", WORK]
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), "comfy_stubs"), COMFY]
 
@@ -72,10 +73,12 @@ class Recorder:
 
     def __init__(self):
         self.calls = {"self": 0, "cross": 0}
+        self.masked = 0
 
     def __call__(self, original, *args, **kwargs):
         q, k = args[0], args[1]
         self.calls["self" if q.shape[-2] == k.shape[-2] else "cross"] += 1
+        self.masked += (args[4] if len(args) > 4 else kwargs.get("mask")) is not None
         return original(*args, **kwargs)
 
 
@@ -159,13 +162,6 @@ def wan_checks():
         "timesteps": sorted({round(s.step.timestep, 3) for s in selfs}, reverse=True),
         "layouts": sorted({(s.layout.grid, s.layout.branches) for s in selfs}, key=str),
         "vs_stock": diff(out, stock)}
-    # KSamplerAdvanced split in two (as a Wan 2.2 two-expert graph does): what each part sees
-    split = Probe()
-    patched = install(model, split)
-    first = sample(patched, latent, context, start_at_step=0, end_at_step=2, return_with_leftover_noise="enable")
-    sample(patched, {"samples": first}, context, add_noise="disable", start_at_step=2, end_at_step=STEPS,
-           return_with_leftover_noise="disable")
-    results["wan_split_steps"] = sorted({(s.step.index, s.step.num_steps) for s in split.sites})
     # refusal when the node executes: a family without a token grid in ComfyUI
     try:
         patch_model(model, "radial", block_size=64)
@@ -181,14 +177,64 @@ def wan_checks():
     return model
 
 
-def tiny_unet():
-    """A tiny SD1.x UNet from ComfyUI's own classes (SD15 config, BaseModel, ModelPatcher); context width 64."""
-    config = comfy.supported_models.SD15({
+def wan22_checks():
+    """Wan 2.2's TI2V-5B class (``WAN22``: 48-channel latent, Wan 2.2 VAE format): the family, the grid and radial."""
+    model = native("WAN22_T2V", {"image_model": "wan2.1", "model_type": "t2v", "dim": 256, "ffn_dim": 512,
+                                 "num_heads": 2, "num_layers": 2, "in_dim": 48, "out_dim": 48})
+    latent = {"samples": torch.zeros(1, 48, 3, 16, 16)}  # grid (3, 8, 8)
+    context = torch.randn(1, 12, 4096, generator=torch.Generator().manual_seed(1))
+    stock = sample(model, latent, context)
+    patched = patch_model(model, "radial", block_size=64)
+    counter = count_calls(patched.model_options["transformer_options"][OVERRIDE_KEY].attnproc_method,
+                          "sparse_attention")
+    out = sample(patched, latent, context)
+    results["wan22"] = {"model_class": type(model.model).__name__,
+                        "dense_vs_stock": diff(sample(patch_model(model, "dense"), latent, context), stock),
+                        "radial": {"sparse_calls": counter["n"], "grids": sorted(counter["grids"]),
+                                   "vs_stock": diff(out, stock)}}
+
+
+def chain_checks():
+    """Two attnproc nodes in a row on Wan (radial, then maskmod): one composed method, as
+    ``attnproc.apply(pipe, [radial, maskmod])``: radial's sparse calls and maskmod's modulated calls both happen."""
+    from comfy_test_nodes import tiny_clip
+
+    from attnproc.workflows.comfy_runtime import add_region, patch_maskmod
+
+    (model,) = nodes.UNETLoader().load_unet(tiny_wan_file(), "default")
+    latent = {"samples": torch.zeros(1, 16, 5, 32, 32)}
+    context = torch.randn(1, 12, 4096, generator=torch.Generator().manual_seed(1))  # umt5's width; tiny CLIP tokens
+    mask = torch.zeros(1, 256, 256)
+    mask[:, :, :128] = 1.0
+    regions = add_region(None, "a red fox", mask)
+    clip = tiny_clip(64)
+    runs = {}
+    for name, build in (("radial", lambda: patch_model(model, "radial", block_size=64)),
+                        ("maskmod", lambda: patch_maskmod(model, clip, PROMPT, regions)),
+                        ("chain", lambda: patch_maskmod(patch_model(model, "radial", block_size=64), clip, PROMPT,
+                                                        regions))):
+        patched = build()
+        method = patched.model_options["transformer_options"][OVERRIDE_KEY].attnproc_method
+        base = getattr(method, "base", method)
+        counter = count_calls(base, "sparse_attention") if base.name == "radial" else {"n": 0}
+        edit = next((m for m in getattr(method, "edits", [method]) if m.name == "maskmod"), None)
+        modulated = []
+        if edit is not None:
+            edit.observers.append(lambda site, info: modulated.append(site.kind))
+        runs[name] = (sample(patched, latent, context), method.name, counter["n"], modulated)
+    results["chain"] = {name: {"method": m, "sparse_calls": n, "modulated": {k: mod.count(k) for k in set(mod)},
+                               "vs_radial": diff(out, runs["radial"][0]), "vs_maskmod": diff(out, runs["maskmod"][0])}
+                        for name, (out, m, n, mod) in runs.items()}
+
+
+def tiny_unet(cls: str = "SD15", **overrides):
+    """A tiny UNet from ComfyUI's own classes (SD15 config, BaseModel, ModelPatcher by default); context width 64."""
+    config = getattr(comfy.supported_models, cls)({
         "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
         "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 1],
         "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
         "context_dim": 64, "num_head_channels": 16, "use_linear_in_transformer": False, "adm_in_channels": None,
-        "use_temporal_attention": False, "legacy": False, "use_spatial_transformer": True})
+        "use_temporal_attention": False, "legacy": False, "use_spatial_transformer": True, **overrides})
     torch.manual_seed(2)
     base = config.get_model({}, device=torch.device("cpu"))
     init_weights(base, qk_std=0.3)
@@ -214,6 +260,23 @@ def unet_checks():
         results["unet_radial_patch"] = "ok"
     except ValueError as e:
         results["unet_radial_patch"] = str(e)
+    # SDXL (its own model class; the ADM vector from a 1280-wide pooled output and the image size)
+    sdxl = tiny_unet("SDXL", use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential",
+                     model_channels=64)  # SDXL fixes 64 channels per head
+    pooled = torch.randn(1, 1280, generator=torch.Generator().manual_seed(3))
+    positive, negative = [[context, {"pooled_output": pooled}]], [[context * 0, {"pooled_output": pooled * 0}]]
+
+    def run(m):
+        (out,) = nodes.common_ksampler(m, 0, STEPS, 5.0, "euler", "simple", positive, negative, latent)
+        return out["samples"]
+
+    probe = Probe()
+    stock = run(sdxl)
+    out = run(install(sdxl, probe))
+    selfs = [s for s in probe.sites if s.kind == "self"]
+    results["sdxl"] = {"model_class": type(sdxl.model).__name__, "dense_vs_stock": diff(run(patch_model(sdxl, "dense")), stock),
+                       "self_calls": len(selfs), "grids": sorted({s.layout.grid for s in selfs if s.layout}),
+                       "without_layout": sum(s.layout is None for s in selfs), "probe_vs_stock": diff(out, stock)}
 
 
 # Tiny native DiTs built from ComfyUI's own model classes (supported_models + model_base): Flux (joint attention,
@@ -235,17 +298,22 @@ JOINT_MODELS = {
 JOINT_METHODS = {"flux": ("gna", {"kernel_size": 3}), "hunyuanvideo": ("radial", {"block_size": 16})}
 
 
+def native(cls: str, config: dict, seed: int = 6):
+    """A tiny random-weight model from ComfyUI's own ``supported_models`` class, in a ``ModelPatcher``."""
+    torch.manual_seed(seed)
+    base = getattr(comfy.supported_models, cls)(config).get_model({}, device=torch.device("cpu"))
+    init_weights(base)
+    return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
 def joint_checks():
     """Joint-attention DiTs: the layout comes from the latent (attnproc's apply_model wrapper), the text sits
     where ComfyUI's model code puts it, and the sparse methods serve the joint calls."""
     context = torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(4))
     pooled = torch.randn(1, 64, generator=torch.Generator().manual_seed(5))
     for family, (cls, config, latent) in JOINT_MODELS.items():
-        torch.manual_seed(6)
-        base = getattr(comfy.supported_models, cls)(config).get_model({}, device=torch.device("cpu"))
-        init_weights(base)
-        model = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"),
-                                                 offload_device=torch.device("cpu"))
+        model = native(cls, config)
+        base = model.model
         positive = [[context, {"pooled_output": pooled}]]
         negative = [[torch.zeros_like(context), {"pooled_output": torch.zeros_like(pooled)}]]
 
@@ -290,6 +358,202 @@ def joint_checks():
         r[method] = {"sparse_calls": counter["n"], "grids": sorted(counter["grids"]), "handed_on": recorder.calls,
                      "vs_stock": diff(out, stock), "finite": bool(torch.isfinite(out).all())}
         results[f"joint_{family}"] = r
+
+
+class LayoutProbe(Probe):
+    """A probe that needs the token grid, as the sparse methods do: calls without a layout are handed on."""
+
+    name = "layout_probe"
+    needs_layout = True
+
+
+class Warnings(logging.Handler):
+    """Collects the attnproc.comfy warnings emitted while it is attached."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+        logging.getLogger("attnproc.comfy").addHandler(self)
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def close(self):
+        logging.getLogger("attnproc.comfy").removeHandler(self)
+        super().close()
+
+
+def steps_and_paths(instance: Method) -> dict:
+    """Per call of ``instance.attention``: the step (index, num_steps) and whether the sparse path ran."""
+    log_ = {"calls": []}
+    attention, sparse = instance.attention, instance.sparse_attention
+
+    def counted_sparse(*args, **kwargs):
+        log_["calls"][-1][2] = True
+        return sparse(*args, **kwargs)
+
+    def counted(q, k, v, site, **kwargs):
+        log_["calls"].append([site.step.index, site.step.num_steps, False, site.kind])
+        return attention(q, k, v, site, **kwargs)
+
+    instance.attention, instance.sparse_attention = counted, counted_sparse
+    return log_
+
+
+def per_step(calls) -> dict:
+    """{step index: [dense calls, sparse calls]} over self-attention calls."""
+    out = {}
+    for index, _num, sparse, kind in calls:
+        if kind != "cross":
+            out.setdefault(index, [0, 0])[int(sparse)] += 1
+    return {str(k): v for k, v in sorted(out.items())}
+
+
+# A tiny LTX-Video (ComfyUI's LTXV, LTXVModel): 2 blocks, 2 heads of 32; 128 latent channels (the LTXV latent
+# format's, so ComfyUI keeps the empty latent as is), patch 1 (ComfyUI's SymmetricPatchifier(1))
+LTX_CONFIG = {"image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 32,
+              "num_attention_heads": 2, "caption_channels": 64, "num_layers": 2}
+
+
+def ltx_checks():
+    """LTX-Video: video-only self-attention (layout from the latent), text cross-attention with the padding mask
+    of LTX's T5 conditioning (``attention_mask`` in the conditioning, passed as ``mask=``); no ``block_index``."""
+    model = native("LTXV", LTX_CONFIG)
+    latent = torch.zeros(1, 128, 3, 8, 8)  # grid (3, 8, 8): 192 tokens
+    context = torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(7))
+    text_mask = torch.tensor([[1] * 6 + [0] * 3])  # 6 prompt tokens, 3 padding (as LTXV's T5 encoder returns)
+    positive = [[context, {"attention_mask": text_mask}]]
+    negative = [[torch.zeros_like(context), {"attention_mask": text_mask}]]
+
+    def run(m):
+        (out,) = nodes.common_ksampler(m, 0, STEPS, 5.0, "euler", "simple", positive, negative, {"samples": latent})
+        return out["samples"]
+
+    stock = run(model)
+    r = {"model_class": type(model.model).__name__, "dense_vs_stock": diff(run(patch_model(model, "dense")), stock)}
+    _, coords = model.model.diffusion_model.patchifier.patchify(latent)  # ComfyUI's own token coordinates
+    coords = coords[0] if coords.ndim == 3 else coords[0, ..., 0]
+    grid = tuple(int(c.max()) + 1 for c in coords)
+    ij = torch.stack(torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij")).reshape(3, -1)
+    r["comfy_grid"], r["comfy_order_is_thw"] = list(grid), bool(torch.equal(coords.long(), ij))
+    probe, recorder = LayoutProbe(), Recorder()
+    out = run(install(with_previous(model, recorder), probe))
+    r["probe"] = {"calls": len(probe.sites), "kinds": sorted({s.kind for s in probe.sites}),
+                  "layers": sorted({s.layer for s in probe.sites}),
+                  "layouts": sorted({(s.layout.grid, s.layout.text_len, s.layout.text_position, s.layout.branches)
+                                     for s in probe.sites}, key=str),
+                  "handed_on": recorder.calls, "masked_handed_on": recorder.masked, "vs_stock": diff(out, stock)}
+    for method, opts in (("radial", {"block_size": 16}), ("gna", {})):
+        recorder = Recorder()
+        patched = patch_model(with_previous(model, recorder), method, **opts)
+        counter = count_calls(patched.model_options["transformer_options"][OVERRIDE_KEY].attnproc_method,
+                              "sparse_attention")
+        out = run(patched)
+        r[method] = {"sparse_calls": counter["n"], "grids": sorted(counter["grids"]), "handed_on": recorder.calls,
+                     "masked_handed_on": recorder.masked, "vs_stock": diff(out, stock),
+                     "finite": bool(torch.isfinite(out).all())}
+    results["ltx"] = r
+
+
+# Tiny SD3 (MMDiT: 2 blocks, 64 per head, block 0 with SD3.5's second, image-only attention) and Qwen-Image
+MMDIT_MODELS = {
+    "sd3": ("SD3", {"in_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 64,
+                    "context_embedder_config": {"target": "torch.nn.Linear",
+                                                "params": {"in_features": 64, "out_features": 128}},
+                    "pos_embed_max_size": 16, "num_patches": 256, "pos_embed_scaling_factor": None,
+                    "x_block_self_attn_layers": [0]}),
+    "qwenimage": ("QwenImage", {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64,
+                                "out_channels": 16, "num_layers": 2, "attention_head_dim": 32,
+                                "num_attention_heads": 2, "joint_attention_dim": 64, "axes_dims_rope": [8, 12, 12]}),
+}
+
+
+def mmdit_checks():
+    """SD3 and Qwen-Image: dense bit-identical; a method that needs the grid serves every joint call with the
+    layout from the latent (SD3 sets no block_index: layers from the call order); Qwen-Image's padded text mask
+    (its conditioning's ``attention_mask``, passed positionally) hands every call on with one warning."""
+    latent = torch.zeros(1, 16, 12, 16)  # grid (1, 6, 8)
+    context = torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(8))
+    pooled = torch.randn(1, 64, generator=torch.Generator().manual_seed(9))
+    for family, (cls, config) in MMDIT_MODELS.items():
+        model = native(cls, config)
+
+        def run(m, extra=None):
+            extra = extra or {}
+            pos = [[context, {"pooled_output": pooled, **extra}]]
+            neg = [[torch.zeros_like(context), {"pooled_output": torch.zeros_like(pooled), **extra}]]
+            (out,) = nodes.common_ksampler(m, 0, STEPS, 5.0, "euler", "simple", pos, neg, {"samples": latent})
+            return out["samples"]
+
+        stock = run(model)
+        r = {"model_class": type(model.model).__name__, "dense_vs_stock": diff(run(patch_model(model, "dense")), stock)}
+        probe, recorder, warnings = LayoutProbe(), Recorder(), Warnings()
+        out = run(install(with_previous(model, recorder), probe))
+        r["probe"] = {
+            "calls": len(probe.sites), "handed_on": recorder.calls, "warnings": list(warnings.messages),
+            "by_layer": sorted({(s.layer, s.kind, s.layout.grid, s.layout.text_len, s.layout.text_position)
+                                for s in probe.sites}, key=str),
+            "branches": sorted({s.layout.branches for s in probe.sites}, key=str),
+            "vs_stock": diff(out, stock)}
+        warnings.close()
+        if family == "qwenimage":  # a padded prompt: Qwen's encoder keeps attention_mask only when it pads
+            mask = torch.tensor([[1] * 5 + [0] * 2])
+            stock_masked = run(model, {"attention_mask": mask})
+            probe, recorder, warnings = LayoutProbe(), Recorder(), Warnings()
+            out = run(install(with_previous(model, recorder), probe), {"attention_mask": mask})
+            r["masked"] = {"served": len(probe.sites), "handed_on": recorder.calls, "masked": recorder.masked,
+                           "warnings": list(warnings.messages), "vs_stock": diff(out, stock_masked),
+                           "mask_matters": diff(stock_masked, stock)}
+            warnings.close()
+        try:
+            patch_model(model, "radial")
+            r["radial_patch"] = "ok"
+        except Exception as e:  # noqa: BLE001
+            r["radial_patch"] = str(e)
+        results[f"mmdit_{family}"] = r
+
+
+def split_checks():
+    """One KSampler vs two KSamplerAdvanced (Wan 2.2's two-expert graph, here one model) with radial: the steps
+    each call sees, dense/sparse calls per step, and the samples; a karras split restarts (one warning)."""
+    (model,) = nodes.UNETLoader().load_unet(tiny_wan_file(), "default")
+    latent = {"samples": torch.zeros(1, 16, 5, 32, 32)}
+    context = torch.randn(1, 12, 4096, generator=torch.Generator().manual_seed(1))
+    r = {}
+
+    def radial_model():
+        patched = patch_model(model, "radial", block_size=64)
+        return patched, steps_and_paths(patched.model_options["transformer_options"][OVERRIDE_KEY].attnproc_method)
+
+    def two_samplers(m, scheduler="simple", split=2):
+        first = sample2(m, latent, context, scheduler, start_at_step=0, end_at_step=split,
+                        return_with_leftover_noise="enable")
+        return sample2(m, {"samples": first}, context, scheduler, add_noise="disable", start_at_step=split,
+                       end_at_step=STEPS, return_with_leftover_noise="disable")
+
+    patched, whole = radial_model()
+    one = sample(patched, latent, context)
+    patched, parts = radial_model()
+    two = two_samplers(patched)
+    r["one"] = {"steps": sorted({(i, n) for i, n, _, _ in whole["calls"]}), "per_step": per_step(whole["calls"])}
+    r["two"] = {"steps": sorted({(i, n) for i, n, _, _ in parts["calls"]}), "per_step": per_step(parts["calls"])}
+    r["two_vs_one"] = diff(two, one)
+    r["stock_two_vs_one"] = diff(two_samplers(model), sample(model, latent, context))
+    probe, warnings = Probe(), Warnings()
+    two_samplers(install(model, probe), "karras")
+    r["karras"] = {"steps": sorted({(s.step.index, s.step.num_steps) for s in probe.sites}),
+                   "warnings": list(warnings.messages)}
+    warnings.close()
+    results["split"] = r
+
+
+def sample2(model, latent, context, scheduler, **advanced):
+    """KSamplerAdvanced with ``scheduler`` (euler, cfg 5, seed 0)."""
+    positive = [[context, {}]]
+    negative = [[torch.zeros_like(context), {}]]
+    (out,) = nodes.KSamplerAdvanced().sample(model, advanced.pop("add_noise", "enable"), 0, STEPS, 5.0, "euler",
+                                             scheduler, positive, negative, latent, **advanced)
+    return out["samples"]
 
 
 PROMPT = "a red fox running in the snow"
@@ -458,6 +722,9 @@ def server_checks():
                 time.sleep(0.5)
         results["server_nodes"] = sorted(k for k in info if k.startswith("AttnProc"))
         results["server_sink_widget"] = info["AttnProcRadial"]["input"]["required"]["sink"]
+        results["server_float_steps"] = sorted({
+            spec[1].get("step") for name in results["server_nodes"] for group in ("required", "optional")
+            for spec in info[name]["input"].get(group, {}).values() if spec[0] == "FLOAT"}, key=str)
         results["examples"] = {}
         for name, api in examples.items():
             code, answer = _post(f"{base}/prompt", {"prompt": api})

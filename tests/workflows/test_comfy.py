@@ -465,3 +465,90 @@ def test_methods_needing_more_than_qkv_are_refused():
     model = ModelPatcher(model=type("BaseModel", (), {})())
     with pytest.raises(ValueError, match="method 'agent' needs per-module state or the transformer block's input"):
         patch_model(model, "agent")
+
+
+def test_a_positional_mask_is_never_served_as_unmasked():
+    # Qwen-Image calls optimized_attention_masked(q, k, v, heads, mask, transformer_options=...)
+    calls = []
+
+    def previous(original, *args, **kwargs):
+        calls.append(len(args))
+        return original(*args, **kwargs)
+
+    model = patch_model(ModelPatcher({"transformer_options": {OVERRIDE_KEY: previous}}, model=WAN21()), "knobs")
+    opts = model.model_options["transformer_options"]
+    q, k, v = qkv()
+    mask = torch.zeros(64, 64)
+    mask[:, 32:] = -torch.inf
+    out = attention(q, k, v, 2, mask, transformer_options={**opts, **options(layout=attnproc.TokenLayout(1, 8, 8))})
+    assert calls == [5] and opts[OVERRIDE_KEY].attnproc_method.sparse_calls == 0
+    torch.testing.assert_close(out, comfy_sdpa(q, k, v, 2, mask=mask))
+
+
+def _simple_schedule(steps: int, shift: float = 3.0):
+    """ComfyUI's `simple` scheduler on a flow model (ModelSamplingDiscreteFlow): sigma_i = shift(1 - m/1000),
+    m = int(i * 1000 / steps), then 0; and the model's percent_to_sigma."""
+    def shifted(t):
+        return shift * t / (1 + (shift - 1) * t)
+
+    sigmas = [shifted(1 - int(i * 1000 / steps) / 1000) for i in range(steps)] + [0.0]
+    return sigmas, types.SimpleNamespace(percent_to_sigma=lambda p: shifted(1 - p), timestep=lambda s: s * 1000)
+
+
+@pytest.mark.parametrize("steps,split", [(4, 2), (20, 7), (30, 27)])
+def test_schedule_span_places_a_ksampler_advanced_slice_in_the_whole_schedule(steps, split):
+    from attnproc.workflows.comfy_runtime import schedule_span, sigma_percent
+
+    sigmas, sampling = _simple_schedule(steps)
+    percent = sigma_percent(sampling)
+    assert schedule_span(sigmas, percent) == (0, steps)  # the whole schedule
+    assert schedule_span(sigmas[:split + 1], percent) == (0, steps)  # first sampler, leftover noise kept
+    forced = sigmas[:split] + [0.0]  # its end forced to 0 (return_with_leftover_noise off): known from 3 sigmas on
+    assert schedule_span(forced, percent) == ((0, steps) if split >= 3 else None)
+    assert schedule_span(sigmas[split:], percent) == (split, steps)  # second sampler
+    assert schedule_span(sigmas[-2:], percent) is None  # two sigmas fit any spacing: not knowable
+    karras = [14.6 * 0.4 ** i for i in range(steps)] + [0.0]  # not evenly spaced in percent: not knowable
+    assert schedule_span(karras[split:], percent) is None and schedule_span(karras[:split + 1], percent) is None
+
+
+def test_step_from_a_second_sampler_counts_in_the_whole_schedule():
+    sigmas, sampling = _simple_schedule(8)
+    from attnproc.workflows.comfy_runtime import sigma_percent
+
+    restarts = []
+    opts = {"sigmas": torch.tensor([sigmas[5]]), "sample_sigmas": torch.tensor(sigmas[4:])}
+    step = step_from(opts, sampling, sigma_percent(sampling), lambda: restarts.append(1))
+    assert (step.index, step.num_steps) == (5, 8) and not restarts
+    step = step_from(opts, sampling)  # without the model's percent: the slice's own count
+    assert (step.index, step.num_steps) == (1, 4)
+
+
+def _ltx_calls(calls, caplog):
+    """Run ``calls`` ((q_len, k_len, masked) each) through a fresh knobs node on an LTX model: (served, warnings)."""
+    from attnproc.workflows.comfy_runtime import LATENT_KEY
+
+    class LTXV:
+        pass
+
+    opts = patch_model(ModelPatcher({}, model=LTXV()), "knobs").model_options["transformer_options"]
+    ltx = {LATENT_KEY: {"shape": (1, 128, 1, 8, 8), "text_len": 9, "patch": None, "calls": {"self": -1}}}
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="attnproc.comfy"):
+        for q_len, k_len, masked in calls:
+            q, k, v = qkv(s=q_len, kv_len=k_len)
+            mask = torch.zeros(q_len, k_len) if masked else None
+            out = attention(q, k, v, 2, mask, transformer_options={**opts, **ltx})
+            if (q_len, k_len) != (64, 64):  # handed on: ComfyUI's attention
+                torch.testing.assert_close(out, comfy_sdpa(q, k, v, 2, mask=mask))
+    return opts[OVERRIDE_KEY].attnproc_method.sparse_calls, [r.getMessage() for r in caplog.records]
+
+
+def test_ltx_self_attention_the_latent_does_not_account_for_warns_once(caplog):
+    # the grid (64 tokens) is served; the text cross-attention (9 keys) is handed on without a word
+    assert _ltx_calls([(64, 64, False), (64, 9, True), (64, 9, False)], caplog) == (1, [])
+    expected = ["attnproc knobs: {} query tokens that the ltx model's latent and text do not account for "
+                "(reference latents, added text tokens, or LTX keyframe guides); such calls run ComfyUI's attention"]
+    # keyframe guides appended or filtered (grid_mask): another length than the latent's
+    assert _ltx_calls([(60, 60, False)] * 3, caplog) == (0, [expected[0].format(60)])
+    # guide attenuation: the self-attention split by query group (masked, then unmasked), keys all video tokens
+    assert _ltx_calls([(20, 64, True), (30, 64, True), (14, 64, False)] * 2, caplog) == (0, [expected[0].format(20)])

@@ -103,9 +103,91 @@ def test_joint_attention_families_are_served(engine, family, cls, grid, method, 
     assert m["finite"] and m["vs_stock"] > 1e-3
 
 
-def test_ksampler_advanced_split_restarts_the_step_index(engine):
-    # ComfyUI passes only the sliced schedule to each KSamplerAdvanced: steps restart (documented limitation)
-    assert engine["wan_split_steps"] == [[0, 2], [1, 2]]
+def test_sdxl_unet_levels_get_their_grids(engine):
+    r = engine["sdxl"]  # SDXL's own class and ADM conditioning; the same SpatialTransformer levels as SD1.x
+    assert r["model_class"] == "SDXL" and r["dense_vs_stock"] == 0.0 and r["probe_vs_stock"] == 0.0
+    assert r["self_calls"] == 28 and r["without_layout"] == 0 and r["grids"] == [[1, 8, 12], [1, 16, 24]]
+
+
+def test_wan22_ti2v_class_is_served_as_wan(engine):
+    r = engine["wan22"]  # WAN22 (a WAN21 subclass): grid_sizes of a 48 x 3 x 16 x 16 latent; radial in block 1
+    assert r["model_class"] == "WAN22" and r["dense_vs_stock"] == 0.0
+    assert r["radial"]["sparse_calls"] == 3 and r["radial"]["grids"] == [[3, 8, 8]] and r["radial"]["vs_stock"] > 1e-3
+
+
+def test_ltx_video_is_served_with_comfyuis_own_grid(engine):
+    r = engine["ltx"]
+    assert r["model_class"] == "LTXV" and r["dense_vs_stock"] == 0.0
+    # ComfyUI's patchifier: tokens frame-major over a (3, 8, 8) grid, the order our layout assumes
+    assert r["comfy_grid"] == [3, 8, 8] and r["comfy_order_is_thw"]
+    p = r["probe"]  # 2 blocks x 4 steps, video tokens only; LTX sets no block_index: layers from the call order
+    assert p["calls"] == 8 and p["kinds"] == ["self"] and p["layers"] == [0, 1]
+    assert p["layouts"] == [[[3, 8, 8], 0, "none", ["uncond", "cond"]]] and p["vs_stock"] == 0.0
+    # the text cross-attention carries LTX's T5 padding mask (mask=): every one handed on, never served
+    assert p["handed_on"] == {"self": 0, "cross": 8} and p["masked_handed_on"] == 8
+
+
+@pytest.mark.parametrize("method,expected", [
+    ("radial", 3),  # LTX defaults: dense in layer 0 (dense_first_layers=1) and step 0 (round(0.24 x 4) = 1)
+    ("gna", 6),  # dense in step 0 (round(0.3 x 4) = 1): 3 steps x 2 layers
+])
+def test_ltx_sparse_methods_serve_every_self_attention_call_they_should(engine, method, expected):
+    r = engine["ltx"][method]
+    assert r["sparse_calls"] == expected and r["grids"] == [[3, 8, 8]]
+    assert r["handed_on"] == {"self": 0, "cross": 8} and r["masked_handed_on"] == 8
+    assert r["finite"] and r["vs_stock"] > 1e-3
+
+
+def test_sd3_joint_calls_are_placed_and_layered(engine):
+    r = engine["mmdit_sd3"]
+    assert r["model_class"] == "SD3" and r["dense_vs_stock"] == 0.0
+    p = r["probe"]  # block 0: joint + SD3.5's image-only attention, block 1: joint; 4 steps, CFG batched
+    assert p["calls"] == 12 and p["handed_on"] == {"self": 0, "cross": 0} and p["warnings"] == []
+    # no block_index in SD3's MMDiT: one layer per attention call site, in call order; text (7 tokens) first
+    assert p["by_layer"] == [[0, "joint", [1, 6, 8], 7, "before"], [1, "self", [1, 6, 8], 0, "none"],
+                             [2, "joint", [1, 6, 8], 7, "before"]]
+    assert p["branches"] == [["uncond", "cond"]] and p["vs_stock"] == 0.0
+
+
+def test_qwen_image_joint_calls_and_its_text_mask(engine):
+    r = engine["mmdit_qwenimage"]
+    assert r["model_class"] == "QwenImage" and r["dense_vs_stock"] == 0.0
+    p = r["probe"]
+    assert p["calls"] == 8 and p["handed_on"] == {"self": 0, "cross": 0} and p["warnings"] == []
+    assert p["by_layer"] == [[0, "joint", [1, 6, 8], 7, "before"], [1, "joint", [1, 6, 8], 7, "before"]]
+    m = r["masked"]  # a padded prompt: Qwen passes the mask positionally; every joint call handed on, one warning
+    assert m["served"] == 0 and m["handed_on"] == {"self": 8, "cross": 0} and m["masked"] == 8
+    assert m["mask_matters"] > 1e-3 and m["vs_stock"] == 0.0  # the mask changes the sample; we kept it
+    assert len(m["warnings"]) == 1
+    assert "passes an attention mask to some attention calls of this qwenimage model" in m["warnings"][0]
+    assert "masked calls run ComfyUI's attention" in m["warnings"][0]
+
+
+@pytest.mark.parametrize("family", ["sd3", "qwenimage"])
+def test_no_sparse_method_serves_sd3_or_qwen_image_refused_at_patch_time(engine, family):
+    assert f"method 'radial' does not support the model family '{family}'" in engine[f"mmdit_{family}"]["radial_patch"]
+
+
+def test_ksampler_advanced_split_follows_the_whole_schedule(engine):
+    r = engine["split"]
+    # one KSampler (4 steps) and two KSamplerAdvanced (steps 0-2, 2-4): every call sees its step in the whole
+    # schedule, read from the sigmas (ComfyUI's simple scheduler spaces them evenly in the model's percent)
+    assert r["one"]["steps"] == r["two"]["steps"] == [[0, 4], [1, 4], [2, 4], [3, 4]]
+    # radial on Wan: step 0 dense in both blocks, then dense in block 0 and sparse in block 1 -- in both graphs
+    assert r["one"]["per_step"] == r["two"]["per_step"] == {"0": [2, 0], "1": [1, 1], "2": [1, 1], "3": [1, 1]}
+    # same sample up to what splitting does to stock sampling itself (latent format round trip between samplers)
+    assert r["stock_two_vs_one"] < 1e-4 and r["two_vs_one"] <= 2 * r["stock_two_vs_one"]
+    # karras steps are not evenly spaced: the split is not knowable from the sigmas; steps restart, one warning
+    assert r["karras"]["steps"] == [[0, 2], [1, 2]] and len(r["karras"]["warnings"]) == 1
+    assert "step rules (dense_first_steps) count from this sampler's first step" in r["karras"]["warnings"][0]
+
+
+def test_chained_nodes_compose_base_and_edit(engine):
+    r = engine["chain"]  # radial node, then maskmod node, on Wan: one method, both parts run
+    assert r["chain"]["method"] == "radial+maskmod"
+    assert r["chain"]["sparse_calls"] == r["radial"]["sparse_calls"] == 3
+    assert r["chain"]["modulated"] == r["maskmod"]["modulated"] == {"self": 4, "cross": 4}
+    assert r["chain"]["vs_radial"] > 1e-3 and r["chain"]["vs_maskmod"] > 1e-3  # neither alone gives the sample
 
 
 def test_refusals_when_the_node_executes(engine):
@@ -132,6 +214,7 @@ def test_server_runs_the_shipped_examples(engine):
         set(engine["server_nodes"])
     sink = engine["server_sink_widget"]  # tri-state, the library's default (the family's)
     assert sink[0] == "COMBO" and sink[1]["options"] == ["auto", "on", "off"] and sink[1]["default"] == "auto"
+    assert engine["server_float_steps"] == [0.01]  # every FLOAT widget takes fractions (dense_first_steps=0.24)
     assert set(engine["examples"]) == {f"attnproc_{m}_api" for m in ("dense", "radial", "gna", "maskmod", "vmoba",
                                                                       "rectified")}  # agent has no node
     for name, r in engine["examples"].items():
