@@ -150,6 +150,34 @@ class SparseMethod(Method):
         """The pattern over the visual tokens, bool ``[N, N]`` (True = kept), or ``None`` if not static."""
         return None
 
+    def ring_mask(self, site, q_len, k_len, attn_mask=None):
+        """The pattern this call computes, over its whole sequence (``Method.ring_mask``): where
+        :meth:`sparse_attention` would run dense (schedule, kind, a mask it cannot honour) ``None``; else the
+        visual pattern, with every text key kept (the key mask trims them, as ``joint_attention`` does)."""
+        layout = site.layout
+        if layout is None or not self.sparse_here(site):
+            return None
+        vis = self.visual_token_mask(self.config_for(site), layout, site)
+        if vis is None:
+            raise NotImplementedError(f"{self.name} declares Ring context parallelism but has no static pattern "
+                                      "(visual_token_mask)")
+        batch = attn_mask.shape[0] if attn_mask is not None else 1
+        valid = key_padding(attn_mask, batch, k_len)
+        if valid is False:
+            return None
+        if site.kind == "joint" and layout.text_position in ("before", "after") and layout.text_len:
+            if valid is not None:
+                tv = valid[:, layout.text_slice]
+                prefix = torch.arange(tv.shape[1], device=tv.device)[None, :] < tv.sum(dim=1, keepdim=True)
+                if not bool(valid[:, layout.visual_slice].all()) or not bool((tv == prefix).all()):
+                    return None  # what joint_attention refuses: the call runs dense
+            out = torch.ones(q_len, k_len, dtype=torch.bool)
+            out[layout.visual_slice, layout.visual_slice] = vis
+            return out
+        if valid is not None and not bool(valid.all()):
+            return None
+        return vis
+
     def token_mask(self, site, q_len, k_len):
         """bool ``[1, q_len, k_len]`` over the call's full sequence (text included; True = kept), or ``None``
         where this site runs dense (kinds not served, dense steps/layers) or the pattern is not static."""

@@ -271,7 +271,7 @@ class GNA(SparseMethod):
     families = SUPPORTED_FAMILIES
     defaults = GNA_DEFAULTS
     sparse_kinds = ("self", "joint")
-    context_parallel = frozenset({"ulysses"})  # per head, windows from the layout (docs/context_parallel.md)
+    context_parallel = frozenset({"ulysses", "ring"})  # windows from the layout (docs/context_parallel.md)
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -209,7 +209,7 @@ class Radial(SparseMethod):
     families = SUPPORTED_FAMILIES
     defaults = RADIAL_DEFAULTS
     sparse_kinds = ("self", "joint")
-    context_parallel = frozenset({"ulysses"})  # per head, pattern from the layout (docs/context_parallel.md)
+    context_parallel = frozenset({"ulysses", "ring"})  # pattern from the layout (docs/context_parallel.md)
 
     def __init__(self, config=None):
         super().__init__(config)

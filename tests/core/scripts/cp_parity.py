@@ -166,8 +166,13 @@ def main(which):
         exchange(results)
     else:
         for family, size in sizes.items():
-            case(results, f"{family}/dense/ring", family, "dense", size, ContextParallelConfig(ring_degree=2))
-        case(results, "wan21/radial/ring", "wan21", "radial", sizes["wan21"], ContextParallelConfig(ring_degree=2))
+            dense = run(family, "dense", size)
+            for method in ("dense", "radial", "gna"):
+                if method == "radial" and family == "flux":
+                    continue  # radial does not serve Flux
+                case(results, f"{family}/{method}/ring", family, method, size, ContextParallelConfig(ring_degree=2),
+                     dense)
+        case(results, "wan21/vmoba/ring", "wan21", "vmoba", sizes["wan21"], ContextParallelConfig(ring_degree=2))
         # enable_parallelism after apply, with a plan that splits the model's own inputs (Flux): refused
         pipe = tiny_pipeline("flux", seed=0)
         attnproc.apply(pipe, "dense")
