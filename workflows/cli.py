@@ -66,7 +66,8 @@ def _cmd_render(args) -> int:
             print(json.dumps({"job": job.index, "hash": jobfile.hash_of(job), **jobfile.config_of(job)},
                              default=str))
         return 0
-    summary = render(jobfile, args.out, compare=args.compare, repeats=args.repeats, progress=not args.quiet)
+    summary = render(jobfile, args.out, compare=args.compare, repeats=args.repeats, progress=not args.quiet,
+                     cp=args.cp)
     if "done" in summary:  # the main process prints the summary
         print(json.dumps(summary, indent=2))
     return 1 if summary.get("failed") else 0
@@ -228,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true",
                    help="validate every job against the pipeline (its config, not its weights), print the "
                         "expanded jobs; render nothing")
+    r.add_argument("--cp", default=None, metavar="MODE=N",
+                   help="context parallelism across the N processes of a torchrun / accelerate launch: "
+                        "ulysses=N or ring=N; each job is split across all of them, the main process writes "
+                        "(docs/context_parallel.md)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=_cmd_render)
     f = sub.add_parser("finetune", help="distil a sparse student from the dense teacher (config: YAML/JSON)")

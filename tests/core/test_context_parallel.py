@@ -18,14 +18,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(mode: str) -> dict:
+def _torchrun(*args: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), str(SCRIPT), mode]
+           "--master-port", str(_free_port()), str(SCRIPT), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            results.update(json.loads(line[len("RESULT "):]))
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,7 @@ def ring():
                                   "wan21/maskmod", "hunyuanvideo/dense", "hunyuanvideo/radial", "hunyuanvideo/gna",
                                   "hunyuanvideo/vmoba", "hunyuanvideo/rectified", "hunyuanvideo/maskmod",
                                   "flux/dense", "flux/gna", "flux/rectified", "flux/maskmod",
+                                  "wan21/sla", "hunyuanvideo/sla", "flux/sla",
                                   "exchange/self/wan", "exchange/cross/wan", "exchange/cross/ltx",
                                   "exchange/joint/flux", "exchange/joint/hunyuanvideo"])
 def test_ulysses_degree_2_matches_one_process(ulysses, case):
@@ -55,7 +59,8 @@ def test_ulysses_degree_2_matches_one_process(ulysses, case):
 @pytest.mark.parametrize("case", ["wan21/radial", "wan21/gna", "wan21/vmoba", "wan21/rectified", "wan21/maskmod",
                                   "hunyuanvideo/radial", "hunyuanvideo/gna", "hunyuanvideo/vmoba",
                                   "hunyuanvideo/rectified",
-                                  "hunyuanvideo/maskmod", "flux/gna", "flux/maskmod"])
+                                  "hunyuanvideo/maskmod", "flux/gna", "flux/maskmod",
+                                  "wan21/sla", "hunyuanvideo/sla", "flux/sla"])
 def test_the_sparse_cases_are_not_dense(ulysses, case):
     """Parity would be vacuous if the method ran dense: these differ from dense on one process."""
     assert ulysses[case]["vs_dense"] > 1e-3, ulysses[case]
@@ -81,3 +86,52 @@ def test_refusals_are_clear(ring):
     assert "ulysses_degree=N" in ring["wan21/vmoba/ring"]["error"]
     assert "call enable_parallelism(...) first" in ring["flux/apply_then_cp"]["error"]
     assert "threshold_type 'query_head' or 'head_global'" in ring["wan21/vmoba_overall"]["error"]
+    agent = ring["wan21/agent"]["error"]
+    assert "method 'agent' does not support diffusers context parallelism (ulysses mode)" in agent
+    assert "it serves UNets, which diffusers' context parallelism does not shard" in agent
+
+
+RENDER_JOBS = """
+pipeline: tiny:flux
+defaults: {steps: 2, height: 128, width: 128}
+sweep:
+  prompts: ["a red fox in the snow"]
+  methods: [{method: gna, options: {dense_first_steps: 0, block_target: 32}}]
+  seeds: [0]
+"""
+
+
+def test_render_with_cp_writes_the_single_process_render(tmp_path):
+    """`attnproc render --cp ulysses=2` / `--cp ring=2` under torchrun (2 CPU ranks, gloo): one image written
+    once, by the main process, with the pixels of the one-process render, and the mode in its record."""
+    import numpy as np
+    from PIL import Image
+
+    from attnproc.workflows.manifest import read_records
+    from attnproc.workflows.render import render
+
+    (tmp_path / "jobs.yaml").write_text(RENDER_JOBS)
+    got = _torchrun("render", str(tmp_path))
+    render(tmp_path / "jobs.yaml", tmp_path / "single", progress=False)
+    want = sorted((tmp_path / "single").glob("*.png"))
+    assert len(want) == 1
+    for mode in ("ulysses", "ring"):
+        assert got[mode]["done"] == 1 and got[mode]["failed"] == 0, got
+        files = sorted((tmp_path / mode).glob("*.png"))
+        assert [f.name for f in files] == [want[0].name]
+        a, b = (np.asarray(Image.open(p)).astype(int) for p in (files[0], want[0]))
+        assert np.abs(a - b).max() == 0, mode
+        records = [r for r in read_records(tmp_path / mode) if r.get("status") == "done"]
+        assert len(records) == 1 and records[0]["context_parallel"] == f"{mode}=2"
+
+
+def test_cp_option_errors_are_clear():
+    from attnproc.workflows.cp import parse_cp
+
+    assert (parse_cp("Ulysses=4").mode, parse_cp("ulysses=4").degree) == ("ulysses", 4)
+    assert parse_cp(None) is None
+    for bad in ("ulysses", "ulysses=1", "tensor=2", "ring=x"):
+        with pytest.raises(ValueError, match=r"--cp must be MODE=N with MODE one of \['ulysses', 'ring'\]"):
+            parse_cp(bad)
+    with pytest.raises(ValueError, match=r"--cp ring=4: the launch has 2 process\(es\).*--nproc-per-node 4"):
+        parse_cp("ring=4").check_world(2)

@@ -9,6 +9,7 @@ does here, in test code only, what ``enable_parallelism`` does without that line
 """
 import json
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ HUNYUAN_PLAN = {
     "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
 }
 PROMPT = "a red fox in the snow"
+WORKDIR = tempfile.mkdtemp(prefix="attnproc-cp-")
 SPARSE = dict(dense_first_steps=0, dense_first_layers=0)
 METHODS = {
     "dense": {},
@@ -41,7 +43,19 @@ METHODS = {
     "vmoba": dict(SPARSE, chunk_1d=1, chunk_2d=(3, 5), chunk_3d=(2, 3, 5), topk=2),  # several chunks on tiny grids
     "rectified": dict(SPARSE, block_size=16),
     "maskmod": "regions",
+    "sla": "sla",  # with random projections (a weights file), so the linear branch counts
 }
+SLA = dict(SPARSE, topk=0.25, block_q=16, block_k=16)
+
+
+def sla_weights(pipe, path):
+    """A projection file with seeded random proj_l per module (the same on every rank and every run)."""
+    from attnproc.sparse.sla import SLA as SLAMethod, save_sla_weights
+
+    g = torch.Generator().manual_seed(1)
+    projections = {name: (0.5 * torch.randn(d, d, generator=g), 0.1 * torch.randn(d, generator=g))
+                   for name, d in sorted(SLAMethod.weight_dims(pipe).items())}
+    return save_sla_weights(path, projections, variant="main", model=SLAMethod.model_id(pipe))
 
 
 def enable_cp(model, cp: ContextParallelConfig, plan=None):
@@ -73,6 +87,8 @@ def run(family, method, size, cp=None):
     options = METHODS[method]
     if options == "regions":
         options = dict(prompt=PROMPT, regions=regions(family, size), active_steps=1.0)
+    elif options == "sla":
+        options = dict(SLA, weights=str(sla_weights(pipe, f"{WORKDIR}/sla_{family}_{dist.get_rank()}.safetensors")))
     attnproc.apply(pipe, method, **options)
     f, h, w = size
     kw = dict(height=h, width=w, num_inference_steps=2, output_type="latent", prompt=PROMPT)
@@ -152,8 +168,27 @@ def exchange(results):
                                                 "scale": float(want.abs().max())}
 
 
+def render_cp(workdir):
+    """``attnproc render --cp`` (workflows.render with ``cp=``) of ``workdir/jobs.yaml`` under Ulysses and Ring
+    degree 2; the pytest side renders it in one process and compares the files. The launch's state is
+    accelerate's (it starts the gloo group); ``cp_setup`` is this script's :func:`enable_cp`."""
+    from accelerate import PartialState
+
+    from attnproc.workflows.render import render
+
+    state = PartialState(cpu=True)
+    for mode in ("ulysses", "ring"):
+        summary = render(f"{workdir}/jobs.yaml", f"{workdir}/{mode}", cp=f"{mode}=2", state=state,
+                         cp_setup=lambda model, config: enable_cp(model, config), progress=False)
+        if state.is_main_process:
+            print("RESULT " + json.dumps({mode: summary}))
+
+
 def main(which):
     torch.set_num_threads(1)
+    if which == "render":
+        render_cp(sys.argv[2])
+        return
     dist.init_process_group("gloo")
     results = {}
     sizes = {"wan21": (9, 128, 128), "hunyuanvideo": (9, 128, 128), "flux": (1, 128, 128)}
@@ -183,6 +218,13 @@ def main(which):
             results["flux/apply_then_cp"] = {"error": None}
         except Exception as e:  # noqa: BLE001
             results["flux/apply_then_cp"] = {"error": f"{type(e).__name__}: {e}"}
+        try:  # agent on a DiT (dit=True) under Ulysses: refused, saying why
+            pipe = tiny_pipeline("wan21", seed=0)
+            enable_cp(pipe.transformer, ContextParallelConfig(ulysses_degree=2))
+            attnproc.apply(pipe, "agent", dit=True)
+            results["wan21/agent"] = {"error": None}
+        except Exception as e:  # noqa: BLE001
+            results["wan21/agent"] = {"error": f"{type(e).__name__}: {e}"}
         try:
             pipe = tiny_pipeline("wan21", seed=0)
             enable_cp(pipe.transformer, ContextParallelConfig(ulysses_degree=2))
