@@ -58,7 +58,25 @@ def sla_weights(pipe, path):
     return save_sla_weights(path, projections, variant="main", model=SLAMethod.model_id(pipe))
 
 
+def gather_ragged(module, args, output):
+    """proj_out's gather for ulysses_anything, as a forward hook: gloo's all_gather needs equal sizes, so the
+    shards are padded to the longest and trimmed after (diffusers' own gather of ragged shards is an uneven
+    all_gather, which gloo refuses)."""
+    mine = torch.tensor([output.shape[1]])
+    sizes = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, mine)
+    longest = int(max(sizes))
+    padded = torch.nn.functional.pad(output, (0, 0, 0, longest - output.shape[1])).contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:, :int(n)] for p, n in zip(parts, sizes)], dim=1)
+
+
 def enable_cp(model, cp: ContextParallelConfig, plan=None):
+    plan = dict(plan or model._cp_plan)
+    if cp.ulysses_anything:  # gather the output with gather_ragged instead of diffusers' uneven all_gather
+        assert plan.pop("proj_out").gather_dim == 1
+        model.proj_out.register_forward_hook(gather_ragged)
     config = ParallelConfig(context_parallel_config=cp)
     mesh = init_device_mesh("cpu", cp.mesh_shape, mesh_dim_names=cp.mesh_dim_names)
     config.setup(dist.get_rank(), dist.get_world_size(), torch.device("cpu"), mesh=mesh)
@@ -66,7 +84,7 @@ def enable_cp(model, cp: ContextParallelConfig, plan=None):
     for module in model.modules():
         if hasattr(getattr(module, "processor", None), "_parallel_config"):
             module.processor._parallel_config = config
-    apply_context_parallel(model, cp, plan or model._cp_plan)
+    apply_context_parallel(model, cp, plan)
 
 
 def regions(family, size):
@@ -208,6 +226,12 @@ def main(which):
                 case(results, f"{family}/{method}/ring", family, method, size, ContextParallelConfig(ring_degree=2),
                      dense)
         case(results, "wan21/vmoba/ring", "wan21", "vmoba", sizes["wan21"], ContextParallelConfig(ring_degree=2))
+        # ulysses_anything end to end: 243 visual tokens (3 frames of 9 x 9) split 122 / 121
+        ragged = (9, 144, 144)
+        dense = run("wan21", "dense", ragged)
+        for method in ("dense", "radial", "gna"):
+            case(results, f"wan21/{method}/anything", "wan21", method, ragged,
+                 ContextParallelConfig(ulysses_degree=2, ulysses_anything=True), dense)
         # enable_parallelism after apply, with a plan that splits the model's own inputs (Flux): refused
         pipe = tiny_pipeline("flux", seed=0)
         attnproc.apply(pipe, "dense")
