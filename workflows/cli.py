@@ -74,11 +74,14 @@ def _cmd_render(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
+    from .cp import parse_cp
     from .finetune import finetune, load_finetune_config, summarize_losses
 
     cfg = load_finetune_config(args.config)
     if args.output:
         cfg.output = args.output
+    if args.cp:
+        cfg.context_parallel = str(parse_cp(args.cp))
     result = finetune(cfg, progress=not args.quiet)
     print(f"{summarize_losses(result.losses)}; weights: {result.weights}")
     return 0
@@ -239,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("config", help="fine-tuning config (see docs/finetune.md for the fields)")
     f.add_argument("--output", default=None, help="output folder (overrides the config's `output`)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.add_argument("--cp", default=None, metavar="MODE=N",
+                   help="context parallelism under torchrun: ulysses=N or ring=N (overrides the config's "
+                        "context_parallel; docs/context_parallel.md)")
     f.set_defaults(func=_cmd_finetune)
     t = sub.add_parser("train-concept", help="learn a key-locked (Perfusion) concept from 4-20 images "
                                              "(docs/perfusion.md)")

@@ -32,10 +32,10 @@ class CPSpec:
 
         return ContextParallelConfig(**{f"{self.mode}_degree": self.degree})
 
-    def check_world(self, world: int) -> None:
+    def check_world(self, world: int, option: str = "--cp") -> None:
         """Every process joins the one CP group: the degree must be the number of processes."""
         if world != self.degree:
-            raise ValueError(f"--cp {self}: the launch has {world} process(es); the context-parallel degree must "
+            raise ValueError(f"{option} {self}: the launch has {world} process(es); the context-parallel degree must "
                              f"equal the number of processes (launch with torchrun --nproc-per-node {self.degree})")
 
 

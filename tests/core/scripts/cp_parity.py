@@ -202,10 +202,54 @@ def render_cp(workdir):
             print("RESULT " + json.dumps({mode: summary}))
 
 
+def finetune_cp(workdir):
+    """``attnproc finetune`` with ``context_parallel: ulysses=2`` (workflows.finetune with ``cp_setup`` =
+    :func:`enable_cp`) of ``workdir/train.json``; the pytest side trains it in one process and compares."""
+    from attnproc.workflows.finetune import finetune, parse_finetune_config
+
+    cfg = parse_finetune_config(dict(json.loads(open(f"{workdir}/train.json").read()),
+                                     output=f"{workdir}/cp", context_parallel="ulysses=2"))
+    result = finetune(cfg, cp_setup=lambda model, config: enable_cp(model, config), progress=False)
+    grads = gradient_sum()
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps({"losses": result.losses, "weights": str(result.weights), "grads": grads}))
+
+
+def gradient_sum():
+    """What the trainer's loss scaling rests on: under Ulysses degree 2 each rank's gradient of the (same) loss
+    covers its shard, so their sum is the one-process gradient (and DDP's mean is half of it). Tiny Wan 2.1's
+    transformer with sla (random projections), one weighted loss over the whole output."""
+    def model(cp):
+        pipe = tiny_pipeline("wan21", seed=0)
+        if cp:
+            enable_cp(pipe.transformer, ContextParallelConfig(ulysses_degree=2))
+        attnproc.apply(pipe, "sla", **dict(SLA, weights=str(sla_weights(pipe, f"{WORKDIR}/g{int(cp)}.safetensors"))))
+        return pipe.transformer
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 16, 3, 16, 16, generator=g)
+    text = torch.randn(1, 8, 32, generator=g)
+    w = torch.randn(1, 16, 3, 16, 16, generator=g)
+    grads = []
+    for cp in (False, True):
+        m = model(cp)
+        out = m(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text, return_dict=False)[0]
+        (out * w).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    for t in grads[1].values():
+        dist.all_reduce(t)  # sum over the ranks
+    diff = max(float((grads[0][n] - grads[1][n]).abs().max()) for n in grads[0])
+    scale = max(float(t.abs().max()) for t in grads[0].values())
+    return {"max_diff": diff, "scale": scale, "params": len(grads[0]), "params_cp": len(grads[1])}
+
+
 def main(which):
     torch.set_num_threads(1)
     if which == "render":
         render_cp(sys.argv[2])
+        return
+    if which == "finetune":
+        finetune_cp(sys.argv[2])
         return
     dist.init_process_group("gloo")
     results = {}
