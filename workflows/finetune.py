@@ -362,8 +362,11 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
                 _save_checkpoint(ckpt, done, named, optimizer, losses, chash)
             if callback is not None:
                 callback(done, losses[-1])
-        weights = _export(out, cfg, pipe, accelerator.unwrap_model(student), named, handle)
-        (out / "losses.json").write_text(json.dumps(losses))
+        weights = out / "weights.safetensors"
+        if cp_spec is None or accelerator.is_main_process:  # under CP every rank holds the same weights
+            weights = _export(out, cfg, pipe, accelerator.unwrap_model(student), named, handle)
+            (out / "losses.json").write_text(json.dumps(losses))
+        accelerator.wait_for_everyone()
         return FinetuneResult(out, weights, cfg.steps, losses, start)
     finally:
         handle.remove()
