@@ -176,6 +176,9 @@ class SparseMethod(Method):
             return out
         if valid is not None and not bool(valid.all()):
             return None
+        if tuple(vis.shape) != (q_len, k_len):
+            raise RuntimeError(f"{site.name}: self-attention over {q_len} queries / {k_len} keys does not match the "
+                               f"visual grid {layout.grid} ({layout.visual_len} tokens)")
         return vis
 
     def token_mask(self, site, q_len, k_len):

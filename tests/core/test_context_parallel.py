@@ -81,9 +81,11 @@ def test_ring_degree_2_matches_one_process(ring, case):
         assert r["vs_dense"] > 1e-3, r  # the sparse pattern really ran
 
 
-@pytest.mark.parametrize("case", ["wan21/dense/anything", "wan21/radial/anything", "wan21/gna/anything"])
+@pytest.mark.parametrize("case", ["wan21/dense/anything", "wan21/radial/anything", "wan21/gna/anything",
+                                  "wan21/radial/ring_anything"])
 def test_ulysses_anything_end_to_end_matches_one_process(ring, case):
-    """ulysses_anything=True on 243 visual tokens (split 122 / 121 by diffusers): whole pipeline vs one process.
+    """ulysses_anything=True (and ring_anything=True under Ring) on 243 visual tokens (split 122 / 121 by
+    diffusers): whole pipeline vs one process.
     The script gathers proj_out's ragged shards itself (gloo refuses diffusers' uneven all_gather; see
     docs/context_parallel.md)."""
     r = ring[case]

@@ -44,6 +44,7 @@ METHODS = {
     "rectified": dict(SPARSE, block_size=16),
     "maskmod": "regions",
     "sla": "sla",  # with random projections (a weights file), so the linear branch counts
+    "gna_5x5": dict(dense_first_steps=0, kernel_size=(3, 5, 5), stride=1, block_target=32),
 }
 SLA = dict(SPARSE, topk=0.25, block_q=16, block_k=16)
 
@@ -74,7 +75,7 @@ def gather_ragged(module, args, output):
 
 def enable_cp(model, cp: ContextParallelConfig, plan=None):
     plan = dict(plan or model._cp_plan)
-    if cp.ulysses_anything:  # gather the output with gather_ragged instead of diffusers' uneven all_gather
+    if cp.ulysses_anything or cp.ring_anything:  # gather the output with gather_ragged (not an uneven all_gather)
         assert plan.pop("proj_out").gather_dim == 1
         model.proj_out.register_forward_hook(gather_ragged)
     config = ParallelConfig(context_parallel_config=cp)
@@ -102,7 +103,7 @@ def run(family, method, size, cp=None):
     pipe = tiny_pipeline(family, seed=0)
     if cp is not None:
         enable_cp(pipe.transformer, cp, HUNYUAN_PLAN if family == "hunyuanvideo" else None)
-    options = METHODS[method]
+    options, method = METHODS[method], method.split("_")[0]
     if options == "regions":
         options = dict(prompt=PROMPT, regions=regions(family, size), active_steps=1.0)
     elif options == "sla":
@@ -257,7 +258,7 @@ def main(which):
     if which == "ulysses":
         for family, size in sizes.items():
             dense = run(family, "dense", size)
-            for method in METHODS:
+            for method in (m for m in METHODS if m != "gna_5x5"):
                 case(results, f"{family}/{method}", family, method, size, ContextParallelConfig(ulysses_degree=2),
                      dense)
         exchange(results)
@@ -273,9 +274,11 @@ def main(which):
         # ulysses_anything end to end: 243 visual tokens (3 frames of 9 x 9) split 122 / 121
         ragged = (9, 144, 144)
         dense = run("wan21", "dense", ragged)
-        for method in ("dense", "radial", "gna"):
-            case(results, f"wan21/{method}/anything", "wan21", method, ragged,
+        for method in ("dense", "radial", "gna_5x5"):  # (gna's default window covers this 9 x 9 grid whole)
+            case(results, f"wan21/{method.split('_')[0]}/anything", "wan21", method, ragged,
                  ContextParallelConfig(ulysses_degree=2, ulysses_anything=True), dense)
+        case(results, "wan21/radial/ring_anything", "wan21", "radial", ragged,
+             ContextParallelConfig(ring_degree=2, ring_anything=True), dense)
         # enable_parallelism after apply, with a plan that splits the model's own inputs (Flux): refused
         pipe = tiny_pipeline("flux", seed=0)
         attnproc.apply(pipe, "dense")
