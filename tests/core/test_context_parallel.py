@@ -115,7 +115,22 @@ sweep:
 """
 
 
-def test_render_with_cp_writes_the_single_process_render(tmp_path):
+TRAIN = {"pipeline": "tiny:wan21", "method": "sla", "train": "method", "steps": 3, "lr": 0.01,
+         "options": {"topk": 0.25, "block_q": 16, "block_k": 16, "dense_first_steps": 0, "dense_first_layers": 0},
+         "prompt": "a red fox in the snow", "frames": 9, "height": 128, "width": 128, "data_steps": 2,
+         "checkpoint_every": 100, "output": "unused"}
+
+
+@pytest.fixture(scope="module")
+def workflows(tmp_path_factory):
+    """One torchrun launch: `attnproc render --cp` (Ulysses, then Ring) and `attnproc finetune` under CP."""
+    tmp = tmp_path_factory.mktemp("cp-workflows")
+    (tmp / "jobs.yaml").write_text(RENDER_JOBS)
+    (tmp / "train.json").write_text(json.dumps(TRAIN))
+    return tmp, _torchrun("workflows", str(tmp))
+
+
+def test_render_with_cp_writes_the_single_process_render(workflows):
     """`attnproc render --cp ulysses=2` / `--cp ring=2` under torchrun (2 CPU ranks, gloo): one image written
     once, by the main process, with the pixels of the one-process render, and the mode in its record."""
     import numpy as np
@@ -124,8 +139,7 @@ def test_render_with_cp_writes_the_single_process_render(tmp_path):
     from attnproc.workflows.manifest import read_records
     from attnproc.workflows.render import render
 
-    (tmp_path / "jobs.yaml").write_text(RENDER_JOBS)
-    got = _torchrun("render", str(tmp_path))
+    tmp_path, got = workflows
     render(tmp_path / "jobs.yaml", tmp_path / "single", progress=False)
     want = sorted((tmp_path / "single").glob("*.png"))
     assert len(want) == 1
@@ -151,13 +165,7 @@ def test_cp_option_errors_are_clear():
         parse_cp("ring=4").check_world(2)
 
 
-TRAIN = {"pipeline": "tiny:wan21", "method": "sla", "train": "method", "steps": 3, "lr": 0.01,
-         "options": {"topk": 0.25, "block_q": 16, "block_k": 16, "dense_first_steps": 0, "dense_first_layers": 0},
-         "prompt": "a red fox in the snow", "frames": 9, "height": 128, "width": 128, "data_steps": 2,
-         "checkpoint_every": 100, "output": "unused"}
-
-
-def test_finetune_with_cp_trains_what_one_process_trains(tmp_path):
+def test_finetune_with_cp_trains_what_one_process_trains(workflows):
     """`context_parallel: ulysses=2` under torchrun (tiny Wan 2.1, sla's projections, 3 steps): the same losses
     and final weights as one process. AdamW hides a constant gradient scale, so the loss scaling's premise is
     checked directly: the ranks' gradients sum to the one-process gradient."""
@@ -165,8 +173,7 @@ def test_finetune_with_cp_trains_what_one_process_trains(tmp_path):
 
     from attnproc.workflows.finetune import finetune, parse_finetune_config
 
-    (tmp_path / "train.json").write_text(json.dumps(TRAIN))
-    got = _torchrun("finetune", str(tmp_path))
+    tmp_path, got = workflows
     want = finetune(parse_finetune_config(dict(TRAIN, output=str(tmp_path / "single"))), progress=False)
     assert len(got["losses"]) == 3
     for a, b in zip(got["losses"], want.losses):

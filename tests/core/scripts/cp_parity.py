@@ -246,10 +246,8 @@ def gradient_sum():
 
 def main(which):
     torch.set_num_threads(1)
-    if which == "render":
+    if which == "workflows":
         render_cp(sys.argv[2])
-        return
-    if which == "finetune":
         finetune_cp(sys.argv[2])
         return
     dist.init_process_group("gloo")
