@@ -76,9 +76,10 @@ class Method:
 
     def ring_mask(self, site: Site, q_len: int, k_len: int,
                   attn_mask: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Methods declaring ``"ring"``: the bool ``[Sq, Sk]`` mask (True = attended) under which this call is
-        plain softmax attention, over the whole unsharded call at ``site`` (``q_len`` x ``k_len``; ``attn_mask``: the call's key mask, in
-        that order), or ``None`` for every pair (dense). It must not depend on the keys' values."""
+        """Methods declaring ``"ring"``: the mask under which this call is plain softmax attention, over the
+        whole unsharded call at ``site`` (``q_len`` x ``k_len``; ``attn_mask``: the call's key mask, in that order),
+        as an :class:`attnproc.ring.BlockPattern` (``BlockPattern.of_tokens(bool_mask)`` for a token mask), or
+        ``None`` for every pair (dense). It must not depend on the keys' values."""
         return None
 
     def module_output(self, site: Site) -> torch.Tensor | None:

@@ -20,7 +20,7 @@ from .kernels import merge_attention
 from .parallel import ParallelPlan, _all_to_all, _check_local, _gather_mask, _Segments, key_segments, \
     query_segments
 
-__all__ = ["TILE", "RingPlan", "ring_plan", "shard_positions", "ring"]
+__all__ = ["TILE", "BlockPattern", "RingPlan", "ring_plan", "shard_positions", "ring"]
 
 TILE = 64  # tokens per side of the tiles a rank skips inside a shard pair
 
@@ -38,12 +38,36 @@ def shard_positions(seg: _Segments) -> list[torch.Tensor]:
     return out
 
 
-def _tiles(keep: torch.Tensor, tile: int) -> torch.Tensor:
-    """bool ``[ceil(Sq/tile), ceil(Sk/tile)]``: which tiles of the token mask ``keep [Sq, Sk]`` hold a kept pair."""
-    sq, sk = keep.shape
-    nq, nk = -(-sq // tile), -(-sk // tile)
-    padded = torch.nn.functional.pad(keep, (0, nk * tile - sk, 0, nq * tile - sq))
-    return padded.reshape(nq, tile, nk, tile).any(dim=3).any(dim=1)
+@dataclass(frozen=True)
+class BlockPattern:
+    """A static mask over a whole call, kept small: query ``i`` attends key ``j`` iff
+    ``blocks[q_block[i], k_block[j]]``. Radial and gna give their block masks (blocks of tokens); any token mask
+    is the pattern with one block per token (:meth:`of_tokens`). Nothing of size ``Sq x Sk`` is built from it
+    except the rows one tile attends."""
+
+    blocks: torch.Tensor   # bool [query blocks, key blocks]
+    q_block: torch.Tensor  # long [Sq]: the block of each query (canonical order)
+    k_block: torch.Tensor  # long [Sk]
+
+    @classmethod
+    def of_tokens(cls, mask: torch.Tensor) -> "BlockPattern":
+        return cls(mask, torch.arange(mask.shape[0]), torch.arange(mask.shape[1]))
+
+    def tokens(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+        """bool ``[len(q_idx), len(k_idx)]``: the mask at these canonical positions."""
+        return self.blocks[self.q_block[q_idx]][:, self.k_block[k_idx]]
+
+    def tiles(self, q_idx: torch.Tensor, k_idx: torch.Tensor, tile: int) -> torch.Tensor:
+        """bool ``[ceil(len(q_idx)/tile), ceil(len(k_idx)/tile)]``: which tiles of ``tokens(q_idx, k_idx)`` hold a
+        kept pair, from the blocks each tile touches (no token mask is built)."""
+        def touched(blocks_of, idx, n):
+            rows = torch.arange(len(idx)) // tile
+            inc = torch.zeros(-(-len(idx) // tile), n)
+            inc[rows, blocks_of[idx]] = 1.0
+            return inc
+        inc_q = touched(self.q_block, q_idx, self.blocks.shape[0])
+        inc_k = touched(self.k_block, k_idx, self.blocks.shape[1])
+        return (inc_q @ self.blocks.float() @ inc_k.T) > 0
 
 
 @dataclass(frozen=True)
@@ -73,18 +97,18 @@ class RingPlan:
         return {"tiles": total, "tiles_skipped": skipped}
 
 
-def ring_plan(mask: torch.Tensor | None, q_pos: list[torch.Tensor], k_pos: list[torch.Tensor],
+def ring_plan(pattern: BlockPattern | None, q_pos: list[torch.Tensor], k_pos: list[torch.Tensor],
               tile: int = TILE) -> RingPlan:
-    """The :class:`RingPlan` of the canonical token mask ``mask`` (bool ``[Sq, Sk]``, ``None``: every pair) for
-    query shards at ``q_pos`` and key shards at ``k_pos`` (:func:`shard_positions`)."""
+    """The :class:`RingPlan` of ``pattern`` (``None``: every pair) for query shards at ``q_pos`` and key shards
+    at ``k_pos`` (:func:`shard_positions`)."""
     rows = []
     for qp in q_pos:
         row = []
         for kp in k_pos:
-            if mask is None:
+            if pattern is None:
                 t = torch.ones(-(-len(qp) // tile), -(-len(kp) // tile), dtype=torch.bool)
             else:
-                t = _tiles(mask[qp][:, kp], tile)
+                t = pattern.tiles(qp, kp, tile)
             row.append(t if bool(t.any()) else None)
         rows.append(tuple(row))
     return RingPlan(tuple(rows), tile)
@@ -103,7 +127,8 @@ def _key_bias(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 def _pair_attention(q, k, v, keep, tiles, bias, scale, tile):
     """Queries ``q`` against one key shard over its kept tiles only: ``(out, lse)`` in float32, ``lse = -inf`` and
-    ``out = 0`` for rows with no kept key. ``keep``: bool ``[Sq, Sk]`` or ``None`` (every pair)."""
+    ``out = 0`` for rows with no kept key. ``keep(rows, cols)``: the bool mask of those local rows (a slice) and
+    key columns, or ``None`` (every pair)."""
     B, H, Sq, _ = q.shape
     Sk = k.shape[2]
     outs, lses = [], []
@@ -115,7 +140,7 @@ def _pair_attention(q, k, v, keep, tiles, bias, scale, tile):
         if bias is not None:
             s = s + bias.index_select(-1, cols)
         if keep is not None:
-            s = s.masked_fill(~keep[rows].index_select(1, cols.cpu()).to(q.device), float("-inf"))
+            s = s.masked_fill(~keep(rows, cols.cpu()).to(q.device), float("-inf"))
         lse = torch.logsumexp(s, dim=-1)
         finite = torch.isfinite(lse)
         p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
@@ -126,8 +151,8 @@ def _pair_attention(q, k, v, keep, tiles, bias, scale, tile):
 
 def ring(q, k, v, attn_mask, *, plan: ParallelPlan, layout, kind: str, family, site_name, run, pattern,
          scale=None, tile: int = TILE):
-    """Ring around a static-mask method: ``pattern(q_len, k_len, key_mask)`` gives the method's bool
-    ``[Sq, Sk]`` mask over the canonical sequence (``None``: every pair). Keys the CP plan left whole (Wan's text
+    """Ring around a static-mask method: ``pattern(q_len, k_len, key_mask)`` gives the method's
+    :class:`BlockPattern` over the canonical sequence (``None``: every pair). Keys the CP plan left whole (Wan's text
     context) need no exchange: ``run(q, k, v, attn_mask, None, q_len)`` attends them locally. Returns the local
     output ``[B, H, S_local, Dv]``."""
     q_seg = query_segments(layout, kind, family.joint_text == "before", q.shape[2], plan, q.device)
@@ -154,7 +179,8 @@ def ring(q, k, v, attn_mask, *, plan: ParallelPlan, layout, kind: str, family, s
         if not rp.needs(me, j):
             continue
         kj, vj = shards[j].split([D, Dv], dim=-1)
-        keep = None if mask is None else mask[q_pos[me]][:, k_pos[j]]
+        keep = None if mask is None else \
+            (lambda rows, cols, kp=k_pos[j]: mask.tokens(q_pos[me][rows], kp[cols]))
         bj = None if bias is None else bias.index_select(-1, k_pos[j].to(bias.device))
         o, l = _pair_attention(q, kj, vj, keep, rp.tiles[me][j], bj, scale, tile)
         out, lse = (o, l) if out is None else merge_attention(out, lse, o, l)

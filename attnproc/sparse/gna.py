@@ -310,6 +310,14 @@ class GNA(SparseMethod):
             return tiled[plan.inverse][:, plan.inverse]
         return self._token_masks.get_or((plan.grid, exact), make)
 
+    def visual_block_pattern(self, config, layout, site):
+        """The tile-order block mask where it is what runs (aligned windows, or ``exact=False``); else the exact
+        token mask."""
+        plan = self._plan(config, layout, site)
+        if config.exact and not plan.aligned:
+            return super().visual_block_pattern(config, layout, site)
+        return plan.block_mask, plan.inverse // plan.block_size
+
     def visual_attention(self, q, k, v, *, config, layout, site, extra_k=None, extra_v=None, scale=None):
         plan = self._plan(config, layout, site)
         if config.backend == "natten":

@@ -231,6 +231,9 @@ class Radial(SparseMethod):
         N = layout.visual_len
         return block_to_token_mask(self.visual_block_mask(config, layout, "cpu"), config.block_size, N, N)
 
+    def visual_block_pattern(self, config, layout, site):
+        return self.visual_block_mask(config, layout, "cpu"), torch.arange(layout.visual_len) // config.block_size
+
     def visual_attention(self, q, k, v, *, config, layout, site, extra_k=None, extra_v=None, scale=None):
         bm = self.visual_block_mask(config, layout, q.device)[None, None]
         return block_sparse_attention(q, k, v, bm, config.block_size, scale=scale, extra_k=extra_k, extra_v=extra_v,

@@ -1,11 +1,12 @@
 """Ring context parallelism's plan and pair kernel, on one process (the torchrun parity is in
 test_context_parallel.py): which key shards and tiles each query shard skips, and that attending only the kept
 tiles and merging by log-sum-exp is the masked softmax."""
+import pytest
 import torch
 
 from attnproc.kernels import block_to_token_mask, merge_attention
 from attnproc.parallel import _segments, split_sizes
-from attnproc.ring import _pair_attention, ring_plan, shard_positions
+from attnproc.ring import BlockPattern, _pair_attention, ring_plan, shard_positions
 from attnproc.sparse.gna import gna_mask
 from attnproc.sparse.radial import radial_block_mask
 
@@ -31,7 +32,7 @@ def test_plan_matches_a_brute_force_tile_scan():
     mask[:, 40:] = False  # key shard 2 (tokens 36-52) partly and shard 3 (53-69) wholly unused
     seg = _segments(split_sizes(70, 4))
     pos = shard_positions(seg)
-    plan = ring_plan(mask, pos, pos, tile=8)
+    plan = ring_plan(BlockPattern.of_tokens(mask), pos, pos, tile=8)
     for r in range(4):
         for j in range(4):
             want = _brute_tiles(mask, pos[r], pos[j], 8)
@@ -47,9 +48,10 @@ def test_radial_ring_on_the_tiny_wan_grid_skips_tiles():
     cases in test_context_parallel.py run. Some tiles are skipped; no whole shard is (each half of the video
     attends the other half's first frame, the radial sink)."""
     frames, per_frame = 3, 64
-    mask = block_to_token_mask(radial_block_mask(frames, per_frame, block_size=16), 16, 192, 192)
+    blocks = radial_block_mask(frames, per_frame, block_size=16)
+    mask = block_to_token_mask(blocks, 16, 192, 192)
     pos = shard_positions(_segments(split_sizes(192, 2)))
-    plan = ring_plan(mask, pos, pos, tile=16)
+    plan = ring_plan(BlockPattern(blocks, torch.arange(192) // 16, torch.arange(192) // 16), pos, pos, tile=16)
     tiles = plan.tile_counts([96, 96], [96, 96])
     assert plan.counts() == {"shard_pairs": 4, "shard_pairs_skipped": 0}
     kept = int(sum(_brute_tiles(mask, pos[r], pos[j], 16).sum() for r in range(2) for j in range(2)))
@@ -62,7 +64,7 @@ def test_gna_ring_skips_whole_shards_on_a_long_video():
     never sees a key shard two shards away, so those pairs are neither sent nor attended."""
     mask = gna_mask((16, 4, 4), (3, 3, 3))
     pos = shard_positions(_segments(split_sizes(256, 4)))
-    plan = ring_plan(mask, pos, pos, tile=16)
+    plan = ring_plan(BlockPattern.of_tokens(mask), pos, pos, tile=16)
     needed = [[plan.needs(r, j) for j in range(4)] for r in range(4)]
     assert needed == [[abs(r - j) <= 1 for j in range(4)] for r in range(4)]
     assert plan.counts() == {"shard_pairs": 16, "shard_pairs_skipped": 6}
@@ -82,10 +84,11 @@ def test_pair_kernel_over_kept_tiles_merged_is_the_masked_softmax():
     skipped = 0
     for s in shards:
         keep = mask[:, s]
-        plan = ring_plan(mask[:, s], [torch.arange(40)], [torch.arange(s.stop - s.start)], tile=8)
+        plan = ring_plan(BlockPattern.of_tokens(keep), [torch.arange(40)], [torch.arange(s.stop - s.start)], tile=8)
         tiles = plan.tiles[0][0]
         skipped += int((~tiles).sum())
-        o, l = _pair_attention(q, k[:, :, s], v[:, :, s], keep, tiles, bias[..., s], 8 ** -0.5, 8)
+        o, l = _pair_attention(q, k[:, :, s], v[:, :, s], lambda rows, cols, keep=keep: keep[rows][:, cols], tiles,
+                               bias[..., s], 8 ** -0.5, 8)
         out, lse = (o, l) if out is None else merge_attention(out, lse, o, l)
     assert skipped > 0
     s = (q @ k.transpose(-1, -2)) * 8 ** -0.5 + bias
@@ -95,3 +98,35 @@ def test_pair_kernel_over_kept_tiles_merged_is_the_masked_softmax():
     rows[30] = False
     assert torch.allclose(out[:, :, rows], want[:, :, rows], atol=1e-6)
     assert torch.isneginf(lse[:, :, 30]).all() and (out[:, :, 30] == 0).all()
+
+
+@pytest.mark.parametrize("method, options, grid", [
+    ("radial", dict(block_size=16), (3, 8, 8)),
+    ("gna", dict(block_target=32, kernel_size=(3, 5, 5), stride=1, exact=False), (3, 9, 9)),  # tile blocks
+    ("gna", dict(block_target=32, kernel_size=(3, 5, 5), stride=1), (3, 9, 9)),  # exact, not aligned: tokens
+])
+@pytest.mark.parametrize("kind", ["self", "joint"])
+def test_ring_pattern_is_the_methods_token_mask(method, options, grid, kind):
+    """What Ring attends (a block pattern, never an N x N mask for radial or aligned gna) is the pattern the
+    method computes on one process: its token mask over the whole call, text rows and columns kept."""
+    import attnproc
+    from attnproc.families import FAMILIES
+    from attnproc.layout import TokenLayout
+    from attnproc.site import Site
+
+    base = TokenLayout(*grid)
+    fam = FAMILIES["hunyuanvideo" if kind == "joint" else "wan"]
+    n = base.visual_len + (5 if kind == "joint" else 0)
+    layout = fam.site_layout(base, kind, n, n, None)
+    site = Site(family=fam.name, denoiser="transformer", name="blocks.0.attn1", index=0, layer=0, kind=kind,
+                layout=layout, step=None)
+    m = attnproc.create(method, dense_first_steps=0, **({"dense_first_layers": 0} if method == "radial" else {}),
+                        **options)
+    pattern = m.ring_mask(site, n, n)
+    want = m.token_mask(site, n, n)[0]
+    if kind == "joint":  # visual rows see every text key (the key mask trims padding at run time)
+        want[layout.visual_slice, layout.text_slice] = True
+    assert torch.equal(pattern.tokens(torch.arange(n), torch.arange(n)), want)
+    assert not bool(want.all())
+    if options.get("exact", True) is False or method == "radial":
+        assert pattern.blocks.numel() < n * n  # block form
