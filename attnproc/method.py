@@ -35,8 +35,9 @@ class Method:
     * ``computes_output``: may compute a whole attention module's output itself (:meth:`module_output`), for
       methods that change more than the SDPA call (AgentSD merges tokens before the projections);
     * ``context_parallel``: the diffusers context-parallel modes it runs exactly under (``"ulysses"``: the whole
-      sequence for a subset of heads, ``site.heads`` their global indices; ``"ring"``: the rank's queries against
-      every key). Empty: refused under ``enable_parallelism`` (docs/context_parallel.md).
+      sequence for a subset of heads, ``site.heads`` their global indices; ``"ring"``: the method is softmax
+      attention under the static mask :meth:`ring_mask`, so a rank attends only the key shards and tiles that mask
+      keeps for its queries). Empty: refused under ``enable_parallelism`` (docs/context_parallel.md).
     * ``needs_prompt_batch``: reads a batch whose images have different prompts (isolate: the references, then
       the scene), which ComfyUI's conditioning (one prompt for the whole batch) does not give.
     """
@@ -72,6 +73,14 @@ class Method:
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Site, *,
                   attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def ring_mask(self, site: Site, q_len: int, k_len: int,
+                  attn_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Methods declaring ``"ring"``: the mask under which this call is plain softmax attention, over the
+        whole unsharded call at ``site`` (``q_len`` x ``k_len``; ``attn_mask``: the call's key mask, in that order),
+        as an :class:`attnproc.ring.BlockPattern` (``BlockPattern.of_tokens(bool_mask)`` for a token mask), or
+        ``None`` for every pair (dense). It must not depend on the keys' values."""
+        return None
 
     def module_output(self, site: Site) -> torch.Tensor | None:
         """Methods with ``computes_output``: the attention module's output (what its stock processor returns)

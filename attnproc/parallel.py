@@ -9,9 +9,8 @@ processor *without* diffusers' parallel attention, so its one SDPA call reaches 
   the layout: a joint call's shards are ``[text_r, visual_r]`` per rank and are put back as ``[text, visual]``.
   The method then runs unchanged on that call with ``site.heads`` = its global head indices; the output goes
   back with the reverse all-to-all. Keys the CP plan did not split (Wan's text context) are only sliced by head.
-* **Ring** (:func:`ring`): the rank keeps its queries and gathers every rank's keys and values (diffusers'
-  ``rotate_method="allgather"``); exact for methods whose rows depend on their own query only. Only methods that
-  declare ``"ring"`` in ``context_parallel`` run here (dense); the rest are refused, naming Ulysses.
+* **Ring** (:mod:`attnproc.ring`): the rank keeps its queries and receives the key/value shards its static mask
+  needs; the rest are refused, naming Ulysses.
 
 The shard sizes are not communicated: diffusers splits every sequence it shards with ``chunk`` /
 ``tensor_split`` over all CP ranks, so rank ``r``'s share of ``n`` tokens is ``tensor_split``'s ``r``-th size.
@@ -27,7 +26,7 @@ import torch.distributed as dist
 from ._compat import cp_group, cp_settings
 from .errors import ContextParallelError
 
-__all__ = ["ParallelPlan", "mode_of", "plan_of", "split_sizes", "ulysses", "ring"]
+__all__ = ["ParallelPlan", "mode_of", "plan_of", "split_sizes", "ulysses"]
 
 
 @dataclass(frozen=True)
@@ -239,27 +238,3 @@ def ulysses(q, k, v, attn_mask, *, plan: ParallelPlan, layout, kind: str, family
     else:  # more ranks than heads: this rank computes nothing
         out = qf.new_empty(qf.shape[:3] + (v.shape[-1],))
     return _scatter_seq(out, q_seg, plan, heads)
-
-
-# ---- Ring ------------------------------------------------------------------------------------------------------
-def ring(q, k, v, attn_mask, *, plan: ParallelPlan, layout, kind: str, family, site_name, run):
-    """Ring (all-gather of keys and values): ``run(q_local, k, v, attn_mask, None, q_len)`` over every key, with
-    ``q_len`` the whole call's query count (for the site); returns the local output. Exact for methods whose
-    output rows depend only on their own query."""
-    q_seg = query_segments(layout, kind, family.joint_text == "before", q.shape[2], plan, q.device)
-    _check_local("queries", q.shape[2], q_seg, plan.rank, site_name)
-    k_seg = key_segments(kind, q_seg, k.shape[2], family.cp_text_sharded, plan, q.device)
-    if k_seg is None:
-        return run(q, k, v, attn_mask, None, q_seg.total())
-    _check_local("keys", k.shape[2], k_seg, plan.rank, site_name)
-
-    def gather(x):
-        B, H, _, D = x.shape
-        recv = [(B, H, k_seg.local(j), D) for j in range(plan.world)]
-        full = torch.cat(_all_to_all([x] * plan.world, recv, plan.group), dim=2)
-        idx = k_seg.to_canonical(x.device)
-        return full if idx is None else full.index_select(2, idx)
-
-    H = q.shape[1]
-    mask = _gather_mask(attn_mask, k_seg, plan, k.shape[2], range(H), H, site_name)
-    return run(q, gather(k), gather(v), mask, None, q_seg.total())

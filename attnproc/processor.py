@@ -26,7 +26,7 @@ from .errors import ContextParallelError, NonNativeBackendError, UnsupportedCall
 from .families import Family, module_kind, stock_processor_for
 from .layout import TokenLayout
 from .method import Method
-from . import parallel
+from . import parallel, ring
 from .site import CallInputs, LazySite, Site
 
 STATE_ATTR = "attnproc"  # the child of an attention module that holds the method's per-module state
@@ -323,9 +323,18 @@ class AttnProcessor:
         if layout is None:
             raise ContextParallelError(f"attnproc: {self.info.name}: context parallelism needs the token layout, "
                                        f"which the {self.info.family.name} family cannot give for these inputs")
-        exchange = parallel.ulysses if plan.mode == "ulysses" else parallel.ring
-        return exchange(query, key, value, attn_mask, plan=plan, layout=layout, kind=kind,
-                        family=self.info.family, site_name=self.info.name, run=run)
+        common = dict(plan=plan, layout=layout, kind=kind, family=self.info.family, site_name=self.info.name, run=run)
+        if plan.mode == "ulysses":
+            return parallel.ulysses(query, key, value, attn_mask, **common)
+        if extra:
+            raise ContextParallelError(f"attnproc: {self.info.name}: SDPA options {sorted(extra)} are not supported "
+                                       "under Ring context parallelism; use ulysses_degree=N")
+
+        def pattern(q_len, k_len, key_mask):  # the method's static mask over the whole (unsharded) call
+            site = self._site(attn, kind, q_len, k_len, call, inputs, states)
+            return self.method.ring_mask(site, q_len, k_len, key_mask)
+
+        return ring.ring(query, key, value, attn_mask, pattern=pattern, scale=scale, **common)
 
     def _context_layout(self) -> TokenLayout | None:
         """The forward's layout; ``None`` for a method that needs none when the family cannot lay the tokens out

@@ -66,18 +66,22 @@ def _cmd_render(args) -> int:
             print(json.dumps({"job": job.index, "hash": jobfile.hash_of(job), **jobfile.config_of(job)},
                              default=str))
         return 0
-    summary = render(jobfile, args.out, compare=args.compare, repeats=args.repeats, progress=not args.quiet)
+    summary = render(jobfile, args.out, compare=args.compare, repeats=args.repeats, progress=not args.quiet,
+                     cp=args.cp)
     if "done" in summary:  # the main process prints the summary
         print(json.dumps(summary, indent=2))
     return 1 if summary.get("failed") else 0
 
 
 def _cmd_finetune(args) -> int:
+    from .cp import parse_cp
     from .finetune import finetune, load_finetune_config, summarize_losses
 
     cfg = load_finetune_config(args.config)
     if args.output:
         cfg.output = args.output
+    if args.cp:
+        cfg.context_parallel = str(parse_cp(args.cp))
     result = finetune(cfg, progress=not args.quiet)
     print(f"{summarize_losses(result.losses)}; weights: {result.weights}")
     return 0
@@ -228,12 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true",
                    help="validate every job against the pipeline (its config, not its weights), print the "
                         "expanded jobs; render nothing")
+    r.add_argument("--cp", default=None, metavar="MODE=N",
+                   help="context parallelism across the N processes of a torchrun / accelerate launch: "
+                        "ulysses=N or ring=N; each job is split across all of them, the main process writes "
+                        "(docs/context_parallel.md)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=_cmd_render)
     f = sub.add_parser("finetune", help="distil a sparse student from the dense teacher (config: YAML/JSON)")
     f.add_argument("config", help="fine-tuning config (see docs/finetune.md for the fields)")
     f.add_argument("--output", default=None, help="output folder (overrides the config's `output`)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.add_argument("--cp", default=None, metavar="MODE=N",
+                   help="context parallelism under torchrun: ulysses=N or ring=N (overrides the config's "
+                        "context_parallel; docs/context_parallel.md)")
     f.set_defaults(func=_cmd_finetune)
     t = sub.add_parser("train-concept", help="learn a key-locked (Perfusion) concept from 4-20 images "
                                              "(docs/perfusion.md)")

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .cp import enable_context_parallel, parse_cp
 from .jobs import (JobFileError, _check_keys, _fail, _float, _int, _method, _options, _str, config_hash,
                    read_yaml_or_json)
 
@@ -66,6 +67,7 @@ class FinetuneConfig:
     width: int | None = None
     frames: int | None = None
     data_steps: int = 4
+    context_parallel: str | None = None            # "ulysses=N" / "ring=N": each step split across the processes
 
 
 _FIELDS = tuple(FinetuneConfig.__dataclass_fields__)
@@ -118,6 +120,11 @@ def parse_finetune_config(data: Any) -> FinetuneConfig:
                 _fail("prompt", f"must be a string or a non-empty list of strings, got {d['prompt']!r}")
         elif "prompt" in d:
             d["prompt"] = _str(d["prompt"], "prompt", allow_none=True)
+        if d.get("context_parallel") is not None:
+            try:
+                d["context_parallel"] = str(parse_cp(d["context_parallel"]))
+            except ValueError as e:
+                _fail("context_parallel", str(e).replace("--cp ", ""))
         if "lora_targets" in d:
             t = d["lora_targets"]
             if not isinstance(t, list) or not t or not all(isinstance(x, str) for x in t):
@@ -276,11 +283,17 @@ class FinetuneResult:
 
 
 def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
-             callback: Callable[[int, float], None] | None = None, progress: bool = True) -> FinetuneResult:
+             callback: Callable[[int, float], None] | None = None, progress: bool = True,
+             cp_setup: Callable | None = None) -> FinetuneResult:
     """Run (or resume) ``cfg``. ``pipe``: an already loaded pipeline (else ``cfg.pipeline`` is loaded);
     ``params``: ``(name, parameter)`` pairs to train instead of ``cfg.train``'s choice; ``callback(step, loss)``
     after every optimizer step. The final weights go to ``<output>/weights.safetensors`` (LoRA: also diffusers'
-    ``pytorch_lora_weights.safetensors`` where the pipeline class can save LoRA)."""
+    ``pytorch_lora_weights.safetensors`` where the pipeline class can save LoRA).
+
+    ``cfg.context_parallel`` (under ``torchrun``): the student runs each step under diffusers' context
+    parallelism across every process (``cp_setup(model, config)`` enables it; default ``enable_parallelism``);
+    the teacher runs whole on each. Every rank's loss is the same, and its gradient covers its own shard, so the
+    sum over ranks is the full gradient: the loss is scaled by the degree to undo DDP's averaging."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -290,13 +303,19 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    chash = config_hash({k: v for k, v in asdict(cfg).items() if k not in ("output", "checkpoint_every")})
+    chash = config_hash({k: v for k, v in asdict(cfg).items()
+                         if k not in ("output", "checkpoint_every", "context_parallel")})  # same result either way
+    cp_spec = parse_cp(cfg.context_parallel)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    if cp_spec is not None:
+        cp_spec.check_world(accelerator.num_processes, "context_parallel:")
     if pipe is None:
         pipe = load_pipeline(cfg.pipeline, {"seed": cfg.seed})
     student = _denoiser(pipe)
     x0, rest = record_inputs(pipe, cfg)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    if cp_spec is not None:  # the student only, before apply (the order attnproc needs)
+        enable_context_parallel(pipe, cp_spec, cp_setup)
     handle = attnproc.apply(pipe, cfg.method, **cfg.options)
     try:
         torch.manual_seed(cfg.seed)  # LoRA initialisation
@@ -333,7 +352,7 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
                     target = teacher(hidden_states=xt, timestep=ts, return_dict=False, **kwargs)[0]
                 pred = student(hidden_states=xt, timestep=ts, return_dict=False, **kwargs)[0]
                 loss = torch.mean((pred.float() - target.float()) ** 2)
-            accelerator.backward(loss)
+            accelerator.backward(loss * (cp_spec.degree if cp_spec is not None else 1))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
@@ -343,8 +362,11 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
                 _save_checkpoint(ckpt, done, named, optimizer, losses, chash)
             if callback is not None:
                 callback(done, losses[-1])
-        weights = _export(out, cfg, pipe, accelerator.unwrap_model(student), named, handle)
-        (out / "losses.json").write_text(json.dumps(losses))
+        weights = out / "weights.safetensors"
+        if cp_spec is None or accelerator.is_main_process:  # under CP every rank holds the same weights
+            weights = _export(out, cfg, pipe, accelerator.unwrap_model(student), named, handle)
+            (out / "losses.json").write_text(json.dumps(losses))
+        accelerator.wait_for_everyone()
         return FinetuneResult(out, weights, cfg.steps, losses, start)
     finally:
         handle.remove()

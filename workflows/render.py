@@ -11,6 +11,7 @@ process reads the manifest before any of them renders, so all agree on the split
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 import attnproc
 
+from .cp import enable_context_parallel, parse_cp
 from .jobs import Job, JobFile, check_jobfile, load_jobfile
 from .manifest import MANIFEST, PARTS, append_record, current, finished, fold_parts, read_records
 from .media import remove_stale_temp_files, save_image, save_video, to_uint8_frames
@@ -229,9 +231,10 @@ def _label(method) -> str:
 
 
 def render_job(pipe, jobfile: JobFile, job: Job, out_dir: Path, *, compare: str | None = None,
-               device="cpu", step_callback: Callable | None = None, repeats: int = 3) -> dict:
+               device="cpu", step_callback: Callable | None = None, repeats: int = 3, write: bool = True) -> dict:
     """Render one job (and, with ``compare``, time it against that method: warmed up, alternating, ``repeats``
-    rounds, see :mod:`.timing`); write its output(s); return its manifest record."""
+    rounds, see :mod:`.timing`); write its output(s); return its manifest record (``write=False``: a context-
+    parallel rank other than the main one, which renders its shard and writes nothing: ``None``)."""
     h = jobfile.hash_of(job)
     stem = out_dir / f"{job.name or _label(job.method)}-s{job.seed}-{h}"
 
@@ -248,6 +251,8 @@ def render_job(pipe, jobfile: JobFile, job: Job, out_dir: Path, *, compare: str 
     else:
         run = run_job()
         timings = single_run_timings(run)
+    if not write:
+        return None
     path = _save(run["frames"], run["kind"], stem, jobfile.fps)
     record = {
         "job": job.index, "name": job.name, "hash": h, "status": "done",
@@ -276,16 +281,21 @@ def single_run_timings(run: dict) -> dict:
 
 
 def render(jobfile: JobFile | str | Path, out_dir: str | Path | None = None, *, compare: str | None = None,
-           repeats: int = 3, progress: bool = True, state=None) -> dict:
+           repeats: int = 3, progress: bool = True, state=None, cp: str | None = None,
+           cp_setup: Callable | None = None) -> dict:
     """Render every unfinished job of ``jobfile`` into ``out_dir``; return a summary.
 
     With ``compare``, each job is timed against that method over ``repeats`` warm, alternating rounds.
     ``state`` is an ``accelerate.PartialState``; by default one is made (CPU unless CUDA is present and the job
     file does not ask for ``device: cpu``), which is a single process unless launched by ``accelerate launch``.
+    ``cp`` (``"ulysses=N"`` / ``"ring=N"``, :mod:`.cp`): every process renders every job together under
+    diffusers' context parallelism (``cp_setup(model, config)`` enables it; default ``enable_parallelism``)
+    and the main process writes; without it the jobs are split between the processes.
     """
     if not isinstance(jobfile, JobFile):
         jobfile = load_jobfile(jobfile)
     check_counts(repeats, 1)
+    cp_spec = parse_cp(cp)
     if compare:
         attnproc.create(compare)  # an unknown name fails before any work
     facts = check_jobfile(jobfile)  # every job against the pipeline's family and call, before anything renders
@@ -301,6 +311,8 @@ def render(jobfile: JobFile | str | Path, out_dir: str | Path | None = None, *, 
         want_cpu = jobfile.pipeline_options.get("device") == "cpu" or not torch.cuda.is_available()
         state = PartialState(cpu=want_cpu)
     rank, world = state.process_index, state.num_processes
+    if cp_spec is not None:
+        cp_spec.check_world(world)
     if state.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(out_dir)  # what a render killed mid-write left
@@ -318,9 +330,11 @@ def render(jobfile: JobFile | str | Path, out_dir: str | Path | None = None, *, 
     device = jobfile.pipeline_options.get("device") or state.device
     part = out_dir / PARTS / f"{os.getpid()}-rank{rank}-of-{world}.jsonl"
     failed = 0
-    with state.split_between_processes(pending) as mine:
+    with _shares(state, pending, cp_spec) as mine:
         if mine:
             pipe = load_pipeline(jobfile.pipeline, jobfile.pipeline_options, device)
+            if cp_spec is not None:
+                enable_context_parallel(pipe, cp_spec, cp_setup)
             steps_bar = tqdm(desc=f"steps (rank {rank})" if world > 1 else "steps", unit="step",
                              disable=not progress, leave=False, position=1)
             jobs_bar = tqdm(mine, desc=f"jobs (rank {rank})" if world > 1 else "jobs", unit="job",
@@ -329,14 +343,18 @@ def render(jobfile: JobFile | str | Path, out_dir: str | Path | None = None, *, 
                 steps_bar.reset(total=(job.steps or 0) * (2 * (repeats + 1) if compare else 1) or None)
                 try:
                     record = render_job(pipe, jobfile, job, out_dir, compare=compare, device=device,
-                                        step_callback=lambda i: steps_bar.update(1), repeats=repeats)
+                                        step_callback=lambda i: steps_bar.update(1), repeats=repeats,
+                                        write=cp_spec is None or state.is_main_process)
                 except Exception as e:  # recorded and reported; the other jobs go on
                     failed += 1
                     record = {"job": job.index, "name": job.name, "hash": jobfile.hash_of(job), "status": "error",
                               "config": jobfile.config_of(job), "error": f"{type(e).__name__}: {e}"}
                     tqdm.write(f"attnproc render: job {job.index} failed: {record['error']}", file=sys.stderr)
+                if record is None or (cp_spec is not None and not state.is_main_process):
+                    continue  # a context-parallel rank's shard: the main process records the job
                 record.update(record_id=uuid.uuid4().hex, jobfile=str(jobfile.source) if jobfile.source else None,
-                              rank=rank, world_size=world, finished_at=time.time())
+                              rank=rank, world_size=world, finished_at=time.time(),
+                              **({"context_parallel": str(cp_spec)} if cp_spec is not None else {}))
                 append_record(part, record)
             steps_bar.close()
             jobs_bar.close()
@@ -352,6 +370,16 @@ def render(jobfile: JobFile | str | Path, out_dir: str | Path | None = None, *, 
         summary["failed"] = len(hashes) - summary["done"]
     state.wait_for_everyone()
     return summary
+
+
+@contextlib.contextmanager
+def _shares(state, pending: list, cp_spec):
+    """This process's jobs: its data-parallel share, or (context parallelism) every job."""
+    if cp_spec is not None:
+        yield pending
+        return
+    with state.split_between_processes(pending) as mine:
+        yield mine
 
 
 def job_records(jobfile: JobFile, out_dir: str | Path) -> list[dict]:

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from attnproc.errors import UnsupportedFamilyError
+from attnproc.errors import ContextParallelError, UnsupportedFamilyError
 from attnproc.kernels import dense_attention
 from attnproc.method import Method
 from attnproc.options import option
@@ -416,6 +416,15 @@ class Agent(Method):
 
     def check_family(self, family: str | None) -> None:
         check_family(family, dit=self.config.dit)
+
+    def check_parallel(self, mode: str) -> None:
+        """Refused under context parallelism: it serves UNets, which diffusers' CP does not shard (no CP plan),
+        and it merges tokens before the projections, which needs every token of the module's input."""
+        raise ContextParallelError(
+            f"method 'agent' does not support diffusers context parallelism ({mode} mode): it serves UNets, which "
+            "diffusers' context parallelism does not shard, and merges tokens before the projections, which needs "
+            "every token of the module's input on one rank; run it without enable_parallelism. See "
+            "docs/context_parallel.md")
 
     def bind(self, target) -> None:
         super().bind(target)

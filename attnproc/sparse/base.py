@@ -150,6 +150,51 @@ class SparseMethod(Method):
         """The pattern over the visual tokens, bool ``[N, N]`` (True = kept), or ``None`` if not static."""
         return None
 
+    def visual_block_pattern(self, config, layout, site) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The pattern over the visual tokens as ``(blocks [nb, nb] bool, block of each visual token [N])``, for
+        Ring context parallelism; default: the token mask, one block per token. Methods with a block mask give it
+        (no ``N x N`` mask is built)."""
+        vis = self.visual_token_mask(config, layout, site)
+        return None if vis is None else (vis, torch.arange(vis.shape[0]))
+
+    def ring_mask(self, site, q_len, k_len, attn_mask=None):
+        """The pattern this call computes, over its whole sequence (``Method.ring_mask``, an
+        :class:`attnproc.ring.BlockPattern`): where :meth:`sparse_attention` would run dense (schedule, kind, a
+        mask it cannot honour) ``None``; else the visual pattern, with every text key kept (the key mask trims
+        them, as ``joint_attention`` does) and text queries attending every key."""
+        from attnproc.ring import BlockPattern
+
+        layout = site.layout
+        if layout is None or not self.sparse_here(site):
+            return None
+        found = self.visual_block_pattern(self.config_for(site), layout, site)
+        if found is None:
+            raise NotImplementedError(f"{self.name} declares Ring context parallelism but has no static pattern "
+                                      "(visual_token_mask)")
+        blocks, block_of = found
+        batch = attn_mask.shape[0] if attn_mask is not None else 1
+        valid = key_padding(attn_mask, batch, k_len)
+        if valid is False:
+            return None
+        if site.kind == "joint" and layout.text_position in ("before", "after") and layout.text_len:
+            if valid is not None:
+                tv = valid[:, layout.text_slice]
+                prefix = torch.arange(tv.shape[1], device=tv.device)[None, :] < tv.sum(dim=1, keepdim=True)
+                if not bool(valid[:, layout.visual_slice].all()) or not bool((tv == prefix).all()):
+                    return None  # what joint_attention refuses: the call runs dense
+            nb = blocks.shape[0]  # one more block, the text: it attends and is attended by everything
+            ext = torch.ones(nb + 1, nb + 1, dtype=torch.bool)
+            ext[:nb, :nb] = blocks
+            ids = torch.full((q_len,), nb, dtype=torch.long)
+            ids[layout.visual_slice] = block_of
+            return BlockPattern(ext, ids, ids)
+        if valid is not None and not bool(valid.all()):
+            return None
+        if (q_len, k_len) != (layout.visual_len, layout.visual_len):
+            raise RuntimeError(f"{site.name}: self-attention over {q_len} queries / {k_len} keys does not match the "
+                               f"visual grid {layout.grid} ({layout.visual_len} tokens)")
+        return BlockPattern(blocks, block_of, block_of)
+
     def token_mask(self, site, q_len, k_len):
         """bool ``[1, q_len, k_len]`` over the call's full sequence (text included; True = kept), or ``None``
         where this site runs dense (kinds not served, dense steps/layers) or the pattern is not static."""

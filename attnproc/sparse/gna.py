@@ -271,7 +271,7 @@ class GNA(SparseMethod):
     families = SUPPORTED_FAMILIES
     defaults = GNA_DEFAULTS
     sparse_kinds = ("self", "joint")
-    context_parallel = frozenset({"ulysses"})  # per head, windows from the layout (docs/context_parallel.md)
+    context_parallel = frozenset({"ulysses", "ring"})  # windows from the layout (docs/context_parallel.md)
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -309,6 +309,14 @@ class GNA(SparseMethod):
             tiled = plan.block_mask.repeat_interleave(B, 0).repeat_interleave(B, 1)
             return tiled[plan.inverse][:, plan.inverse]
         return self._token_masks.get_or((plan.grid, exact), make)
+
+    def visual_block_pattern(self, config, layout, site):
+        """The tile-order block mask where it is what runs (aligned windows, or ``exact=False``); else the exact
+        token mask."""
+        plan = self._plan(config, layout, site)
+        if config.exact and not plan.aligned:
+            return super().visual_block_pattern(config, layout, site)
+        return plan.block_mask, plan.inverse // plan.block_size
 
     def visual_attention(self, q, k, v, *, config, layout, site, extra_k=None, extra_v=None, scale=None):
         plan = self._plan(config, layout, site)

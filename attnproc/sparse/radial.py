@@ -209,7 +209,7 @@ class Radial(SparseMethod):
     families = SUPPORTED_FAMILIES
     defaults = RADIAL_DEFAULTS
     sparse_kinds = ("self", "joint")
-    context_parallel = frozenset({"ulysses"})  # per head, pattern from the layout (docs/context_parallel.md)
+    context_parallel = frozenset({"ulysses", "ring"})  # pattern from the layout (docs/context_parallel.md)
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -230,6 +230,9 @@ class Radial(SparseMethod):
     def visual_token_mask(self, config, layout, site):
         N = layout.visual_len
         return block_to_token_mask(self.visual_block_mask(config, layout, "cpu"), config.block_size, N, N)
+
+    def visual_block_pattern(self, config, layout, site):
+        return self.visual_block_mask(config, layout, "cpu"), torch.arange(layout.visual_len) // config.block_size
 
     def visual_attention(self, q, k, v, *, config, layout, site, extra_k=None, extra_v=None, scale=None):
         bm = self.visual_block_mask(config, layout, q.device)[None, None]

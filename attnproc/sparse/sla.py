@@ -372,6 +372,8 @@ class SLA(SparseMethod):
     families = SUPPORTED_FAMILIES
     defaults = SLA_DEFAULTS
     sparse_kinds = ("self", "joint")
+    # per head over the whole sequence (block map, linear branch); proj_l acts on the head dim, shared by heads
+    context_parallel = frozenset({"ulysses"})
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -89,9 +89,9 @@ def test_context_parallel_mode_a_method_does_not_serve_is_refused(wan):
     module = pipe.transformer.blocks[0].attn1
     module.processor._parallel_config = ring  # what enable_parallelism sets on every processor
     try:
-        with pytest.raises(attnproc.ContextParallelError, match="'radial' does not support diffusers context "
+        with pytest.raises(attnproc.ContextParallelError, match="'vmoba' does not support diffusers context "
                                                                "parallelism in ring mode.*ulysses_degree=N"):
-            attnproc.apply(pipe, "radial")
+            attnproc.apply(pipe, "vmoba")
     finally:
         del module.processor._parallel_config
     assert torch.equal(run(pipe, "wan21"), stock)

@@ -9,6 +9,7 @@ does here, in test code only, what ``enable_parallelism`` does without that line
 """
 import json
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ HUNYUAN_PLAN = {
     "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
 }
 PROMPT = "a red fox in the snow"
+WORKDIR = tempfile.mkdtemp(prefix="attnproc-cp-")
 SPARSE = dict(dense_first_steps=0, dense_first_layers=0)
 METHODS = {
     "dense": {},
@@ -41,10 +43,41 @@ METHODS = {
     "vmoba": dict(SPARSE, chunk_1d=1, chunk_2d=(3, 5), chunk_3d=(2, 3, 5), topk=2),  # several chunks on tiny grids
     "rectified": dict(SPARSE, block_size=16),
     "maskmod": "regions",
+    "sla": "sla",  # with random projections (a weights file), so the linear branch counts
+    "gna_5x5": dict(dense_first_steps=0, kernel_size=(3, 5, 5), stride=1, block_target=32),
 }
+SLA = dict(SPARSE, topk=0.25, block_q=16, block_k=16)
+
+
+def sla_weights(pipe, path):
+    """A projection file with seeded random proj_l per module (the same on every rank and every run)."""
+    from attnproc.sparse.sla import SLA as SLAMethod, save_sla_weights
+
+    g = torch.Generator().manual_seed(1)
+    projections = {name: (0.5 * torch.randn(d, d, generator=g), 0.1 * torch.randn(d, generator=g))
+                   for name, d in sorted(SLAMethod.weight_dims(pipe).items())}
+    return save_sla_weights(path, projections, variant="main", model=SLAMethod.model_id(pipe))
+
+
+def gather_ragged(module, args, output):
+    """proj_out's gather for ulysses_anything, as a forward hook: gloo's all_gather needs equal sizes, so the
+    shards are padded to the longest and trimmed after (diffusers' own gather of ragged shards is an uneven
+    all_gather, which gloo refuses)."""
+    mine = torch.tensor([output.shape[1]])
+    sizes = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, mine)
+    longest = int(max(sizes))
+    padded = torch.nn.functional.pad(output, (0, 0, 0, longest - output.shape[1])).contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:, :int(n)] for p, n in zip(parts, sizes)], dim=1)
 
 
 def enable_cp(model, cp: ContextParallelConfig, plan=None):
+    plan = dict(plan or model._cp_plan)
+    if cp.ulysses_anything or cp.ring_anything:  # gather the output with gather_ragged (not an uneven all_gather)
+        assert plan.pop("proj_out").gather_dim == 1
+        model.proj_out.register_forward_hook(gather_ragged)
     config = ParallelConfig(context_parallel_config=cp)
     mesh = init_device_mesh("cpu", cp.mesh_shape, mesh_dim_names=cp.mesh_dim_names)
     config.setup(dist.get_rank(), dist.get_world_size(), torch.device("cpu"), mesh=mesh)
@@ -52,7 +85,7 @@ def enable_cp(model, cp: ContextParallelConfig, plan=None):
     for module in model.modules():
         if hasattr(getattr(module, "processor", None), "_parallel_config"):
             module.processor._parallel_config = config
-    apply_context_parallel(model, cp, plan or model._cp_plan)
+    apply_context_parallel(model, cp, plan)
 
 
 def regions(family, size):
@@ -70,9 +103,11 @@ def run(family, method, size, cp=None):
     pipe = tiny_pipeline(family, seed=0)
     if cp is not None:
         enable_cp(pipe.transformer, cp, HUNYUAN_PLAN if family == "hunyuanvideo" else None)
-    options = METHODS[method]
+    options, method = METHODS[method], method.split("_")[0]
     if options == "regions":
         options = dict(prompt=PROMPT, regions=regions(family, size), active_steps=1.0)
+    elif options == "sla":
+        options = dict(SLA, weights=str(sla_weights(pipe, f"{WORKDIR}/sla_{family}_{dist.get_rank()}.safetensors")))
     attnproc.apply(pipe, method, **options)
     f, h, w = size
     kw = dict(height=h, width=w, num_inference_steps=2, output_type="latent", prompt=PROMPT)
@@ -152,22 +187,96 @@ def exchange(results):
                                                 "scale": float(want.abs().max())}
 
 
+def render_cp(workdir):
+    """``attnproc render --cp`` (workflows.render with ``cp=``) of ``workdir/jobs.yaml`` under Ulysses and Ring
+    degree 2; the pytest side renders it in one process and compares the files. The launch's state is
+    accelerate's (it starts the gloo group); ``cp_setup`` is this script's :func:`enable_cp`."""
+    from accelerate import PartialState
+
+    from attnproc.workflows.render import render
+
+    state = PartialState(cpu=True)
+    for mode in ("ulysses", "ring"):
+        summary = render(f"{workdir}/jobs.yaml", f"{workdir}/{mode}", cp=f"{mode}=2", state=state,
+                         cp_setup=lambda model, config: enable_cp(model, config), progress=False)
+        if state.is_main_process:
+            print("RESULT " + json.dumps({mode: summary}))
+
+
+def finetune_cp(workdir):
+    """``attnproc finetune`` with ``context_parallel: ulysses=2`` (workflows.finetune with ``cp_setup`` =
+    :func:`enable_cp`) of ``workdir/train.json``; the pytest side trains it in one process and compares."""
+    from attnproc.workflows.finetune import finetune, parse_finetune_config
+
+    cfg = parse_finetune_config(dict(json.loads(open(f"{workdir}/train.json").read()),
+                                     output=f"{workdir}/cp", context_parallel="ulysses=2"))
+    result = finetune(cfg, cp_setup=lambda model, config: enable_cp(model, config), progress=False)
+    grads = gradient_sum()
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps({"losses": result.losses, "weights": str(result.weights), "grads": grads}))
+
+
+def gradient_sum():
+    """What the trainer's loss scaling rests on: under Ulysses degree 2 each rank's gradient of the (same) loss
+    covers its shard, so their sum is the one-process gradient (and DDP's mean is half of it). Tiny Wan 2.1's
+    transformer with sla (random projections), one weighted loss over the whole output."""
+    def model(cp):
+        pipe = tiny_pipeline("wan21", seed=0)
+        if cp:
+            enable_cp(pipe.transformer, ContextParallelConfig(ulysses_degree=2))
+        attnproc.apply(pipe, "sla", **dict(SLA, weights=str(sla_weights(pipe, f"{WORKDIR}/g{int(cp)}.safetensors"))))
+        return pipe.transformer
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 16, 3, 16, 16, generator=g)
+    text = torch.randn(1, 8, 32, generator=g)
+    w = torch.randn(1, 16, 3, 16, 16, generator=g)
+    grads = []
+    for cp in (False, True):
+        m = model(cp)
+        out = m(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text, return_dict=False)[0]
+        (out * w).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    for t in grads[1].values():
+        dist.all_reduce(t)  # sum over the ranks
+    diff = max(float((grads[0][n] - grads[1][n]).abs().max()) for n in grads[0])
+    scale = max(float(t.abs().max()) for t in grads[0].values())
+    return {"max_diff": diff, "scale": scale, "params": len(grads[0]), "params_cp": len(grads[1])}
+
+
 def main(which):
     torch.set_num_threads(1)
+    if which == "workflows":
+        render_cp(sys.argv[2])
+        finetune_cp(sys.argv[2])
+        return
     dist.init_process_group("gloo")
     results = {}
     sizes = {"wan21": (9, 128, 128), "hunyuanvideo": (9, 128, 128), "flux": (1, 128, 128)}
     if which == "ulysses":
         for family, size in sizes.items():
             dense = run(family, "dense", size)
-            for method in METHODS:
+            for method in (m for m in METHODS if m != "gna_5x5"):
                 case(results, f"{family}/{method}", family, method, size, ContextParallelConfig(ulysses_degree=2),
                      dense)
         exchange(results)
     else:
         for family, size in sizes.items():
-            case(results, f"{family}/dense/ring", family, "dense", size, ContextParallelConfig(ring_degree=2))
-        case(results, "wan21/radial/ring", "wan21", "radial", sizes["wan21"], ContextParallelConfig(ring_degree=2))
+            dense = run(family, "dense", size)
+            for method in ("dense", "radial", "gna"):
+                if method == "radial" and family == "flux":
+                    continue  # radial does not serve Flux
+                case(results, f"{family}/{method}/ring", family, method, size, ContextParallelConfig(ring_degree=2),
+                     dense)
+        case(results, "wan21/vmoba/ring", "wan21", "vmoba", sizes["wan21"], ContextParallelConfig(ring_degree=2))
+        # ulysses_anything end to end: 243 visual tokens (3 frames of 9 x 9) split 122 / 121
+        ragged = (9, 144, 144)
+        dense = run("wan21", "dense", ragged)
+        for method in ("dense", "radial", "gna_5x5"):  # (gna's default window covers this 9 x 9 grid whole)
+            case(results, f"wan21/{method.split('_')[0]}/anything", "wan21", method, ragged,
+                 ContextParallelConfig(ulysses_degree=2, ulysses_anything=True), dense)
+        case(results, "wan21/radial/ring_anything", "wan21", "radial", ragged,
+             ContextParallelConfig(ring_degree=2, ring_anything=True), dense)
         # enable_parallelism after apply, with a plan that splits the model's own inputs (Flux): refused
         pipe = tiny_pipeline("flux", seed=0)
         attnproc.apply(pipe, "dense")
@@ -178,6 +287,13 @@ def main(which):
             results["flux/apply_then_cp"] = {"error": None}
         except Exception as e:  # noqa: BLE001
             results["flux/apply_then_cp"] = {"error": f"{type(e).__name__}: {e}"}
+        try:  # agent on a DiT (dit=True) under Ulysses: refused, saying why
+            pipe = tiny_pipeline("wan21", seed=0)
+            enable_cp(pipe.transformer, ContextParallelConfig(ulysses_degree=2))
+            attnproc.apply(pipe, "agent", dit=True)
+            results["wan21/agent"] = {"error": None}
+        except Exception as e:  # noqa: BLE001
+            results["wan21/agent"] = {"error": f"{type(e).__name__}: {e}"}
         try:
             pipe = tiny_pipeline("wan21", seed=0)
             enable_cp(pipe.transformer, ContextParallelConfig(ulysses_degree=2))
