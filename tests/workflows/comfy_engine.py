@@ -346,6 +346,15 @@ def maskmod_checks():
                           "vs_stock": diff(out, stock)}
 
 
+def steer_checks():
+    """The steering-edit nodes (structured, ...): tests/workflows/comfy_steer_engine.py; run only when asked
+    (``steer`` section, tests/workflows/test_comfy_steer.py)."""
+    import comfy_steer_engine
+    from comfy_test_nodes import tiny_clip
+
+    comfy_steer_engine.structured_checks(results, tiny_unet, tiny_clip, diff)
+
+
 def _post(url, payload):
     import urllib.error
     import urllib.request

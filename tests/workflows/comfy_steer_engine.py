@@ -1,0 +1,122 @@
+"""The steering-edit nodes (workflows/comfy_steer.py) inside the real ComfyUI engine: run by comfy_engine.py's
+``steer`` section (``steer_checks``), in its subprocess, on its tiny SD1.x UNet and tiny CLIP. Measurements go
+into ``results``; tests/workflows/test_comfy_steer.py asserts on them."""
+import math
+
+import torch
+
+import comfy.ldm.modules.attention as attention
+import nodes
+
+PROMPT = "a red circle and a blue square"
+STEPS = 4
+
+
+def _attend64(q, k, v, heads):
+    """Softmax attention in float64 from its definition: ``[R, S, H·D]`` rows → ``[R, S, H·D]``."""
+    split = lambda t: t.double().reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+    qh, kh, vh = split(q), split(k), split(v)
+    p = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1]), dim=-1)
+    return (p @ vh).transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+
+
+def _project64(linear, ctx):
+    out = ctx.double() @ linear.weight.double().T
+    return out + linear.bias.double() if linear.bias is not None else out
+
+
+def structured_reference(q, k, v, module, full, alone, alignments, mode, heads):
+    """StructureDiffusion's combination for conditional rows ``q, k, v`` (keys/values of the prompt), written
+    from docs/structured.md in float64: values mode ``attn(Q, K_c, mean(V_c, V_ĉ1 … V_ĉk))``; conjunction mode
+    ``mean_i attn(Q, K_i, V_ĉall)`` over ``K_c, K_ĉ1 … K_ĉk``."""
+    def swapped(indices):
+        ctx = full.double().clone()
+        for i in indices:
+            dst, src = alignments[i]
+            ctx[dst] = alone[i].double()[src]
+        return ctx
+
+    each = [swapped([i]) for i in range(len(alone))]
+    rows = q.shape[0]
+    if mode == "values":
+        vals = [v.double()] + [_project64(module.to_v, c).expand(rows, -1, -1) for c in each]
+        return _attend64(q, k, torch.stack(vals).mean(0), heads)
+    v_all = _project64(module.to_v, swapped(range(len(alone)))).expand(rows, -1, -1)
+    keys = [k.double()] + [_project64(module.to_k, c).expand(rows, -1, -1) for c in each]
+    return torch.stack([_attend64(q, kk, v_all, heads) for kk in keys]).mean(0)
+
+
+def structured_checks(results, tiny_unet, tiny_clip, diff):
+    from attnproc.steer.phrases import locate_phrases
+    from attnproc.workflows.comfy_steer import bind_phrases, encode, patch_structured
+
+    model, clip = tiny_unet(), tiny_clip(64)
+    located = locate_phrases(PROMPT, ["a red circle", "a blue square"])
+    results["structured_alignments"] = bind_phrases(clip, PROMPT, located)
+    (positive,) = nodes.CLIPTextEncode().encode(clip, PROMPT)
+    (negative,) = nodes.CLIPTextEncode().encode(clip, "")
+    latent = {"samples": torch.zeros(1, 4, 16, 24)}
+
+    def run(m, pos=positive):
+        (out,) = nodes.common_ksampler(m, 0, STEPS, 5.0, "euler", "simple", pos, negative, latent)
+        return out["samples"]
+
+    stock = run(model)
+    full = encode(clip, PROMPT)
+    alone = [encode(clip, p.text) for p in located]
+    for mode in ("values", "conjunction"):
+        patched = patch_structured(model, clip, PROMPT, "", "rules", mode, 0.5)
+        replace = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+        seen = {"steered": 0, "passed": 0, "rows_vs_stock": 0.0, "passed_vs_stock": 0.0, "vs_reference": 0.0,
+                "steps": set(), "blocks": len(replace)}
+
+        def recording(inner):
+            def call(q, k, v, extra):
+                out = inner(q, k, v, extra)
+                stock_out = attention.optimized_attention(q, k, v, extra["n_heads"], transformer_options=extra)
+                chunks = extra["cond_or_uncond"]
+                n = q.shape[0] // len(chunks)
+                cond = [i * n + r for i, c in enumerate(chunks) if c == 0 for r in range(n)]
+                other = [r for r in range(q.shape[0]) if r not in cond]
+                if inner.active(extra):
+                    seen["steered"] += 1
+                    seen["steps"].add(float(extra["sigmas"][0]))
+                    ref = structured_reference(q[cond], k[cond], v[cond], inner.module, full, alone,
+                                               results["structured_alignments"], mode, extra["n_heads"])
+                    err = float((out[cond].double() - ref).abs().max() / ref.abs().max())
+                    seen["vs_reference"] = max(seen["vs_reference"], err)
+                    seen["rows_vs_stock"] = max(seen["rows_vs_stock"], diff(out[other], stock_out[other]))
+                else:
+                    seen["passed"] += 1
+                    seen["passed_vs_stock"] = max(seen["passed_vs_stock"], diff(out, stock_out))
+                return out
+            return call
+
+        for key in list(replace):
+            replace[key] = recording(replace[key])
+        out = run(patched)
+        seen["steps"] = len(seen["steps"])
+        results[f"structured_{mode}"] = {**seen, "vs_stock": diff(out, stock),
+                                         "finite": bool(torch.isfinite(out).all())}
+    # only cross-attention is replaced: with active_steps=0 the sample is the stock one, bit for bit
+    results["structured_inactive_vs_stock"] = diff(run(patch_structured(model, clip, PROMPT, active_steps=0.0)),
+                                                   stock)
+    errors = {}
+    for name, kwargs in {"missing": {"phrases": "a green circle"},
+                         "overlap": {"phrases": "a red circle; red circle and"},
+                         "weights": {"prompt": "a (red:1.2) circle and a blue square", "phrases": "a blue square"},
+                         "mode": {"mode": "both"}, "steps": {"active_steps": 1.5}}.items():
+        args = {"prompt": PROMPT, **kwargs}
+        try:
+            patch_structured(model, clip, **args)
+            errors[name] = "accepted"
+        except ValueError as e:
+            errors[name] = str(e)
+    (other,) = nodes.CLIPTextEncode().encode(clip, "a blue circle and a red square")
+    try:
+        run(patch_structured(model, clip, PROMPT), other)
+        errors["other_prompt"] = "accepted"
+    except RuntimeError as e:
+        errors["other_prompt"] = str(e)
+    errors["model_untouched"] = "patches_replace" not in model.model_options.get("transformer_options", {})
+    results["structured_errors"] = errors
