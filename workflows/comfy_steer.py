@@ -188,3 +188,39 @@ def patch_structured(model, clip, prompt: str, phrases: str = "", parser: str = 
         patched.set_model_attn2_replace(StructuredAttn2(module, full, alone, alignments, config, sampling), name,
                                         number, index)
     return patched
+
+
+# ----------------------------------------------------------------------------- node specs (the exported pack)
+STRUCTURED_NODE = {
+    "node_id": "AttnProcStructured", "display_name": "attnproc: structured",
+    "description": ("Structured guidance (StructureDiffusion) on SD 1.x/2.x/SDXL: each noun phrase of the prompt "
+                    "is encoded on its own with the CLIP input and written into the prompt's token positions; the "
+                    "conditional cross-attention of every UNet block averages its values over them ('values') or "
+                    "its outputs over a key set per phrase ('conjunction'). Type the positive prompt as in "
+                    "CLIPTextEncode (plain text, no weights); phrases: parts of it, ';' between them, empty = found "
+                    "by the parser. Installed as attn2 replace patches (other attn2 replacements are refused)."),
+    "sockets": [{"name": "model", "type": "MODEL"}, {"name": "clip", "type": "CLIP"}],
+    "output": "MODEL", "run": "steer"}
+STEER_NODES = {"structured": STRUCTURED_NODE}
+
+
+def steer_specs(method: str, widgets: list[dict]) -> list[dict]:
+    """The node specs of a steering edit, from the registry's widgets (its library defaults): ``prompt``
+    multiline, ``phrases`` plain text (``;`` between phrases, empty = found)."""
+    out = []
+    for w in widgets:
+        if w["name"] == "prompt":
+            w = {**w, "multiline": True, "tooltip": "the positive prompt, as typed in CLIPTextEncode (plain text)"}
+        if w["name"] == "phrases":
+            w = {"name": "phrases", "kind": "STRING", "default": "", "multiline": False,
+                 "tooltip": "parts of the prompt, ';' between them (e.g. 'a red circle; a blue square'); empty = "
+                            "found by the parser"}
+        out.append(w)
+    return [{**STEER_NODES[method], "method": method, "widgets": out}]
+
+
+def run_node(node_id: str, inputs: dict):
+    """What an exported steering node runs (``inputs``: its sockets and widget values by name)."""
+    if node_id == STRUCTURED_NODE["node_id"]:
+        return patch_structured(**inputs)
+    raise ValueError(f"unknown attnproc steering node {node_id!r}")

@@ -1,0 +1,56 @@
+"""The steering-edit ComfyUI nodes (workflows/comfy_steer.py) in the real ComfyUI engine (0.30.0): comfy_engine.py's
+``steer`` section runs them in a subprocess on the tiny native SD1.x UNet and CLIP; the numbers are asserted
+here. See docs/comfyui.md."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_comfy_engine import comfyui_dir
+
+FP32 = 1e-5  # relative error of the fp32 node against the float64 definition (measured ~1e-6)
+
+
+@pytest.fixture(scope="module")
+def steer(tmp_path_factory):
+    work = tmp_path_factory.mktemp("comfyui_steer")
+    out = work / "results.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("comfy_engine.py")), str(comfyui_dir()),
+                           str(work), str(out), "steer"], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    print(json.dumps(results, indent=1))
+    return results
+
+
+def test_structured_phrases_bound_with_comfyui_tokenizer(steer):
+    # "a red circle and a blue square": start token at 0; each phrase alone sits at 1..3 after its start token
+    assert steer["structured_alignments"] == [[[1, 2, 3], [1, 2, 3]], [[5, 6, 7], [1, 2, 3]]]
+
+
+@pytest.mark.parametrize("mode", ["values", "conjunction"])
+def test_structured_node_matches_the_definition_and_passes_the_rest(steer, mode):
+    r = steer[f"structured_{mode}"]
+    assert r["blocks"] == 7  # one attn2 replacement per transformer block of the tiny UNet
+    # active_steps=0.5 of 4 steps: the cond rows of 7 blocks in steps 0 and 1; steps 2 and 3 passed through
+    assert r["steered"] == 14 and r["steps"] == 2 and r["passed"] == 14
+    assert r["vs_reference"] < FP32  # the conditional rows: StructureDiffusion's formula (float64)
+    assert r["rows_vs_stock"] == 0.0  # the uncond rows of steered calls: ComfyUI's own attention, bit for bit
+    assert r["passed_vs_stock"] == 0.0  # inactive steps: bit-identical
+    assert r["finite"] and r["vs_stock"] > 1e-3  # the sample changes
+
+
+def test_structured_node_inactive_is_stock(steer):
+    assert steer["structured_inactive_vs_stock"] == 0.0
+
+
+def test_structured_node_errors(steer):
+    e = steer["structured_errors"]
+    assert "phrase 'a green circle' is not in the prompt" in e["missing"]
+    assert "phrases 'a red circle' and 'red circle and' overlap" in e["overlap"]
+    assert "differently from plain text (prompt weights" in e["weights"]
+    assert "option 'mode' of method 'structured' must be one of 'values', 'conjunction'" in e["mode"]
+    assert "option 'active_steps' of method 'structured' is out of range" in e["steps"]
+    assert "no conditional prompt of this sampler is the node's prompt" in e["other_prompt"]
+    assert e["model_untouched"] is True  # a refused node leaves the input MODEL as it was
