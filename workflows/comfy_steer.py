@@ -14,15 +14,18 @@ called (inside ComfyUI).
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
 
 import attnproc
 from attnproc.kernels import dense_attention
-from attnproc.steer.phrases import align_phrase
+from attnproc.steer.phrases import align_phrase, locate_phrases
 from attnproc.steer.structured import MATCH_TOLERANCE, StructuredConfig, aligned_contexts, structured_attention
-from attnproc.workflows.comfy_runtime import family_from, step_from
+from attnproc.layout import TokenLayout
+from attnproc.method import Method
+from attnproc.workflows.comfy_runtime import WRAPPER_TYPE, family_from, step_from
 
 # ComfyUI tokenizers (attributes of ``clip.tokenizer``) whose tokens make an SD-family UNet's text context:
 # SD1.x/2.x have one, SDXL both (their hidden states are concatenated per token, at the same positions).
@@ -75,15 +78,22 @@ def bind_phrases(clip, prompt: str, located) -> list[tuple[list[int], list[int]]
     return alignments
 
 
+def phrase_positions(clip, prompt: str, phrase: str) -> list[int]:
+    """The token positions of ``phrase`` (its first whole-word occurrence) in ``prompt``'s text context."""
+    located = locate_phrases(prompt, [phrase])
+    return bind_phrases(clip, prompt, located)[0][0]
+
+
 def encode(clip, text: str) -> torch.Tensor:
     """``text``'s text context as CLIPTextEncode makes it (``[S, D]``, float32)."""
     return clip.encode_from_tokens(clip.tokenize(text))[0].float().cpu()
 
 
 # ----------------------------------------------------------------------------- the attn2 replacement
-def attn2_modules(diffusion_model) -> dict[tuple[str, int, int], torch.nn.Module]:
-    """Every cross-attention module of a ComfyUI UNet by ComfyUI's patch key ``(block, number, index)``: the
-    ``transformer_options["block"]`` its ``UNetModel`` sets and the transformer's index in its SpatialTransformer."""
+def transformer_blocks(diffusion_model) -> dict[tuple[str, int, int], torch.nn.Module]:
+    """Every transformer block of a ComfyUI UNet, in execution order, by ComfyUI's patch key
+    ``(block, number, index)``: the ``transformer_options["block"]`` its ``UNetModel`` sets and the block's index
+    in its SpatialTransformer (the keys ``set_model_attn1_replace``/``set_model_attn2_replace`` take)."""
     groups = (("input", getattr(diffusion_model, "input_blocks", [])),
               ("middle", [getattr(diffusion_model, "middle_block", [])]),
               ("output", getattr(diffusion_model, "output_blocks", [])))
@@ -92,9 +102,18 @@ def attn2_modules(diffusion_model) -> dict[tuple[str, int, int], torch.nn.Module
         for number, block in enumerate(blocks):
             for layer in block:
                 for index, tb in enumerate(getattr(layer, "transformer_blocks", ()) or ()):
-                    if getattr(tb, "attn2", None) is not None:
-                        found[(name, number, index)] = tb.attn2
+                    found[(name, number, index)] = tb
     return found
+
+
+def _check_free(model, which: str, keys, method: str) -> None:
+    """Refuse when another node already replaces ``which`` (attn1/attn2) in one of these blocks: ours would
+    silently override it (or it ours)."""
+    taken = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(which, {})
+    clash = sorted(set(keys) & set(taken))
+    if clash:
+        raise ValueError(f"{method}: another node already replaces {which} in blocks {clash[:3]}; {method} would "
+                         "override it: use one of the two")
 
 
 class StructuredAttn2:
@@ -176,17 +195,148 @@ def patch_structured(model, clip, prompt: str, phrases: str = "", parser: str = 
     alignments = bind_phrases(clip, prompt, located)
     full = encode(clip, prompt)
     alone = [encode(clip, p.text) for p in located]
-    modules = attn2_modules(model.model.diffusion_model)
-    taken = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    clash = sorted(set(modules) & set(taken))
-    if clash:
-        raise ValueError(f"structured: another node already replaces cross-attention in blocks {clash[:3]}...; "
-                         "structured would override it: use one of the two")
+    blocks = transformer_blocks(model.model.diffusion_model)
+    _check_free(model, "attn2", blocks, "structured")
     sampling = model.get_model_object("model_sampling")
     patched = model.clone()
-    for (name, number, index), module in modules.items():
-        patched.set_model_attn2_replace(StructuredAttn2(module, full, alone, alignments, config, sampling), name,
-                                        number, index)
+    for (name, number, index), block in blocks.items():
+        patched.set_model_attn2_replace(StructuredAttn2(block.attn2, full, alone, alignments, config, sampling),
+                                        name, number, index)
+    return patched
+
+
+# ----------------------------------------------------------------------------- isolate
+class _ComfyAttention(Method):
+    """The attention ComfyUI would run for this call (``optimized_attention``, with any override installed
+    before): the inner method of :class:`IsolateAttn`, so rows isolate does not edit stay ComfyUI's own."""
+
+    name = "comfy"
+
+    def __init__(self, extra: dict):
+        super().__init__()
+        self.extra = extra
+
+    def attention(self, q, k, v, site, *, attn_mask=None, scale=None):
+        import comfy.ldm.modules.attention as attention  # inside ComfyUI
+
+        if attn_mask is not None or scale is not None:
+            return dense_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        return attention.optimized_attention(q, k, v, q.shape[1], attn_precision=self.extra.get("attn_precision"),
+                                             skip_reshape=True, skip_output_reshape=True,
+                                             transformer_options=self.extra)
+
+
+class IsolateAttn:
+    """ComfyUI ``attn1``/``attn2`` replacement of one UNet transformer block running the library's
+    :class:`~attnproc.steer.isolate.Isolate` edit: the site (grid from ``activations_shape``, step, branches,
+    the block's position) built from what ComfyUI passes; ComfyUI's attention as the inner method."""
+
+    def __init__(self, method, name: str, index: int, kind: str, model_sampling=None):
+        self.method, self.name, self.index, self.kind, self.model_sampling = method, name, index, kind, model_sampling
+
+    def site(self, q_len: int, k_len: int, extra: dict):
+        shape = extra.get("activations_shape")
+        if shape is None or len(shape) != 4 or int(shape[2]) * int(shape[3]) != q_len:
+            return None
+        cross = self.kind == "cross"
+        chunks = extra.get("cond_or_uncond")
+        layout = TokenLayout(1, int(shape[2]), int(shape[3]), text_len=k_len if cross else 0,
+                             text_position="separate" if cross else "none",
+                             branches=tuple("cond" if c == 0 else "uncond" for c in chunks) if chunks else None)
+        return attnproc.Site(family="unet", denoiser="diffusion_model", name=self.name, index=self.index,
+                             layer=self.index, kind=self.kind, layout=layout, step=step_from(extra, self.model_sampling))
+
+    def __call__(self, q, k, v, extra: dict):
+        heads = extra["n_heads"]
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+        inner = _ComfyAttention(extra)
+        site = self.site(q.shape[1], k.shape[1], extra)
+        if site is None:
+            out = inner.attention(split(q), split(k), split(v), None)
+        else:
+            out = self.method.edit(split(q), split(k), split(v), site, inner=inner)
+        return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+
+
+class IsolatePrompts:
+    """ComfyUI ``APPLY_MODEL`` wrapper giving each image of the batch its prompt: in the conditional rows,
+    ``[ref_1 × k, …, ref_N × k, scene × k]`` (the sampler's positive is the scene; the reference rows get the
+    reference prompts the node encoded). Checks the batch and that the positive is the node's scene prompt."""
+
+    def __init__(self, references: list[torch.Tensor], scene: torch.Tensor):
+        self.references, self.scene = references, scene
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                 **kwargs):
+        n = len(self.references)
+        chunks = transformer_options.get("cond_or_uncond") or [0]
+        chunk = x.shape[0] // len(chunks)
+        if chunk % (n + 1):
+            raise ValueError(f"isolate node: {n} reference prompt(s) and the scene need a latent batch of {n + 1} "
+                             f"(or a multiple: k stories), references first; got {chunk} image(s): set the batch_size "
+                             f"of the empty latent to {n + 1}")
+        copies = chunk // (n + 1)
+        if c_crossattn is not None and any(c == 0 for c in chunks):
+            c_crossattn = c_crossattn.clone()
+            scene = self.scene.to(c_crossattn)
+            for b, c in enumerate(chunks):
+                if c != 0:
+                    continue
+                start = b * chunk
+                target = c_crossattn[start + n * copies:start + chunk]
+                if target.shape[1:] != scene.shape or float((target - scene).norm() / scene.norm().clamp_min(1e-12)
+                                                            / target.shape[0] ** 0.5) > MATCH_TOLERANCE:
+                    raise ValueError("isolate node: the sampler's positive conditioning is not the node's scene prompt "
+                                     "(connect the same CLIP and type the same scene prompt in CLIPTextEncode)")
+                for i, ref in enumerate(self.references):
+                    if ref.shape != scene.shape:
+                        raise ValueError(f"isolate node: reference prompt {i + 1} encodes to {ref.shape[0]} tokens, "
+                                         f"the scene to {scene.shape[0]}: keep every prompt within 75 tokens")
+                    c_crossattn[start + i * copies:start + (i + 1) * copies] = ref.to(c_crossattn)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
+ISOLATE_WRAPPER_KEY = "attnproc_isolate_prompts"
+
+
+def patch_isolate(model, clip, references: str, scene: str, subjects, **options):
+    """``model.clone()`` with isolation and reposition for a story: ``references`` one prompt per line (one per
+    subject), ``scene`` the sampler's positive prompt, ``subjects`` as for the library (JSON text or a list).
+    Checks everything (counts, phrases, boxes) before patching."""
+    refs = [line.strip() for line in str(references).splitlines() if line.strip()]
+    if isinstance(subjects, str):
+        try:
+            subjects = json.loads(subjects) if subjects.strip() else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"isolate: subjects is not valid JSON ({e}); e.g. [{{\"phrase\": \"red star\", "
+                             f"\"box\": [0.05, 0.3, 0.45, 0.7]}}]") from None
+    from attnproc.workflows.comfy_runtime import parse_widget_options
+
+    options = parse_widget_options("isolate", options)
+    method = attnproc.create("isolate", subjects=subjects, prompts=[*refs, scene], **options)
+    family = family_from(model)
+    if family != "unet":
+        raise ValueError(f"isolate: the node serves SD 1.x/2.x and SDXL UNets; this model is "
+                         f"{type(getattr(model, 'model', None)).__name__} (family {family!r})")
+    for i, s in enumerate(method.subjects):
+        phrase = s.get("phrase")
+        if phrase is not None and method.target_tokens[i] is None:
+            method.target_tokens[i] = phrase_positions(clip, scene, phrase)
+        if phrase is not None and method.reference_tokens[i] is None:
+            method.reference_tokens[i] = phrase_positions(clip, refs[i], phrase)
+    blocks = transformer_blocks(model.model.diffusion_model)
+    for which in ("attn1", "attn2"):
+        _check_free(model, which, blocks, "isolate")
+    names = [".".join(map(str, key)) for key in blocks]
+    method.positions = {name: i / len(names) for i, name in enumerate(names)}
+    wrapper = IsolatePrompts([encode(clip, r) for r in refs], encode(clip, scene))
+    sampling = model.get_model_object("model_sampling")
+    patched = model.clone()
+    for i, (key, name) in enumerate(zip(blocks, names)):
+        patched.set_model_attn1_replace(IsolateAttn(method, name, i, "self", sampling), *key)
+        patched.set_model_attn2_replace(IsolateAttn(method, name, i, "cross", sampling), *key)
+    patched.remove_wrappers_with_key(WRAPPER_TYPE, ISOLATE_WRAPPER_KEY)
+    patched.add_wrapper_with_key(WRAPPER_TYPE, ISOLATE_WRAPPER_KEY, wrapper)
     return patched
 
 

@@ -326,6 +326,7 @@ def steer_checks():
     from comfy_test_nodes import tiny_clip
 
     comfy_steer_engine.structured_checks(results, tiny_unet, tiny_clip, diff)
+    comfy_steer_engine.isolate_checks(results, tiny_unet, tiny_clip, diff)
 
 
 def _post(url, payload):

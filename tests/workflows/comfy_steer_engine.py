@@ -120,3 +120,66 @@ def structured_checks(results, tiny_unet, tiny_clip, diff):
         errors["other_prompt"] = str(e)
     errors["model_untouched"] = "patches_replace" not in model.model_options.get("transformer_options", {})
     results["structured_errors"] = errors
+
+
+REFERENCES = ["a red star", "a blue square"]
+SCENE = "a red star and a blue square"
+SUBJECTS = [{"phrase": "red star", "box": [0.05, 0.25, 0.45, 0.75]},
+            {"phrase": "blue square", "box": [0.55, 0.25, 0.95, 0.75]}]
+
+
+def isolate_checks(results, tiny_unet, tiny_clip, diff):
+    """A two-subject story in one batch [ref 1, ref 2, scene]: each reference against sampling it alone with
+    the same noise (ComfyUI's ``batch_index``), the scene against stock; wrong inputs."""
+    import json
+
+    from attnproc.workflows.comfy_steer import patch_isolate
+
+    model, clip = tiny_unet(), tiny_clip(64)
+    encode = lambda text: nodes.CLIPTextEncode().encode(clip, text)[0]  # noqa: E731
+    negative = encode("")
+
+    def run(m, positive, indices):
+        latent = {"samples": torch.zeros(len(indices), 4, 16, 24), "batch_index": list(indices)}
+        (out,) = nodes.common_ksampler(m, 0, STEPS, 5.0, "euler", "simple", positive, negative, latent)
+        return out["samples"]
+
+    refs = "\n".join(REFERENCES)
+    patched = patch_isolate(model, clip, refs, SCENE, json.dumps(SUBJECTS), dropout=0.0)
+    story = run(patched, encode(SCENE), [0, 1, 2])
+    alone = [run(model, encode(r), [i]) for i, r in enumerate(REFERENCES)]
+    scene_alone = run(model, encode(SCENE), [2])
+    r = {"references_vs_alone": [diff(story[i:i + 1], alone[i]) for i in range(2)],
+         "scene_vs_stock": diff(story[2:], scene_alone), "finite": bool(torch.isfinite(story).all())}
+    # without reposition, isolation and mutual cross-attention the node changes nothing
+    off = patch_isolate(model, clip, refs, SCENE, json.dumps(SUBJECTS), reposition=False, isolation=False,
+                        mutual_cross=False)
+    plain = run(off, encode(SCENE), [0, 1, 2])  # the same batch, each image with its prompt, nothing edited
+    r["references_vs_plain_batch"] = [diff(story[i:i + 1], plain[i:i + 1]) for i in range(2)]
+    r["plain_batch_vs_alone"] = [diff(plain[i:i + 1], alone[i]) for i in range(2)] + [diff(plain[2:], scene_alone)]
+    r["scene_vs_plain_batch"] = diff(story[2:], plain[2:])
+    # ComfyUI's own numerics: the stock model on a batch of 3 (scene prompt) against the scene sampled alone
+    r["stock_batch_vs_alone"] = diff(run(model, encode(SCENE), [0, 1, 2])[2:], scene_alone)
+    errors = {}
+    for name, (args, kwargs) in {
+            "more_subjects": ((REFERENCES[0], SCENE, json.dumps(SUBJECTS)), {}),
+            "box": ((refs, SCENE, json.dumps([SUBJECTS[0], {"phrase": "blue square", "box": [0.5, 0.2, 1.4, 0.6]}])),
+                    {}),
+            "phrase": ((refs, SCENE, json.dumps([SUBJECTS[0], {"phrase": "green circle", "box": [0, 0, 1, 1]}])), {}),
+            "json": ((refs, SCENE, "[{'phrase': 'red star'}"), {}),
+            "option": ((refs, SCENE, json.dumps(SUBJECTS)), {"mutual_lambda": 2.0})}.items():
+        try:
+            patch_isolate(model, clip, *args, **kwargs)
+            errors[name] = "accepted"
+        except ValueError as e:
+            errors[name] = str(e)
+    for name, (positive, indices) in {"batch": (encode(SCENE), [0, 1]),
+                                      "positive": (encode("a green circle"), [0, 1, 2])}.items():
+        try:
+            run(patched, positive, indices)
+            errors[name] = "accepted"
+        except ValueError as e:
+            errors[name] = str(e)
+    errors["model_untouched"] = "patches_replace" not in model.model_options.get("transformer_options", {})
+    r["errors"] = errors
+    results["isolate"] = r

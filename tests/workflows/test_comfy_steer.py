@@ -54,3 +54,29 @@ def test_structured_node_errors(steer):
     assert "option 'active_steps' of method 'structured' is out of range" in e["steps"]
     assert "no conditional prompt of this sampler is the node's prompt" in e["other_prompt"]
     assert e["model_untouched"] is True  # a refused node leaves the input MODEL as it was
+
+
+# ComfyUI's CPU numerics differ between a batch of 3 and a batch of 1 (the stock model: ~1e-4, measured in
+# stock_batch_vs_alone); the references are compared bit for bit with the same batch sampled without the edit
+BATCH_NUMERICS = 1e-3
+
+
+def test_isolate_node_keeps_the_references_and_changes_the_scene(steer):
+    r = steer["isolate"]
+    assert r["references_vs_plain_batch"] == [0.0, 0.0]  # reference images: exactly as without isolate
+    assert max(r["references_vs_alone"]) < BATCH_NUMERICS  # and as sampled alone (same noise, batch_index)
+    assert r["stock_batch_vs_alone"] < BATCH_NUMERICS
+    assert r["plain_batch_vs_alone"][2] == r["stock_batch_vs_alone"]  # the prompt wrapper alone edits nothing
+    assert r["finite"] and r["scene_vs_plain_batch"] > 1e-2  # the scene changes
+
+
+def test_isolate_node_errors(steer):
+    e = steer["isolate"]["errors"]
+    assert "2 subject(s) need 2 reference prompt(s) and the scene prompt" in e["more_subjects"]
+    assert "subject 1 (target box): 'box' [0.5, 0.2, 1.4, 0.6] must satisfy 0 <= x0 < x1 <= 1" in e["box"]
+    assert "phrase 'green circle'" in e["phrase"] and "is not in the prompt" in e["phrase"]
+    assert "subjects is not valid JSON" in e["json"]
+    assert "option 'mutual_lambda' of method 'isolate' is out of range" in e["option"]
+    assert "need a latent batch of 3" in e["batch"] and "set the batch_size of the empty latent to 3" in e["batch"]
+    assert "positive conditioning is not the node's scene prompt" in e["positive"]
+    assert e["model_untouched"] is True
