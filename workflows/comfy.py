@@ -17,7 +17,7 @@ from pathlib import Path
 import attnproc
 from attnproc.options import OptionInfo
 from attnproc.workflows.comfy_runtime import comfy_unservable
-from attnproc.workflows.comfy_steer import STEER_NODES, steer_specs
+from attnproc.workflows.comfy_steer import STEER_NODES, example_graph, steer_specs
 
 PACK_NAME = "attnproc-nodes"
 CATEGORY = "attnproc"
@@ -351,7 +351,7 @@ _WAN21 = {
                                                           "method": "default"}},
 }
 # which example each method ships with: Wan 2.1 (served by every method); SD 1.5 for methods named here
-EXAMPLE_FAMILY: dict[str, str] = {"structured": "sd15"}
+EXAMPLE_FAMILY: dict[str, str] = {"structured": "sd15", "isolate": "sd15"}
 # widget order of the stock nodes in UI-format workflows (ComfyUI's own input order)
 _WIDGET_ORDER = {
     "CheckpointLoaderSimple": ["ckpt_name"], "UNETLoader": ["unet_name", "weight_dtype"],
@@ -388,8 +388,8 @@ def example_api(spec: dict) -> dict:
                                                                "x": 0, "y": 0, "operation": "add"}}
         api["14"] = {"class_type": "AttnProcRegion", "inputs": {"phrase": "a red fox", "mask": ["13", 0]}}
         api["2"]["inputs"].update(clip=fam["clip"], regions=["14", 0], prompt=EXAMPLE_PROMPT)
-    if spec["method"] in STEER_NODES:  # the edit encodes the prompt's phrases with the same CLIP
-        api["2"]["inputs"].update(clip=fam["clip"], prompt=EXAMPLE_PROMPT)
+    if spec["method"] in STEER_NODES:  # the edit encodes its prompts with the same CLIP
+        example_graph(api, spec["method"], fam["clip"])
     api["4"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": fam["clip"]}}
     api["6"] = {"class_type": "KSampler", "inputs": {"seed": 0, **fam["sampler"], "denoise": 1.0,
                                                      "model": ["2", 0], "positive": ["3", 0],

@@ -351,13 +351,42 @@ STRUCTURED_NODE = {
                     "by the parser. Installed as attn2 replace patches (other attn2 replacements are refused)."),
     "sockets": [{"name": "model", "type": "MODEL"}, {"name": "clip", "type": "CLIP"}],
     "output": "MODEL", "run": "steer"}
-STEER_NODES = {"structured": STRUCTURED_NODE}
+ISOLATE_NODE = {
+    "node_id": "AttnProcIsolate", "display_name": "attnproc: isolate",
+    "description": ("Isolation and reposition (IR-Diffusion) on SD 1.x/2.x/SDXL: a story in one batch. The empty "
+                    "latent's batch is the reference images (one per subject, in the order of the reference "
+                    "prompts) then the scene: batch_size = subjects + 1. The sampler's positive is the scene "
+                    "prompt; the node encodes the reference prompts (one per line) with the CLIP input and gives "
+                    "each reference image its own. In the scene's self-attention each subject reads its reference "
+                    "image, moved into its box, and the subjects do not attend to each other. subjects: JSON, "
+                    "[{\"phrase\": words in the reference and the scene prompt, \"box\": [x0, y0, x1, y1] "
+                    "fractions in the scene}, ...]. Installed as attn1/attn2 replace patches."),
+    "sockets": [{"name": "model", "type": "MODEL"}, {"name": "clip", "type": "CLIP"}],
+    "output": "MODEL", "run": "steer"}
+STEER_NODES = {"structured": STRUCTURED_NODE, "isolate": ISOLATE_NODE}
+# what each node's example graph types (the positive prompt, the node's prompt inputs, the latent batch)
+EXAMPLES = {
+    "structured": {"positive": "a red fox running in the snow", "inputs": {"prompt": "a red fox running in the snow"},
+                   "batch_size": 1},
+    "isolate": {"positive": "a red fox and a white cat in the snow",
+                "inputs": {"references": "a red fox\na white cat", "scene": "a red fox and a white cat in the snow",
+                           "subjects": json.dumps([{"phrase": "red fox", "box": [0.05, 0.3, 0.45, 0.9]},
+                                                   {"phrase": "white cat", "box": [0.55, 0.3, 0.95, 0.9]}])},
+                "batch_size": 3},
+}
 
 
 def steer_specs(method: str, widgets: list[dict]) -> list[dict]:
     """The node specs of a steering edit, from the registry's widgets (its library defaults): ``prompt``
     multiline, ``phrases`` plain text (``;`` between phrases, empty = found)."""
     out = []
+    if method == "isolate":  # the prompt list is the reference prompts (one per line) then the scene
+        widgets = [{"name": "references", "kind": "STRING", "default": "", "multiline": True,
+                    "tooltip": "the reference prompts, one per line, one per subject (the first images of the "
+                               "batch)"},
+                   {"name": "scene", "kind": "STRING", "default": "", "multiline": True,
+                    "tooltip": "the scene prompt, as typed in the sampler's positive CLIPTextEncode (plain text)"},
+                   *(w for w in widgets if w["name"] != "prompts")]
     for w in widgets:
         if w["name"] == "prompt":
             w = {**w, "multiline": True, "tooltip": "the positive prompt, as typed in CLIPTextEncode (plain text)"}
@@ -373,4 +402,15 @@ def run_node(node_id: str, inputs: dict):
     """What an exported steering node runs (``inputs``: its sockets and widget values by name)."""
     if node_id == STRUCTURED_NODE["node_id"]:
         return patch_structured(**inputs)
+    if node_id == ISOLATE_NODE["node_id"]:
+        return patch_isolate(**inputs)
     raise ValueError(f"unknown attnproc steering node {node_id!r}")
+
+
+def example_graph(api: dict, method: str, clip) -> None:
+    """Fill a steering node's example graph (``api`` as :func:`attnproc.workflows.comfy.example_api` builds it:
+    node 2 the attnproc node, 3 the positive CLIPTextEncode, 5 the empty latent) with the method's inputs."""
+    example = EXAMPLES[method]
+    api["2"]["inputs"].update(clip=clip, **example["inputs"])
+    api["3"]["inputs"]["text"] = example["positive"]
+    api["5"]["inputs"]["batch_size"] = example["batch_size"]
