@@ -25,7 +25,7 @@ from attnproc.steer.phrases import align_phrase, locate_phrases
 from attnproc.steer.structured import MATCH_TOLERANCE, StructuredConfig, aligned_contexts, structured_attention
 from attnproc.layout import TokenLayout
 from attnproc.method import Method
-from attnproc.workflows.comfy_runtime import WRAPPER_TYPE, family_from, step_from
+from attnproc.workflows.comfy_runtime import WRAPPER_TYPE, _branches, family_from, step_from
 
 # ComfyUI tokenizers (attributes of ``clip.tokenizer``) whose tokens make an SD-family UNet's text context:
 # SD1.x/2.x have one, SDXL both (their hidden states are concatenated per token, at the same positions).
@@ -239,12 +239,11 @@ class IsolateAttn:
         if shape is None or len(shape) != 4 or int(shape[2]) * int(shape[3]) != q_len:
             return None
         cross = self.kind == "cross"
-        chunks = extra.get("cond_or_uncond")
         layout = TokenLayout(1, int(shape[2]), int(shape[3]), text_len=k_len if cross else 0,
-                             text_position="separate" if cross else "none",
-                             branches=tuple("cond" if c == 0 else "uncond" for c in chunks) if chunks else None)
+                             text_position="separate" if cross else "none", branches=_branches(extra))
         return attnproc.Site(family="unet", denoiser="diffusion_model", name=self.name, index=self.index,
-                             layer=self.index, kind=self.kind, layout=layout, step=step_from(extra, self.model_sampling))
+                             layer=self.index, kind=self.kind, layout=layout,
+                             step=step_from(extra, self.model_sampling))
 
     def __call__(self, q, k, v, extra: dict):
         heads = extra["n_heads"]
