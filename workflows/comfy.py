@@ -351,7 +351,7 @@ _WAN21 = {
                                                           "method": "default"}},
 }
 # which example each method ships with: Wan 2.1 (served by every method); SD 1.5 for methods named here
-EXAMPLE_FAMILY: dict[str, str] = {"structured": "sd15", "isolate": "sd15"}
+EXAMPLE_FAMILY: dict[str, str] = {"structured": "sd15", "isolate": "sd15", "keylock": "sd15"}
 # widget order of the stock nodes in UI-format workflows (ComfyUI's own input order)
 _WIDGET_ORDER = {
     "CheckpointLoaderSimple": ["ckpt_name"], "UNETLoader": ["unet_name", "weight_dtype"],
@@ -362,7 +362,7 @@ _WIDGET_ORDER = {
     "VAEDecode": [], "SaveImage": ["filename_prefix"],
     "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
     "SolidMask": ["value", "width", "height"], "MaskComposite": ["x", "y", "operation"],
-    "AttnProcRegion": ["phrase"],
+    "AttnProcRegion": ["phrase"], "AttnProcConceptClip": ["concepts"],
 }
 _SOCKET_TYPES = {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "positive": "CONDITIONING",
                  "negative": "CONDITIONING", "latent_image": "LATENT", "samples": "LATENT", "images": "IMAGE",

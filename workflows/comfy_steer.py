@@ -15,6 +15,7 @@ called (inside ComfyUI).
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import torch
@@ -339,6 +340,186 @@ def patch_isolate(model, clip, references: str, scene: str, subjects, **options)
     return patched
 
 
+# ----------------------------------------------------------------------------- keylock (Perfusion concepts)
+CONTEXT_KEY = "attnproc_text_context"
+KEYLOCK_WRAPPER_KEY = "attnproc_keylock_context"
+
+
+def context_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                    **kwargs):
+    """ComfyUI ``APPLY_MODEL`` wrapper: leaves the text context (the encodings ``e`` keylock edits) in a copy of
+    ``transformer_options``, where the ``attn2`` replacements read it."""
+    options = {**transformer_options, CONTEXT_KEY: c_crossattn}
+    return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+
+def concept_blocks(model, concepts) -> dict[str, tuple[tuple[str, int, int], torch.nn.Module]]:
+    """The concepts' cross-attention modules (diffusers names, as the concept files store them) in a ComfyUI UNet:
+    ``{name: (patch key, attn2 module)}``, through ComfyUI's own diffusers↔ComfyUI key map. Refuses concepts for
+    another architecture or trained on other weights (the files' model fingerprint) before anything changes."""
+    import comfy.utils  # inside ComfyUI
+
+    from attnproc.errors import UnsupportedModelError
+    from attnproc.pipelines.concepts import _digest
+
+    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    blocks = transformer_blocks(model.model.diffusion_model)
+    found = {}
+    for i, c in enumerate(concepts):
+        for name in c.values:
+            key = block_key(mapping.get(f"{name}.to_k.weight", ""))
+            if key not in blocks:
+                raise UnsupportedModelError(f"keylock: concept {c.token!r} (concepts[{i}]) has targets for the "
+                                            f"cross-attention module {name!r}, which this ComfyUI model does not have: "
+                                            "it is for another architecture")
+            found[name] = (key, blocks[key].attn2)
+        fingerprint = _digest((f"{n}.{p}", getattr(found[n][1], p).weight) for n in c.values for p in ("to_k", "to_v"))
+        if c.model and c.model != fingerprint:
+            raise UnsupportedModelError(f"keylock: concept {c.token!r} (concepts[{i}]) was trained on another model "
+                                        f"(fingerprint {c.model}, this ComfyUI model's is {fingerprint}); retrain it "
+                                        "for this model")
+    return found
+
+
+def block_key(comfy_name: str) -> tuple[str, int, int] | None:
+    """ComfyUI's patch key of a UNet parameter name (``input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight`` →
+    ``("input", 1, 0)``; the middle block is ``("middle", 0, index)``), or None for other names."""
+    parts = comfy_name.split(".")
+    groups = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
+    if parts[0] not in groups or "transformer_blocks" not in parts:
+        return None
+    index = int(parts[parts.index("transformer_blocks") + 1])
+    return groups[parts[0]], 0 if parts[0] == "middle_block" else int(parts[1]), index
+
+
+class KeyLockAttn2:
+    """ComfyUI ``attn2`` replacement of one UNet block: keys and values recomputed from the text context with
+    the library's :meth:`~attnproc.steer.keylock.KeyLock.project` (the gated rank-1 edit), then ComfyUI's own
+    attention."""
+
+    def __init__(self, method, module, o_k: torch.Tensor, o_v: torch.Tensor):
+        self.method, self.module, self.o_k, self.o_v = method, module, o_k, o_v
+
+    def __call__(self, q, k, v, extra: dict):
+        import comfy.ldm.modules.attention as attention  # inside ComfyUI
+
+        e = extra.get(CONTEXT_KEY)
+        if e is None or e.shape[0] != k.shape[0] or e.shape[1] != k.shape[1]:
+            raise RuntimeError("keylock node: the text context of this call is not the model's (another node "
+                               "changes the cross-attention context); keylock needs the text encodings")
+        new_k = self.method.project(e.to(k), self.module.to_k, self.o_k.to(k.device)).to(k.dtype)
+        new_v = self.method.project(e.to(v), self.module.to_v, self.o_v.to(v.device)).to(v.dtype)
+        return attention.optimized_attention(q, new_k, new_v, extra["n_heads"],
+                                             attn_precision=extra.get("attn_precision"), transformer_options=extra)
+
+
+def _concepts_option(concepts):
+    if isinstance(concepts, str):
+        text = concepts.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"keylock: concepts is not valid JSON ({e}); give one concept file path per line, or "
+                                 "[{\"file\": path, \"beta\": 0.7}, ...]") from None
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    return concepts
+
+
+def keylock_method(concepts, covariance: str, **options):
+    """The library's keylock (files loaded and checked) from node inputs: ``concepts`` one file path per line
+    or the library's JSON list (β/τ per concept); ``covariance`` the text encoder's C file."""
+    from attnproc.workflows.comfy_runtime import parse_widget_options
+
+    options = parse_widget_options("keylock", options)
+    if options.get("locking") == "global":
+        raise ValueError("keylock node: locking='global' needs a second encoding of every prompt with the superclass "
+                         "words, which the node does not make; use locking='local' (the default)")
+    return attnproc.create("keylock", concepts=_concepts_option(concepts), covariance=str(covariance).strip() or None,
+                           **options)
+
+
+def patch_keylock(model, concepts, covariance: str, **options):
+    """``model.clone()`` with the concepts' key-locked rank-1 K/V edits in every cross-attention (SD 1.x/2.x).
+    The concept token reaches the text encoder through :func:`concept_clip` (``embedding:<name>`` in the prompt)."""
+    method = keylock_method(concepts, covariance, **options)
+    if family_from(model) != "unet":
+        raise ValueError(f"keylock: the node serves SD 1.x/2.x UNets; this model is "
+                         f"{type(getattr(model, 'model', None)).__name__}")
+    found = concept_blocks(model, method.concepts)
+    _check_free(model, "attn2", [key for key, _ in found.values()], "keylock")
+    patched = model.clone()
+    for name, (key, module) in found.items():
+        o_k = torch.stack([c.keys[name].reshape(-1).float() for c in method.concepts])
+        o_v = torch.stack([c.values[name].reshape(-1).float() for c in method.concepts])
+        if o_k.shape[-1] != module.to_k.weight.shape[0] or o_v.shape[-1] != module.to_v.weight.shape[0]:
+            from attnproc.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"keylock: the concepts' targets for {name!r} have sizes {o_k.shape[-1]}/"
+                                        f"{o_v.shape[-1]}, the module projects to {module.to_k.weight.shape[0]}")
+        patched.set_model_attn2_replace(KeyLockAttn2(method, module, o_k, o_v), *key)
+    patched.remove_wrappers_with_key(WRAPPER_TYPE, KEYLOCK_WRAPPER_KEY)
+    patched.add_wrapper_with_key(WRAPPER_TYPE, KEYLOCK_WRAPPER_KEY, context_wrapper)
+    return patched
+
+
+def embedding_name(token: str) -> str:
+    """The name a concept's token takes in ComfyUI prompts (``embedding:<name>``): the token without the
+    characters ComfyUI's embedding syntax stops at (``<``, ``>``, ``[``, ``]``)."""
+    return "".join(ch for ch in token if ch not in "<>[]") or "concept"
+
+
+def _embedding_width(clip, key: str, inner) -> int:
+    """The token embedding width of the CLIP's text model ``clip_<key>`` (what ComfyUI checks an embedding
+    against), else the tokenizer's nominal ``embedding_size``."""
+    encoder = getattr(getattr(clip, "cond_stage_model", None), f"clip_{key}", None)
+    get = getattr(getattr(encoder, "transformer", None), "get_input_embeddings", None)
+    return int(get().weight.shape[1]) if get is not None else int(inner.embedding_size)
+
+
+def concept_clip(clip, concepts, folder: str | None = None):
+    """A clone of ``clip`` whose tokenizer also finds the concepts' token embeddings (ComfyUI's embedding
+    mechanism: the prompt says ``embedding:<name>``, :func:`embedding_name`). The embeddings are written as
+    safetensors into ``folder`` (default: ComfyUI's temp directory), which goes first in the tokenizer's
+    embedding directories; the input CLIP and its tokenizer are not changed."""
+    import copy
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    paths = _concepts_option(concepts)
+    from attnproc.pipelines.concepts import load_concept
+    from attnproc.steer.keylock import entries
+
+    items = [load_concept(e["source"]) if not hasattr(e["source"], "i_star") else e["source"] for e in entries(paths)]
+    if folder is None:
+        import folder_paths  # inside ComfyUI
+
+        folder = folder_paths.get_temp_directory()
+    inners = _hf_tokenizers(clip)
+    tokenizer = copy.copy(clip.tokenizer)
+    digest = hashlib.sha256(b"".join(c.embedding.float().numpy().tobytes() for c in items)).hexdigest()[:12]
+    target = os.path.join(folder, "attnproc_concepts", digest)
+    os.makedirs(target, exist_ok=True)
+    for c in items:
+        for key, inner in inners.items():
+            width = _embedding_width(clip, key, inner)
+            if c.embedding.numel() != width:
+                raise ValueError(f"keylock: concept {c.token!r} has a {c.embedding.numel()}-value token embedding, "
+                                 f"this CLIP's clip_{key} takes {width}: it is for another text encoder")
+        save_file({"emb_params": c.embedding.reshape(1, -1).float().contiguous()},
+                  os.path.join(target, f"{embedding_name(c.token)}.safetensors"))
+    for key, inner in inners.items():
+        own = copy.copy(inner)
+        existing = inner.embedding_directory
+        existing = [] if existing is None else [existing] if isinstance(existing, str) else list(existing)
+        own.embedding_directory = [target, *existing]
+        setattr(tokenizer, f"clip_{key}", own)
+    patched = clip.clone()
+    patched.tokenizer = tokenizer
+    return patched
+
+
 # ----------------------------------------------------------------------------- node specs (the exported pack)
 STRUCTURED_NODE = {
     "node_id": "AttnProcStructured", "display_name": "attnproc: structured",
@@ -362,7 +543,24 @@ ISOLATE_NODE = {
                     "fractions in the scene}, ...]. Installed as attn1/attn2 replace patches."),
     "sockets": [{"name": "model", "type": "MODEL"}, {"name": "clip", "type": "CLIP"}],
     "output": "MODEL", "run": "steer"}
-STEER_NODES = {"structured": STRUCTURED_NODE, "isolate": ISOLATE_NODE}
+KEYLOCK_NODE = {
+    "node_id": "AttnProcKeylock", "display_name": "attnproc: keylock",
+    "description": ("Perfusion concepts (key-locked rank-1 K/V edits) on SD 1.x/2.x: concept files written by "
+                    "`attnproc train-concept` for this checkpoint (one path per line, or JSON [{\"file\": path, "
+                    "\"beta\": b, \"tau\": t}] for β/τ per concept) and the text encoder's covariance file. "
+                    "Files for another model are refused. Pair it with 'attnproc: concept clip' (the concept token "
+                    "as embedding:<name> in the prompt). Installed as attn2 replace patches."),
+    "sockets": [{"name": "model", "type": "MODEL"}], "output": "MODEL", "run": "steer"}
+CONCEPT_CLIP_NODE = {
+    "method": None, "node_id": "AttnProcConceptClip", "display_name": "attnproc: concept clip",
+    "description": ("The CLIP with the concepts' token embeddings (the same concept files as the keylock node): "
+                    "write embedding:<token without <>> in the prompt, e.g. 'a photo of embedding:flag'. The input "
+                    "CLIP is not changed."),
+    "sockets": [{"name": "clip", "type": "CLIP"}],
+    "widgets": [{"name": "concepts", "kind": "STRING", "default": "", "multiline": True,
+                 "tooltip": "concept files, one path per line (or the keylock node's JSON list)"}],
+    "output": "CLIP", "run": "steer"}
+STEER_NODES = {"structured": STRUCTURED_NODE, "isolate": ISOLATE_NODE, "keylock": KEYLOCK_NODE}
 # what each node's example graph types (the positive prompt, the node's prompt inputs, the latent batch)
 EXAMPLES = {
     "structured": {"positive": "a red fox running in the snow", "inputs": {"prompt": "a red fox running in the snow"},
@@ -372,6 +570,9 @@ EXAMPLES = {
                            "subjects": json.dumps([{"phrase": "red fox", "box": [0.05, 0.3, 0.45, 0.9]},
                                                    {"phrase": "white cat", "box": [0.55, 0.3, 0.95, 0.9]}])},
                 "batch_size": 3},
+    "keylock": {"positive": "a photo of embedding:my_concept on the grass",
+                "inputs": {"concepts": "concepts/my_concept.safetensors", "covariance": "concepts/clip-C.safetensors"},
+                "batch_size": 1},
 }
 
 
@@ -386,6 +587,12 @@ def steer_specs(method: str, widgets: list[dict]) -> list[dict]:
                    {"name": "scene", "kind": "STRING", "default": "", "multiline": True,
                     "tooltip": "the scene prompt, as typed in the sampler's positive CLIPTextEncode (plain text)"},
                    *(w for w in widgets if w["name"] != "prompts")]
+    if method == "keylock":  # files as plain text; lock_keys only matters when training
+        widgets = [CONCEPT_CLIP_NODE["widgets"][0] | {"tooltip": "concept files, one path per line, or JSON "
+                                                                 "[{\"file\": path, \"beta\": b, \"tau\": t}]"},
+                   {"name": "covariance", "kind": "STRING", "default": "", "multiline": False,
+                    "tooltip": "the text encoder's covariance file (attnproc keylock-covariance)"},
+                   *(w for w in widgets if w["name"] not in ("concepts", "covariance", "lock_keys"))]
     for w in widgets:
         if w["name"] == "prompt":
             w = {**w, "multiline": True, "tooltip": "the positive prompt, as typed in CLIPTextEncode (plain text)"}
@@ -394,7 +601,8 @@ def steer_specs(method: str, widgets: list[dict]) -> list[dict]:
                  "tooltip": "parts of the prompt, ';' between them (e.g. 'a red circle; a blue square'); empty = "
                             "found by the parser"}
         out.append(w)
-    return [{**STEER_NODES[method], "method": method, "widgets": out}]
+    return [{**STEER_NODES[method], "method": method, "widgets": out}] + \
+        ([CONCEPT_CLIP_NODE] if method == "keylock" else [])
 
 
 def run_node(node_id: str, inputs: dict):
@@ -403,6 +611,10 @@ def run_node(node_id: str, inputs: dict):
         return patch_structured(**inputs)
     if node_id == ISOLATE_NODE["node_id"]:
         return patch_isolate(**inputs)
+    if node_id == KEYLOCK_NODE["node_id"]:
+        return patch_keylock(**inputs)
+    if node_id == CONCEPT_CLIP_NODE["node_id"]:
+        return concept_clip(**inputs)
     raise ValueError(f"unknown attnproc steering node {node_id!r}")
 
 
@@ -410,6 +622,12 @@ def example_graph(api: dict, method: str, clip) -> None:
     """Fill a steering node's example graph (``api`` as :func:`attnproc.workflows.comfy.example_api` builds it:
     node 2 the attnproc node, 3 the positive CLIPTextEncode, 5 the empty latent) with the method's inputs."""
     example = EXAMPLES[method]
-    api["2"]["inputs"].update(clip=clip, **example["inputs"])
+    if method == "keylock":  # the positive prompt's CLIP knows the concept token
+        api["2"]["inputs"].update(example["inputs"])
+        api["9"] = {"class_type": CONCEPT_CLIP_NODE["node_id"],
+                    "inputs": {"clip": clip, "concepts": example["inputs"]["concepts"]}}
+        api["3"]["inputs"]["clip"] = ["9", 0]
+    else:
+        api["2"]["inputs"].update(clip=clip, **example["inputs"])
     api["3"]["inputs"]["text"] = example["positive"]
     api["5"]["inputs"]["batch_size"] = example["batch_size"]

@@ -327,6 +327,7 @@ def steer_checks():
 
     comfy_steer_engine.structured_checks(results, tiny_unet, tiny_clip, diff)
     comfy_steer_engine.isolate_checks(results, tiny_unet, tiny_clip, diff)
+    comfy_steer_engine.keylock_checks(results, tiny_unet, tiny_clip, diff, WORK)
 
 
 def _post(url, payload):
@@ -375,6 +376,11 @@ def runnable(api: dict, seed: int) -> dict:
                                                    "filename_prefix": f"run_{api['2']['class_type']}"}}
     if api["1"]["class_type"] == "CheckpointLoaderSimple":  # SD 1.5: the tiny UNet and CLIP, real CLIPTextEncode
         api["1"] = {"class_type": "AttnProcTestSD15", "inputs": {}}
+        for node in api.values():  # keylock: the concept made for the tiny UNet by server_checks
+            if node["class_type"] in ("AttnProcKeylock", "AttnProcConceptClip"):
+                node["inputs"]["concepts"] = os.path.join(WORK, "my_concept.safetensors")
+            if node["class_type"] == "AttnProcKeylock":
+                node["inputs"]["covariance"] = os.path.join(WORK, "C.safetensors")
         api["5"]["inputs"].update(width=192, height=128)  # latent 16 x 24
         api["6"]["inputs"].update(steps=4, seed=seed)
         return {**api, "8": save}
@@ -408,6 +414,11 @@ def server_checks():
                 os.path.join(custom, "attnproc_test_nodes", "__init__.py"))
     if not os.path.exists(os.path.join(WORK, "models", "diffusion_models", WAN_FILE)):
         tiny_wan_file()
+    if (pack / "example_workflows_api" / "attnproc_keylock_api.json").exists():
+        from comfy_steer_engine import make_concept
+        from comfy_test_nodes import tiny_clip
+
+        make_concept(tiny_unet(), tiny_clip(), WORK, "<my_concept>", "a photo of embedding:my_concept on the grass")
     folders = {"diffusion_models": [], "text_encoders": [], "vae": [], "checkpoints": []}
     examples = {}
     for path in sorted((pack / "example_workflows_api").glob("*.json")):

@@ -1,6 +1,7 @@
 """The steering-edit nodes (workflows/comfy_steer.py) inside the real ComfyUI engine: run by comfy_engine.py's
 ``steer`` section (``steer_checks``), in its subprocess, on its tiny SD1.x UNet and tiny CLIP. Measurements go
 into ``results``; tests/workflows/test_comfy_steer.py asserts on them."""
+import json
 import math
 
 import torch
@@ -183,3 +184,122 @@ def isolate_checks(results, tiny_unet, tiny_clip, diff):
     errors["model_untouched"] = "patches_replace" not in model.model_options.get("transformer_options", {})
     r["errors"] = errors
     results["isolate"] = r
+
+
+def keylock_reference(e, weight, i_star, o_star, c_inv, beta, tau):
+    """One concept's edited projection, in float64 from docs/perfusion.md:
+    ``W·(e − sim(e)·i*) + σ((sim(e) − β)/τ)·o*``, ``sim(e) = eᵀC⁻¹i* / (i*ᵀC⁻¹i*)``."""
+    e, w, i, o, ci = (t.double() for t in (e, weight, i_star, o_star, c_inv))
+    sim = (e @ (ci @ i)) / (i @ ci @ i)
+    return (e - sim[..., None] * i) @ w.T + torch.sigmoid((sim - beta) / tau)[..., None] * o
+
+
+def make_concept(model, clip, work, token="<tri>", prompt="a embedding:tri on the grass"):
+    """A concept file for the tiny UNet (random o*_K, o*_V; i* = the concept token's own encoding in ``prompt``,
+    so sim = 1 there) and a covariance file, in ``work``. Returns ``(concept, path, covariance path, C⁻¹,
+    the concept clip, the token's position)``."""
+    import os
+
+    import comfy.utils
+
+    from attnproc.pipelines.concepts import Concept, _digest, save_concept, save_covariance
+    from attnproc.workflows.comfy_steer import block_key, concept_clip, embedding_name, transformer_blocks
+
+    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    names = [k[:-len(".to_k.weight")] for k in mapping if k.endswith("attn2.to_k.weight")]
+    blocks = transformer_blocks(model.model.diffusion_model)
+    modules = {n: blocks[block_key(mapping[n + ".to_k.weight"])].attn2 for n in names}
+    g = torch.Generator().manual_seed(7)
+    embedding = torch.randn(64, generator=g) * 0.5
+    concept = Concept(token=token, superclass="star", embedding=embedding, i_star=torch.zeros(64),
+                      keys={n: torch.randn(modules[n].to_k.weight.shape[0], generator=g) for n in names},
+                      values={n: torch.randn(modules[n].to_v.weight.shape[0], generator=g) for n in names})
+    concept.model = _digest((f"{n}.{p}", getattr(modules[n], p).weight) for n in names for p in ("to_k", "to_v"))
+    c_mat = torch.randn(64, 64, generator=g, dtype=torch.float64)
+    c_mat = c_mat @ c_mat.T / 64 + 0.1 * torch.eye(64, dtype=torch.float64)
+    cov = save_covariance(c_mat, os.path.join(work, "C.safetensors"), text_encoder="", captions=0, ridge=0.1)
+    cclip = concept_clip(clip, [concept], folder=work)
+    tokens = cclip.tokenize(prompt)["l"][0]
+    at = [i for i, t in enumerate(tokens) if torch.is_tensor(t[0])]
+    concept.i_star = cclip.encode_from_tokens(cclip.tokenize(prompt))[0].float()[at[0]].clone()
+    path = save_concept(concept, os.path.join(work, f"{embedding_name(token)}.safetensors"))
+    return concept, path, cov, torch.linalg.inv(c_mat), cclip, at
+
+
+def keylock_checks(results, tiny_unet, tiny_clip, diff, work):
+    """A concept for the tiny UNet, its token through ComfyUI's embedding mechanism, the node's K/V against the
+    formula with the gate forced open and closed, and files for another model."""
+    import os
+
+    from attnproc.pipelines.concepts import Concept, save_concept
+    from attnproc.workflows.comfy_steer import patch_keylock
+
+    model, clip = tiny_unet(), tiny_clip(64)
+    prompt = "a embedding:tri on the grass"
+    concept, path, cov, c_inv, cclip, at = make_concept(model, clip, work, "<tri>", prompt)
+    tokens = cclip.tokenize(prompt)["l"][0]
+    r = {"embedding_positions": at,
+         "embedding_is_concept": torch.equal(tokens[at[0]][0].float(), concept.embedding.float()),
+         "input_clip_unchanged": not any(torch.is_tensor(t[0]) for t in clip.tokenize(prompt)["l"][0])}
+    (positive,) = nodes.CLIPTextEncode().encode(cclip, prompt)
+    (negative,) = nodes.CLIPTextEncode().encode(cclip, "")
+    latent = {"samples": torch.zeros(1, 4, 16, 24)}
+
+    def run(m):
+        (out,) = nodes.common_ksampler(m, 0, STEPS, 5.0, "euler", "simple", positive, negative, latent)
+        return out["samples"]
+
+    stock = run(model)
+    for name, (beta, tau) in {"open": (0.0, 0.01), "closed": (1.5, 0.01), "default": (0.7, 0.15)}.items():
+        patched = patch_keylock(model, json.dumps([{"file": str(path), "beta": beta, "tau": tau}]), str(cov))
+        replace = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+        seen = {"calls": 0, "k_err": 0.0, "v_err": 0.0}
+
+        def recording(inner):
+            def call(q, k, v, extra):
+                e_call = extra["attnproc_text_context"]
+                mod = inner.module
+                ks = [keylock_reference(e_call, mod.to_k.weight, concept.i_star, inner.o_k[0], c_inv, beta, tau)]
+                vs = [keylock_reference(e_call, mod.to_v.weight, concept.i_star, inner.o_v[0], c_inv, beta, tau)]
+                new_k = inner.method.project(e_call, mod.to_k, inner.o_k)
+                new_v = inner.method.project(e_call, mod.to_v, inner.o_v)
+                seen["k_err"] = max(seen["k_err"], float((new_k.double() - ks[0]).abs().max() / ks[0].abs().max()))
+                cond = [i for i, c in enumerate(extra["cond_or_uncond"]) if c == 0]  # batch 1 per chunk
+                o_k = inner.o_k[0].to(new_k)  # at the concept token: gate open → o*_K, closed → 0 (sim = 1)
+                at_token = new_k[cond][:, at[0]]
+                seen["token_open"] = max(seen.get("token_open", 0.0),
+                                         float((at_token - o_k).abs().max() / o_k.abs().max()))
+                seen["token_closed"] = max(seen.get("token_closed", 0.0), float(at_token.abs().max() / o_k.abs().max()))
+                seen["v_err"] = max(seen["v_err"], float((new_v.double() - vs[0]).abs().max() / vs[0].abs().max()))
+                out = inner(q, k, v, extra)
+                expect = attention.optimized_attention(q, new_k.to(k), new_v.to(v), extra["n_heads"],
+                                                       transformer_options=extra)
+                seen["out_vs_attention"] = max(seen.get("out_vs_attention", 0.0), diff(out, expect))
+                seen["calls"] += 1
+                return out
+            return call
+
+        for key in list(replace):
+            replace[key] = recording(replace[key])
+        out = run(patched)
+        r[name] = {**seen, "vs_stock": diff(out, stock), "finite": bool(torch.isfinite(out).all())}
+    errors = {}
+    other = Concept(**{**concept.__dict__, "model": "0123456789abcdef"})
+    other_path = save_concept(other, os.path.join(work, "other.safetensors"))
+    wrong = Concept(**{**concept.__dict__, "keys": {"down_blocks.9.attentions.0.transformer_blocks.0.attn2":
+                                                    torch.zeros(32)},
+                       "values": {"down_blocks.9.attentions.0.transformer_blocks.0.attn2": torch.zeros(32)}})
+    wrong_path = save_concept(wrong, os.path.join(work, "wrong.safetensors"))
+    for name, (concepts, cov_path, opts) in {
+            "other_model": (str(other_path), str(cov), {}), "architecture": (str(wrong_path), str(cov), {}),
+            "beta": (json.dumps([{"file": str(path), "beta": 3.0}]), str(cov), {}),
+            "covariance": (str(path), "", {}), "missing_file": (str(path) + ".nope", str(cov), {}),
+            "global": (str(path), str(cov), {"locking": "global"})}.items():
+        try:
+            patch_keylock(model, concepts, cov_path, **opts)
+            errors[name] = "accepted"
+        except ValueError as e:
+            errors[name] = str(e)
+    errors["model_untouched"] = "patches_replace" not in model.model_options.get("transformer_options", {})
+    r["errors"] = errors
+    results["keylock"] = r

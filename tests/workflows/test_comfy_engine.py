@@ -129,12 +129,13 @@ def test_maskmod_moves_the_phrase_mass_into_its_region(engine):
 
 def test_server_runs_the_shipped_examples(engine):
     assert {"AttnProcDense", "AttnProcRadial", "AttnProcGna", "AttnProcMaskmod", "AttnProcRegion",
-            "AttnProcStructured", "AttnProcIsolate"} <= \
+            "AttnProcStructured", "AttnProcIsolate", "AttnProcKeylock", "AttnProcConceptClip"} <= \
         set(engine["server_nodes"])
     sink = engine["server_sink_widget"]  # tri-state, the library's default (the family's)
     assert sink[0] == "COMBO" and sink[1]["options"] == ["auto", "on", "off"] and sink[1]["default"] == "auto"
     assert set(engine["examples"]) == {f"attnproc_{m}_api" for m in ("dense", "radial", "gna", "maskmod", "vmoba",
-                                                                      "rectified", "structured", "isolate")}
+                                                                      "rectified", "structured", "isolate",
+                                                                      "keylock")}
     # agent has no node
     for name, r in engine["examples"].items():
         assert r["validate"] == 200 and not r["node_errors"], (name, r)  # the shipped graph, unchanged

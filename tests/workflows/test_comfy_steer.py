@@ -80,3 +80,34 @@ def test_isolate_node_errors(steer):
     assert "need a latent batch of 3" in e["batch"] and "set the batch_size of the empty latent to 3" in e["batch"]
     assert "positive conditioning is not the node's scene prompt" in e["positive"]
     assert e["model_untouched"] is True
+
+
+def test_concept_token_through_comfyui_embeddings(steer):
+    r = steer["keylock"]
+    # "a embedding:tri on the grass": start token, "a", then the concept's own embedding vector
+    assert r["embedding_positions"] == [2] and r["embedding_is_concept"] is True
+    assert r["input_clip_unchanged"] is True  # the concept clip is a clone with its own tokenizer
+
+
+@pytest.mark.parametrize("gate", ["open", "closed", "default"])
+def test_keylock_node_matches_the_formula(steer, gate):
+    r = steer["keylock"][gate]
+    assert r["calls"] == 28  # 7 cross-attention blocks x 4 steps (cond and uncond batched)
+    assert r["k_err"] < FP32 and r["v_err"] < FP32  # W(e - sim i*) + sigmoid((sim - beta)/tau) o*, float64
+    assert r["out_vs_attention"] == 0.0  # ComfyUI's attention on the edited keys and values
+    assert r["finite"] and r["vs_stock"] > 1e-3
+    # at the concept token (e = i*, sim = 1) the key is gate * o*_K: o*_K with the gate open, 0 closed,
+    # sigmoid((1 - 0.7) / 0.15) = 0.881 of it at the reference defaults
+    expected = {"open": (0.0, 1.0), "closed": (1.0, 0.0), "default": (1 - 0.8808, 0.8808)}[gate]
+    assert abs(r["token_open"] - expected[0]) < 1e-3 and abs(r["token_closed"] - expected[1]) < 1e-3
+
+
+def test_keylock_node_errors(steer):
+    e = steer["keylock"]["errors"]
+    assert "was trained on another model (fingerprint 0123456789abcdef" in e["other_model"]
+    assert "which this ComfyUI model does not have: it is for another architecture" in e["architecture"]
+    assert "concepts[0].beta must be a number in [0, 1.5], got 3.0" in e["beta"]
+    assert "option 'covariance' is required" in e["covariance"]
+    assert "does not exist" in e["missing_file"]
+    assert "locking='global'" in e["global"]
+    assert e["model_untouched"] is True
