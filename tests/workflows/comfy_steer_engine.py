@@ -13,6 +13,15 @@ PROMPT = "a red circle and a blue square"
 STEPS = 4
 
 
+def error_of(call, *args, exc=ValueError, **kwargs) -> str:
+    """The message of the ``exc`` that ``call(*args, **kwargs)`` raises, or ``"accepted"``."""
+    try:
+        call(*args, **kwargs)
+    except exc as e:
+        return str(e)
+    return "accepted"
+
+
 def _attend64(q, k, v, heads):
     """Softmax attention in float64 from its definition: ``[R, S, H·D]`` rows → ``[R, S, H·D]``."""
     split = lambda t: t.double().reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
@@ -108,17 +117,9 @@ def structured_checks(results, tiny_unet, tiny_clip, diff):
                          "weights": {"prompt": "a (red:1.2) circle and a blue square", "phrases": "a blue square"},
                          "mode": {"mode": "both"}, "steps": {"active_steps": 1.5}}.items():
         args = {"prompt": PROMPT, **kwargs}
-        try:
-            patch_structured(model, clip, **args)
-            errors[name] = "accepted"
-        except ValueError as e:
-            errors[name] = str(e)
+        errors[name] = error_of(patch_structured, model, clip, **args)
     (other,) = nodes.CLIPTextEncode().encode(clip, "a blue circle and a red square")
-    try:
-        run(patch_structured(model, clip, PROMPT), other)
-        errors["other_prompt"] = "accepted"
-    except RuntimeError as e:
-        errors["other_prompt"] = str(e)
+    errors["other_prompt"] = error_of(run, patch_structured(model, clip, PROMPT), other, exc=RuntimeError)
     errors["model_untouched"] = "patches_replace" not in model.model_options.get("transformer_options", {})
     results["structured_errors"] = errors
 
@@ -169,18 +170,10 @@ def isolate_checks(results, tiny_unet, tiny_clip, diff):
             "phrase": ((refs, SCENE, json.dumps([SUBJECTS[0], {"phrase": "green circle", "box": [0, 0, 1, 1]}])), {}),
             "json": ((refs, SCENE, "[{'phrase': 'red star'}"), {}),
             "option": ((refs, SCENE, json.dumps(SUBJECTS)), {"mutual_lambda": 2.0})}.items():
-        try:
-            patch_isolate(model, clip, *args, **kwargs)
-            errors[name] = "accepted"
-        except ValueError as e:
-            errors[name] = str(e)
+        errors[name] = error_of(patch_isolate, model, clip, *args, **kwargs)
     for name, (positive, indices) in {"batch": (encode(SCENE), [0, 1]),
                                       "positive": (encode("a green circle"), [0, 1, 2])}.items():
-        try:
-            run(patched, positive, indices)
-            errors[name] = "accepted"
-        except ValueError as e:
-            errors[name] = str(e)
+        errors[name] = error_of(run, patched, positive, indices)
     errors["model_untouched"] = "patches_replace" not in model.model_options.get("transformer_options", {})
     r["errors"] = errors
     results["isolate"] = r
@@ -295,11 +288,7 @@ def keylock_checks(results, tiny_unet, tiny_clip, diff, work):
             "beta": (json.dumps([{"file": str(path), "beta": 3.0}]), str(cov), {}),
             "covariance": (str(path), "", {}), "missing_file": (str(path) + ".nope", str(cov), {}),
             "global": (str(path), str(cov), {"locking": "global"})}.items():
-        try:
-            patch_keylock(model, concepts, cov_path, **opts)
-            errors[name] = "accepted"
-        except ValueError as e:
-            errors[name] = str(e)
+        errors[name] = error_of(patch_keylock, model, concepts, cov_path, **opts)
     errors["model_untouched"] = "patches_replace" not in model.model_options.get("transformer_options", {})
     r["errors"] = errors
     results["keylock"] = r
