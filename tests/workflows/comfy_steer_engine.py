@@ -160,6 +160,12 @@ def isolate_checks(results, tiny_unet, tiny_clip, diff):
     r["references_vs_plain_batch"] = [diff(story[i:i + 1], plain[i:i + 1]) for i in range(2)]
     r["plain_batch_vs_alone"] = [diff(plain[i:i + 1], alone[i]) for i in range(2)] + [diff(plain[2:], scene_alone)]
     r["scene_vs_plain_batch"] = diff(story[2:], plain[2:])
+    # masks from the model's own attention (no boxes): the phrases' tokens found with the CLIP's tokenizer
+    auto = patch_isolate(model, clip, refs, SCENE, json.dumps([{"phrase": s["phrase"]} for s in SUBJECTS]))
+    auto_story = run(auto, encode(SCENE), [0, 1, 2])
+    r["auto_masks"] = {"references_vs_plain_batch": [diff(auto_story[i:i + 1], plain[i:i + 1]) for i in range(2)],
+                       "scene_vs_plain_batch": diff(auto_story[2:], plain[2:]),
+                       "finite": bool(torch.isfinite(auto_story).all())}
     # ComfyUI's own numerics: the stock model on a batch of 3 (scene prompt) against the scene sampled alone
     r["stock_batch_vs_alone"] = diff(run(model, encode(SCENE), [0, 1, 2])[2:], scene_alone)
     errors = {}

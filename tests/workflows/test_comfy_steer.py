@@ -70,6 +70,12 @@ def test_isolate_node_keeps_the_references_and_changes_the_scene(steer):
     assert r["finite"] and r["scene_vs_plain_batch"] > 1e-2  # the scene changes
 
 
+def test_isolate_node_with_attention_masks(steer):
+    r = steer["isolate"]["auto_masks"]  # subjects without boxes: masks from the previous step's attention (Otsu)
+    assert r["references_vs_plain_batch"] == [0.0, 0.0]
+    assert r["finite"] and r["scene_vs_plain_batch"] > 1e-3
+
+
 def test_isolate_node_errors(steer):
     e = steer["isolate"]["errors"]
     assert "2 subject(s) need 2 reference prompt(s) and the scene prompt" in e["more_subjects"]
