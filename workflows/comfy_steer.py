@@ -1,16 +1,17 @@
-"""ComfyUI nodes for the steering edits that need more than q, k and v (``structured``; see docs/comfyui.md).
+"""ComfyUI nodes for the steering edits that need more than q, k and v: ``structured``, ``isolate``, ``keylock``.
 
 ComfyUI's attention override (what :mod:`.comfy_runtime` serves methods through) hands over projected q, k, v
-only. ``structured`` needs the text encoder (each noun phrase encoded on its own) and the cross-attention
-module's ``to_k``/``to_v`` (keys and values of the phrase contexts), so its node uses the patch points ComfyUI
-documents for this: it encodes the phrases with the node's ``CLIP`` input and installs one
-``set_model_attn2_replace`` per UNet transformer block. The replacement gets ComfyUI's projected ``q, k, v``; it
-computes the stock attention for the whole batch (ComfyUI's ``optimized_attention``, so rows it does not steer are
-bit-identical to stock and an attention override installed before still applies) and replaces the conditional
-rows whose keys are the node's prompt by :func:`attnproc.steer.structured.structured_attention`.
+only, for a batch with one prompt. These edits need more: ``structured`` the text encoder (each noun phrase
+encoded alone) and the cross-attention module's ``to_k``/``to_v``; ``isolate`` one prompt per batch image;
+``keylock`` the text encodings and a new token. Their nodes use the patch points ComfyUI documents for this:
+``set_model_attn1_replace``/``set_model_attn2_replace`` per UNet transformer block (the replacement gets
+ComfyUI's projected q, k, v and runs ComfyUI's own ``optimized_attention`` for everything it does not edit, so
+those rows stay bit-identical to stock and an override installed before still applies), ``APPLY_MODEL`` wrappers
+(per-image prompts for isolate, the text context for keylock), the ``CLIP`` input (phrase and prompt encodings),
+and ComfyUI's embedding folders (keylock's token). The formulas are the library's (``structured_attention``,
+``Isolate.edit``, ``KeyLock.project``). See docs/comfyui.md.
 
-Nothing here imports ComfyUI at module level; the replacement imports ``comfy.ldm.modules.attention`` when
-called (inside ComfyUI).
+Nothing here imports ComfyUI at module level; the patches import ``comfy`` when called (inside ComfyUI).
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def _hf_tokenizers(clip) -> dict[str, Any]:
         if inner is not None and getattr(inner, "tokenizer", None) is not None:
             found[name[len("clip_"):]] = inner
     if not found:
-        raise ValueError(f"structured: the CLIP input ({type(outer).__name__}) has no CLIP tokenizer (clip_l/clip_g); "
-                         "connect the SD 1.x/2.x/SDXL checkpoint's CLIP")
+        raise ValueError(f"the CLIP input ({type(outer).__name__}) has no CLIP tokenizer (clip_l/clip_g); connect "
+                         "the SD 1.x/2.x/SDXL checkpoint's CLIP")
     return found
 
 
@@ -68,12 +69,12 @@ def bind_phrases(clip, prompt: str, located) -> list[tuple[list[int], list[int]]
             ids = list(hf(text, truncation=True, max_length=length)["input_ids"])
             comfy = _comfy_ids(clip, text, key, f"clip_{key}")
             if comfy[:len(ids) - 1] != ids[:-1]:
-                raise ValueError(f"structured: ComfyUI tokenizes {text!r} differently from plain text (prompt "
+                raise ValueError(f"ComfyUI tokenizes {text!r} differently from plain text (prompt "
                                  "weights such as (word:1.2), embedding:..., or more than 75 tokens); give the plain "
                                  "prompt, as typed in CLIPTextEncode, without weights or embeddings")
         found = [tuple(map(list, align_phrase(hf, prompt, p, length))) for p in located]
         if alignments is not None and found != alignments:
-            raise ValueError(f"structured: the CLIP tokenizers of this model place the phrases at different "
+            raise ValueError(f"the CLIP tokenizers of this model place the phrases at different "
                              f"positions ({alignments} and {found})")
         alignments = found
     return alignments
@@ -90,7 +91,7 @@ def encode(clip, text: str) -> torch.Tensor:
     return clip.encode_from_tokens(clip.tokenize(text))[0].float().cpu()
 
 
-# ----------------------------------------------------------------------------- the attn2 replacement
+# ----------------------------------------------------------------------------- UNet blocks; structured
 def transformer_blocks(diffusion_model) -> dict[tuple[str, int, int], torch.nn.Module]:
     """Every transformer block of a ComfyUI UNet, in execution order, by ComfyUI's patch key
     ``(block, number, index)``: the ``transformer_options["block"]`` its ``UNetModel`` sets and the block's index
