@@ -17,6 +17,7 @@ from pathlib import Path
 import attnproc
 from attnproc.options import OptionInfo
 from attnproc.workflows.comfy_runtime import comfy_unservable
+from attnproc.workflows.comfy_steer import STEER_NODES, example_graph, steer_specs
 
 PACK_NAME = "attnproc-nodes"
 CATEGORY = "attnproc"
@@ -77,6 +78,9 @@ def node_specs(methods: list[str] | None = None) -> list[dict]:
     specs = []
     for info in infos:
         cls = attnproc.registry.REGISTRY.get(info.name)
+        if info.name in STEER_NODES:  # edits served through ComfyUI's attn2 patches (comfy_steer.py)
+            specs.extend(steer_specs(info.name, [widget(o) for o in info.options]))
+            continue
         if not comfy_servable(cls):
             if methods is not None:
                 raise ValueError(f"method {info.name!r} {comfy_unservable(cls)}; it has no node (use it from "
@@ -188,6 +192,10 @@ def run(spec, **inputs):
     if spec["run"] == "region":
         return rt.add_region(inputs.get("regions"), inputs["phrase"], inputs["mask"])
     check_comfyui()
+    if spec["run"] == "steer":
+        from attnproc.workflows.comfy_steer import run_node
+
+        return run_node(spec["node_id"], inputs)
     if spec["run"] == "maskmod":
         return rt.patch_maskmod(inputs.pop("model"), inputs.pop("clip"), inputs.pop("prompt"),
                                 inputs.pop("regions"), **inputs)
@@ -343,7 +351,7 @@ _WAN21 = {
                                                           "method": "default"}},
 }
 # which example each method ships with: Wan 2.1 (served by every method); SD 1.5 for methods named here
-EXAMPLE_FAMILY: dict[str, str] = {}
+EXAMPLE_FAMILY: dict[str, str] = {"structured": "sd15", "isolate": "sd15", "keylock": "sd15"}
 # widget order of the stock nodes in UI-format workflows (ComfyUI's own input order)
 _WIDGET_ORDER = {
     "CheckpointLoaderSimple": ["ckpt_name"], "UNETLoader": ["unet_name", "weight_dtype"],
@@ -354,7 +362,7 @@ _WIDGET_ORDER = {
     "VAEDecode": [], "SaveImage": ["filename_prefix"],
     "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
     "SolidMask": ["value", "width", "height"], "MaskComposite": ["x", "y", "operation"],
-    "AttnProcRegion": ["phrase"],
+    "AttnProcRegion": ["phrase"], "AttnProcConceptClip": ["concepts"],
 }
 _SOCKET_TYPES = {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "positive": "CONDITIONING",
                  "negative": "CONDITIONING", "latent_image": "LATENT", "samples": "LATENT", "images": "IMAGE",
@@ -380,6 +388,8 @@ def example_api(spec: dict) -> dict:
                                                                "x": 0, "y": 0, "operation": "add"}}
         api["14"] = {"class_type": "AttnProcRegion", "inputs": {"phrase": "a red fox", "mask": ["13", 0]}}
         api["2"]["inputs"].update(clip=fam["clip"], regions=["14", 0], prompt=EXAMPLE_PROMPT)
+    if spec["method"] in STEER_NODES:  # the edit encodes its prompts with the same CLIP
+        example_graph(api, spec["method"], fam["clip"])
     api["4"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": fam["clip"]}}
     api["6"] = {"class_type": "KSampler", "inputs": {"seed": 0, **fam["sampler"], "denoise": 1.0,
                                                      "model": ["2", 0], "positive": ["3", 0],

@@ -127,7 +127,11 @@ def check_model(method: Method, family: str | None, model_class: str) -> None:
                 f"supported families: {describe_families(m.families)}")
         reason = comfy_unservable(type(m))
         if reason is not None:
-            raise ValueError(f"method {m.name!r} {reason}; use it through diffusers")
+            from attnproc.workflows.comfy_steer import STEER_NODES  # (it imports this module)
+
+            own = STEER_NODES.get(m.name)
+            where = f"use its own node {own['node_id']!r} instead" if own else "use it through diffusers"
+            raise ValueError(f"method {m.name!r} {reason}; {where}")
         if m.needs_layout and family not in LAYOUT_FAMILIES and family not in COMFY_TOKENS:
             served = ", ".join([*LAYOUT_FAMILIES, *COMFY_TOKENS])
             raise ValueError(f"method {m.name!r} needs the token grid, which attnproc reads in ComfyUI only for: "

@@ -366,20 +366,20 @@ def test_job_file_renders_the_story_and_keeps_the_scene(tmp_path):
 
 
 # ---- ComfyUI -----------------------------------------------------------------------------------------------
-def test_comfyui_has_no_isolate_node_and_refuses_it_clearly():
-    """ComfyUI's conditioning gives one prompt for the whole batch, so the story batch cannot be expressed there."""
+def test_comfyui_override_refuses_isolate_and_names_its_node():
+    """ComfyUI's conditioning gives one prompt for the whole batch, so the attention override cannot serve the
+    story batch; the pack's own node does (workflows/comfy_steer.py, tests/workflows/test_comfy_steer.py)."""
     from attnproc.workflows.comfy import node_specs
     from attnproc.workflows.comfy_runtime import install
 
-    assert "isolate" not in {s["method"] for s in node_specs()}
-    with pytest.raises(ValueError, match="'isolate' needs a batch with one prompt per image"):
-        node_specs(["isolate"])
+    assert [s["node_id"] for s in node_specs(["isolate"])] == ["AttnProcIsolate"]
 
     class ModelPatcher:
         model = type("BaseModel", (), {})()
         model_options = {"transformer_options": {}}
 
-    with pytest.raises(ValueError, match="method 'isolate' needs a batch with one prompt per image"):
+    with pytest.raises(ValueError, match="method 'isolate' needs a batch with one prompt per image.*own node "
+                                         "'AttnProcIsolate'"):
         install(ModelPatcher(), attnproc.create("isolate", subjects=SUBJECTS))
 
 

@@ -1,5 +1,5 @@
 """structured through the interfaces generated from the registry: job files (render and dry run), the UI's
-renderer (phrases typed as text), and ComfyUI (no node: it needs the module's projections; a clear error)."""
+renderer (phrases typed as text), and ComfyUI (its own node; the generic override refuses it clearly)."""
 import json
 
 import pytest
@@ -45,10 +45,19 @@ def test_ui_renderer_takes_phrases_as_text():
                             options={"phrases": "a red circle\nred circle and"})
 
 
-def test_comfyui_has_no_node_and_says_why():
+def test_comfyui_has_its_own_node_and_the_override_says_so():
+    """The attention override (q, k, v only) cannot serve structured; the pack has its own node for it
+    (workflows/comfy_steer.py, tested in the real engine in tests/workflows/test_comfy_steer.py)."""
     from attnproc.workflows.comfy import node_specs
+    from attnproc.workflows.comfy_runtime import install
 
-    assert "structured" not in {s["method"] for s in node_specs()}
+    assert [s["node_id"] for s in node_specs(["structured"])] == ["AttnProcStructured"]
+
+    class ModelPatcher:
+        model = type("BaseModel", (), {})()
+        model_options = {"transformer_options": {}}
+
     with pytest.raises(ValueError, match="'structured' needs per-module state or the transformer block's input "
-                                         r"\(or the module's projections and text context\)"):
-        node_specs(["structured"])
+                                         r"\(or the module's projections and text context\).*own node "
+                                         "'AttnProcStructured'"):
+        install(ModelPatcher(), attnproc.create("structured", prompt=PROMPT))

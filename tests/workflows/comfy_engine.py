@@ -35,23 +35,11 @@ import attnproc  # noqa: E402
 from attnproc.method import Method  # noqa: E402
 from attnproc.kernels import dense_attention  # noqa: E402
 from attnproc.workflows.comfy_runtime import OVERRIDE_KEY, install, patch_model  # noqa: E402
+from comfy_test_nodes import init_weights, tiny_unet  # noqa: E402
 
 WAN_FILE = "attnproc_tiny_wan.safetensors"
 STEPS = 4
 results = {}
-
-
-def init_weights(model: torch.nn.Module, std: float = 0.05, qk_std: float | None = None) -> None:
-    """Random weights with the scales of a trained model where it matters: norms at 1 (not random signs near
-    0), and optionally larger query/key projections (peaked attention)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif qk_std is not None and name.endswith(("to_q.weight", "to_k.weight")):
-                p.normal_(0, qk_std)
-            else:
-                p.normal_(0, std)
 
 
 def tiny_wan_file() -> str:
@@ -225,21 +213,6 @@ def chain_checks():
     results["chain"] = {name: {"method": m, "sparse_calls": n, "modulated": {k: mod.count(k) for k in set(mod)},
                                "vs_radial": diff(out, runs["radial"][0]), "vs_maskmod": diff(out, runs["maskmod"][0])}
                         for name, (out, m, n, mod) in runs.items()}
-
-
-def tiny_unet(cls: str = "SD15", **overrides):
-    """A tiny UNet from ComfyUI's own classes (SD15 config, BaseModel, ModelPatcher by default); context width 64."""
-    config = getattr(comfy.supported_models, cls)({
-        "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-        "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 1],
-        "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
-        "context_dim": 64, "num_head_channels": 16, "use_linear_in_transformer": False, "adm_in_channels": None,
-        "use_temporal_attention": False, "legacy": False, "use_spatial_transformer": True, **overrides})
-    torch.manual_seed(2)
-    base = config.get_model({}, device=torch.device("cpu"))
-    init_weights(base, qk_std=0.3)
-    return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"),
-                                            offload_device=torch.device("cpu"))
 
 
 def unet_checks():
@@ -610,6 +583,17 @@ def maskmod_checks():
                           "vs_stock": diff(out, stock)}
 
 
+def steer_checks():
+    """The steering-edit nodes (structured, ...): tests/workflows/comfy_steer_engine.py; run only when asked
+    (``steer`` section, tests/workflows/test_comfy_steer.py)."""
+    import comfy_steer_engine
+    from comfy_test_nodes import tiny_clip
+
+    comfy_steer_engine.structured_checks(results, tiny_unet, tiny_clip, diff)
+    comfy_steer_engine.isolate_checks(results, tiny_unet, tiny_clip, diff)
+    comfy_steer_engine.keylock_checks(results, tiny_unet, tiny_clip, diff, WORK)
+
+
 def _post(url, payload):
     import urllib.error
     import urllib.request
@@ -652,6 +636,18 @@ def runnable(api: dict, seed: int) -> dict:
     api = json.loads(json.dumps(api))
     for nid in ("7", "8", "10"):
         api.pop(nid, None)
+    save = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0],
+                                                   "filename_prefix": f"run_{api['2']['class_type']}"}}
+    if api["1"]["class_type"] == "CheckpointLoaderSimple":  # SD 1.5: the tiny UNet and CLIP, real CLIPTextEncode
+        api["1"] = {"class_type": "AttnProcTestSD15", "inputs": {}}
+        for node in api.values():  # keylock: the concept made for the tiny UNet by server_checks
+            if node["class_type"] in ("AttnProcKeylock", "AttnProcConceptClip"):
+                node["inputs"]["concepts"] = os.path.join(WORK, "my_concept.safetensors")
+            if node["class_type"] == "AttnProcKeylock":
+                node["inputs"]["covariance"] = os.path.join(WORK, "C.safetensors")
+        api["5"]["inputs"].update(width=192, height=128)  # latent 16 x 24
+        api["6"]["inputs"].update(steps=4, seed=seed)
+        return {**api, "8": save}
     api["9"] = {"class_type": "AttnProcTestClip", "inputs": {}}
     for nid in ("11", "12"):  # the region masks, at the shrunk size
         if nid in api:
@@ -682,6 +678,11 @@ def server_checks():
                 os.path.join(custom, "attnproc_test_nodes", "__init__.py"))
     if not os.path.exists(os.path.join(WORK, "models", "diffusion_models", WAN_FILE)):
         tiny_wan_file()
+    if (pack / "example_workflows_api" / "attnproc_keylock_api.json").exists():
+        from comfy_steer_engine import make_concept
+        from comfy_test_nodes import tiny_clip
+
+        make_concept(tiny_unet(), tiny_clip(), WORK, "<my_concept>", "a photo of embedding:my_concept on the grass")
     folders = {"diffusion_models": [], "text_encoders": [], "vae": [], "checkpoints": []}
     examples = {}
     for path in sorted((pack / "example_workflows_api").glob("*.json")):
@@ -740,7 +741,8 @@ def server_checks():
         by_node = {name[len("run_AttnProc"):].split("_")[0]:
                    safetensors.torch.load_file(os.path.join(out_dir, name))["latent_tensor"]
                    for name in sorted(os.listdir(out_dir)) if name.startswith("run_") and name.endswith(".latent")}
-        results["server_outputs"] = {k: {"shape": list(v.shape), "vs_dense": diff(v, by_node["Dense"])}
+        results["server_outputs"] = {k: {"shape": list(v.shape), "vs_dense": diff(v, by_node["Dense"])
+                                         if v.shape == by_node["Dense"].shape else None}  # SD 1.5 examples
                                      for k, v in by_node.items()}
     finally:
         proc.terminate()

@@ -34,6 +34,37 @@ def tiny_clip(width: int = 64):
     return clip
 
 
+def init_weights(model: torch.nn.Module, std: float = 0.05, qk_std: float | None = None) -> None:
+    """Random weights with the scales of a trained model where it matters: norms at 1 (not random signs near
+    0), and optionally larger query/key projections (peaked attention)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif qk_std is not None and name.endswith(("to_q.weight", "to_k.weight")):
+                p.normal_(0, qk_std)
+            else:
+                p.normal_(0, std)
+
+
+def tiny_unet(cls: str = "SD15", **overrides):
+    """A tiny UNet from ComfyUI's own classes (SD15 config, BaseModel, ModelPatcher by default); context width 64."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = getattr(comfy.supported_models, cls)({
+        "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+        "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 1],
+        "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
+        "context_dim": 64, "num_head_channels": 16, "use_linear_in_transformer": False, "adm_in_channels": None,
+        "use_temporal_attention": False, "legacy": False, "use_spatial_transformer": True, **overrides})
+    torch.manual_seed(2)
+    base = config.get_model({}, device=torch.device("cpu"))
+    init_weights(base, qk_std=0.3)
+    return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"),
+                                            offload_device=torch.device("cpu"))
+
+
 class AttnProcTestConditioning:
     """Random text conditioning of a given shape (Wan's umt5-xxl encoder has 5.7 B parameters)."""
 
@@ -66,4 +97,21 @@ class AttnProcTestClip:
         return (tiny_clip(),)
 
 
-NODE_CLASS_MAPPINGS = {"AttnProcTestConditioning": AttnProcTestConditioning, "AttnProcTestClip": AttnProcTestClip}
+class AttnProcTestSD15:
+    """A stand-in for CheckpointLoaderSimple with SD 1.5: :func:`tiny_unet` and :func:`tiny_clip` (no VAE: the
+    runnable examples save latents)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self):
+        return (tiny_unet(), tiny_clip(), None)
+
+
+NODE_CLASS_MAPPINGS = {"AttnProcTestConditioning": AttnProcTestConditioning, "AttnProcTestClip": AttnProcTestClip,
+                       "AttnProcTestSD15": AttnProcTestSD15}

@@ -17,6 +17,7 @@ import attnproc
 from attnproc.kernels import dense_attention
 from attnproc.registry import REGISTRY
 from attnproc.workflows.comfy import comfy_servable
+from attnproc.workflows.comfy_steer import STEER_NODES
 from attnproc.workflows.cli import main
 from attnproc.workflows.comfy import export_comfy, node_id
 from attnproc.workflows.comfy_runtime import OVERRIDE_KEY, layout_from, make_override, patch_model, step_from
@@ -253,7 +254,7 @@ def _fake_comfy_api():
 def test_export_pack_v1_and_v3(tmp_path, monkeypatch):
     pack = export_comfy(tmp_path / "attnproc_nodes")
     files = {p.relative_to(pack).as_posix() for p in pack.rglob("*") if p.is_file()}
-    names = [n for n in REGISTRY.names() if comfy_servable(REGISTRY.get(n))]
+    names = [n for n in REGISTRY.names() if comfy_servable(REGISTRY.get(n)) or n in STEER_NODES]
     assert "agent" not in names and {"dense", "radial", "vmoba"} <= set(names)
     assert {"__init__.py", "nodes.py", "nodes.json", "pyproject.toml", "README.md"} <= files
     for n in names:
@@ -261,7 +262,8 @@ def test_export_pack_v1_and_v3(tmp_path, monkeypatch):
         api = json.loads((pack / "example_workflows_api" / f"attnproc_{n}_api.json").read_text())
         assert any(node["type"] == node_id(n) for node in ui["nodes"]) and ui["links"]
         assert api["2"]["class_type"] == node_id(n) and api["6"]["inputs"]["model"] == ["2", 0]
-        assert api["1"]["class_type"] == "UNETLoader"  # every example runs on Wan, which every method serves
+        # every example runs on Wan, which every override method serves; the steering edits' on SD 1.5
+        assert api["1"]["class_type"] == ("CheckpointLoaderSimple" if n in STEER_NODES else "UNETLoader")
         # the UI format carries the same graph: one link per API socket connection
         assert len(ui["links"]) == sum(isinstance(v, list) for node in api.values() for v in node["inputs"].values())
     pyproject = (pack / "pyproject.toml").read_text()
@@ -271,7 +273,8 @@ def test_export_pack_v1_and_v3(tmp_path, monkeypatch):
     assert "python -m build" in (pack / "README.md").read_text()
     # V1 (no comfy_api): mappings with widgets from the registry schema
     v1 = _load_pack(pack, "attnproc_pack_v1")
-    node_ids = {node_id(n) for n in names} | ({"AttnProcRegion"} if "maskmod" in names else set())
+    node_ids = {node_id(n) for n in names} | ({"AttnProcRegion"} if "maskmod" in names else set()) | \
+        ({"AttnProcConceptClip"} if "keylock" in names else set())
     assert not hasattr(v1, "comfy_entrypoint") and set(v1.NODE_CLASS_MAPPINGS) == node_ids
     req = v1.NODE_CLASS_MAPPINGS["AttnProcKnobs"].INPUT_TYPES()["required"]
     assert req["model"] == ("MODEL",)

@@ -210,13 +210,16 @@ def test_maskmod_moves_the_phrase_mass_into_its_region(engine):
 
 
 def test_server_runs_the_shipped_examples(engine):
-    assert {"AttnProcDense", "AttnProcRadial", "AttnProcGna", "AttnProcMaskmod", "AttnProcRegion"} <= \
+    assert {"AttnProcDense", "AttnProcRadial", "AttnProcGna", "AttnProcMaskmod", "AttnProcRegion",
+            "AttnProcStructured", "AttnProcIsolate", "AttnProcKeylock", "AttnProcConceptClip"} <= \
         set(engine["server_nodes"])
     sink = engine["server_sink_widget"]  # tri-state, the library's default (the family's)
     assert sink[0] == "COMBO" and sink[1]["options"] == ["auto", "on", "off"] and sink[1]["default"] == "auto"
     assert engine["server_float_steps"] == [0.01]  # every FLOAT widget takes fractions (dense_first_steps=0.24)
     assert set(engine["examples"]) == {f"attnproc_{m}_api" for m in ("dense", "radial", "gna", "maskmod", "vmoba",
-                                                                      "rectified")}  # agent has no node
+                                                                      "rectified", "structured", "isolate",
+                                                                      "keylock")}
+    # agent has no node
     for name, r in engine["examples"].items():
         assert r["validate"] == 200 and not r["node_errors"], (name, r)  # the shipped graph, unchanged
         assert r["run_validate"] == 200 and r["run"] == "success", (name, r)

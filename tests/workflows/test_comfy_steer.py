@@ -1,0 +1,119 @@
+"""The steering-edit ComfyUI nodes (workflows/comfy_steer.py) in the real ComfyUI engine (0.30.0): comfy_engine.py's
+``steer`` section runs them in a subprocess on the tiny native SD1.x UNet and CLIP; the numbers are asserted
+here. See docs/comfyui.md."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_comfy_engine import comfyui_dir
+
+FP32 = 1e-5  # relative error of the fp32 node against the float64 definition (measured ~1e-6)
+
+
+@pytest.fixture(scope="module")
+def steer(tmp_path_factory):
+    work = tmp_path_factory.mktemp("comfyui_steer")
+    out = work / "results.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("comfy_engine.py")), str(comfyui_dir()),
+                           str(work), str(out), "steer"], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    print(json.dumps(results, indent=1))
+    return results
+
+
+def test_structured_phrases_bound_with_comfyui_tokenizer(steer):
+    # "a red circle and a blue square": start token at 0; each phrase alone sits at 1..3 after its start token
+    assert steer["structured_alignments"] == [[[1, 2, 3], [1, 2, 3]], [[5, 6, 7], [1, 2, 3]]]
+
+
+@pytest.mark.parametrize("mode", ["values", "conjunction"])
+def test_structured_node_matches_the_definition_and_passes_the_rest(steer, mode):
+    r = steer[f"structured_{mode}"]
+    assert r["blocks"] == 7  # one attn2 replacement per transformer block of the tiny UNet
+    # active_steps=0.5 of 4 steps: the cond rows of 7 blocks in steps 0 and 1; steps 2 and 3 passed through
+    assert r["steered"] == 14 and r["steps"] == 2 and r["passed"] == 14
+    assert r["vs_reference"] < FP32  # the conditional rows: StructureDiffusion's formula (float64)
+    assert r["rows_vs_stock"] == 0.0  # the uncond rows of steered calls: ComfyUI's own attention, bit for bit
+    assert r["passed_vs_stock"] == 0.0  # inactive steps: bit-identical
+    assert r["finite"] and r["vs_stock"] > 1e-3  # the sample changes
+
+
+def test_structured_node_inactive_is_stock(steer):
+    assert steer["structured_inactive_vs_stock"] == 0.0
+
+
+def test_structured_node_errors(steer):
+    e = steer["structured_errors"]
+    assert "phrase 'a green circle' is not in the prompt" in e["missing"]
+    assert "phrases 'a red circle' and 'red circle and' overlap" in e["overlap"]
+    assert "differently from plain text (prompt weights" in e["weights"]
+    assert "option 'mode' of method 'structured' must be one of 'values', 'conjunction'" in e["mode"]
+    assert "option 'active_steps' of method 'structured' is out of range" in e["steps"]
+    assert "no conditional prompt of this sampler is the node's prompt" in e["other_prompt"]
+    assert e["model_untouched"] is True  # a refused node leaves the input MODEL as it was
+
+
+# ComfyUI's CPU numerics differ between a batch of 3 and a batch of 1 (the stock model: ~1e-4, measured in
+# stock_batch_vs_alone); the references are compared bit for bit with the same batch sampled without the edit
+BATCH_NUMERICS = 1e-3
+
+
+def test_isolate_node_keeps_the_references_and_changes_the_scene(steer):
+    r = steer["isolate"]
+    assert r["references_vs_plain_batch"] == [0.0, 0.0]  # reference images: exactly as without isolate
+    assert max(r["references_vs_alone"]) < BATCH_NUMERICS  # and as sampled alone (same noise, batch_index)
+    assert r["stock_batch_vs_alone"] < BATCH_NUMERICS
+    assert r["plain_batch_vs_alone"][2] == r["stock_batch_vs_alone"]  # the prompt wrapper alone edits nothing
+    assert r["finite"] and r["scene_vs_plain_batch"] > 1e-2  # the scene changes
+
+
+def test_isolate_node_with_attention_masks(steer):
+    r = steer["isolate"]["auto_masks"]  # subjects without boxes: masks from the previous step's attention (Otsu)
+    assert r["references_vs_plain_batch"] == [0.0, 0.0]
+    assert r["finite"] and r["scene_vs_plain_batch"] > 1e-3
+
+
+def test_isolate_node_errors(steer):
+    e = steer["isolate"]["errors"]
+    assert "2 subject(s) need 2 reference prompt(s) and the scene prompt" in e["more_subjects"]
+    assert "subject 1 (target box): 'box' [0.5, 0.2, 1.4, 0.6] must satisfy 0 <= x0 < x1 <= 1" in e["box"]
+    assert "phrase 'green circle'" in e["phrase"] and "is not in the prompt" in e["phrase"]
+    assert "subjects is not valid JSON" in e["json"]
+    assert "option 'mutual_lambda' of method 'isolate' is out of range" in e["option"]
+    assert "need a latent batch of 3" in e["batch"] and "set the batch_size of the empty latent to 3" in e["batch"]
+    assert "positive conditioning is not the node's scene prompt" in e["positive"]
+    assert e["model_untouched"] is True
+
+
+def test_concept_token_through_comfyui_embeddings(steer):
+    r = steer["keylock"]
+    # "a embedding:tri on the grass": start token, "a", then the concept's own embedding vector
+    assert r["embedding_positions"] == [2] and r["embedding_is_concept"] is True
+    assert r["input_clip_unchanged"] is True  # the concept clip is a clone with its own tokenizer
+
+
+@pytest.mark.parametrize("gate", ["open", "closed", "default"])
+def test_keylock_node_matches_the_formula(steer, gate):
+    r = steer["keylock"][gate]
+    assert r["calls"] == 28  # 7 cross-attention blocks x 4 steps (cond and uncond batched)
+    assert r["k_err"] < FP32 and r["v_err"] < FP32  # W(e - sim i*) + sigmoid((sim - beta)/tau) o*, float64
+    assert r["out_vs_attention"] == 0.0  # ComfyUI's attention on the edited keys and values
+    assert r["finite"] and r["vs_stock"] > 1e-3
+    # at the concept token (e = i*, sim = 1) the key is gate * o*_K: o*_K with the gate open, 0 closed,
+    # sigmoid((1 - 0.7) / 0.15) = 0.881 of it at the reference defaults
+    expected = {"open": (0.0, 1.0), "closed": (1.0, 0.0), "default": (1 - 0.8808, 0.8808)}[gate]
+    assert abs(r["token_open"] - expected[0]) < 1e-3 and abs(r["token_closed"] - expected[1]) < 1e-3
+
+
+def test_keylock_node_errors(steer):
+    e = steer["keylock"]["errors"]
+    assert "was trained on another model (fingerprint 0123456789abcdef" in e["other_model"]
+    assert "which this ComfyUI model does not have: it is for another architecture" in e["architecture"]
+    assert "concepts[0].beta must be a number in [0, 1.5], got 3.0" in e["beta"]
+    assert "option 'covariance' is required" in e["covariance"]
+    assert "does not exist" in e["missing_file"]
+    assert "locking='global'" in e["global"]
+    assert e["model_untouched"] is True
