@@ -9,7 +9,8 @@ rates and per-sample agreement with dense), with two additions that script does 
   estimate), and the row reports their mean over all sparse calls of the run;
 * **agent vs plain ToMe** on sd15 at three merge ratios: ``agents=False`` is tomesd's method (merge, softmax over the
   merged tokens, unmerge) with the same windows, schedule and merge ratio, so the pair isolates the agents' effect;
-  the tomesd recipe itself (2x2 windows throughout) is one more row.
+  the tomesd recipe itself (2x2 windows throughout) is one more row;
+* the generic DiT agent variant (``dit=True``, agents pooled from the queries) on flux and wan21.
 
     nice -n 10 python benchmarks/efficacy_dynamic.py [--n 24]   # -> benchmarks/results/efficacy-dynamic.json
 """
@@ -35,13 +36,15 @@ ROWS = {
     + [("agent", {"ratio": r, "agents": a}) for r in (0.2, 0.4, 0.6) for a in (True, False)]
     + [("agent", {"agents": False, "early_sx": 2, "early_sy": 2, "ratio": 0.5})],  # tomesd's recipe
     "flux": [("dense", {}), ("rectified_probe", {}), ("rectified_probe", SPARSE_RECT),
-             ("rectified_probe", {**SPARSER_RECT, "p_remain": 0.1}), ("rectified_probe", SPARSER_RECT)],
+             ("rectified_probe", {**SPARSER_RECT, "p_remain": 0.1}), ("rectified_probe", SPARSER_RECT),
+             ("agent", {"dit": True, "dit_agent_grid": 4}), ("agent", {"dit": True, "dit_agent_grid": 2})],
     "wan21": [("dense", {}), ("vmoba_probe", {}), ("vmoba_probe", {**SMALL_CHUNKS, "topk_ratio": 0.5}),
               ("vmoba_probe", SMALL_CHUNKS),
               ("vmoba_probe", {**SMALL_CHUNKS, "setting": "training"}),
               ("rectified_probe", {}), ("rectified_probe", SPARSE_RECT),
               ("rectified_probe", {**SPARSE_RECT, "first_frame": False}),
-              ("rectified_probe", {**SPARSER_RECT, "p_remain": 0.1}), ("rectified_probe", SPARSER_RECT)],
+              ("rectified_probe", {**SPARSER_RECT, "p_remain": 0.1}), ("rectified_probe", SPARSER_RECT),
+              ("agent", {"dit": True, "dit_agent_grid": 2})],
 }
 
 

@@ -310,7 +310,14 @@ class VMoBAConfig(Schedule):
     def chunk_for(self, grid, layer_index: int):
         kind = self.partition_kind(layer_index)
         explicit = (self.chunk_1d, self.chunk_2d, self.chunk_3d)[kind]
-        return explicit if explicit is not None else default_chunk(grid, kind)
+        if explicit is None:
+            return default_chunk(grid, kind)
+        sizes = (explicit,) if kind == 0 else tuple(explicit)
+        if any(c > g for c, g in zip(sizes, tuple(grid)[-len(sizes):] if kind == 1 else grid)):
+            name = ("chunk_1d", "chunk_2d", "chunk_3d")[kind]
+            raise ValueError(f"vmoba option {name}={explicit!r} is larger than this call's token grid {tuple(grid)} "
+                             f"(frames, height, width); use a smaller {name}, or None to derive it from the grid")
+        return explicit
 
     def topk_for(self, num_chunks: int) -> int:
         if self.topk is not None:

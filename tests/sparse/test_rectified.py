@@ -206,3 +206,14 @@ def test_bad_input_errors():
         build_config(RectifiedConfig, "rectified", {"drop_rate": 1.0})
     with pytest.raises(ValueError, match="drop_rate"):
         RectifiedConfig(drop_rate=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_extreme_sparsity_keeps_a_block_per_row_and_stays_finite(dtype):
+    """drop_rate 0.999 (top_k = 0), a vanishing p_remain, no neighbours or first-frame square: the threshold still
+    keeps each query block's most probable key block, so no row is empty and the output has no NaN."""
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(2, 3, 70, 16).mul(4).to(dtype) for _ in range(3))  # 5 blocks of 16, the last ragged
+    out, mask = rectified_attention(q, k, v, block_size=16, drop_rate=0.999, p_remain=1e-6, return_block_mask=True)
+    assert mask.shape == (2, 3, 5, 5) and torch.equal(mask.sum(-1), torch.ones(2, 3, 5, dtype=torch.long))
+    assert out.dtype == dtype and torch.isfinite(out).all()
