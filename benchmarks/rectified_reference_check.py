@@ -77,8 +77,8 @@ def main() -> None:
         err = float((ours - theirs).abs().max())
         off = float((ours - dense_attention(q, k, v)).abs().max())
         rows.append(dict(grid=list(grid), tokens=N, block_size=bs, drop_rate=drop, p_remain=p_remain,
-                         first_frame_blocks=ff, neighbors=neighbours, critical_density=round(float(mask.float().mean()), 4),
-                         max_abs_diff=err, max_abs_diff_from_dense=off))
+                         first_frame_blocks=ff, neighbors=neighbours, max_abs_diff=err, max_abs_diff_from_dense=off,
+                         critical_density=round(float(mask.float().mean()), 4)))
         print(f"grid {grid} bs {bs} drop {drop} p {p_remain} ff {ff} nb {neighbours}: critical "
               f"{rows[-1]['critical_density']:.2f}, max |ours - reference| {err:.2e} (ours - dense {off:.2f})",
               flush=True)
