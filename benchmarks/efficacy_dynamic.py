@@ -42,7 +42,6 @@ ROWS = {
               ("vmoba_probe", SMALL_CHUNKS),
               ("vmoba_probe", {**SMALL_CHUNKS, "setting": "training"}),
               ("rectified_probe", {}), ("rectified_probe", SPARSE_RECT),
-              ("rectified_probe", {**SPARSE_RECT, "first_frame": False}),
               ("rectified_probe", {**SPARSER_RECT, "p_remain": 0.1}), ("rectified_probe", SPARSER_RECT),
               ("agent", {"dit": True, "dit_agent_grid": 2})],
 }
