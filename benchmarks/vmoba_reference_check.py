@@ -49,7 +49,7 @@ def _varlen(q, k, v, cu_q, cu_k, scale):
     return out, lse
 
 
-def _flash_attn_stub() -> types.ModuleType:
+def flash_attn_stub() -> types.ModuleType:
     def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                 dropout_p, **_):
         assert not causal and dropout_p == 0.0
@@ -66,12 +66,13 @@ def _flash_attn_stub() -> types.ModuleType:
     flash.flash_attn_varlen_func = varlen_func
     iface = types.ModuleType("flash_attn.flash_attn_interface")
     iface._flash_attn_varlen_forward, iface._flash_attn_varlen_backward = forward, backward
+    iface._flash_attn_forward, iface.flash_attn_varlen_func = backward, varlen_func  # what other references import
     flash.flash_attn_interface = iface
     return flash
 
 
 def load_reference(src: Path):
-    flash = _flash_attn_stub()
+    flash = flash_attn_stub()
     sys.modules["flash_attn"], sys.modules["flash_attn.flash_attn_interface"] = flash, flash.flash_attn_interface
     spec = importlib.util.spec_from_file_location("vmoba_reference", src / "vmoba.py")
     module = importlib.util.module_from_spec(spec)
