@@ -1,7 +1,7 @@
 """Efficacy of the query-dependent methods (vmoba, rectified) and of agent against plain ToMe, on the shapes models.
 
 The same measurement as ``benchmarks/efficacy.py`` (its ``sparse_rows``: PSNR/SSIM against dense, the detector's
-rates and per-sample agreement with dense), with two additions that script does not have:
+rates and per-sample agreement with dense), with what that script does not have:
 
 * the **achieved density** of vmoba and rectified: both choose their blocks per call, so there is no static mask;
   a probe subclass of each method records, for every sparse call, the share of visual (query, key) pairs its
@@ -36,6 +36,7 @@ ROWS = {
     + [("agent", {"ratio": r, "agents": a}) for r in (0.2, 0.4, 0.6) for a in (True, False)]
     + [("agent", {"agents": False, "early_sx": 2, "early_sy": 2, "ratio": 0.5})],  # tomesd's recipe
     "flux": [("dense", {}), ("rectified_probe", {}), ("rectified_probe", SPARSE_RECT),
+             ("rectified_probe", {**SPARSER_RECT, "drop_rate": 0.5}),
              ("rectified_probe", {**SPARSER_RECT, "p_remain": 0.1}), ("rectified_probe", SPARSER_RECT),
              ("agent", {"dit": True, "dit_agent_grid": 4}), ("agent", {"dit": True, "dit_agent_grid": 2})],
     "wan21": [("dense", {}), ("vmoba_probe", {}), ("vmoba_probe", {**SMALL_CHUNKS, "topk_ratio": 0.5}),
