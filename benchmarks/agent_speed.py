@@ -126,8 +126,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--unet", action="store_true", help="also time a whole SD 1.5 UNet step (minutes on a CPU)")
+    ap.add_argument("--unet-only", action="store_true",
+                    help="time only the UNet step; the layer rows of the previous full run are kept")
     args = ap.parse_args()
-    shapes = SHAPES[:1] if args.quick else SHAPES
+    args.unet = args.unet or args.unet_only
+    shapes = [] if args.unet_only else SHAPES[:1] if args.quick else SHAPES
     reps = 3 if args.quick else 7
     rows = []
     for shape in shapes:
@@ -150,6 +153,10 @@ def main():
     meta = dict(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                 torch=torch.__version__, dtype="float32", reps=reps,
                 note="CPU only (no GPU lent to this task), shared 2-core machine, run under nice; random weights")
+    if args.unet_only and out.exists():
+        previous = json.loads(out.read_text())
+        meta, rows = previous["meta"], previous["rows"]
+        meta["unet_step_note"] = f"UNet step re-run alone (--unet-only), {torch.get_num_threads()} threads"
     result = dict(meta=meta, rows=rows)
     if unet is not None:
         result["unet_step"] = unet

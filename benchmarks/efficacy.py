@@ -62,24 +62,25 @@ def _density(handle) -> float | None:
     return None
 
 
-def _run(pipe, kind, method, options, prompts, seeds):
+def _run(pipe, kind, method, options, prompts, seeds, density_of=_density):
     handle = attnproc.apply(pipe, method, **options)
     try:
         start = time.perf_counter()
         samples = generate(pipe, kind, prompts, seeds)
         seconds = time.perf_counter() - start
-        return _u8(samples), samples, _density(handle), seconds
+        return _u8(samples), samples, density_of(handle), seconds
     finally:
         attnproc.remove(pipe)
 
 
-def sparse_rows(pipe, kind, n):
+def sparse_rows(pipe, kind, n, methods=ROWS, density_of=_density):
+    """One row per ``(method, options)`` of ``methods``; the first must be dense (the reference)."""
     prompts, seeds = eval_prompts(kind, n), list(range(n))
     rows, ref, ref_q = [], None, None
-    for method, options in ROWS:
+    for method, options in methods:
         row = {"method": method, "options": options}
         try:
-            u8, samples, density, seconds = _run(pipe, kind, method, options, prompts, seeds)
+            u8, samples, density, seconds = _run(pipe, kind, method, options, prompts, seeds, density_of)
         except Exception as err:  # a method that does not serve this architecture
             rows.append({**row, "served": False, "reason": f"{type(err).__name__}: {err}"[:300]})
             continue

@@ -32,7 +32,8 @@ from attnproc.layout import TokenLayout
 from attnproc.sparse.gilbert import gilbert_block_neighbors, gilbert_permutation
 from attnproc.sparse.rectified import RectifiedConfig, rectified_plan, rectified_visual_attention
 from attnproc.sparse.select import permutation_partition
-from attnproc.sparse.vmoba import VMoBAConfig, select_chunks, vmoba_gate, vmoba_partition, vmoba_visual_attention
+from attnproc.sparse.vmoba import (VMoBAConfig, select_chunks, selected_share, vmoba_gate, vmoba_partition,
+                                  vmoba_visual_attention)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,11 +64,6 @@ def vmoba_select(cfg, grid, q, k, layer):
     sel = select_chunks(vmoba_gate(qp, kp, part), part, select=cfg.select, threshold_type=cfg.threshold_type,
                         tau=cfg.tau, topk=cfg.topk_for(part.num_chunks))
     return part, sel
-
-
-def vmoba_density(part, sel):
-    lengths = torch.tensor(part.lengths, dtype=torch.float64)
-    return float((sel.double() * lengths[None, None, :, None]).sum() / (sel.shape[0] * sel.shape[1] * part.size ** 2))
 
 
 def rect_select(cfg, grid, q, k, v):
@@ -138,7 +134,7 @@ def main():
                 name = f"vmoba {s} layer {layer}"
                 fns[name] = (lambda c=cfg, l=layer: vmoba_visual_attention(q, k, v, None, None, None, config=c,
                                                                              layout=layout, layer_index=l))
-                dens[name] = vmoba_density(*vmoba_select(cfg, grid, q, k, layer))
+                dens[name] = selected_share(*vmoba_select(cfg, grid, q, k, layer))
         fns["rectified wan"] = lambda: rectified_visual_attention(q, k, v, None, None, None, config=rc,
                                                                   layout=layout)
         dens["rectified wan"] = float(rect_select(rc, grid, q, k, v).float().mean())

@@ -20,7 +20,7 @@ See ``docs/agent.md``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -87,6 +87,8 @@ class AgentConfig:
     agent_power: float = option(0.3, low=0, high=10, help="agent readout scale is (d^-0.5)^agent_power")
     shortcut: float = option(0.075, low=0, high=10, help="weight of the V shortcut added to the agent output")
     use_rand: bool = option(True, help="random destination inside each window (even batches only, as the reference)")
+    agents: bool = option(True, help="False: plain ToMe (tomesd: merge, softmax over the merged tokens, unmerge; "
+                                     "no agents at any step), the baseline agent attention is measured against")
     dit: bool = option(False, help="allow DiT families: agents pooled from the queries (lossy, see docs/agent.md)")
     dit_agent_grid: int = option(16, low=1, high=256,
                                  help="DiT variant: agents per side of each frame's token grid (16: 256 agents)")
@@ -111,8 +113,11 @@ class AgentConfig:
         """The merge settings of step ``index`` of ``num_steps``; the early settings when the step is unknown."""
         late = index is not None and bool(num_steps) and index >= self.switch_step(num_steps)
         if late:
-            return AgentStep(self.late_sx, self.late_sy, self.ratio, self.late_agent_ratio)
-        return AgentStep(self.early_sx, self.early_sy, self.ratio, self.early_agent_ratio)
+            step = AgentStep(self.late_sx, self.late_sy, self.ratio, self.late_agent_ratio)
+        else:
+            step = AgentStep(self.early_sx, self.early_sy, self.ratio, self.early_agent_ratio)
+        # agent_ratio 0 merges no agent tokens, so tome_merge's 2n < N' gate is off: plain ToMe
+        return step if self.agents else replace(step, agent_ratio=0.0)
 
     def plan(self, latent_hw: tuple[int, int], num_tokens: int, index: int | None = None,
              num_steps: int | None = None, *, auto_downsample: int = 1) -> tuple[tuple[int, int], AgentStep] | None:

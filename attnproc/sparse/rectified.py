@@ -233,10 +233,12 @@ class RectifiedConfig(Schedule):
 
 
 def rectified_visual_attention(q, k, v, extra_k, extra_v, scale, *, config: RectifiedConfig, layout,
-                               layer_index: int = 0):
+                               layer_index: int = 0, return_density: bool = False):
     """Rectified SpaAttn over the visual tokens ``[B, H, N, D]`` (frame-major raster order) of ``layout``'s
     grid: Gilbert order, neighbour table and first-frame square from the grid; extra (joint text) keys switch
-    IPAR on (HunyuanVideo/CogVideoX/Flux rules), none gives the Wan rules. Returns ``[B, H, N, Dv]``."""
+    IPAR on (HunyuanVideo/CogVideoX/Flux rules), none gives the Wan rules. Returns ``[B, H, N, Dv]``; with
+    ``return_density`` also the share of visual (query, key) pairs in critical blocks, computed exactly (the
+    rest is GAPR's pooled estimate), so benchmarks can report the density a call achieved."""
     cfg = config.resolved() if config.drop_rate is None or config.first_frame is None else config
     grid = (layout.frames, layout.height, layout.width)
     N, bs = math.prod(grid), cfg.block_size
@@ -252,10 +254,14 @@ def rectified_visual_attention(q, k, v, extra_k, extra_v, scale, *, config: Rect
     ipar = extra_k is not None and extra_k.shape[2] > 0
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    out, _, _ = _rectified(part.permute(q), part.permute(k), part.permute(v), extra_k, extra_v, scale=scale,
-                           block_size=bs, top_k=int((1 - cfg.drop_rate) * nq), p_remain=cfg.p_remain,
-                           first_frame_blocks=ff, neighbors=neighbors, ipar=ipar, backend=cfg.backend)
-    return part.unpermute(out)
+    out, crit, _ = _rectified(part.permute(q), part.permute(k), part.permute(v), extra_k, extra_v, scale=scale,
+                              block_size=bs, top_k=int((1 - cfg.drop_rate) * nq), p_remain=cfg.p_remain,
+                              first_frame_blocks=ff, neighbors=neighbors, ipar=ipar, backend=cfg.backend)
+    if not return_density:
+        return part.unpermute(out)
+    lengths = torch.tensor(part.lengths, dtype=torch.float64, device=crit.device)
+    pairs = (crit.double() * lengths[:, None] * lengths[None, :]).sum() / (crit.shape[0] * crit.shape[1] * N * N)
+    return part.unpermute(out), float(pairs)
 
 
 def _raster_neighbors(grid, bs):

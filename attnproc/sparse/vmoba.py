@@ -32,9 +32,9 @@ from .base import SparseMethod
 from .gilbert import check_grid as _grid
 from .select import Partition, box_partition, chunk_attention, chunk_means, keep_prefix, permutation_partition
 
-__all__ = ["vmoba_token_mask", "vmoba_partition", "vmoba_gate", "select_chunks", "vmoba_visual_attention",
-           "default_chunk", "VMoBAConfig", "VMOBA_DEFAULTS", "VMOBA_SETTINGS", "SELECT_MODES", "THRESHOLD_TYPES",
-           "SUPPORTED_FAMILIES", "VMoBA"]
+__all__ = ["vmoba_token_mask", "vmoba_partition", "vmoba_gate", "select_chunks", "selected_share",
+           "vmoba_visual_attention", "default_chunk", "VMoBAConfig", "VMOBA_DEFAULTS", "VMOBA_SETTINGS",
+           "SELECT_MODES", "THRESHOLD_TYPES", "SUPPORTED_FAMILIES", "VMoBA"]
 
 SELECT_MODES = ("topk", "threshold")
 THRESHOLD_TYPES = ("query_head", "head_global", "block", "overall")
@@ -310,7 +310,14 @@ class VMoBAConfig(Schedule):
     def chunk_for(self, grid, layer_index: int):
         kind = self.partition_kind(layer_index)
         explicit = (self.chunk_1d, self.chunk_2d, self.chunk_3d)[kind]
-        return explicit if explicit is not None else default_chunk(grid, kind)
+        if explicit is None:
+            return default_chunk(grid, kind)
+        sizes = (explicit,) if kind == 0 else tuple(explicit)
+        if any(c > g for c, g in zip(sizes, tuple(grid)[-len(sizes):] if kind == 1 else grid)):
+            name = ("chunk_1d", "chunk_2d", "chunk_3d")[kind]
+            raise ValueError(f"vmoba option {name}={explicit!r} is larger than this call's token grid {tuple(grid)} "
+                             f"(frames, height, width); use a smaller {name}, or None to derive it from the grid")
+        return explicit
 
     def topk_for(self, num_chunks: int) -> int:
         if self.topk is not None:
@@ -319,10 +326,18 @@ class VMoBAConfig(Schedule):
         return max(1, int(round(ratio * num_chunks)))
 
 
-def vmoba_visual_attention(q, k, v, extra_k, extra_v, scale, *, config: VMoBAConfig, layout, layer_index: int):
+def selected_share(part, sel: torch.Tensor) -> float:
+    """The share of (query, key) pairs a chunk selection ``sel`` ``[B, H, C, N]`` attends (its density)."""
+    lengths = torch.tensor(part.lengths, dtype=torch.float64, device=sel.device)
+    return float((sel.double() * lengths[None, None, :, None]).sum() / (sel.shape[0] * sel.shape[1] * part.size ** 2))
+
+
+def vmoba_visual_attention(q, k, v, extra_k, extra_v, scale, *, config: VMoBAConfig, layout, layer_index: int,
+                           return_density: bool = False):
     """VMoBA over the visual tokens ``[B, H, N, D]`` (frame-major raster order) of ``layout``'s grid, with
     optional extra (text) keys that every visual query attends in the same softmax. ``layer_index`` picks the
-    1D/2D/3D partition. Returns ``[B, H, N, Dv]``."""
+    1D/2D/3D partition. Returns ``[B, H, N, Dv]``; with ``return_density`` also :func:`selected_share` of the
+    call's selection (what benchmarks report)."""
     cfg = config.resolved() if config.select is None or config.threshold_type is None else config
     grid = (layout.frames, layout.height, layout.width)
     if q.shape[2] != math.prod(grid):
@@ -335,7 +350,7 @@ def vmoba_visual_attention(q, k, v, extra_k, extra_v, scale, *, config: VMoBACon
         scale = 1.0 / math.sqrt(q.shape[-1])
     out = chunk_attention(qp, kp, vp, part, sel, scale, extra_k=extra_k, extra_v=extra_v, block_max=cfg.block_q,
                           backend=cfg.backend)
-    return part.unpermute(out)
+    return (part.unpermute(out), selected_share(part, sel)) if return_density else part.unpermute(out)
 
 
 # ---- the method --------------------------------------------------------------------------------------------

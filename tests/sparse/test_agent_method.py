@@ -197,3 +197,43 @@ def test_dit_option_runs_pooled_agents_on_flux():
                                       text_position="before", scale=scale)
         assert torch.equal(got, want)
     assert (out - stock).abs().max() > 1e-4
+
+
+def test_agents_off_is_plain_tome_through_the_pipeline():
+    """``agents=False`` is tomesd's plain ToMe: each patched ``attn1`` output is the stock attention module run on
+    the merged tokens, then unmerged (the definition, built here from ``tome_merge`` and the stock processor), at
+    every step, with the same windows and generator as ``agent``; with agents on, the early step differs."""
+    from attnproc.sparse.agent import tome_merge
+
+    pipe = tiny_pipeline("sd15")
+    config, outputs, checked = AgentConfig(), {}, 0
+    for agents in (False, True):
+        attnproc.apply(pipe, "agent", agents=agents)
+        calls, handles = _record(pipe.unet)
+        try:
+            with torch.no_grad():
+                pipe(**_kwargs("sd15", 64, 64, 1, True))
+                calls = [c for c in calls if c[0].endswith("attn1") and merge_grid((8, 8), c[3].shape[1], 1)]
+                outputs[agents] = [(c[2], c[-1]) for c in calls]
+                for mod_name, attn, step, hidden, block_input, _, got in calls if not agents else ():
+                    s = config.at_step(step, STEPS)
+                    generator = call_generator(0, step, attn.processor.info.index)
+                    merged, agent_tokens, unmerge = tome_merge(block_input, hidden, (8, 8), sx=s.sx, sy=s.sy,
+                                                               ratio=s.ratio, agent_ratio=0.0, generator=generator)
+                    assert agent_tokens is None and merged.shape[1] == 64 - int(64 * 0.4)
+                    torch.testing.assert_close(got, unmerge(_stock_attn(attn, merged)), rtol=1e-5, atol=1e-6)
+                    checked += 1
+        finally:
+            for h in handles:
+                h.remove()
+            attnproc.remove(pipe)
+    assert checked == len(outputs[True]) > 0
+    # the first block of step 0 sees the same input in both runs: the agents alone change its output
+    (step_off, first_off), (step_on, first_on) = outputs[False][0], outputs[True][0]
+    assert step_off == step_on == 0 and (first_off - first_on).abs().max() > 1e-4
+
+
+def test_agents_off_sets_no_agent_ratio_at_any_step():
+    early, late = (AgentConfig(agents=False).at_step(i, 10) for i in (0, 9))
+    assert (early.sx, early.agent_ratio, late.sx, late.agent_ratio) == (4, 0.0, 2, 0.0)
+    assert AgentConfig().at_step(0, 10).agent_ratio == 0.95

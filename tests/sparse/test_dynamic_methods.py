@@ -170,3 +170,20 @@ def test_registered_with_family_defaults():
     assert (wan.drop_rate, wan.first_frame, wan.dense_first_layers) == (0.75, True, 2)
     assert (hy.drop_rate, hy.first_frame) == (0.8, False)
     assert {"vmoba", "rectified"} <= set(attnproc.registry.REGISTRY.names())
+
+
+@pytest.mark.parametrize("option,value", [("chunk_1d", 99), ("chunk_2d", (2, 99))])
+def test_chunk_larger_than_the_grid_names_the_option(option, value):
+    """A chunk the pipeline's grid cannot hold is refused when the first sparse call sees the grid (3x8x8 here),
+    with the option and the grid in the message; removal restores the stock pipeline."""
+    pipe = tiny_pipeline("wan21")
+    before = _stock_processors(pipe)
+    attnproc.apply(pipe, "vmoba", dense_first_steps=0, **{option: value})
+    try:
+        with pytest.raises(ValueError, match=rf"vmoba option {option}=.* is larger than this call's token grid "
+                                             r"\(3, 8, 8\)"):
+            with torch.no_grad():
+                pipe(**call_kwargs("wan21", SIZES["wan21"][0]))
+    finally:
+        attnproc.remove(pipe)
+    assert _stock_processors(pipe) == before

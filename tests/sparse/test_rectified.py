@@ -174,11 +174,19 @@ def test_visual_attention_is_the_public_function_in_gilbert_order(grid):
     out = rectified_visual_attention(q, k, v, None, None, None, config=cfg, layout=TokenLayout(*grid))
     perm, inv = gilbert_permutation(grid)
     nq = math.ceil(N / 16)
-    ref = rectified_attention(q[:, :, perm], k[:, :, perm], v[:, :, perm], block_size=16, drop_rate=0.75,
-                              p_remain=0.3, first_frame_blocks=nq // grid[0],
-                              neighbors=gilbert_block_neighbors(grid, 16))[:, :, inv]
+    ref, blocks = rectified_attention(q[:, :, perm], k[:, :, perm], v[:, :, perm], block_size=16, drop_rate=0.75,
+                                      p_remain=0.3, first_frame_blocks=nq // grid[0],
+                                      neighbors=gilbert_block_neighbors(grid, 16), return_block_mask=True)
+    ref = ref[:, :, inv]
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    # the reported density: critical (query, key) token pairs of the public function's mask, last block ragged
+    again, density = rectified_visual_attention(q, k, v, None, None, None, config=cfg, layout=TokenLayout(*grid),
+                                                return_density=True)
+    sizes = torch.tensor([16] * (nq - 1) + [N - 16 * (nq - 1)], dtype=torch.float64)
+    pairs = blocks.repeat_interleave(sizes.long(), dim=-2).repeat_interleave(sizes.long(), dim=-1)
+    assert torch.equal(again, out) and density == pytest.approx(float(pairs.double().mean()), abs=1e-12)
+    assert 0 < density < 1
 
 
 def test_bad_input_errors():
@@ -198,3 +206,14 @@ def test_bad_input_errors():
         build_config(RectifiedConfig, "rectified", {"drop_rate": 1.0})
     with pytest.raises(ValueError, match="drop_rate"):
         RectifiedConfig(drop_rate=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_extreme_sparsity_keeps_a_block_per_row_and_stays_finite(dtype):
+    """drop_rate 0.999 (top_k = 0), a vanishing p_remain, no neighbours or first-frame square: the threshold still
+    keeps each query block's most probable key block, so no row is empty and the output has no NaN."""
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(2, 3, 70, 16).mul(4).to(dtype) for _ in range(3))  # 5 blocks of 16, the last ragged
+    out, mask = rectified_attention(q, k, v, block_size=16, drop_rate=0.999, p_remain=1e-6, return_block_mask=True)
+    assert mask.shape == (2, 3, 5, 5) and torch.equal(mask.sum(-1), torch.ones(2, 3, 5, dtype=torch.long))
+    assert out.dtype == dtype and torch.isfinite(out).all()

@@ -168,6 +168,9 @@ def test_visual_attention_equals_dense_on_the_mask(grid, layer, setting):
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     assert m.float().mean() < 0.9  # the comparison is against a sparse pattern, not dense attention
+    again, density = vmoba_visual_attention(q, k, v, None, None, 0.3, config=cfg, layout=layout, layer_index=layer,
+                                            return_density=True)
+    assert torch.equal(again, out) and density == pytest.approx(float(m.double().mean()), abs=1e-12)
 
 
 def test_extra_keys_join_the_softmax():
