@@ -115,7 +115,7 @@ def setup(args):
     if not cov_path.exists():  # the covariance: from the world's own captions (the user's caption list)
         captions = eval_prompts("sd15", 2000, start=1_000_000_000)
         cov = cc.estimate_covariance(pipe, captions)
-        cc.save_covariance(cov, cov_path, text_encoder=cc.encoder_fingerprint(*cc.text_parts(pipe)),
+        cc.save_covariance(cov, cov_path, text_encoder=cc.text_fingerprint(pipe),
                            captions=len(captions), ridge=1e-3)
     return pipe, work, cov_path
 
