@@ -74,3 +74,16 @@ def test_ui_renderer_takes_concept_files_and_beta(files):
     with pytest.raises(attnproc.OptionError, match=r"concepts\[0\].beta must be a number in \[0, 1.5\]"):
         renderer.generate("tiny:sd15", "keylock", "a <flag>", steps=1, compare=False, repeats=1,
                           options={"concepts": [{"file": concept, "beta": 9}], "covariance": covariance})
+
+
+def test_preflight_leaves_the_pipeline_vocabulary_as_it_was(files):
+    """The preflight check binds the method to a cached stand-in pipeline; a concept's token must not stay there
+    (it did: a second keylock render of the same pipeline was refused as 'already in the vocabulary')."""
+    from attnproc.workflows.preflight import check_method, pipeline_facts
+
+    _, concept, covariance = files
+    facts = pipeline_facts("tiny:sd15")
+    n_vocab = len(facts.target.tokenizer)
+    for _ in range(2):
+        check_method(facts, "keylock", {"concepts": [concept], "covariance": covariance})
+        assert len(facts.target.tokenizer) == n_vocab and "<flag>" not in facts.target.tokenizer.get_vocab()
