@@ -57,6 +57,7 @@ class ConceptConfig:
     tau: float = 0.15
     ema: float = 0.99
     lock_keys: bool = True             # False: the no-key-locking ablation (o*_K trained too)
+    edit: bool = True                  # False: plain textual inversion (embedding only, no edit): the sanity baseline
     seed: int = 0
     checkpoint_every: int = 50
     mixed_precision: str = "no"
@@ -93,8 +94,9 @@ def parse_concept_config(data: Any) -> ConceptConfig:
             t = d["templates"]
             if not isinstance(t, list) or not t or not all(isinstance(x, str) and x.count("{}") == 1 for x in t):
                 _fail("templates", f"must be a non-empty list of prompts with one {{}} for the word, got {t!r}")
-        if "lock_keys" in d and not isinstance(d["lock_keys"], bool):
-            _fail("lock_keys", f"must be true or false, got {d['lock_keys']!r}")
+        for key in ("lock_keys", "edit"):
+            if key in d and not isinstance(d[key], bool):
+                _fail(key, f"must be true or false, got {d[key]!r}")
         if "mixed_precision" in d:
             _choice(d["mixed_precision"], "mixed_precision", MIXED_PRECISION)
     except JobFileError as e:
@@ -196,8 +198,11 @@ def train_concept(cfg: ConceptConfig, *, pipe=None, progress: bool = True,
     concept.beta, concept.tau = cfg.beta, cfg.tau
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     out.mkdir(parents=True, exist_ok=True)
-    handle = attnproc.apply(pipe, "keylock", concepts=[concept], covariance=c, beta=cfg.train_beta,
-                            tau=cfg.train_tau, lock_keys=cfg.lock_keys)
+    if cfg.edit:
+        handle = attnproc.apply(pipe, "keylock", concepts=[concept], covariance=c, beta=cfg.train_beta,
+                                tau=cfg.train_tau, lock_keys=cfg.lock_keys)
+    else:  # plain textual inversion: the token alone, no edit (o*_K/o*_V stay the superclass's)
+        cc.add_tokens(pipe, [concept])
     parts = cc.text_encoders(pipe)
     tid = parts[0][1].convert_tokens_to_ids(cfg.token)
     embedding = torch.nn.Parameter(concept.embedding.clone().to(parts[0][0].device))
@@ -211,15 +216,16 @@ def train_concept(cfg: ConceptConfig, *, pipe=None, progress: bool = True,
     for p in flags:
         p.requires_grad_(False)
     try:
-        states = handle.states()
+        states = handle.states() if cfg.edit else {}
         named = [("embedding", embedding), ("i_star", concept.i_star)]
         named += [(f"{n}.o_v", s.keylock.o_v) for n, s in states.items()]
         if not cfg.lock_keys:
             named += [(f"{n}.o_k", s.keylock.o_k) for n, s in states.items()]
         for _, p in named[2:]:
             p.requires_grad_(True)
-        optimizer = torch.optim.AdamW([{"params": [embedding], "lr": cfg.lr_embedding},
-                                       {"params": [p for _, p in named[2:]], "lr": cfg.lr_values}])
+        groups = [{"params": [embedding], "lr": cfg.lr_embedding}]
+        groups += [{"params": [p for _, p in named[2:]], "lr": cfg.lr_values}] if named[2:] else []
+        optimizer = torch.optim.AdamW(groups)
         optimizer = accelerator.prepare(optimizer)
         ckpt = out / CHECKPOINT
         start, losses = _load_checkpoint(ckpt, named, optimizer, chash) if ckpt.exists() else (0, [])
@@ -245,16 +251,20 @@ def train_concept(cfg: ConceptConfig, *, pipe=None, progress: bool = True,
                 _save_checkpoint(ckpt, step + 1, named, optimizer, losses, chash)
         concept.embedding = embedding.detach().float().cpu().clone()
         module = {n: n.split(".", 1)[1] for n in states}  # "unet.<module>" -> "<module>"
-        concept.values = {module[n]: s.keylock.o_v.detach()[0].float().cpu().clone() for n, s in states.items()}
-        concept.keys = {module[n]: s.keylock.o_k.detach()[0].float().cpu().clone() for n, s in states.items()}
+        if states:
+            concept.values = {module[n]: s.keylock.o_v.detach()[0].float().cpu().clone() for n, s in states.items()}
+            concept.keys = {module[n]: s.keylock.o_k.detach()[0].float().cpu().clone() for n, s in states.items()}
         concept.i_star = concept.i_star.detach().float().cpu().clone()
         concept.extra = {"images": len(pixels), "steps": cfg.steps, "masks": masks is not None,
-                         "lock_keys": cfg.lock_keys, "covariance": meta.get("text_encoder", "")}
+                         "lock_keys": cfg.lock_keys, "edit": cfg.edit, "covariance": meta.get("text_encoder", "")}
         path = cc.save_concept(concept, out / CONCEPT_FILE)
     finally:
         for hook in hooks:
             hook.remove()
-        attnproc.remove(pipe)
+        if cfg.edit:
+            attnproc.remove(pipe)
+        else:
+            cc.remove_tokens(pipe, [cfg.token])
         for p, flag in flags.items():
             p.requires_grad_(flag)
     return ConceptResult(path, cfg.steps, losses, start)

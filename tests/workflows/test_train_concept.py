@@ -9,6 +9,7 @@ from PIL import Image
 
 import attnproc
 from attnproc.pipelines import concepts as cc
+from attnproc.processor import AttnProcessor
 from attnproc.pipelines import tiny_pipeline
 from attnproc.workflows.cli import main as cli_main
 from attnproc.workflows.train_concept import ConceptConfigError, ConceptConfig, parse_concept_config, train_concept
@@ -149,3 +150,21 @@ def test_sdxl_training_learns_both_encoders_rows_and_the_covariance_must_match(d
     with pytest.raises(ConceptConfigError, match="covariance: .* is for another text encoder"):
         train_concept(_cfg(data, tmp_path / "bad", pipeline="tiny:sdxl"), pipe=pipe, progress=False)
     assert not (tmp_path / "bad" / "concept.safetensors").exists()
+
+
+def test_plain_textual_inversion_trains_only_the_embedding(data, tmp_path):
+    """``edit: false`` (the sanity baseline): no edit while training, only the token embedding moves."""
+    pipe = tiny_pipeline("sd15")
+    start = cc.initial_concept(pipe, "<flag>", "fox", ["a {}"])
+    seen = []
+    res = train_concept(_cfg(data, tmp_path, edit=False), pipe=pipe, progress=False,
+                        callback=lambda step, loss: seen.append(any(isinstance(p, AttnProcessor) for p in
+                                                                    pipe.unet.attn_processors.values())))
+    got = cc.load_concept(res.concept)
+    assert not torch.equal(got.embedding, start.embedding) and got.extra["edit"] is False
+    assert all(torch.equal(got.values[n], start.values[n]) and torch.equal(got.keys[n], start.keys[n])
+               for n in got.values)
+    assert seen == [False, False] and "<flag>" not in pipe.tokenizer.get_vocab()
+    with pytest.raises(ConceptConfigError, match="edit: must be true or false"):
+        parse_concept_config({"pipeline": "tiny:sd15", "images": "i", "token": "<t>", "superclass": "fox",
+                              "covariance": "C", "output": "o", "edit": "no"})
