@@ -16,6 +16,7 @@ inversion (``edit: false``: the embedding alone, no edit). Parts, for ``--concep
   "a <C>" and "a <C> and a blue circle" at several β, and whether the blue circle is kept (the Pareto partner);
 * ``preservation``: held-out captions without the token, C loaded vs not (detector colour/count, pixel diff);
 * ``two``: "a <C> and a <C2>" (``--concept2``), exact and approximate projection;
+* ``ceiling``: every UNet weight fine-tuned on C's images (what this model can be made to draw at all);
 * ``calibrate``: the detector rule on drawn, VAE round-tripped and colour-swapped images, and on the base model's
   "a red square and a yellow square".
 
@@ -106,7 +107,7 @@ def make_data(root: Path, name: str, n: int, seed: int) -> Path:
     return root / name
 
 
-PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "calibrate")
+PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "calibrate", "ceiling")
 VARIANTS = {"": {}, "-nolock": {"lock_keys": False}, "-ti": {"edit": False}}  # run suffix -> training fields
 
 
@@ -229,6 +230,8 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         two["base_words"] = {"prompt": plain, name: rate(imgs, lambda im: appears(im, name)),
                              other: rate(imgs, lambda im: appears(im, other))}
         return {f"two_concepts_{name}_{other}": {"prompt": prompt, **two}}
+    if part == "ceiling":  # what the model can draw at all: the whole UNet fine-tuned on the concept's images
+        return {f"{name}_full_unet_ceiling": ceiling(args, pipe, work, name, call)}
     if part == "calibrate":
         from attnproc.workflows.train_concept import encode_latents
 
@@ -254,6 +257,46 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
                           "base_model_" + words.replace(" ", "_"): rate(base, lambda im: appears(im, cname))}
         return {"detector_calibration": out}
     raise ValueError(f"unknown part {part!r}; one of {PARTS}")
+
+
+def ceiling(args, pipe, work: Path, name: str, call: dict, steps: int = 200, lr: float = 1e-4) -> dict:
+    """Fine-tune every UNet weight (AdamW, batch 4, unmasked v/ε loss) on the concept's 8 images with the plain
+    superclass prompt, then count the concept in "a <superclass>" renders; the UNet is restored afterwards."""
+    import copy
+
+    from diffusers import DDPMScheduler
+
+    from attnproc.workflows.train_concept import encode_latents
+
+    _, kind = CONCEPTS[name][:2]
+    data = make_data(work, name, args.images, seed=len(name))
+    files = sorted((data / "img").glob("*.png"))
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), np.float32)) for f in files])
+    latents = encode_latents(pipe, pixels.permute(0, 3, 1, 2) / 127.5 - 1)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    saved = copy.deepcopy(pipe.unet.state_dict())
+    opt = torch.optim.AdamW(pipe.unet.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        enc = cc.encode_prompts(pipe, [f"a {kind}"] * 4)[0]
+    losses = []
+    try:
+        for _ in range(steps):
+            x0 = latents[torch.randint(0, len(files), (4,), generator=gen)]
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, sched.config.num_train_timesteps, (4,), generator=gen)
+            target = sched.get_velocity(x0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+            loss = (pipe.unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=enc).sample - target).square()
+            loss.mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.mean().item())
+        with torch.no_grad():
+            imgs = generate(pipe, "sd15", [f"a {kind}"] * args.n, list(range(args.n)), **call)
+    finally:
+        pipe.unet.load_state_dict(saved)
+    return {"steps": steps, "lr": lr, "loss_first20": float(np.mean(losses[:20])),
+            "loss_last20": float(np.mean(losses[-20:])), "appears": float(np.mean([appears(i, name) for i in imgs]))}
 
 
 def main() -> None:
