@@ -16,6 +16,7 @@ inversion (``edit: false``: the embedding alone, no edit). Parts, for ``--concep
   "a <C>" and "a <C> and a blue circle" at several β, and whether the blue circle is kept (the Pareto partner);
 * ``preservation``: held-out captions without the token, C loaded vs not (detector colour/count, pixel diff);
 * ``two``: "a <C> and a <C2>" (``--concept2``), exact and approximate projection;
+* ``loss``: the masked training loss at fixed timesteps and noise, untrained vs each trained run;
 * ``ceiling``: every UNet weight fine-tuned on C's images (what this model can be made to draw at all);
 * ``calibrate``: the detector rule on drawn, VAE round-tripped and colour-swapped images, and on the base model's
   "a red square and a yellow square".
@@ -107,7 +108,7 @@ def make_data(root: Path, name: str, n: int, seed: int) -> Path:
     return root / name
 
 
-PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "calibrate", "ceiling")
+PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "calibrate", "ceiling", "loss")
 VARIANTS = {"": {}, "-nolock": {"lock_keys": False}, "-ti": {"edit": False}}  # run suffix -> training fields
 
 
@@ -230,6 +231,8 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         two["base_words"] = {"prompt": plain, name: rate(imgs, lambda im: appears(im, name)),
                              other: rate(imgs, lambda im: appears(im, other))}
         return {f"two_concepts_{name}_{other}": {"prompt": prompt, **two}}
+    if part == "loss":
+        return {f"{name}_fixed_noise_loss": fixed_noise_losses(args, pipe, work, cov, name)}
     if part == "ceiling":  # what the model can draw at all: the whole UNet fine-tuned on the concept's images
         return {f"{name}_full_unet_ceiling": ceiling(args, pipe, work, name, call)}
     if part == "calibrate":
@@ -257,6 +260,59 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
                           "base_model_" + words.replace(" ", "_"): rate(base, lambda im: appears(im, cname))}
         return {"detector_calibration": out}
     raise ValueError(f"unknown part {part!r}; one of {PARTS}")
+
+
+@torch.no_grad()
+def fixed_noise_losses(args, pipe, work: Path, cov: str, name: str, timesteps=(100, 300, 500, 700, 900)) -> dict:
+    """The masked diffusion loss on the concept's images at fixed timesteps and noise (the training loss with its
+    sampling noise removed): the superclass prompt on the base model, the untrained concept, and each trained run.
+    The per-step training loss draws 4 random timesteps; its spread hides any trend over a few hundred steps."""
+    from diffusers import DDPMScheduler
+
+    from attnproc.workflows.train_concept import encode_latents
+
+    token, kind = CONCEPTS[name][:2]
+    data = make_data(work, name, args.images, seed=len(name))
+    files = sorted((data / "img").glob("*.png"))
+
+    def read(folder, mode):
+        return torch.stack([torch.from_numpy(np.asarray(Image.open(data / folder / f.name).convert(mode), np.float32))
+                            for f in files])
+
+    latents = encode_latents(pipe, read("img", "RGB").permute(0, 3, 1, 2) / 127.5 - 1)
+    masks = torch.nn.functional.interpolate(read("mask", "L")[:, None] / 255, size=latents.shape[-2:], mode="area")
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    gen = torch.Generator().manual_seed(123)
+    noises = [torch.randn(latents.shape, generator=gen) for _ in timesteps]
+
+    def loss(prompt: str) -> float:
+        enc = cc.encode_prompts(pipe, [prompt] * len(files))[0]
+        total = 0.0
+        for t, noise in zip(timesteps, noises):
+            tt = torch.full((len(files),), t)
+            target = sched.get_velocity(latents, noise, tt) if sched.config.prediction_type == "v_prediction" else noise
+            err = (pipe.unet(sched.add_noise(latents, noise, tt), tt, encoder_hidden_states=enc).sample - target)
+            total += float((err.square() * masks).sum() / (masks.sum() * err.shape[1]))
+        return total / len(timesteps)
+
+    out = {"timesteps": list(timesteps), f"base: a {kind}": loss(f"a {kind}")}
+    runs = {"untrained concept": cc.initial_concept(pipe, token, kind, ["a {}"])}
+    runs.update({run: concept_file(work, run) for run in (name, f"{name}-nolock")
+                 if Path(concept_file(work, run)).exists()})
+    for label, concept in runs.items():
+        attnproc.apply(pipe, "keylock", concepts=[concept], covariance=cov)
+        try:
+            out[label] = loss(f"a {token}")
+        finally:
+            attnproc.remove(pipe)
+    if Path(concept_file(work, f"{name}-ti")).exists():
+        concept = cc.load_concept(concept_file(work, f"{name}-ti"))
+        cc.add_tokens(pipe, [concept])
+        try:
+            out[f"{name}-ti"] = loss(f"a {token}")
+        finally:
+            cc.remove_tokens(pipe, [token])
+    return out
 
 
 def ceiling(args, pipe, work: Path, name: str, call: dict, steps: int = 200, lr: float = 1e-4) -> dict:
