@@ -82,19 +82,26 @@ def test_multi_concept_projection_is_orthogonal_in_the_cinv_metric():
 
 
 # ---- in a pipeline ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def sd15():
-    pipe = tiny_pipeline("sd15")
+def _concept_setup(family: str, embedding_noise: float = 0.0):
+    """A tiny pipeline, a concept with learned-looking o*_V (so the edit visibly changes the values) and C."""
+    pipe = tiny_pipeline(family)
     con = cc.initial_concept(pipe, "<flag>", "fox", ["a {}", "a red {} in the snow"])
     g = torch.Generator().manual_seed(0)
-    for t in con.values.values():  # a learned-looking o*_V so the edit visibly changes the values
+    for t in con.values.values():
         t.add_(torch.randn(t.shape, generator=g))
+    if embedding_noise:
+        con.embedding = con.embedding + embedding_noise * torch.randn(con.embedding.shape, generator=g)
     cov = cc.estimate_covariance(pipe, ["a red fox in the snow", "a fox", "the snow is white", "a red fox"])
     return pipe, con, cov
 
 
-def _image(pipe, prompt):
-    kw = tiny_call_kwargs("sd15", prompt=prompt, num_inference_steps=2, height=64, width=64)
+@pytest.fixture(scope="module")
+def sd15():
+    return _concept_setup("sd15")
+
+
+def _image(pipe, prompt, family="sd15"):
+    kw = tiny_call_kwargs(family, prompt=prompt, num_inference_steps=2, height=64, width=64)
     kw["generator"] = torch.Generator().manual_seed(0)
     return pipe(**kw).images
 
@@ -342,20 +349,7 @@ def test_sd15_sized_concept_file_is_at_most_110_kb(tmp_path):
 # ---- SDXL: two text encoders, one concatenated context ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def sdxl():
-    pipe = tiny_pipeline("sdxl")
-    con = cc.initial_concept(pipe, "<flag>", "fox", ["a {}", "a red {} in the snow"])
-    g = torch.Generator().manual_seed(0)
-    for t in con.values.values():
-        t.add_(torch.randn(t.shape, generator=g))
-    con.embedding = con.embedding + 0.5 * torch.randn(con.embedding.shape, generator=g)
-    cov = cc.estimate_covariance(pipe, ["a red fox in the snow", "a fox", "the snow is white", "a red fox"])
-    return pipe, con, cov
-
-
-def _xl_image(pipe, prompt):
-    kw = tiny_call_kwargs("sdxl", prompt=prompt, num_inference_steps=2, height=64, width=64)
-    kw["generator"] = torch.Generator().manual_seed(0)
-    return pipe(**kw).images
+    return _concept_setup("sdxl", embedding_noise=0.5)
 
 
 def test_sdxl_token_in_both_encoders_and_keys_values_by_the_formula(sdxl):
@@ -370,7 +364,7 @@ def test_sdxl_token_in_both_encoders_and_keys_values_by_the_formula(sdxl):
                               (pipe.text_encoder_2, pipe.tokenizer_2, con.embedding[widths[0]:])):
             tid = tok.convert_tokens_to_ids("<flag>")
             torch.testing.assert_close(te.get_input_embeddings().weight[tid], part, rtol=0, atol=0)
-        _xl_image(pipe, "a red <flag> in the snow")
+        _image(pipe, "a red <flag> in the snow", "sdxl")
         seen = handle.method.base.seen
         unet = dict(pipe.unet.named_modules())
         assert {name for name, *_ in seen} == {n for n, _ in cc.cross_attention_modules(pipe.unet)}
@@ -392,18 +386,18 @@ def test_sdxl_token_in_both_encoders_and_keys_values_by_the_formula(sdxl):
 
 def test_sdxl_save_load_generate_is_bit_identical(sdxl, tmp_path):
     pipe, con, cov = sdxl
-    plain = _xl_image(pipe, "a red fox in the snow")
+    plain = _image(pipe, "a red fox in the snow", "sdxl")
     path = cc.save_concept(con, tmp_path / "flag.safetensors")
     cov_path = cc.save_covariance(cov, tmp_path / "C.safetensors", text_encoder=cc.text_fingerprint(pipe),
                                   captions=4, ridge=1e-3)
     images = []
     for concept, c in ((con, cov), (str(path), str(cov_path))):
         attnproc.apply(pipe, "keylock", concepts=[concept], covariance=c)
-        images.append(_xl_image(pipe, "a red <flag> in the snow"))
+        images.append(_image(pipe, "a red <flag> in the snow", "sdxl"))
         attnproc.remove(pipe)
     assert (images[0] == images[1]).all()
     assert abs(images[0] - plain).max() > 1e-3  # the concept is really in the picture
-    assert (_xl_image(pipe, "a red fox in the snow") == plain).all()  # and gone after remove()
+    assert (_image(pipe, "a red fox in the snow", "sdxl") == plain).all()  # and gone after remove()
 
 
 def test_sdxl_refuses_global_locking_and_another_encoders_concept(sdxl, sd15):
