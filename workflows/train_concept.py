@@ -206,12 +206,12 @@ def train_concept(cfg: ConceptConfig, *, pipe=None, progress: bool = True,
     parts = cc.text_encoders(pipe)
     tid = parts[0][1].convert_tokens_to_ids(cfg.token)
     embedding = torch.nn.Parameter(concept.embedding.clone().to(parts[0][0].device))
-    hooks, start = [], 0
+    hooks, offset = [], 0
     for te, tok in parts:  # each encoder's row of the token is its slice of the one trainable vector
         width = te.get_input_embeddings().weight.shape[-1]
         hooks.append(te.get_input_embeddings().register_forward_hook(
-            _swap_row(tok.convert_tokens_to_ids(cfg.token), embedding, start, width)))
-        start += width
+            _swap_row(tok.convert_tokens_to_ids(cfg.token), embedding, offset, width)))
+        offset += width
     flags = {p: p.requires_grad for m in (pipe.unet, pipe.vae, *(te for te, _ in parts)) for p in m.parameters()}
     for p in flags:
         p.requires_grad_(False)
@@ -231,7 +231,7 @@ def train_concept(cfg: ConceptConfig, *, pipe=None, progress: bool = True,
         start, losses = _load_checkpoint(ckpt, named, optimizer, chash) if ckpt.exists() else (0, [])
         from diffusers import DDPMScheduler
 
-        sched = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule of the sampler's
+        sched = DDPMScheduler.from_config(pipe.scheduler.config)  # the sampler's betas, as a training schedule
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
                    desc="train-concept")
         for step in bar:
