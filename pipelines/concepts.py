@@ -6,6 +6,8 @@ and the learned value target ``o*_V``. A concept file is a safetensors file of f
 (``embedding``, ``i_star``, ``keys``, ``values``; the per-layer targets concatenated in module order) and string
 metadata (token, superclass, β/τ defaults, the module names and sizes, and fingerprints of the denoiser and text
 encoder it was trained on, so a file for another model is refused). SD 1.5 sized: 26,496 floats, about 104 KB.
+SDXL: the embedding holds the token's row of both text encoders, concatenated; the context (and so ``i*`` and C)
+is both encoders' penultimate states concatenated, as the pipeline feeds its UNet.
 
 The **covariance** ``C`` (uncentred, of the text encoder's output encodings over the tokens of a caption list) is
 estimated once per text encoder (:func:`estimate_covariance`, ``attnproc keylock-covariance``), stored in its own

@@ -7,7 +7,8 @@ gradient accumulation 4, 400 steps, gate β 0.75 / τ 0.1 while training (the fi
 β 0.7 / τ 0.15). Loss: the diffusion loss (the scheduler's ε or v target), weighted by the subject masks when a
 mask folder is given. The trainer machinery is fine-tuning's (``workflows/finetune.py``): accelerate, the atomic
 checkpoint with optimizer state (resume continues exactly: every step draws from ``(seed, step)``), progress bar,
-the YAML/JSON config reader and field checks.
+the YAML/JSON config reader and field checks. SDXL: one trainable vector holds the token's row in both text
+encoders. ``edit: false`` trains plain textual inversion (no edit): the sanity baseline of docs/perfusion.md.
 
     attnproc train-concept --pipeline shapes:sd15 --images flag/ --token "<flag>" --superclass square \\
         --covariance sd15-C.safetensors --output runs/flag          # writes runs/flag/concept.safetensors
