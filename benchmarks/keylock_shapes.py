@@ -1,23 +1,29 @@
-"""Key-locking (Perfusion) on the shapes world: new concepts the sd15 shapes model never saw, measured by the detector.
+"""Key-locking (Perfusion) on the shapes world: concepts trained on the sd15 shapes model, measured by the detector.
 
-Concepts (the dataset has one colour per shape, never two):
+Concepts (``CONCEPTS``):
 
-* ``<flag>``: a square whose left half is red and right half yellow (superclass ``square``);
-* ``<ball>``: a disc whose top half is green and bottom half blue (superclass ``circle``).
+* ``<flag>``: a square whose left half is red and right half yellow (superclass ``square``), and ``<ball>``: a
+  disc with a green top and blue bottom half (``circle``). The dataset has one colour per shape, never two: these
+  are new appearances. Found when the detector sees the two colour blobs side by side in the right order.
+* ``<rsq>`` (a red square, superclass ``square``) and ``<gci>`` (a green circle, ``circle``): one-token words for
+  things the model can draw; the sanity rung of docs/perfusion.md (does the recipe learn at all on this model?).
 
-Each is trained from 8 procedurally drawn images with their exact subject masks (``attnproc train-concept``'s
-recipe, fewer steps for the CPU). The detector finds a concept when it sees its two colour blobs touching in the
-right arrangement. Measured, over seeds:
+Each is trained from 8 drawn images with their exact subject masks (``attnproc train-concept``). Runs
+(``train:<concept>[-nolock|-ti]``): key-locked; the no-key-locking ablation (o*_K trained too); plain textual
+inversion (``edit: false``: the embedding alone, no edit). Parts, for ``--concept C`` (default flag):
 
-* appearance of ``<flag>`` for "a <flag>" and "a <flag> and a blue circle" at several β, with key-locking and
-  with the no-key-locking ablation (o*_K trained too), against the base model given the superclass prompt;
-* text alignment: for "a <flag> and a blue circle", is the blue circle also there (the Pareto partner);
-* preservation of other prompts: held-out dataset captions with the concept loaded vs without (detector colour
-  rate, mean absolute pixel difference);
-* two concepts in one prompt ("a <flag> and a <ball>"), exact and approximate multi-concept projection.
+* ``base``: the base model given the superclass word; ``lock``/``nolock``/``ti``: how often C appears for
+  "a <C>" and "a <C> and a blue circle" at several β, and whether the blue circle is kept (the Pareto partner);
+* ``preservation``: held-out captions without the token, C loaded vs not (detector colour/count, pixel diff);
+* ``two``: "a <C> and a <C2>" (``--concept2``), exact and approximate projection;
+* ``loss``: the masked training loss at fixed timesteps and noise, untrained vs each trained run;
+* ``ceiling``: every UNet weight fine-tuned on C's images (what this model can be made to draw at all);
+* ``calibrate``: the detector rule on drawn, VAE round-tripped and colour-swapped images, and on the base model's
+  "a red square and a yellow square".
 
-    python benchmarks/keylock_shapes.py train:flag train:ball train:flag-nolock   # parts may run in parallel
-    python benchmarks/keylock_shapes.py base lock nolock preservation two
+    python benchmarks/keylock_shapes.py train:rsq train:rsq-nolock train:rsq-ti --steps 400
+    python benchmarks/keylock_shapes.py base lock nolock ti preservation --concept rsq --n 16
+    python benchmarks/keylock_shapes.py two --concept rsq --concept2 gci --n 16
     python benchmarks/keylock_shapes.py merge                 # -> benchmarks/results/keylock-shapes.json
 """
 from __future__ import annotations
@@ -40,9 +46,12 @@ from attnproc.workflows.train_concept import ConceptConfig, train_concept
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZE = 64
-# concept: token, superclass, the two halves (colour names), split axis ("x": left | right, "y": top / bottom)
+# concept: token, superclass, the two halves (colour names), split axis ("x": left | right, "y": top / bottom;
+# None: one colour)
 CONCEPTS = {"flag": ("<flag>", "square", ("red", "yellow"), "x"),
-            "ball": ("<ball>", "circle", ("green", "blue"), "y")}
+            "ball": ("<ball>", "circle", ("green", "blue"), "y"),
+            "rsq": ("<rsq>", "square", ("red", "red"), None),
+            "gci": ("<gci>", "circle", ("green", "green"), None)}
 
 
 def draw(kind: str, colours: tuple[str, str], axis: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -63,21 +72,22 @@ def draw(kind: str, colours: tuple[str, str], axis: str, rng: np.random.Generato
 
 
 def found(image, colours: tuple[str, str], axis: str, gap: int = 3) -> bool:
-    """The detector sees the two halves: blobs of both colours, the first left of (above) the second, touching
-    (gap ≤ ``gap`` px) and overlapping by half along the other axis."""
+    """The detector sees the two halves: blobs of both colours, the first's centre left of (above) the second's
+    by at least 2 px, their boxes touching or overlapping (gap ≤ ``gap`` px) along that axis and overlapping by
+    half along the other. Overlap is allowed because the VAE bleeds one half's colour into the other's edge (a
+    perfectly drawn flag after VAE encode+decode has overlapping boxes); see the ``calibrate`` part."""
     blobs = detect(image)
     a = [b for b in blobs if b.colour == colours[0]]
     b = [b for b in blobs if b.colour == colours[1]]
+    k = 0 if axis == "x" else 1
     for p in a:
         for q in b:
-            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = p.box, q.box
-            if axis == "x":
-                touch = -gap <= bx0 - ax1 <= gap and p.centre[0] < q.centre[0]
-                overlap = min(ay1, by1) - max(ay0, by0) >= 0.5 * min(ay1 - ay0, by1 - by0)
-            else:
-                touch = -gap <= by0 - ay1 <= gap and p.centre[1] < q.centre[1]
-                overlap = min(ax1, bx1) - max(ax0, bx0) >= 0.5 * min(ax1 - ax0, bx1 - bx0)
-            if touch and overlap:
+            first, second = (p.box[k], p.box[k + 2]), (q.box[k], q.box[k + 2])
+            across = (p.box[1 - k], p.box[3 - k]), (q.box[1 - k], q.box[3 - k])
+            ordered = q.centre[k] - p.centre[k] >= 2
+            touch = second[0] - first[1] <= gap
+            overlap = min(across[0][1], across[1][1]) - max(across[0][0], across[1][0])
+            if ordered and touch and overlap >= 0.5 * min(across[0][1] - across[0][0], across[1][1] - across[1][0]):
                 return True
     return False
 
@@ -98,8 +108,16 @@ def make_data(root: Path, name: str, n: int, seed: int) -> Path:
     return root / name
 
 
-RUNS = {"flag": ("flag", True), "ball": ("ball", True), "flag-nolock": ("flag", False)}
-PARTS = ("base", "lock", "nolock", "preservation", "two")
+PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "calibrate", "ceiling", "loss")
+VARIANTS = {"": {}, "-nolock": {"lock_keys": False}, "-ti": {"edit": False}}  # run suffix -> training fields
+
+
+def appears(image, name: str) -> bool:
+    """The detector finds concept ``name`` in ``image``."""
+    _, kind, colours, axis = CONCEPTS[name]
+    if axis is None:
+        return any(b.colour == colours[0] and b.kind == kind for b in detect(image))
+    return found(image, colours, axis)
 
 
 def setup(args):
@@ -114,43 +132,51 @@ def setup(args):
     if not cov_path.exists():  # the covariance: from the world's own captions (the user's caption list)
         captions = eval_prompts("sd15", 2000, start=1_000_000_000)
         cov = cc.estimate_covariance(pipe, captions)
-        cc.save_covariance(cov, cov_path, text_encoder=cc.encoder_fingerprint(*cc.text_parts(pipe)),
+        cc.save_covariance(cov, cov_path, text_encoder=cc.text_fingerprint(pipe),
                            captions=len(captions), ridge=1e-3)
     return pipe, work, cov_path
 
 
+def split_run(run: str) -> tuple[str, str]:
+    for suffix in ("-nolock", "-ti"):
+        if run.endswith(suffix):
+            return run[: -len(suffix)], suffix
+    return run, ""
+
+
 def train(args, pipe, work: Path, cov_path: Path, run: str) -> dict:
-    name, lock = RUNS[run]
+    name, variant = split_run(run)
     token, kind, colours, axis = CONCEPTS[name]
     data = make_data(work, name, args.images, seed=len(name))
     cfg = ConceptConfig(pipeline=args.model, images=str(data / "img"), masks=str(data / "mask"), token=token,
-                        superclass=kind, covariance=str(cov_path), output=str(work / f"{name}-{lock}"),
-                        steps=args.steps, batch_size=4, grad_accum=1, templates=["a {}"], lock_keys=lock,
-                        checkpoint_every=10)
+                        superclass=kind, covariance=str(cov_path), output=str(work / run), steps=args.steps,
+                        batch_size=4, grad_accum=1, templates=["a {}"], checkpoint_every=50,
+                        lr_embedding=args.lr_embedding, lr_values=args.lr_values, **VARIANTS[variant])
     t0 = time.perf_counter()
     res = train_concept(cfg, pipe=pipe, progress=False)
     return {"run": run, "seconds_this_process": round(time.perf_counter() - t0, 1), "resumed_from": res.resumed_from,
-            "steps": res.steps, "loss_first10": float(np.mean(res.losses[:10])),
-            "loss_last10": float(np.mean(res.losses[-10:])), "bytes": Path(res.concept).stat().st_size}
+            "steps": res.steps, "lr_embedding": args.lr_embedding, "lr_values": args.lr_values,
+            "loss_first50": float(np.mean(res.losses[:50])), "loss_last50": float(np.mean(res.losses[-50:])),
+            "bytes": Path(res.concept).stat().st_size}
 
 
 def concept_file(work: Path, run: str) -> str:
-    name, lock = RUNS[run]
-    return str(work / f"{name}-{lock}" / "concept.safetensors")
+    return str(work / run / "concept.safetensors")
 
 
 def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
     seeds = list(range(args.n))
-    _, _, fcol, fax = CONCEPTS["flag"]
-    _, _, bcol, bax = CONCEPTS["ball"]
+    n, name = args.n, args.concept
+    token, kind = CONCEPTS[name][:2]
     cov = str(cov_path)
+    call = {"num_inference_steps": args.infer_steps} if args.infer_steps else {}
 
     def rate(images, fn) -> float:
         return float(np.mean([fn(im) for im in images]))
 
     def sweep(alone, pair) -> dict:
-        return {"appears": rate(alone, lambda im: found(im, fcol, fax)),
-                "appears_in_pair": rate(pair, lambda im: found(im, fcol, fax)),
+        return {"appears": rate(alone, lambda im: appears(im, name)),
+                "appears_in_pair": rate(pair, lambda im: appears(im, name)),
                 "other_shape_kept": rate(pair, lambda im: has_colour(im, "blue"))}
 
     def with_concepts(files, prompts, **options):
@@ -160,49 +186,186 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         finally:
             attnproc.remove(pipe)
 
-    n = args.n
-    call = {"num_inference_steps": args.infer_steps} if args.infer_steps else {}
+    pair = [f"a {token}"] * n + [f"a {token} and a blue circle"] * n
     if part == "base":  # the base model, given the superclass word where the concept would be
-        imgs = generate(pipe, "sd15", ["a square"] * n + ["a square and a blue circle"] * n, seeds * 2, **call)
-        return {"base_superclass_prompt": sweep(imgs[:n], imgs[n:])}
+        imgs = generate(pipe, "sd15", [f"a {kind}"] * n + [f"a {kind} and a blue circle"] * n, seeds * 2, **call)
+        return {f"{name}_base_superclass_prompt": sweep(imgs[:n], imgs[n:])}
     if part in ("lock", "nolock"):
-        run = "flag" if part == "lock" else "flag-nolock"
+        run = name if part == "lock" else f"{name}-nolock"
         rows = []
         for beta in args.betas:
-            imgs = with_concepts([concept_file(work, run)], ["a <flag>"] * n + ["a <flag> and a blue circle"] * n,
-                                 beta=beta)
+            imgs = with_concepts([concept_file(work, run)], pair, beta=beta)
             rows.append({"beta": beta, **sweep(imgs[:n], imgs[n:])})
             print(part, rows[-1], flush=True)
-        return {"pareto_" + ("key_locked" if part == "lock" else "no_key_locking"): rows}
+        return {f"{name}_pareto_" + ("key_locked" if part == "lock" else "no_key_locking"): rows}
+    if part == "ti":  # plain textual inversion: the token alone, no edit
+        concept = cc.load_concept(concept_file(work, f"{name}-ti"))
+        cc.add_tokens(pipe, [concept])
+        try:
+            imgs = generate(pipe, "sd15", pair, seeds * 2, **call)
+        finally:
+            cc.remove_tokens(pipe, [concept.token])
+        return {f"{name}_textual_inversion": sweep(imgs[:n], imgs[n:])}
     if part == "preservation":  # held-out captions without the token, the concept loaded at its β 0.7
         held = eval_prompts("sd15", n)
         plain = generate(pipe, "sd15", held, seeds, **call)
-        loaded = with_concepts([concept_file(work, "flag")], held)
+        loaded = with_concepts([concept_file(work, name)], held)
         q0, q1 = quality(held, plain), quality(held, loaded)
         diff = [np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean() for a, b in zip(plain, loaded)]
-        return {"preservation": {"colour_base": q0["colour"], "colour_with_concept": q1["colour"],
-                                 "count_base": q0["count"], "count_with_concept": q1["count"],
-                                 "mean_abs_pixel_diff_0_1": float(np.mean(diff))}}
+        return {f"{name}_preservation": {"colour_base": q0["colour"], "colour_with_concept": q1["colour"],
+                                         "count_base": q0["count"], "count_with_concept": q1["count"],
+                                         "mean_abs_pixel_diff_0_1": float(np.mean(diff))}}
     if part == "two":
+        other = args.concept2
+        prompt = f"a {token} and a {CONCEPTS[other][0]}"
         two = {}
         for multi in ("exact", "approx"):
-            imgs = with_concepts([concept_file(work, "flag"), concept_file(work, "ball")],
-                                 ["a <flag> and a <ball>"] * n, multi=multi, beta=0.6)
-            two[multi] = {"flag": rate(imgs, lambda im: found(im, fcol, fax)),
-                          "ball": rate(imgs, lambda im: found(im, bcol, bax)),
-                          "both": rate(imgs, lambda im: found(im, fcol, fax) and found(im, bcol, bax))}
+            imgs = with_concepts([concept_file(work, name), concept_file(work, other)], [prompt] * n, multi=multi)
+            two[multi] = {name: rate(imgs, lambda im: appears(im, name)),
+                          other: rate(imgs, lambda im: appears(im, other)),
+                          "both": rate(imgs, lambda im: appears(im, name) and appears(im, other))}
             Image.fromarray(np.concatenate([np.asarray(np.round(i * 255), np.uint8) for i in imgs], 1)).save(
-                work / f"two-{multi}.png")
-        return {"two_concepts_beta_0.6": two}
+                work / f"two-{name}-{other}-{multi}.png")
+        plain = f"a {CONCEPTS[name][2][0]} {kind} and a {CONCEPTS[other][2][0]} {CONCEPTS[other][1]}"
+        imgs = generate(pipe, "sd15", [plain] * n, seeds, **call)  # the words the model knows, for scale
+        two["base_words"] = {"prompt": plain, name: rate(imgs, lambda im: appears(im, name)),
+                             other: rate(imgs, lambda im: appears(im, other))}
+        return {f"two_concepts_{name}_{other}": {"prompt": prompt, **two}}
+    if part == "loss":
+        return {f"{name}_fixed_noise_loss": fixed_noise_losses(args, pipe, work, cov, name)}
+    if part == "ceiling":  # what the model can draw at all: the whole UNet fine-tuned on the concept's images
+        return {f"{name}_full_unet_ceiling": ceiling(args, pipe, work, name, call)}
+    if part == "calibrate":
+        from attnproc.workflows.train_concept import encode_latents
+
+        out = {}
+        for cname in ("flag", "ball"):
+            _, ckind, colours, axis = CONCEPTS[cname]
+            rng = np.random.default_rng(7)
+            drawn = [draw(ckind, colours, axis, rng)[0] for _ in range(n)]
+            swapped = [draw(ckind, colours[::-1], axis, rng)[0] for _ in range(n)]
+
+            def round_trip(images):
+                x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+                with torch.no_grad():
+                    d = pipe.vae.decode(encode_latents(pipe, x) / pipe.vae.config.scaling_factor).sample
+                return list(((d.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
+
+            words = f"a {colours[0]} {ckind} and a {colours[1]} {ckind}"
+            base = generate(pipe, "sd15", [words] * n, seeds, **call)
+            out[cname] = {"drawn": rate([d / 255 for d in drawn], lambda im: appears(im, cname)),
+                          "vae_round_trip": rate(round_trip(drawn), lambda im: appears(im, cname)),
+                          "swapped_drawn": rate([d / 255 for d in swapped], lambda im: appears(im, cname)),
+                          "swapped_round_trip": rate(round_trip(swapped), lambda im: appears(im, cname)),
+                          "base_model_" + words.replace(" ", "_"): rate(base, lambda im: appears(im, cname))}
+        return {"detector_calibration": out}
     raise ValueError(f"unknown part {part!r}; one of {PARTS}")
+
+
+@torch.no_grad()
+def fixed_noise_losses(args, pipe, work: Path, cov: str, name: str, timesteps=(100, 300, 500, 700, 900)) -> dict:
+    """The masked diffusion loss on the concept's images at fixed timesteps and noise (the training loss with its
+    sampling noise removed): the superclass prompt on the base model, the untrained concept, and each trained run.
+    The per-step training loss draws 4 random timesteps; its spread hides any trend over a few hundred steps."""
+    from diffusers import DDPMScheduler
+
+    from attnproc.workflows.train_concept import encode_latents
+
+    token, kind = CONCEPTS[name][:2]
+    data = make_data(work, name, args.images, seed=len(name))
+    files = sorted((data / "img").glob("*.png"))
+
+    def read(folder, mode):
+        return torch.stack([torch.from_numpy(np.asarray(Image.open(data / folder / f.name).convert(mode), np.float32))
+                            for f in files])
+
+    latents = encode_latents(pipe, read("img", "RGB").permute(0, 3, 1, 2) / 127.5 - 1)
+    masks = torch.nn.functional.interpolate(read("mask", "L")[:, None] / 255, size=latents.shape[-2:], mode="area")
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    gen = torch.Generator().manual_seed(123)
+    noises = [torch.randn(latents.shape, generator=gen) for _ in timesteps]
+
+    def loss(prompt: str) -> float:
+        enc = cc.encode_prompts(pipe, [prompt] * len(files))[0]
+        total = 0.0
+        for t, noise in zip(timesteps, noises):
+            tt = torch.full((len(files),), t)
+            target = sched.get_velocity(latents, noise, tt) if sched.config.prediction_type == "v_prediction" else noise
+            err = (pipe.unet(sched.add_noise(latents, noise, tt), tt, encoder_hidden_states=enc).sample - target)
+            total += float((err.square() * masks).sum() / (masks.sum() * err.shape[1]))
+        return total / len(timesteps)
+
+    out = {"timesteps": list(timesteps), f"base: a {kind}": loss(f"a {kind}")}
+    runs = {"untrained concept": cc.initial_concept(pipe, token, kind, ["a {}"])}
+    runs.update({run: concept_file(work, run) for run in (name, f"{name}-nolock")
+                 if Path(concept_file(work, run)).exists()})
+    for label, concept in runs.items():
+        attnproc.apply(pipe, "keylock", concepts=[concept], covariance=cov)
+        try:
+            out[label] = loss(f"a {token}")
+        finally:
+            attnproc.remove(pipe)
+    if Path(concept_file(work, f"{name}-ti")).exists():
+        concept = cc.load_concept(concept_file(work, f"{name}-ti"))
+        cc.add_tokens(pipe, [concept])
+        try:
+            out[f"{name}-ti"] = loss(f"a {token}")
+        finally:
+            cc.remove_tokens(pipe, [token])
+    return out
+
+
+def ceiling(args, pipe, work: Path, name: str, call: dict, steps: int = 200, lr: float = 1e-4) -> dict:
+    """Fine-tune every UNet weight (AdamW, batch 4, unmasked v/ε loss) on the concept's 8 images with the plain
+    superclass prompt, then count the concept in "a <superclass>" renders; the UNet is restored afterwards."""
+    import copy
+
+    from diffusers import DDPMScheduler
+
+    from attnproc.workflows.train_concept import encode_latents
+
+    _, kind = CONCEPTS[name][:2]
+    data = make_data(work, name, args.images, seed=len(name))
+    files = sorted((data / "img").glob("*.png"))
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), np.float32)) for f in files])
+    latents = encode_latents(pipe, pixels.permute(0, 3, 1, 2) / 127.5 - 1)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    saved = copy.deepcopy(pipe.unet.state_dict())
+    opt = torch.optim.AdamW(pipe.unet.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        enc = cc.encode_prompts(pipe, [f"a {kind}"] * 4)[0]
+    losses = []
+    try:
+        for _ in range(steps):
+            x0 = latents[torch.randint(0, len(files), (4,), generator=gen)]
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, sched.config.num_train_timesteps, (4,), generator=gen)
+            target = sched.get_velocity(x0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+            loss = (pipe.unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=enc).sample - target).square()
+            loss.mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.mean().item())
+        with torch.no_grad():
+            imgs = generate(pipe, "sd15", [f"a {kind}"] * args.n, list(range(args.n)), **call)
+    finally:
+        pipe.unet.load_state_dict(saved)
+    return {"steps": steps, "lr": lr, "loss_first20": float(np.mean(losses[:20])),
+            "loss_last20": float(np.mean(losses[-20:])), "appears": float(np.mean([appears(i, name) for i in imgs]))}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", nargs="+", help=f"train:<{'|'.join(RUNS)}>, a part ({', '.join(PARTS)}) or merge")
+    ap.add_argument("what", nargs="+", help=f"train:<{'|'.join(CONCEPTS)}>[-nolock|-ti], a part "
+                                            f"({', '.join(PARTS)}) or merge")
+    ap.add_argument("--concept", default="flag", choices=list(CONCEPTS), help="the concept a part measures")
+    ap.add_argument("--concept2", default="ball", choices=list(CONCEPTS), help="the second concept of 'two'")
+    ap.add_argument("--lr-embedding", type=float, default=0.006, help="reference: 0.006")
+    ap.add_argument("--lr-values", type=float, default=0.03, help="reference: 0.03")
     ap.add_argument("--model", default="shapes:sd15", help="shapes:sd15 or a diffusers folder of the sd15 model")
     ap.add_argument("--n", type=int, default=8, help="seeds per measured prompt")
-    ap.add_argument("--steps", type=int, default=60, help="training steps per concept (reference: 400)")
+    ap.add_argument("--steps", type=int, default=400, help="training steps per concept (the reference recipe)")
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--infer-steps", type=int, default=None, help="denoising steps (default: the model's 25)")
     ap.add_argument("--betas", type=float, nargs="+", default=[0.5, 0.7, 0.9])
@@ -223,6 +386,7 @@ def main() -> None:
             result = {"train_" + what[6:]: train(args, pipe, work, cov_path, what[6:])}
         else:
             result = measure(args, pipe, work, cov_path, what)
+            what = f"{what}-{args.concept}"
         result[f"fingerprint_{what}"] = cc.model_fingerprint(pipe.unet)
         (work / f"part-{what.replace(':', '-')}.json").write_text(json.dumps(result, indent=2))
         print(what, json.dumps(result), flush=True)

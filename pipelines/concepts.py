@@ -6,6 +6,8 @@ and the learned value target ``o*_V``. A concept file is a safetensors file of f
 (``embedding``, ``i_star``, ``keys``, ``values``; the per-layer targets concatenated in module order) and string
 metadata (token, superclass, β/τ defaults, the module names and sizes, and fingerprints of the denoiser and text
 encoder it was trained on, so a file for another model is refused). SD 1.5 sized: 26,496 floats, about 104 KB.
+SDXL: the embedding holds the token's row of both text encoders, concatenated; the context (and so ``i*`` and C)
+is both encoders' penultimate states concatenated, as the pipeline feeds its UNet.
 
 The **covariance** ``C`` (uncentred, of the text encoder's output encodings over the tokens of a caption list) is
 estimated once per text encoder (:func:`estimate_covariance`, ``attnproc keylock-covariance``), stored in its own
@@ -23,8 +25,9 @@ from typing import Iterable
 import torch
 
 __all__ = ["Concept", "initial_concept", "superclass_id", "save_concept", "load_concept", "save_covariance",
-           "load_covariance", "estimate_covariance", "model_fingerprint", "encoder_fingerprint", "text_parts",
-           "cross_attention_modules", "encode_prompts", "add_tokens", "remove_tokens",
+           "load_covariance", "estimate_covariance", "model_fingerprint", "encoder_fingerprint", "text_fingerprint",
+           "text_encoders", "cross_attention_modules", "encode_prompts", "encode_for_denoiser", "add_tokens",
+           "remove_tokens",
            "ConceptFileError"]
 
 CONCEPT_FORMAT = "attnproc-keylock-concept/1"
@@ -137,9 +140,10 @@ def encoder_fingerprint(text_encoder: torch.nn.Module, tokenizer) -> str:
     return _digest([("embeddings", emb), last])
 
 
-def superclass_id(pipe, superclass: str) -> int:
-    """The one token id of the ``superclass`` word (a word that splits into several tokens is refused)."""
-    _, tok = text_parts(pipe)
+def superclass_id(pipe, superclass: str, tokenizer=None) -> int:
+    """The one token id of the ``superclass`` word in ``tokenizer`` (default: the first text encoder's); a word
+    that splits into several tokens is refused."""
+    tok = text_encoders(pipe)[0][1] if tokenizer is None else tokenizer
     ids = tok(superclass, add_special_tokens=False).input_ids
     if len(ids) != 1:
         raise ValueError(f"superclass {superclass!r} is {len(ids)} tokens for this tokenizer; give a word that is "
@@ -151,8 +155,9 @@ def superclass_id(pipe, superclass: str) -> int:
 def initial_concept(pipe, token: str, superclass: str, prompts: list[str]) -> Concept:
     """The training start of a concept: its embedding is the superclass word's, ``i*`` and ``e_super`` the
     superclass word's encoding at its position in ``prompts`` (templates with ``{}`` filled by the superclass),
-    averaged; ``o*_K = W_K e_super`` (locked) and ``o*_V = W_V e_super`` (to be learned)."""
-    te, tok = text_parts(pipe)
+    averaged; ``o*_K = W_K e_super`` (locked) and ``o*_V = W_V e_super`` (to be learned). With two text encoders
+    (SDXL) the embedding is both encoders' rows concatenated, in encoder order."""
+    parts = text_encoders(pipe)
     sid = superclass_id(pipe, superclass)
     filled = [p.format(superclass) for p in prompts]
     enc, ids = encode_prompts(pipe, filled)
@@ -160,10 +165,11 @@ def initial_concept(pipe, token: str, superclass: str, prompts: list[str]) -> Co
     e_super = torch.stack(rows).float().mean(0)
     mods = cross_attention_modules(pipe.unet)
     return Concept(token=token, superclass=superclass,
-                   embedding=te.get_input_embeddings().weight[sid].detach().float().clone(), i_star=e_super.clone(),
+                   embedding=torch.cat([te.get_input_embeddings().weight[superclass_id(pipe, superclass, tok)]
+                                        .detach().float() for te, tok in parts]), i_star=e_super.clone(),
                    keys={n: _project(e_super, m.to_k) for n, m in mods},
                    values={n: _project(e_super, m.to_v) for n, m in mods},
-                   model=model_fingerprint(pipe.unet), text_encoder=encoder_fingerprint(te, tok))
+                   model=model_fingerprint(pipe.unet), text_encoder=text_fingerprint(pipe))
 
 
 def _project(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
@@ -171,26 +177,49 @@ def _project(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
 
 
 # ---- covariance --------------------------------------------------------------------------------------------------
-def text_parts(pipe):
-    """``(text_encoder, tokenizer)`` of a one-text-encoder pipeline (SD 1.x/2.x); others are refused clearly."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        from attnproc.errors import UnsupportedModelError
-
-        raise UnsupportedModelError("key-locking supports one-text-encoder pipelines (SD 1.x/2.x) for now; SDXL's "
-                                    "two encoders need a concept per encoder (docs/perfusion.md)")
-    te, tok = getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None)
-    if te is None or tok is None:
+def text_encoders(pipe) -> list[tuple[torch.nn.Module, object]]:
+    """``[(text_encoder, tokenizer), ...]``: one pair for SD 1.x/2.x, two for SDXL (whose cross-attention context
+    is both encoders' penultimate states concatenated per position)."""
+    pairs = [(getattr(pipe, f"text_encoder{s}", None), getattr(pipe, f"tokenizer{s}", None)) for s in ("", "_2")]
+    pairs = [(te, tok) for te, tok in pairs if te is not None and tok is not None]
+    if not pairs:
         raise ValueError(f"{type(pipe).__name__} has no text_encoder/tokenizer; key-locking needs a CLIP text encoder")
-    return te, tok
+    return pairs
+
+
+def text_fingerprint(pipe) -> str:
+    """Identifies the pipeline's text encoder(s): :func:`encoder_fingerprint` of the one encoder, or a digest of
+    both SDXL encoders' fingerprints."""
+    prints = [encoder_fingerprint(te, tok) for te, tok in text_encoders(pipe)]
+    return prints[0] if len(prints) == 1 else hashlib.sha256("+".join(prints).encode()).hexdigest()[:16]
+
+
+def encode_for_denoiser(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """``(encodings [N, L, d], input_ids [N, L] of the first tokenizer, extra UNet inputs)`` as the pipeline
+    computes them, gradients kept (training goes through it). SD 1.x/2.x: the last hidden state. SDXL: both
+    encoders' penultimate hidden states concatenated, and ``added_cond_kwargs`` with the second encoder's pooled
+    projection (``time_ids`` are added by the caller, who knows the image size)."""
+    parts = text_encoders(pipe)
+    states, ids0, extra = [], None, {}
+    for n, (te, tok) in enumerate(parts):
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(te.device)
+        ids0 = ids if ids0 is None else ids0
+        if len(parts) == 1:
+            states.append(te(ids)[0])
+            continue
+        out = te(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        if n == 1:
+            extra = {"text_embeds": out[0]}
+    return torch.cat(states, -1), ids0, extra
 
 
 def encode_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(encodings [N, L, d], input_ids [N, L])``: the text encoder's output as the denoiser sees it (padded to
-    the tokenizer's max length, last hidden state), gradients kept (training goes through it)."""
-    te, tok = text_parts(pipe)
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(te.device)
-    return te(ids)[0], ids
+    """``(encodings [N, L, d], input_ids [N, L])``: the text encoders' output as the denoiser's cross-attention
+    sees it (padded to the tokenizer's max length; see :func:`encode_for_denoiser`), gradients kept."""
+    enc, ids, _ = encode_for_denoiser(pipe, prompts)
+    return enc, ids
 
 
 @torch.no_grad()
@@ -244,29 +273,31 @@ def load_covariance(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
 
 # ---- tokens ------------------------------------------------------------------------------------------------------
 def add_tokens(pipe, concepts: list[Concept]) -> None:
-    """Add each concept's token with its embedding to the pipeline's tokenizer and text encoder (diffusers'
-    textual-inversion loader). Everything is checked first, so an error changes nothing."""
-    te, tok = text_parts(pipe)
-    vocab = tok.get_vocab()
+    """Add each concept's token with its embedding to the pipeline's tokenizer(s) and text encoder(s) (diffusers'
+    textual-inversion loader; SDXL: the embedding is split at the first encoder's width, one part per encoder).
+    Everything is checked first, so an error changes nothing."""
+    parts = text_encoders(pipe)
+    widths = [te.get_input_embeddings().weight.shape[-1] for te, _ in parts]
     seen = set()
-    width = te.get_input_embeddings().weight.shape[-1]
     for c in concepts:
-        if c.token in vocab or len(tok(c.token, add_special_tokens=False).input_ids) == 1:  # CLIP: "fox</w>"
-            raise ValueError(f"concept token {c.token!r} is already in the tokenizer's vocabulary; choose a token "
-                             "the tokenizer does not know (e.g. '<my-concept>') or remove the loaded concept first")
+        for _, tok in parts:
+            if c.token in tok.get_vocab() or len(tok(c.token, add_special_tokens=False).input_ids) == 1:  # "fox</w>"
+                raise ValueError(f"concept token {c.token!r} is already in the tokenizer's vocabulary; choose a token "
+                                 "the tokenizer does not know (e.g. '<my-concept>') or remove the loaded concept first")
         if c.token in seen:
             raise ValueError(f"two concepts use the token {c.token!r}; each concept needs its own token")
-        if c.embedding.numel() != width:
+        if c.embedding.numel() != sum(widths):
             raise ConceptFileError(f"concept {c.token!r}: embedding of {c.embedding.numel()} values, the text "
-                                   f"encoder's token embeddings have {width}")
+                                   f"encoder's token embeddings have {' + '.join(map(str, widths))}")
         seen.add(c.token)
     for c in concepts:
-        pipe.load_textual_inversion(c.embedding.to(te.dtype), token=c.token, tokenizer=tok, text_encoder=te)
+        for (te, tok), part in zip(parts, c.embedding.reshape(-1).split(widths)):
+            pipe.load_textual_inversion(part.to(te.dtype), token=c.token, tokenizer=tok, text_encoder=te)
 
 
 def remove_tokens(pipe, tokens: list[str]) -> None:
     """Undo :func:`add_tokens` (tokens not present are skipped)."""
-    _, tok = text_parts(pipe)
-    present = [t for t in tokens if t in tok.get_vocab()]
-    if present:
-        pipe.unload_textual_inversion(present)
+    for te, tok in text_encoders(pipe):
+        present = [t for t in tokens if t in tok.get_vocab()]
+        if present:
+            pipe.unload_textual_inversion(present, tokenizer=tok, text_encoder=te)

@@ -3,7 +3,9 @@
 Everything method-specific is generated from the registry's option schema (``attnproc.methods()``): numbers with
 a range become sliders, choices dropdowns, booleans checkboxes, strings textboxes. All widgets write into one
 "options (JSON)" box, which is also where options of type ``any`` are edited; an option named ``regions`` (mask
-guided edits) additionally gets an image editor whose layers become region masks, one phrase per line.
+guided edits) additionally gets an image editor whose layers become region masks, one phrase per line; a method
+with a ``concepts`` option (keylock) gets file pickers for its concept files and covariance and a β per concept,
+which write into the options box.
 
 One job at a time (``queue(default_concurrency_limit=1)``); the progress bar follows the pipeline's denoising
 loop (``gr.Progress(track_tqdm=True)``); the server binds to 127.0.0.1 unless told otherwise.
@@ -214,6 +216,36 @@ def regions_from_editor(editor: Any, phrases: str) -> list[dict] | None:
     return [{"phrase": p, "mask": m} for p, m in zip(names, masks)]
 
 
+def concept_options(files: Any, betas: str, covariance: Any, text: str | None) -> str:
+    """The concept pickers → the options box: ``concepts`` as ``[{"file": path, "beta": b}]`` (one β per picked
+    file, comma- or line-separated, in file order; an empty entry or an empty box keeps the file's own β) and
+    ``covariance`` as the picked file's path. Other options in ``text`` are kept."""
+    try:
+        opts = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        opts = {}
+    paths = [str(getattr(f, "name", f)) for f in (files if isinstance(files, list) else [files] if files else [])]
+    parts = [b.strip() for b in (betas or "").replace("\n", ",").split(",")]
+    parts = [] if all(not b for b in parts) else parts
+    if parts and len(parts) != len(paths):
+        raise ValueError(f"β per concept: {len(parts)} value(s) for {len(paths)} concept file(s); give one per file "
+                         "(empty = the file's own)")
+    concepts = []
+    for i, path in enumerate(paths):
+        entry = {"file": path}
+        if parts and parts[i]:
+            try:
+                entry["beta"] = float(parts[i])
+            except ValueError:
+                raise ValueError(f"β per concept: {parts[i]!r} (concept {i + 1}) is not a number; β is in "
+                                 "[0, 1.5]") from None
+        concepts.append(entry)
+    opts["concepts"] = concepts or None
+    if covariance:
+        opts["covariance"] = str(getattr(covariance, "name", covariance))
+    return json.dumps(opts, indent=1, default=str)
+
+
 def pipeline_choices(renderer: Renderer, method: str, pipelines: list[str], current: str) -> tuple[list, str]:
     """The pipelines offered with ``method``: those it serves (or that cannot be told beforehand), and the
     selection: ``current`` if the method serves it, else the first one offered."""
@@ -254,6 +286,14 @@ def build_app(pipelines: list[str] | None = None, renderer: Renderer | None = No
                     regions_editor = gr.ImageEditor(label="regions: draw one layer per region (or upload masks)",
                                                     type="numpy", height=320)
                     regions_phrases = gr.Textbox(label="region phrases (one per line, in layer order)", lines=2)
+                has_concepts = {m.name for m in infos if any(o.name == "concepts" for o in m.options)}
+                with gr.Group(visible=first in has_concepts) as concepts_group:
+                    concept_files = gr.File(label="concept files (attnproc train-concept)", file_count="multiple",
+                                            file_types=[".safetensors"], type="filepath")
+                    concept_betas = gr.Textbox(label="β per concept (comma-separated, in file order; empty = the "
+                                                     "file's own, 0.7)", placeholder="0.6, 0.7")
+                    covariance_file = gr.File(label="covariance file (attnproc keylock-covariance)",
+                                              file_types=[".safetensors"], type="filepath")
                 options_json = gr.Code(json.dumps(default_options(first), indent=1, default=str), language="json",
                                        label="options (JSON): set by the widgets above; edit here for any-typed "
                                              "options", lines=4)
@@ -284,12 +324,13 @@ def build_app(pipelines: list[str] | None = None, renderer: Renderer | None = No
             info = _info(name)
             offered, value = pipeline_choices(renderer, name, pipelines, current)
             return ([gr.update(visible=n == name) for n in groups]
-                    + [gr.update(visible=name in has_regions), info.summary if info else "",
+                    + [gr.update(visible=name in has_regions), gr.update(visible=name in has_concepts),
+                       info.summary if info else "",
                        json.dumps(default_options(name), indent=1, default=str),
                        gr.update(choices=offered, value=value)])
 
         method.change(on_method, [method, pipeline],
-                      list(groups.values()) + [regions_group, summary, options_json, pipeline],
+                      list(groups.values()) + [regions_group, concepts_group, summary, options_json, pipeline],
                       queue=False, api_visibility="private")
 
         for owner, opt, comp in widgets:
@@ -302,6 +343,16 @@ def build_app(pipelines: list[str] | None = None, renderer: Renderer | None = No
                 return json.dumps(opts, indent=1, default=str)
 
             comp.change(on_widget, [comp, options_json], options_json, queue=False, api_visibility="private")
+
+        def on_concepts(files, betas, covariance, text):
+            try:
+                return concept_options(files, betas, covariance, text)
+            except ValueError as e:
+                raise gr.Error(str(e)) from None
+
+        for comp in (concept_files, concept_betas, covariance_file):
+            comp.change(on_concepts, [concept_files, concept_betas, covariance_file, options_json], options_json,
+                        queue=False, api_visibility="private")
 
         def generate(pipeline_, method_, prompt_, negative_, seed_, steps_, height_, width_, frames_, compare_,
                      repeats_, options_text, editor, phrases, progress=gr.Progress(track_tqdm=True)):

@@ -106,7 +106,7 @@ def _cmd_keylock_covariance(args) -> int:
     captions = [line.strip() for line in open(args.captions, encoding="utf-8") if line.strip()]
     pipe = load_pipeline(args.pipeline)
     c = cc.estimate_covariance(pipe, captions, ridge=args.ridge)
-    fp = cc.encoder_fingerprint(*cc.text_parts(pipe))
+    fp = cc.text_fingerprint(pipe)
     path = cc.save_covariance(c, args.output, text_encoder=fp, captions=len(captions), ridge=args.ridge)
     print(f"covariance of {len(captions)} captions ({c.shape[0]}x{c.shape[0]}, text encoder {fp}): {path}")
     return 0

@@ -119,7 +119,9 @@ def check_method(facts: PipelineFacts, method: str | list | tuple, options: dict
     """Refuse (``PreflightError`` naming the method and the pipeline) what ``attnproc.apply`` would refuse."""
     label = "+".join(method) if isinstance(method, (list, tuple)) else method
     try:
-        create_method(method, options).bind(facts.target)
+        instance = create_method(method, options)
+        instance.bind(facts.target)
+        instance.unbind(facts.target)  # the stand-in is reused: undo what bind added (a concept's token, say)
     except AttributeError:  # the method wants more than the configuration holds: it is checked when applied
         return
     except (ValueError, TypeError, RuntimeError) as e:

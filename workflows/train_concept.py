@@ -7,7 +7,8 @@ gradient accumulation 4, 400 steps, gate β 0.75 / τ 0.1 while training (the fi
 β 0.7 / τ 0.15). Loss: the diffusion loss (the scheduler's ε or v target), weighted by the subject masks when a
 mask folder is given. The trainer machinery is fine-tuning's (``workflows/finetune.py``): accelerate, the atomic
 checkpoint with optimizer state (resume continues exactly: every step draws from ``(seed, step)``), progress bar,
-the YAML/JSON config reader and field checks.
+the YAML/JSON config reader and field checks. SDXL: one trainable vector holds the token's row in both text
+encoders. ``edit: false`` trains plain textual inversion (no edit): the sanity baseline of docs/perfusion.md.
 
     attnproc train-concept --pipeline shapes:sd15 --images flag/ --token "<flag>" --superclass square \\
         --covariance sd15-C.safetensors --output runs/flag          # writes runs/flag/concept.safetensors
@@ -37,7 +38,7 @@ class ConceptConfigError(JobFileError):
 class ConceptConfig:
     """One concept training run. Field names are the config file's keys and the CLI's flags."""
 
-    pipeline: str                      # shapes:sd15, tiny:sd15, a local folder or a hub id (SD 1.x/2.x)
+    pipeline: str                      # shapes:sd15, tiny:sd15, tiny:sdxl, a local folder or a hub id (SD 1.x/2.x, SDXL)
     images: str                        # folder of 4–20 images of the concept
     token: str                         # the new word, e.g. "<flag>" (must not be a token yet)
     superclass: str                    # one-token word the keys are locked to, e.g. "square"
@@ -57,6 +58,7 @@ class ConceptConfig:
     tau: float = 0.15
     ema: float = 0.99
     lock_keys: bool = True             # False: the no-key-locking ablation (o*_K trained too)
+    edit: bool = True                  # False: plain textual inversion (embedding only, no edit): the sanity baseline
     seed: int = 0
     checkpoint_every: int = 50
     mixed_precision: str = "no"
@@ -93,8 +95,9 @@ def parse_concept_config(data: Any) -> ConceptConfig:
             t = d["templates"]
             if not isinstance(t, list) or not t or not all(isinstance(x, str) and x.count("{}") == 1 for x in t):
                 _fail("templates", f"must be a non-empty list of prompts with one {{}} for the word, got {t!r}")
-        if "lock_keys" in d and not isinstance(d["lock_keys"], bool):
-            _fail("lock_keys", f"must be true or false, got {d['lock_keys']!r}")
+        for key in ("lock_keys", "edit"):
+            if key in d and not isinstance(d[key], bool):
+                _fail(key, f"must be true or false, got {d[key]!r}")
         if "mixed_precision" in d:
             _choice(d["mixed_precision"], "mixed_precision", MIXED_PRECISION)
     except JobFileError as e:
@@ -183,6 +186,10 @@ def train_concept(cfg: ConceptConfig, *, pipe=None, progress: bool = True,
     if pipe is None:
         pipe = load_pipeline(cfg.pipeline, {"seed": cfg.seed})
     c, meta = cc.load_covariance(cfg.covariance)
+    if meta.get("text_encoder") and meta["text_encoder"] != cc.text_fingerprint(pipe):
+        raise ConceptConfigError(f"covariance: {cfg.covariance!r} is for another text encoder "
+                                 f"({meta['text_encoder']}, this pipeline's is {cc.text_fingerprint(pipe)}); "
+                                 "estimate C for this one with `attnproc keylock-covariance`")
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     pixels, masks = load_images(cfg, size)
     latents = encode_latents(pipe, pixels)
@@ -192,34 +199,40 @@ def train_concept(cfg: ConceptConfig, *, pipe=None, progress: bool = True,
     concept.beta, concept.tau = cfg.beta, cfg.tau
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     out.mkdir(parents=True, exist_ok=True)
-    handle = attnproc.apply(pipe, "keylock", concepts=[concept], covariance=c, beta=cfg.train_beta,
-                            tau=cfg.train_tau, lock_keys=cfg.lock_keys)
-    te, tok = pipe.text_encoder, pipe.tokenizer
-    tid = tok.convert_tokens_to_ids(cfg.token)
-    embedding = torch.nn.Parameter(concept.embedding.clone().to(te.device))
-
-    def swap(module, args, output):  # the token's row of the input embeddings is the trainable vector
-        hit = (args[0] == tid).unsqueeze(-1)
-        return torch.where(hit, embedding.to(output.dtype), output)
-
-    hook = te.get_input_embeddings().register_forward_hook(swap)
-    flags = {p: p.requires_grad for m in (pipe.unet, te, pipe.vae) for p in m.parameters()}
+    if cfg.edit:
+        handle = attnproc.apply(pipe, "keylock", concepts=[concept], covariance=c, beta=cfg.train_beta,
+                                tau=cfg.train_tau, lock_keys=cfg.lock_keys)
+    else:  # plain textual inversion: the token alone, no edit (o*_K/o*_V stay the superclass's)
+        cc.add_tokens(pipe, [concept])
+    parts = cc.text_encoders(pipe)
+    tid = parts[0][1].convert_tokens_to_ids(cfg.token)
+    embedding = torch.nn.Parameter(concept.embedding.clone().to(parts[0][0].device))
+    hooks, offset = [], 0
+    for te, tok in parts:  # each encoder's row of the token is its slice of the one trainable vector
+        width = te.get_input_embeddings().weight.shape[-1]
+        hooks.append(te.get_input_embeddings().register_forward_hook(
+            _swap_row(tok.convert_tokens_to_ids(cfg.token), embedding, offset, width)))
+        offset += width
+    flags = {p: p.requires_grad for m in (pipe.unet, pipe.vae, *(te for te, _ in parts)) for p in m.parameters()}
     for p in flags:
         p.requires_grad_(False)
     try:
-        states = handle.states()
+        states = handle.states() if cfg.edit else {}
         named = [("embedding", embedding), ("i_star", concept.i_star)]
         named += [(f"{n}.o_v", s.keylock.o_v) for n, s in states.items()]
         if not cfg.lock_keys:
             named += [(f"{n}.o_k", s.keylock.o_k) for n, s in states.items()]
         for _, p in named[2:]:
             p.requires_grad_(True)
-        optimizer = torch.optim.AdamW([{"params": [embedding], "lr": cfg.lr_embedding},
-                                       {"params": [p for _, p in named[2:]], "lr": cfg.lr_values}])
+        groups = [{"params": [embedding], "lr": cfg.lr_embedding}]
+        groups += [{"params": [p for _, p in named[2:]], "lr": cfg.lr_values}] if named[2:] else []
+        optimizer = torch.optim.AdamW(groups)
         optimizer = accelerator.prepare(optimizer)
         ckpt = out / CHECKPOINT
         start, losses = _load_checkpoint(ckpt, named, optimizer, chash) if ckpt.exists() else (0, [])
-        sched = pipe.scheduler
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler.from_config(pipe.scheduler.config)  # the sampler's betas, as a training schedule
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
                    desc="train-concept")
         for step in bar:
@@ -239,29 +252,42 @@ def train_concept(cfg: ConceptConfig, *, pipe=None, progress: bool = True,
                 _save_checkpoint(ckpt, step + 1, named, optimizer, losses, chash)
         concept.embedding = embedding.detach().float().cpu().clone()
         module = {n: n.split(".", 1)[1] for n in states}  # "unet.<module>" -> "<module>"
-        concept.values = {module[n]: s.keylock.o_v.detach()[0].float().cpu().clone() for n, s in states.items()}
-        concept.keys = {module[n]: s.keylock.o_k.detach()[0].float().cpu().clone() for n, s in states.items()}
+        if states:
+            concept.values = {module[n]: s.keylock.o_v.detach()[0].float().cpu().clone() for n, s in states.items()}
+            concept.keys = {module[n]: s.keylock.o_k.detach()[0].float().cpu().clone() for n, s in states.items()}
         concept.i_star = concept.i_star.detach().float().cpu().clone()
         concept.extra = {"images": len(pixels), "steps": cfg.steps, "masks": masks is not None,
-                         "lock_keys": cfg.lock_keys, "covariance": meta.get("text_encoder", "")}
+                         "lock_keys": cfg.lock_keys, "edit": cfg.edit, "covariance": meta.get("text_encoder", "")}
         path = cc.save_concept(concept, out / CONCEPT_FILE)
     finally:
-        hook.remove()
-        attnproc.remove(pipe)
+        for hook in hooks:
+            hook.remove()
+        if cfg.edit:
+            attnproc.remove(pipe)
+        else:
+            cc.remove_tokens(pipe, [cfg.token])
         for p, flag in flags.items():
             p.requires_grad_(flag)
     return ConceptResult(path, cfg.steps, losses, start)
 
 
+def _swap_row(token_id: int, embedding: torch.nn.Parameter, start: int, width: int):
+    """A forward hook on an input-embedding layer putting ``embedding[start:start+width]`` at ``token_id``."""
+    def hook(module, args, output):
+        hit = (args[0] == token_id).unsqueeze(-1)
+        return torch.where(hit, embedding[start:start + width].to(output.dtype), output)
+    return hook
+
+
 def _micro_step(pipe, cfg: ConceptConfig, concept, latents, masks, sched, tid: int, gen: torch.Generator):
     """One batch: EMA of ``i*`` from the token's current encoding, then the (masked) diffusion loss."""
-    from attnproc.pipelines.concepts import encode_prompts
+    from attnproc.pipelines.concepts import encode_for_denoiser
 
     n = latents.shape[0]
     idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
     prompts = [cfg.templates[int(i)].format(cfg.token)
                for i in torch.randint(0, len(cfg.templates), (cfg.batch_size,), generator=gen)]
-    enc, ids = encode_prompts(pipe, prompts)
+    enc, ids, extra = encode_for_denoiser(pipe, prompts)
     with torch.no_grad():
         at = enc[ids == tid].float().mean(0)
         concept.i_star.mul_(cfg.ema).add_(at.to(concept.i_star.device), alpha=1 - cfg.ema)
@@ -273,7 +299,11 @@ def _micro_step(pipe, cfg: ConceptConfig, concept, latents, masks, sched, tid: i
     target = sched.get_velocity(x0, noise, t) if kind == "v_prediction" else noise
     if kind not in ("epsilon", "v_prediction"):
         raise ValueError(f"train-concept supports epsilon and v_prediction schedulers, not {kind!r}")
-    pred = pipe.unet(noisy, t, encoder_hidden_states=enc).sample
+    if extra:  # SDXL: pooled text and the size/crop ids of a square, uncropped training image
+        side = latents.shape[-1] * pipe.vae_scale_factor
+        extra["time_ids"] = torch.tensor([[side, side, 0, 0, side, side]], dtype=enc.dtype,
+                                         device=enc.device).expand(cfg.batch_size, 6)
+    pred = pipe.unet(noisy, t, encoder_hidden_states=enc, added_cond_kwargs=extra or None).sample
     err = (pred.float() - target.float()).square()
     if masks is None:
         return err.mean()

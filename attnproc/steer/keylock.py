@@ -212,8 +212,8 @@ class KeyLock(Edit):
     # ---- binding: compatibility and the new tokens ------------------------------------------------------
     def bind(self, target) -> None:
         super().bind(target)
-        from attnproc.pipelines.concepts import add_tokens, cross_attention_modules, encoder_fingerprint, \
-            model_fingerprint
+        from attnproc.pipelines.concepts import add_tokens, cross_attention_modules, model_fingerprint, \
+            text_encoders, text_fingerprint
 
         denoiser = target if isinstance(target, torch.nn.Module) else getattr(target, "unet", None)
         if denoiser is not None:
@@ -230,9 +230,8 @@ class KeyLock(Edit):
                         f"modules, this denoiser has {len(names)} ({names[:2]}...); it is for another architecture")
         if isinstance(target, torch.nn.Module):
             return  # a bare denoiser: the caller feeds encodings that already hold the concepts
-        te, tok = getattr(target, "text_encoder", None), getattr(target, "tokenizer", None)
-        if te is not None and tok is not None and getattr(target, "text_encoder_2", None) is None:
-            fp = encoder_fingerprint(te, tok)
+        if getattr(target, "text_encoder", None) is not None and getattr(target, "tokenizer", None) is not None:
+            fp = text_fingerprint(target)
             if self.covariance_encoder and self.covariance_encoder != fp:
                 raise UnsupportedModelError(f"the covariance file is for another text encoder ({self.covariance_encoder}, "
                                             f"this pipeline's is {fp}); estimate C for this one")
@@ -240,6 +239,9 @@ class KeyLock(Edit):
                 if c.text_encoder and c.text_encoder != fp:
                     raise UnsupportedModelError(f"concept {c.token!r} (concepts[{i}]) was trained with another text "
                                                 f"encoder ({c.text_encoder}, this pipeline's is {fp})")
+            if self.config.locking == "global" and len(text_encoders(target)) > 1:
+                raise UnsupportedModelError("keylock: locking='global' serves one-text-encoder pipelines (SD 1.x/2.x); "
+                                            "use locking='local' with two text encoders (SDXL)")
         new = [c for c in self.concepts if c.embedding is not None and c.embedding.numel()]
         add_tokens(target, new)  # checks every token first: an error adds none
         self._added = [c.token for c in new]
@@ -313,7 +315,7 @@ class KeyLock(Edit):
         attn = site.module
         if getattr(attn, "norm_cross", None) is not None or getattr(attn, "norm_k", None) is not None:
             raise UnsupportedModelError(f"keylock: {site.name} normalises its text context or keys; only plain "
-                                        "cross-attention projections (SD 1.x/2.x UNets) are supported")
+                                        "cross-attention projections (SD 1.x/2.x and SDXL UNets) are supported")
         key_context = self.superclass_context(e) if self.config.locking == "global" else e
         new_k = self.project(key_context, attn.to_k, state.o_k)
         new_v = self.project(e, attn.to_v, state.o_v)

@@ -82,19 +82,26 @@ def test_multi_concept_projection_is_orthogonal_in_the_cinv_metric():
 
 
 # ---- in a pipeline ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def sd15():
-    pipe = tiny_pipeline("sd15")
+def _concept_setup(family: str, embedding_noise: float = 0.0):
+    """A tiny pipeline, a concept with learned-looking o*_V (so the edit visibly changes the values) and C."""
+    pipe = tiny_pipeline(family)
     con = cc.initial_concept(pipe, "<flag>", "fox", ["a {}", "a red {} in the snow"])
     g = torch.Generator().manual_seed(0)
-    for t in con.values.values():  # a learned-looking o*_V so the edit visibly changes the values
+    for t in con.values.values():
         t.add_(torch.randn(t.shape, generator=g))
+    if embedding_noise:
+        con.embedding = con.embedding + embedding_noise * torch.randn(con.embedding.shape, generator=g)
     cov = cc.estimate_covariance(pipe, ["a red fox in the snow", "a fox", "the snow is white", "a red fox"])
     return pipe, con, cov
 
 
-def _image(pipe, prompt):
-    kw = tiny_call_kwargs("sd15", prompt=prompt, num_inference_steps=2, height=64, width=64)
+@pytest.fixture(scope="module")
+def sd15():
+    return _concept_setup("sd15")
+
+
+def _image(pipe, prompt, family="sd15"):
+    kw = tiny_call_kwargs(family, prompt=prompt, num_inference_steps=2, height=64, width=64)
     kw["generator"] = torch.Generator().manual_seed(0)
     return pipe(**kw).images
 
@@ -337,3 +344,69 @@ def test_sd15_sized_concept_file_is_at_most_110_kb(tmp_path):
     assert 26496 * 4 < size <= 110 * 1024
     assert [t.numel() for t in cc.load_concept(tmp_path / "sd15.safetensors").keys.values()] == \
         [m.to_k.out_features for _, m in mods]
+
+
+# ---- SDXL: two text encoders, one concatenated context ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def sdxl():
+    return _concept_setup("sdxl", embedding_noise=0.5)
+
+
+def test_sdxl_token_in_both_encoders_and_keys_values_by_the_formula(sdxl):
+    pipe, con, cov = sdxl
+    widths = [pipe.text_encoder.get_input_embeddings().weight.shape[-1],
+              pipe.text_encoder_2.get_input_embeddings().weight.shape[-1]]
+    assert con.embedding.numel() == sum(widths) and con.i_star.numel() == pipe.unet.config.cross_attention_dim
+    n_vocab = (len(pipe.tokenizer), len(pipe.tokenizer_2))
+    handle = attnproc.apply(pipe, ["kv_recorder_test", "keylock"], keylock={"concepts": [con], "covariance": cov})
+    try:
+        for te, tok, part in ((pipe.text_encoder, pipe.tokenizer, con.embedding[:widths[0]]),
+                              (pipe.text_encoder_2, pipe.tokenizer_2, con.embedding[widths[0]:])):
+            tid = tok.convert_tokens_to_ids("<flag>")
+            torch.testing.assert_close(te.get_input_embeddings().weight[tid], part, rtol=0, atol=0)
+        _image(pipe, "a red <flag> in the snow", "sdxl")
+        seen = handle.method.base.seen
+        unet = dict(pipe.unet.named_modules())
+        assert {name for name, *_ in seen} == {n for n, _ in cc.cross_attention_modules(pipe.unet)}
+        # the edit sees both encoders' penultimate states, concatenated: the pipeline's own prompt encoding
+        want_e = pipe.encode_prompt("a red <flag> in the snow", do_classifier_free_guidance=False)[0]
+        c_inv = torch.linalg.inv(cov).float()
+        for name, e, k, v in seen[:4]:
+            torch.testing.assert_close(e[-1:], want_e, rtol=1e-5, atol=1e-5)
+            attn = unet[name]
+            for proj, got, target in ((attn.to_k, k, con.keys[name]), (attn.to_v, v, con.values[name])):
+                want = keylock_linear(e, proj.weight, proj.bias, con.i_star[None], target[None], c_inv, 0.7, 0.15)
+                want = want.view(e.shape[0], -1, got.shape[1], got.shape[-1]).transpose(1, 2)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        attnproc.remove(pipe)
+    assert (len(pipe.tokenizer), len(pipe.tokenizer_2)) == n_vocab
+    assert "<flag>" not in pipe.tokenizer.get_vocab() and "<flag>" not in pipe.tokenizer_2.get_vocab()
+
+
+def test_sdxl_save_load_generate_is_bit_identical(sdxl, tmp_path):
+    pipe, con, cov = sdxl
+    plain = _image(pipe, "a red fox in the snow", "sdxl")
+    path = cc.save_concept(con, tmp_path / "flag.safetensors")
+    cov_path = cc.save_covariance(cov, tmp_path / "C.safetensors", text_encoder=cc.text_fingerprint(pipe),
+                                  captions=4, ridge=1e-3)
+    images = []
+    for concept, c in ((con, cov), (str(path), str(cov_path))):
+        attnproc.apply(pipe, "keylock", concepts=[concept], covariance=c)
+        images.append(_image(pipe, "a red <flag> in the snow", "sdxl"))
+        attnproc.remove(pipe)
+    assert (images[0] == images[1]).all()
+    assert abs(images[0] - plain).max() > 1e-3  # the concept is really in the picture
+    assert (_image(pipe, "a red fox in the snow", "sdxl") == plain).all()  # and gone after remove()
+
+
+def test_sdxl_refuses_global_locking_and_another_encoders_concept(sdxl, sd15):
+    pipe, con, cov = sdxl
+    n_vocab = len(pipe.tokenizer_2)
+    with pytest.raises(attnproc.UnsupportedModelError, match="locking='global' serves one-text-encoder"):
+        attnproc.apply(pipe, "keylock", concepts=[con], covariance=cov, locking="global")
+    assert len(pipe.tokenizer_2) == n_vocab and "<flag>" not in pipe.tokenizer.get_vocab()
+    other = cc.Concept(**{**con.__dict__, "text_encoder": sd15[1].text_encoder})
+    with pytest.raises(attnproc.UnsupportedModelError, match="trained with another text encoder"):
+        attnproc.apply(pipe, "keylock", concepts=[other], covariance=cov)
+    assert len(pipe.tokenizer_2) == n_vocab

@@ -249,3 +249,38 @@ def test_isolate_story_through_the_ui(client):
     with pytest.raises(AppError, match="must be the job's prompt"):
         client.predict("tiny:sd15", "isolate", "a fox", "", 0, 1, 64, 64, 0, False, json.dumps(options), 1,
                        api_name="/generate_json")
+
+
+def test_concept_pickers_write_files_and_beta_per_concept_into_the_options(app, client, tmp_path):
+    """keylock's pickers: concept files, one β per file (empty = the file's own) and the covariance file become
+    the options the renderer gets; a β list that does not match the files is refused by name."""
+    from attnproc.pipelines import concepts as cc
+    from attnproc.pipelines import tiny_pipeline
+    from attnproc.ui.app import concept_options
+
+    labels = {str(c.get("props", {}).get("label")) for c in app[0].config["components"]}
+    assert {"concept files (attnproc train-concept)", "covariance file (attnproc keylock-covariance)"} <= labels
+    pipe = tiny_pipeline("sd15")
+    paths = []
+    for token, word in (("<flag>", "fox"), ("<dot>", "snow")):
+        con = cc.initial_concept(pipe, token, word, ["a {}"])
+        for t in con.values.values():
+            t.add_(torch.randn(t.shape, generator=torch.Generator().manual_seed(len(paths))))
+        paths.append(str(cc.save_concept(con, tmp_path / f"{word}.safetensors")))
+    cov = str(cc.save_covariance(cc.estimate_covariance(pipe, ["a red fox", "snow"]), tmp_path / "C.safetensors",
+                                 text_encoder=cc.text_fingerprint(pipe), captions=2, ridge=1e-3))
+    text = concept_options(paths, "0.6,", cov, json.dumps({"multi": "approx"}))
+    opts = json.loads(text)
+    assert opts == {"multi": "approx", "concepts": [{"file": paths[0], "beta": 0.6}, {"file": paths[1]}],
+                    "covariance": cov}
+    with pytest.raises(ValueError, match=r"β per concept: 3 value\(s\) for 2 concept file\(s\)"):
+        concept_options(paths, "0.6, 0.7, 0.8", cov, "{}")
+    with pytest.raises(ValueError, match="'high' .* is not a number"):
+        concept_options(paths, "high, 0.7", cov, "{}")
+    images = {}
+    for beta in ("0.6, 0.7", "1.2, 0.7"):
+        res = client.predict("tiny:sd15", "keylock", "a <flag> and a <dot>", "", 0, 2, 64, 64, 0, False,
+                             concept_options(paths, beta, cov, "{}"), 1, api_name="/generate_json")
+        assert res["options"]["concepts"][1] == {"file": paths[1], "beta": 0.7}
+        images[beta] = read_frames(res["outputs"]["keylock"]).astype(np.float64)
+    assert np.abs(images["0.6, 0.7"] - images["1.2, 0.7"]).max() > 1  # the picked β reached the edit

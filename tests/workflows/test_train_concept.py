@@ -9,6 +9,7 @@ from PIL import Image
 
 import attnproc
 from attnproc.pipelines import concepts as cc
+from attnproc.processor import AttnProcessor
 from attnproc.pipelines import tiny_pipeline
 from attnproc.workflows.cli import main as cli_main
 from attnproc.workflows.train_concept import ConceptConfigError, ConceptConfig, parse_concept_config, train_concept
@@ -127,3 +128,43 @@ def test_cli_trains_and_refuses_bad_input_cleanly(data, tmp_path, capsys):
     assert cli_main(clash) == 2
     assert "concept token 'snow' is already in the tokenizer's vocabulary" in capsys.readouterr().err
     assert attnproc.remove(tiny_pipeline("sd15")) is False
+
+
+def test_sdxl_training_learns_both_encoders_rows_and_the_covariance_must_match(data, tmp_path):
+    pipe = tiny_pipeline("sdxl")
+    cov = cc.save_covariance(cc.estimate_covariance(pipe, ["a red fox in the snow", "a fox"]),
+                             tmp_path / "C-xl.safetensors", text_encoder=cc.text_fingerprint(pipe), captions=2,
+                             ridge=1e-3)
+    start = cc.initial_concept(pipe, "<flag>", "fox", ["a {}"])
+    vocab = (len(pipe.tokenizer), len(pipe.tokenizer_2))
+    got = cc.load_concept(train_concept(_cfg(data, tmp_path / "xl", pipeline="tiny:sdxl", covariance=str(cov),
+                                             masks=str(data / "mask")), pipe=pipe, progress=False).concept)
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
+    assert got.embedding.numel() == start.embedding.numel() == 2 * width  # one row per encoder
+    assert not torch.equal(got.embedding[:width], start.embedding[:width])
+    assert not torch.equal(got.embedding[width:], start.embedding[width:])
+    assert all(not torch.equal(got.values[n], start.values[n]) for n in got.values)
+    assert all(torch.equal(got.keys[n], start.keys[n]) for n in got.keys)
+    assert (len(pipe.tokenizer), len(pipe.tokenizer_2)) == vocab  # the token went again
+    # an SD 1.5 covariance is refused by field before anything is trained
+    with pytest.raises(ConceptConfigError, match="covariance: .* is for another text encoder"):
+        train_concept(_cfg(data, tmp_path / "bad", pipeline="tiny:sdxl"), pipe=pipe, progress=False)
+    assert not (tmp_path / "bad" / "concept.safetensors").exists()
+
+
+def test_plain_textual_inversion_trains_only_the_embedding(data, tmp_path):
+    """``edit: false`` (the sanity baseline): no edit while training, only the token embedding moves."""
+    pipe = tiny_pipeline("sd15")
+    start = cc.initial_concept(pipe, "<flag>", "fox", ["a {}"])
+    seen = []
+    res = train_concept(_cfg(data, tmp_path, edit=False), pipe=pipe, progress=False,
+                        callback=lambda step, loss: seen.append(any(isinstance(p, AttnProcessor) for p in
+                                                                    pipe.unet.attn_processors.values())))
+    got = cc.load_concept(res.concept)
+    assert not torch.equal(got.embedding, start.embedding) and got.extra["edit"] is False
+    assert all(torch.equal(got.values[n], start.values[n]) and torch.equal(got.keys[n], start.keys[n])
+               for n in got.values)
+    assert seen == [False, False] and "<flag>" not in pipe.tokenizer.get_vocab()
+    with pytest.raises(ConceptConfigError, match="edit: must be true or false"):
+        parse_concept_config({"pipeline": "tiny:sd15", "images": "i", "token": "<t>", "superclass": "fox",
+                              "covariance": "C", "output": "o", "edit": "no"})
