@@ -82,6 +82,20 @@ def reapply(pipe, method, options, result, train, folder):
     return attnproc.apply(pipe, "sla", weights=str(weights), **options)
 
 
+def sweep(pipe, prompts, seeds, dense, dense_q, probes, targets, floor, topks: str) -> None:
+    rows = []
+    for topk in (float(t) for t in topks.split(",")):
+        h = attnproc.apply(pipe, "sla", topk=topk)
+        rows.append(dict(topk=topk, guided_rel_error=round(guided_error(pipe.transformer, probes, targets), 4),
+                         **video_row(generate(pipe, KIND, prompts, seeds), dense, prompts, dense_q)))
+        h.remove()
+        print(rows[-1], flush=True)
+    meta = dict(pipeline=f"shapes:{KIND}", method="sla (zero projections = block-sparse)", eval=f"{len(prompts)} "
+                "held-out captions x seeds, 20 steps, CFG 3, against dense", torch=torch.__version__)
+    (RESULTS / f"finetune-{KIND}-sla-topk-sweep.json").write_text(
+        json.dumps(dict(meta=meta, result=dict(dense_other_seed=floor, rows=rows)), indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--method", default="sla", choices=tuple(OPTIONS))
@@ -92,6 +106,8 @@ def main():
     ap.add_argument("--n-train", type=int, default=32)
     ap.add_argument("--eval-at", default="50,100,200,400")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sweep", default=None, help="untrained SLA at these topk (comma list): how the per-step "
+                    "guided error maps to video fidelity; no training")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lr = args.lr or {"method": 1e-2, "lora": 1e-3, "full": 4e-4}[args.train]
@@ -108,6 +124,8 @@ def main():
                                            guidance_scale=GUIDANCE))
     probes = sampler_steps(record_calls(pipe, probe_cfg), GUIDANCE)  # eval captions; seed 0 batch noise
     targets = [guided(pipe.transformer, p) for p in probes]
+    if args.sweep:
+        return sweep(pipe, prompts, seeds, dense, dense_q, probes, targets, floor, args.sweep)
     h = attnproc.apply(pipe, args.method, **options)
     curve = [dict(step=0, guided_rel_error=round(guided_error(pipe.transformer, probes, targets), 4),
                   **video_row(generate(pipe, KIND, prompts, seeds), dense, prompts, dense_q))]
