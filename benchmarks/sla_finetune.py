@@ -106,6 +106,7 @@ def main():
     ap.add_argument("--n-train", type=int, default=32)
     ap.add_argument("--eval-at", default="50,100,200,400")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-offset", type=int, default=0, help="another held-out set: captions and seeds shifted")
     ap.add_argument("--sweep", default=None, help="untrained SLA at these topk (comma list): how the per-step "
                     "guided error maps to video fidelity; no training")
     args = ap.parse_args()
@@ -114,7 +115,8 @@ def main():
     eval_at = {int(s) for s in args.eval_at.split(",")} | {args.steps}
     options = OPTIONS[args.method]
     pipe = shapes_pipeline(KIND)
-    prompts, seeds = eval_prompts(KIND, args.n_eval), list(range(args.n_eval))
+    prompts = eval_prompts(KIND, args.n_eval, start=2_000_000_000 + args.eval_offset)
+    seeds = list(range(args.eval_offset, args.eval_offset + args.n_eval))
     t0 = time.perf_counter()
     dense = generate(pipe, KIND, prompts, seeds)
     dense_q = quality(prompts, dense)
@@ -170,13 +172,15 @@ def main():
                 data=f"data: trajectory, guidance_scale {GUIDANCE}: the dense sampler's calls (20 steps, shift 2, "
                      f"CFG pairs) on {args.n_train} held-apart captions (seeds from 1e9), one sampler step per "
                      f"optimizer step",
-                eval=f"{args.n_eval} held-out captions (eval_prompts) x seeds 0..{args.n_eval - 1}, 20 steps, CFG 3; "
+                eval=f"{args.n_eval} held-out captions (eval_prompts from 2e9 + {args.eval_offset}) x seeds "
+                     f"{seeds[0]}..{seeds[-1]}, 20 steps, CFG 3; "
                      f"dense_other_seed: dense with seeds +500 against dense (unrelated videos)",
                 guided_rel_error="|guided student - guided dense|^2 / |guided dense|^2 on the dense sampler's 20 "
                                  "steps of the eval captions (teacher-forced)",
                 threads=torch.get_num_threads(), torch=torch.__version__)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"finetune-{KIND}-{args.method}-{args.train}.json"
+    suffix = f"-eval{args.eval_offset}" if args.eval_offset else ""
+    out = RESULTS / f"finetune-{KIND}-{args.method}-{args.train}{suffix}.json"
     out.write_text(json.dumps(dict(meta=meta, result=row), indent=1))
     print(json.dumps(row, indent=1))
 
