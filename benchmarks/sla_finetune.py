@@ -1,17 +1,21 @@
-"""Does ``attnproc finetune`` make SLA faithful? The shapes-world video model (``shapes:wan21``), SLA at topk 0.1
-(90 % of the key blocks skipped; automatic 15-token blocks for its 144-token videos), before and after a short
-CPU fine-tune distilled from the dense model.
+"""Does ``attnproc finetune`` make a sparse method faithful? The shapes-world video model (``shapes:wan21``),
+SLA at topk 0.1 (90 % of the key blocks skipped; automatic 15-token blocks for its 144-token videos) or VMoBA
+at a sparse setting, before and after a short CPU fine-tune distilled from the dense model.
 
-Measured against the dense pipeline on held-out captions and seeds (not the fine-tune's): PSNR and SSIM of the
-uint8 videos, the shapes detector's verdicts (rates and per-video agreement with dense). Curves: the training
-loss and, every ``--eval-every`` steps, the denoiser's relative error against dense on held-out noisy latents.
+The recipe matches what sampling uses (``data: trajectory``): the dense sampler's own states at its own
+timesteps (shift 2), both halves of classifier-free guidance, and the loss on the guided prediction
+(``guidance_scale`` 3, the model's sampling setting). Measured against the dense pipeline on held-out captions
+and seeds: PSNR and SSIM of the uint8 videos and the detector's per-video agreement with dense, at a few
+checkpoints, plus the denoiser's relative error of the guided prediction on the dense evaluation trajectories
+(what each sampler step gets wrong, teacher-forced).
 
-    nice -n 10 python benchmarks/sla_finetune.py --train method --steps 200   # -> benchmarks/results/sla-finetune-*.json
+    nice -n 10 python benchmarks/sla_finetune.py --method sla --train full --steps 400
+    nice -n 10 python benchmarks/sla_finetune.py --method vmoba --train lora --steps 400
+    # -> benchmarks/results/finetune-wan21-<method>-<train>.json
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import tempfile
 import time
@@ -24,12 +28,16 @@ import attnproc
 from attnproc.pipelines.shapes_models import eval_prompts, generate, quality, shapes_pipeline
 from attnproc.sparse.sla import SLA, save_sla_weights
 from attnproc.workflows.fidelity import psnr, ssim
-from attnproc.workflows.finetune import finetune, parse_finetune_config, record_inputs, sample_time, _timestep
+from attnproc.workflows.finetune import finetune, parse_finetune_config, record_calls, sampler_steps
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KIND = "wan21"
-TOPK = 0.1
+GUIDANCE = 3.0  # shapes_call_kwargs("wan21"): the scale the model samples with
 TRAIN_START = 1_000_000_000  # caption seeds of the fine-tune data (eval_prompts' held-out ones start at 2e9)
+OPTIONS = {"sla": dict(topk=0.1),
+           "vmoba": dict(setting="training", dense_first_steps=0)}
+KEYS = ("colour", "kind", "count", "motion")
+WARMUP = dict(dense_first_steps=0.25)  # VMoBA's paper schedule: the first quarter of the steps dense
 
 
 def u8(samples) -> list[np.ndarray]:
@@ -37,120 +45,143 @@ def u8(samples) -> list[np.ndarray]:
 
 
 def video_row(samples, dense, prompts, dense_q) -> dict:
-    """Fidelity of ``samples`` against the dense videos: PSNR, SSIM, detector rates and agreement."""
+    """Fidelity of ``samples`` against the dense videos: PSNR, SSIM, detector agreement."""
     q = quality(prompts, samples)
-    keys = ("colour", "kind", "count", "motion")
+    agree = [all(v[k] == r[k] for k in KEYS) for v, r in zip(q["verdicts"], dense_q["verdicts"])]
     a, b = u8(samples), u8(dense)
-    agree = [all(v[k] == r[k] for k in keys) for v, r in zip(q["verdicts"], dense_q["verdicts"])]
     return dict(psnr_db=round(float(np.mean([min(psnr(x, y), 99.0) for x, y in zip(a, b)])), 3),
                 ssim=round(float(np.mean([ssim(x, y) for x, y in zip(a, b)])), 4),
-                detector={k: q[k] for k in keys}, agreement_with_dense=round(float(np.mean(agree)), 3))
+                agreement_with_dense=round(float(np.mean(agree)), 3))
 
 
-def heldout_probe(pipe, prompts, seed, n_t=6):
-    """Noisy latents from held-out dense generations at ``n_t`` fixed times, with the dense outputs."""
-    cfg = parse_finetune_config(dict(pipeline=f"shapes:{KIND}", method="sla", output="unused", prompt=prompts,
-                                     data_steps=20, seed=seed))
-    x0, rest = record_inputs(pipe, cfg)
-    like = rest.pop("timestep_like")
-    gen = torch.Generator().manual_seed(seed)
-    probes = []
-    for _ in range(n_t):
-        t = sample_time(gen, 1, cfg)
-        eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
-        xt = (1 - t.float()) * x0 + t.float() * eps
-        ts = _timestep(t, like)
-        with torch.no_grad():
-            target = pipe.transformer(hidden_states=xt, timestep=ts, return_dict=False, **rest)[0]
-        probes.append((xt, ts, target))
-    return probes, rest
-
-
-def probe_error(model, probes, rest) -> float:
-    """Mean relative squared error ``|student - dense|^2 / |dense|^2`` over the probes."""
-    errs = []
+def guided(model, pair):
     with torch.no_grad():
-        for xt, ts, target in probes:
-            out = model(hidden_states=xt, timestep=ts, return_dict=False, **rest)[0]
-            errs.append(float(((out - target) ** 2).mean() / (target ** 2).mean()))
-    return float(np.mean(errs))
+        cond, uncond = (model(**c, return_dict=False)[0] for c in pair)
+    return uncond + GUIDANCE * (cond - uncond)
+
+
+def guided_error(model, probes, targets) -> float:
+    """Mean relative squared error of the guided prediction against dense over the probe steps."""
+    return float(np.mean([float(((guided(model, p) - t) ** 2).mean() / (t ** 2).mean())
+                          for p, t in zip(probes, targets)]))
+
+
+def reapply(pipe, method, options, result, train, folder):
+    """The fine-tuned student under other options, after ``finetune`` removed its handle: LoRA adapters and
+    full weights stay in the denoiser; SLA's projections come back through ``apply(weights=)``."""
+    if method != "sla" or train == "lora":
+        return attnproc.apply(pipe, method, **options)
+    weights = result.weights
+    if train == "full":  # the projections out of the full state, in the file apply(weights=) loads
+        from safetensors.torch import load_file
+
+        full = load_file(result.weights)
+        projs = {f"transformer.{k.split('.attnproc.sla.')[0]}": (full[k], full[k.replace('.weight', '.bias')])
+                 for k in full if k.endswith(".attnproc.sla.weight")}
+        weights = save_sla_weights(Path(folder) / "sla.safetensors", projs, variant="main", model=SLA.model_id(pipe))
+    return attnproc.apply(pipe, "sla", weights=str(weights), **options)
+
+
+def sweep(pipe, prompts, seeds, dense, dense_q, probes, targets, floor, topks: str) -> None:
+    rows = []
+    for topk in (float(t) for t in topks.split(",")):
+        h = attnproc.apply(pipe, "sla", topk=topk)
+        rows.append(dict(topk=topk, guided_rel_error=round(guided_error(pipe.transformer, probes, targets), 4),
+                         **video_row(generate(pipe, KIND, prompts, seeds), dense, prompts, dense_q)))
+        h.remove()
+        print(rows[-1], flush=True)
+    meta = dict(pipeline=f"shapes:{KIND}", method="sla (zero projections = block-sparse)", eval=f"{len(prompts)} "
+                "held-out captions x seeds, 20 steps, CFG 3, against dense", torch=torch.__version__)
+    (RESULTS / f"finetune-{KIND}-sla-topk-sweep.json").write_text(
+        json.dumps(dict(meta=meta, result=dict(dense_other_seed=floor, rows=rows)), indent=1))
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--train", default="method", choices=("method", "full"))
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--method", default="sla", choices=tuple(OPTIONS))
+    ap.add_argument("--train", default="full", choices=("method", "lora", "full"))
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--n-eval", type=int, default=8)
-    ap.add_argument("--n-train", type=int, default=8)
-    ap.add_argument("--eval-every", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-eval", type=int, default=16)
+    ap.add_argument("--n-train", type=int, default=32)
+    ap.add_argument("--eval-at", default="50,100,200,400")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-offset", type=int, default=0, help="another held-out set: captions and seeds shifted")
+    ap.add_argument("--sweep", default=None, help="untrained SLA at these topk (comma list): how the per-step "
+                    "guided error maps to video fidelity; no training")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lr = args.lr or (1e-2 if args.train == "method" else 1e-4)
-    out_path = RESULTS / f"sla-finetune-{KIND}-{args.train}.json"
+    lr = args.lr or {"method": 1e-2, "lora": 1e-3, "full": 4e-4}[args.train]
+    eval_at = {int(s) for s in args.eval_at.split(",")} | {args.steps}
+    options = OPTIONS[args.method]
     pipe = shapes_pipeline(KIND)
-    prompts, seeds = eval_prompts(KIND, args.n_eval), list(range(args.n_eval))
-    train_prompts = eval_prompts(KIND, args.n_train, start=TRAIN_START)
+    prompts = eval_prompts(KIND, args.n_eval, start=2_000_000_000 + args.eval_offset)
+    seeds = list(range(args.eval_offset, args.eval_offset + args.n_eval))
     t0 = time.perf_counter()
     dense = generate(pipe, KIND, prompts, seeds)
     dense_q = quality(prompts, dense)
-    probes, rest = heldout_probe(pipe, eval_prompts(KIND, 4, start=2_000_000_100), seed=11)
-    h = attnproc.apply(pipe, "sla", topk=TOPK)
-    before = video_row(generate(pipe, KIND, prompts, seeds), dense, prompts, dense_q)
-    curve = [(0, probe_error(pipe.transformer, probes, rest))]
+    floor = video_row(generate(pipe, KIND, prompts, [s + 500 for s in seeds]), dense, prompts, dense_q)
+    probe_cfg = parse_finetune_config(dict(pipeline=f"shapes:{KIND}", method=args.method, output="unused",
+                                           prompt=prompts, data_steps=20, seed=0, data="trajectory",
+                                           guidance_scale=GUIDANCE))
+    probes = sampler_steps(record_calls(pipe, probe_cfg), GUIDANCE)  # eval captions; seed 0 batch noise
+    targets = [guided(pipe.transformer, p) for p in probes]
+    if args.sweep:
+        return sweep(pipe, prompts, seeds, dense, dense_q, probes, targets, floor, args.sweep)
+    h = attnproc.apply(pipe, args.method, **options)
+    curve = [dict(step=0, guided_rel_error=round(guided_error(pipe.transformer, probes, targets), 4),
+                  **video_row(generate(pipe, KIND, prompts, seeds), dense, prompts, dense_q))]
     h.remove()
-    print("before", before, curve, flush=True)
-    dense_row = dict(detector={k: dense_q[k] for k in ("colour", "kind", "count", "motion")})
+    h = attnproc.apply(pipe, args.method, **dict(options, **WARMUP))
+    warm = dict(before=video_row(generate(pipe, KIND, prompts, seeds), dense, prompts, dense_q))
+    h.remove()
+    print("before", curve[0], warm, flush=True)
 
-    student = pipe if args.train == "method" else copy.deepcopy(pipe)  # full fine-tuning changes the weights
     with tempfile.TemporaryDirectory() as tmp:
         cfg = parse_finetune_config(dict(
-            pipeline=f"shapes:{KIND}", method="sla", options=dict(topk=TOPK), output=tmp, train=args.train,
-            steps=args.steps, lr=lr, checkpoint_every=args.steps, prompt=train_prompts, data_steps=20, seed=0))
+            pipeline=f"shapes:{KIND}", method=args.method, options=options, output=tmp, train=args.train,
+            steps=args.steps, lr=lr, weight_decay=0.0, checkpoint_every=args.steps,
+            prompt=eval_prompts(KIND, args.n_train, start=TRAIN_START), data_steps=20, seed=0,
+            data="trajectory", guidance_scale=GUIDANCE, lora_rank=8))
 
         def every(step, loss):
-            if step % args.eval_every == 0 or step == args.steps:
-                student.transformer.eval()
-                curve.append((step, probe_error(student.transformer, probes, rest)))
-                student.transformer.train()
-                print(step, round(loss, 6), curve[-1], flush=True)
+            if step in eval_at:
+                pipe.transformer.eval()
+                curve.append(dict(step=step, guided_rel_error=round(guided_error(pipe.transformer, probes, targets), 4),
+                                  **video_row(generate(pipe, KIND, prompts, seeds), dense, prompts, dense_q)))
+                pipe.transformer.train()
+                print(curve[-1], round(time.perf_counter() - t0), flush=True)
 
         t1 = time.perf_counter()
-        result = finetune(cfg, pipe=student, callback=every, progress=False)
+        result = finetune(cfg, pipe=pipe, callback=every, progress=False)
         train_seconds = time.perf_counter() - t1
-        weights = Path(tmp) / "sla.safetensors"
-        if args.train == "method":
-            weights = result.weights  # already SLA's projection file
-        else:  # the projections out of the full state, in the file apply(weights=) loads
-            from safetensors.torch import load_file
-
-            full = load_file(result.weights)
-            projs = {f"transformer.{k.split('.attnproc.sla.')[0]}": (full[k], full[k.replace('.weight', '.bias')])
-                     for k in full if k.endswith(".attnproc.sla.weight")}
-            save_sla_weights(weights, projs, variant="main", model=SLA.model_id(student))
-        student.transformer.eval()
-        h = attnproc.apply(student, "sla", topk=TOPK, weights=str(weights))
-        after = video_row(generate(student, KIND, prompts, seeds), dense, prompts, dense_q)
-        h.remove()
-    print("after", after, flush=True)
+        pipe.transformer.eval()
+        for name, extra in (("after_reloaded", {}), ("after", WARMUP)):  # reloaded: must equal the curve's end
+            h = reapply(pipe, args.method, dict(options, **extra), result, args.train, tmp)
+            warm[name] = video_row(generate(pipe, KIND, prompts, seeds), dense, prompts, dense_q)
+            h.remove()
+        print(warm, flush=True)
     losses = result.losses
     k = max(1, len(losses) // 20)
-    row = dict(dense=dense_row, before=before, after=after,
-               heldout_rel_error_curve=[(s, round(e, 6)) for s, e in curve],
-               loss_curve=[(min(i + k, len(losses)), round(float(np.mean(losses[i:i + k])), 8))
+    row = dict(dense_other_seed=floor, curve=curve, with_dense_warmup=dict(options=WARMUP, **warm),
+               loss_curve=[(min(i + k, len(losses)), round(float(np.mean(losses[i:i + k])), 6))
                            for i in range(0, len(losses), k)],
                train_seconds=round(train_seconds, 1), total_seconds=round(time.perf_counter() - t0, 1))
     meta = dict(pipeline=f"shapes:{KIND} (17 x 32 x 32 video, 9 x 4 x 4 = 144 tokens, 3 layers, 2 heads, D=32)",
-                method="sla", options=dict(topk=TOPK, variant="main", block_size="auto (15 tokens: 10 key blocks, "
-                                           "1 kept per query block)"),
-                train=args.train, steps=args.steps, lr=lr, batch=f"{args.n_train} latents from dense generations "
-                "of held-apart captions (seeds from 1e9), 20 steps, CFG 3", time_sampling="lognormal (1.5, 1.6)",
-                eval=f"{args.n_eval} held-out captions (eval_prompts) x seeds 0..{args.n_eval - 1}, 20 steps, CFG 3",
-                probe="relative squared error of the denoiser vs dense on 4 other held-out captions x 6 noise levels",
+                method=args.method, options=options, train=args.train, steps=args.steps, lr=lr,
+                data=f"data: trajectory, guidance_scale {GUIDANCE}: the dense sampler's calls (20 steps, shift 2, "
+                     f"CFG pairs) on {args.n_train} held-apart captions (seeds from 1e9), one sampler step per "
+                     f"optimizer step",
+                eval=f"{args.n_eval} held-out captions (eval_prompts from 2e9 + {args.eval_offset}) x seeds "
+                     f"{seeds[0]}..{seeds[-1]}, 20 steps, CFG 3; "
+                     f"dense_other_seed: dense with seeds +500 against dense (unrelated videos)",
+                guided_rel_error="|guided student - guided dense|^2 / |guided dense|^2 on the dense sampler's 20 "
+                                 "steps of the eval captions (teacher-forced)",
                 threads=torch.get_num_threads(), torch=torch.__version__)
     RESULTS.mkdir(exist_ok=True)
-    out_path.write_text(json.dumps(dict(meta=meta, result=row), indent=1))
+    suffix = f"-eval{args.eval_offset}" if args.eval_offset else ""
+    out = RESULTS / f"finetune-{KIND}-{args.method}-{args.train}{suffix}.json"
+    out.write_text(json.dumps(dict(meta=meta, result=row), indent=1))
     print(json.dumps(row, indent=1))
 
 

@@ -6,10 +6,13 @@ mapped to rectified-flow time, or uniform), ``x_t = (1 - t) x0 + t eps``, loss `
 teacher(x_t, t)|^2``. What trains: the method's own parameters (``train: method``), LoRA adapters on the
 attention projections (``train: lora``, peft, as diffusers does) or everything (``train: full``).
 
-Data: ``x0`` and the denoiser's other inputs (text embeddings, masks, ...) are recorded from one teacher
-generation with the job's prompt and size: the latent fed to the denoiser at the last denoising step serves as
-``x0``. Every step draws its noise from ``(seed, step)``, so a run resumed from a checkpoint continues exactly
-as an uninterrupted one.
+Data (``data: noised``): ``x0`` and the denoiser's other inputs (text embeddings, masks, ...) are recorded
+from one teacher generation with the job's prompt and size: the latent fed to the denoiser at the last denoising
+step serves as ``x0``. ``data: trajectory`` trains on the teacher's own denoiser calls instead: the states the
+sampler visits, at its timesteps (its shift included), with both halves of classifier-free guidance; with
+``guidance_scale`` the loss is on the guided prediction the sampler steps with. Every step draws its noise (or
+its recorded sampler step) from ``(seed, step)``, so a run resumed from a checkpoint continues exactly as an
+uninterrupted one.
 
     attnproc finetune train.yaml                     # CLI
     finetune(load_finetune_config("train.yaml"))     # Python
@@ -32,6 +35,7 @@ from .jobs import (JobFileError, _check_keys, _fail, _float, _int, _method, _opt
 
 TRAIN_MODES = ("method", "lora", "full")
 TIME_SAMPLING = ("lognormal", "uniform")
+DATA = ("noised", "trajectory")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -68,6 +72,8 @@ class FinetuneConfig:
     frames: int | None = None
     data_steps: int = 4
     context_parallel: str | None = None            # "ulysses=N" / "ring=N": each step split across the processes
+    data: str = "noised"                           # noised (x0 + sampled t) | trajectory (the sampler's calls)
+    guidance_scale: float | None = None            # trajectory only: loss on uncond + g (cond - uncond)
 
 
 _FIELDS = tuple(FinetuneConfig.__dataclass_fields__)
@@ -109,10 +115,14 @@ def parse_finetune_config(data: Any) -> FinetuneConfig:
             _fail("lr", f"must be > 0, got {d['lr']!r}")
         if "p_std" in d and not d["p_std"] > 0:
             _fail("p_std", f"must be > 0, got {d['p_std']!r}")
-        for key, choices in (("train", TRAIN_MODES), ("time_sampling", TIME_SAMPLING),
+        for key, choices in (("train", TRAIN_MODES), ("time_sampling", TIME_SAMPLING), ("data", DATA),
                              ("mixed_precision", MIXED_PRECISION)):
             if key in d:
                 _choice(d[key], key, choices)
+        if "guidance_scale" in d:
+            d["guidance_scale"] = _float(d["guidance_scale"], "guidance_scale")
+            if d["guidance_scale"] is not None and d.get("data") != "trajectory":
+                _fail("guidance_scale", "needs data: trajectory (the recorded conditional and unconditional calls)")
         if "gradient_checkpointing" in d and not isinstance(d["gradient_checkpointing"], bool):
             _fail("gradient_checkpointing", f"must be true or false, got {d['gradient_checkpointing']!r}")
         if isinstance(d.get("prompt"), list):  # several teacher generations, one batch
@@ -153,9 +163,8 @@ def _denoiser(pipe) -> torch.nn.Module:
     raise ValueError(f"{type(pipe).__name__} has no transformer or unet to fine-tune")
 
 
-def record_inputs(pipe, cfg: FinetuneConfig) -> tuple[torch.Tensor, dict]:
-    """``(x0, other kwargs)``: the denoiser's inputs at the last step of one generation with ``cfg``'s prompt
-    and size (its other inputs from the first call: text embeddings, masks, guidance)."""
+def record_calls(pipe, cfg: FinetuneConfig) -> list[dict]:
+    """The keyword inputs of every denoiser call of one dense generation with ``cfg``'s prompt and size."""
     den = _denoiser(pipe)
     if cfg.pipeline.startswith("tiny:"):
         from attnproc.pipelines import tiny_call_kwargs
@@ -186,11 +195,48 @@ def record_inputs(pipe, cfg: FinetuneConfig) -> tuple[torch.Tensor, dict]:
         handle.remove()
     if not calls:
         raise RuntimeError("the pipeline never called its denoiser; cannot record training inputs")
-    x0 = calls[-1]["hidden_states"].detach().clone()
-    rest = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in calls[0].items()
-            if k not in ("hidden_states", "timestep", "return_dict")}
+    return [{k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in c.items()
+             if k != "return_dict"} for c in calls]
+
+
+def record_inputs(pipe, cfg: FinetuneConfig) -> tuple[torch.Tensor, dict]:
+    """``(x0, other kwargs)``: the denoiser's inputs at the last step of one generation with ``cfg``'s prompt
+    and size (its other inputs from the first call: text embeddings, masks, guidance)."""
+    calls = record_calls(pipe, cfg)
+    x0 = calls[-1]["hidden_states"]
+    rest = {k: v for k, v in calls[0].items() if k not in ("hidden_states", "timestep")}
     rest["timestep_like"] = calls[0]["timestep"]
     return x0, rest
+
+
+def sampler_steps(calls: list[dict], guidance_scale: float | None) -> list[list[dict]]:
+    """The recorded calls grouped by sampler step (consecutive calls at one timestep). With ``guidance_scale``
+    every step must be a (conditional, unconditional) pair, the order diffusers' separate-call CFG uses."""
+    groups: list[list[dict]] = []
+    for call in calls:
+        if groups and torch.equal(torch.as_tensor(groups[-1][0]["timestep"]), torch.as_tensor(call["timestep"])):
+            groups[-1].append(call)
+        else:
+            groups.append([call])
+    if guidance_scale is not None:
+        bad = sorted({len(g) for g in groups if len(g) != 2})
+        if bad:
+            raise ValueError(f"guidance_scale: needs one conditional and one unconditional denoiser call per "
+                             f"sampler step, but the pipeline made {bad} call(s) per step (CFG off, or batched "
+                             f"into one call); leave guidance_scale null")
+    return groups
+
+
+def _guided(outs: list[torch.Tensor], scale: float | None) -> list[torch.Tensor]:
+    """What the sampler steps with: ``u + scale (c - u)`` for a (cond, uncond) pair, else the outputs as they are."""
+    if scale is None:
+        return outs
+    cond, uncond = outs
+    return [uncond + scale * (cond - uncond)]
+
+
+def _to(call: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in call.items()}
 
 
 def sample_time(gen: torch.Generator, n: int, cfg: FinetuneConfig) -> torch.Tensor:
@@ -312,7 +358,10 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
     if pipe is None:
         pipe = load_pipeline(cfg.pipeline, {"seed": cfg.seed})
     student = _denoiser(pipe)
-    x0, rest = record_inputs(pipe, cfg)
+    if cfg.data == "trajectory":
+        groups = sampler_steps(record_calls(pipe, cfg), cfg.guidance_scale)
+    else:
+        x0, rest = record_inputs(pipe, cfg)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     if cp_spec is not None:  # the student only, before apply (the order attnproc needs)
         enable_context_parallel(pipe, cp_spec, cp_setup)
@@ -333,25 +382,20 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
         start, losses = (0, [])
         if ckpt.exists():
             start, losses = _load_checkpoint(ckpt, named, optimizer, chash)
-        like = rest.pop("timestep_like")
-        x0 = x0.repeat(cfg.batch_size, *([1] * (x0.dim() - 1))).to(accelerator.device)
-        kwargs = {k: (v.repeat(cfg.batch_size, *([1] * (v.dim() - 1))).to(accelerator.device)
-                      if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == x0.shape[0] // cfg.batch_size
-                      else v) for k, v in rest.items()}
-        like = like.repeat(cfg.batch_size) if like.dim() else like
+        if cfg.data == "trajectory":
+            groups = [[_to(c, accelerator.device) for c in g] for g in groups]
+        else:
+            batch = _noised_batch(x0, rest, cfg, accelerator.device)
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="finetune")
         for step in bar:
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            t = sample_time(gen, 1, cfg)
-            eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
-            tb = t.to(x0.dtype).to(x0.device).reshape(-1, *([1] * (x0.dim() - 1)))
-            xt = (1 - tb) * x0 + tb * eps
-            ts = _timestep(t, like).to(x0.device)
+            calls = (groups[int(torch.randint(len(groups), (1,), generator=gen))] if cfg.data == "trajectory"
+                     else [_noised_call(gen, batch, cfg)])
             with accelerator.autocast():
                 with torch.no_grad():
-                    target = teacher(hidden_states=xt, timestep=ts, return_dict=False, **kwargs)[0]
-                pred = student(hidden_states=xt, timestep=ts, return_dict=False, **kwargs)[0]
-                loss = torch.mean((pred.float() - target.float()) ** 2)
+                    targets = _guided([teacher(**c, return_dict=False)[0] for c in calls], cfg.guidance_scale)
+                preds = _guided([student(**c, return_dict=False)[0] for c in calls], cfg.guidance_scale)
+                loss = sum(torch.mean((p.float() - t.float()) ** 2) for p, t in zip(preds, targets)) / len(preds)
             accelerator.backward(loss * (cp_spec.degree if cp_spec is not None else 1))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -370,6 +414,26 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
         return FinetuneResult(out, weights, cfg.steps, losses, start)
     finally:
         handle.remove()
+
+
+def _noised_batch(x0, rest, cfg: FinetuneConfig, device) -> tuple:
+    """``(x0, kwargs, timestep_like)`` with the recorded batch repeated ``batch_size`` times, on ``device``."""
+    like = rest.pop("timestep_like")
+    x0 = x0.repeat(cfg.batch_size, *([1] * (x0.dim() - 1))).to(device)
+    kwargs = {k: (v.repeat(cfg.batch_size, *([1] * (v.dim() - 1))).to(device)
+                  if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == x0.shape[0] // cfg.batch_size
+                  else v) for k, v in rest.items()}
+    like = like.repeat(cfg.batch_size) if like.dim() else like
+    return x0, kwargs, like
+
+
+def _noised_call(gen: torch.Generator, batch: tuple, cfg: FinetuneConfig) -> dict:
+    """One training input: ``x_t = (1 - t) x0 + t eps`` at a sampled time, with the recorded conditioning."""
+    x0, kwargs, like = batch
+    t = sample_time(gen, 1, cfg)
+    eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
+    tb = t.to(x0.dtype).to(x0.device).reshape(-1, *([1] * (x0.dim() - 1)))
+    return dict(kwargs, hidden_states=(1 - tb) * x0 + tb * eps, timestep=_timestep(t, like).to(x0.device))
 
 
 def _export(out: Path, cfg: FinetuneConfig, pipe, student, named, handle) -> Path:

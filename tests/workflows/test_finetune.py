@@ -13,7 +13,9 @@ from attnproc.workflows.finetune import (
     FinetuneConfigError,
     load_finetune_config,
     parse_finetune_config,
+    record_calls,
     sample_time,
+    sampler_steps,
     finetune,
 )
 
@@ -31,6 +33,9 @@ BASE = dict(pipeline="tiny:wan21", method="radial", options=dict(dense_first_ste
     (dict(lora_targets="to_q"), r"lora_targets: must be a non-empty list"),
     (dict(prompt=["a red circle", 3]), r"prompt: must be a string or a non-empty list of strings"),
     (dict(gradient_checkpointing="yes"), r"gradient_checkpointing: must be true or false"),
+    (dict(data="latents"), r"data: must be one of noised, trajectory, got 'latents'"),
+    (dict(guidance_scale=3.0), r"guidance_scale: needs data: trajectory"),
+    (dict(data="trajectory", guidance_scale="high"), r"guidance_scale: must be a number"),
 ])
 def test_config_errors_name_the_field(tmp_path, change, match):
     with pytest.raises(FinetuneConfigError, match=match):
@@ -160,3 +165,41 @@ def test_vmoba_trains_through_lora(tmp_path):
 
     q_lora = [k for k in saved if ".attn1.to_q." in k and "lora_B" in k]  # moves only through attention's backward
     assert q_lora and all(float(saved[k].abs().max()) > 0 for k in q_lora)
+
+
+@pytest.mark.parametrize("guidance", [None, 5.0])
+def test_trajectory_data_is_the_samplers_calls_and_the_loss_the_guided_one(tmp_path, guidance):
+    """data: trajectory trains on the dense sampler's own calls (one (cond, uncond) pair per sampler step); the
+    first loss equals the hand-computed error of the guided prediction (or the mean over both calls)."""
+    import attnproc
+    from attnproc.pipelines import tiny_pipeline
+
+    cfg = parse_finetune_config(dict(BASE, method="sla", options=dict(topk=0.5), train="method", steps=1, data_steps=3,
+                                     data="trajectory", guidance_scale=guidance, output=str(tmp_path)))
+    pipe = tiny_pipeline("wan21", seed=0)
+    groups = sampler_steps(record_calls(pipe, cfg), 5.0)
+    assert [len(g) for g in groups] == [2, 2, 2]
+    ts = [float(g[0]["timestep"].flatten()[0]) for g in groups]
+    assert ts == [float(t) for t in pipe.scheduler.timesteps] and ts[0] > ts[1] > ts[2]
+    cond, uncond = groups[0]
+    assert not torch.equal(cond["encoder_hidden_states"], uncond["encoder_hidden_states"])
+    pick = groups[int(torch.randint(len(groups), (1,), generator=torch.Generator().manual_seed(3 * 1_000_003)))]
+    with torch.no_grad():
+        dense = [pipe.transformer(**c, return_dict=False)[0] for c in pick]
+        handle = attnproc.apply(pipe, "sla", topk=0.5)  # zero projections: what the student is before step 1
+        sparse = [pipe.transformer(**c, return_dict=False)[0] for c in pick]
+        handle.remove()
+    if guidance is None:
+        expected = sum(float(((s - d) ** 2).mean()) for s, d in zip(sparse, dense)) / 2
+    else:
+        g = [u + guidance * (c - u) for c, u in (dense, sparse)]
+        expected = float(((g[1] - g[0]) ** 2).mean())
+    res = finetune(cfg, pipe=tiny_pipeline("wan21", seed=0), progress=False)
+    assert res.losses[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_guided_loss_needs_pairs_of_calls():
+    single = [dict(timestep=torch.tensor([t])) for t in (900, 500)]  # CFG batched into one call, or off
+    assert [len(g) for g in sampler_steps(single, None)] == [1, 1]
+    with pytest.raises(ValueError, match=r"guidance_scale: needs one conditional and one unconditional"):
+        sampler_steps(single, 3.0)
