@@ -521,13 +521,35 @@ def phrase_tokens(clip, prompt: str, phrase: str, key: str | None = None) -> lis
     flat = [t for chunk in prompt_tokens[key] for t in chunk]
     wanted = [t[0] for chunk in phrase_tokens_[key] for t in chunk if t[2] != 0]
     n = len(wanted)
+    starts_word = _word_start_rule(clip, key, flat)
     for i in range(len(flat) - n + 1):
         window = flat[i:i + n]
-        starts_word = i == 0 or flat[i - 1][2] != window[0][2]
-        if n and starts_word and all(w[2] != 0 for w in window) and [w[0] for w in window] == wanted:
+        if n and starts_word(i) and all(w[2] != 0 for w in window) and [w[0] for w in window] == wanted:
             return list(range(i, i + n))
     raise ValueError(f"maskmod: the phrase {phrase!r} is not part of the prompt {prompt!r} (as the text encoder "
                      "tokenizes it); use the prompt given to CLIPTextEncode")
+
+
+def _word_start_rule(clip, key: str, flat: list) -> Callable[[int], bool]:
+    """Whether position ``i`` of the flattened tokens starts a word, so a phrase never matches inside one.
+
+    ComfyUI's word ids number weight segments, not words (a plain prompt is one segment), so the rule reads the
+    tokens themselves from the Hugging Face tokenizer inside the CLIP object: CLIP's BPE ends a word with
+    ``</w>``, sentencepiece (T5) starts one with ``▁``. Without such a tokenizer, a new word id is the only sign."""
+    outer = getattr(clip, "tokenizer", None)
+    inner = getattr(outer, key, None) or getattr(outer, f"clip_{key}", None)
+    hf = getattr(inner, "tokenizer", None)
+    to_text = getattr(hf, "convert_ids_to_tokens", None)
+
+    def text(t) -> str:
+        return to_text(int(t[0])) if to_text is not None and not torch.is_tensor(t[0]) else ""
+
+    def starts_word(i: int) -> bool:
+        if i == 0 or flat[i - 1][2] == 0 or flat[i - 1][2] != flat[i][2]:
+            return True
+        return text(flat[i - 1]).endswith("</w>") or text(flat[i]).startswith("\u2581")
+
+    return starts_word
 
 
 def patch_maskmod(model, clip, prompt: str, regions: list | None, **widget_values):

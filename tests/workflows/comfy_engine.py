@@ -542,6 +542,9 @@ def maskmod_checks():
 
     model, clip = tiny_unet(), tiny_clip(64)
     results["maskmod_tokens"] = phrase_tokens(clip, PROMPT, "a red fox")
+    # ComfyUI gives a plain prompt one word id: phrases inside it are found at word starts, never inside a word
+    results["maskmod_tokens_inside"] = {p: phrase_tokens(clip, PROMPT, p) for p in ("the snow", "running", "red fox")}
+    results["maskmod_tokens_word_start"] = phrase_tokens(clip, "a snowfox and a fox", "fox")  # 'snow', 'fox</w>'
     try:
         phrase_tokens(clip, PROMPT, "a blue fox")
     except ValueError as e:

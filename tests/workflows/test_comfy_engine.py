@@ -199,6 +199,8 @@ def test_refusals_when_the_node_executes(engine):
 def test_maskmod_moves_the_phrase_mass_into_its_region(engine):
     # the phrase found with the CLIP's own tokenizer: SD1 puts the start token at 0, "a red fox" at 1..3
     assert engine["maskmod_tokens"] == [1, 2, 3]
+    assert engine["maskmod_tokens_inside"] == {"the snow": [6, 7], "running": [4], "red fox": [2, 3]}
+    assert engine["maskmod_tokens_word_start"] == [6]  # the word 'fox', not the 'fox' ending 'snowfox' at 3
     assert "the phrase 'a blue fox' is not part of the prompt" in engine["maskmod_missing_phrase"]
     m = engine["maskmod"]
     # modulated: the cond half of 7 transformer blocks x the first 0.3 of 4 steps (steps 0, 1), cross and self
