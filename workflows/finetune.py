@@ -298,13 +298,16 @@ def _save_checkpoint(path: Path, step: int, named, optimizer, losses: list[float
     os.replace(partial, path)
 
 
-def _load_checkpoint(path: Path, named, optimizer, chash: str) -> tuple[int, list[float]]:
+def _load_checkpoint(path: Path, named, optimizer, chash: str, kind: str = "fine-tuning config"
+                     ) -> tuple[int, list[float]]:
+    """Restore a checkpoint written by the same config (``kind`` names it in the error: the fine-tuning or the
+    train-concept config share this machinery)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("config") != chash:
-            raise ValueError(f"{path} was written by a different fine-tuning config; use another output folder "
+            raise ValueError(f"{path} was written by a different {kind}; use another output folder "
                              f"or delete the checkpoint to start over")
         keys = set(f.keys())
         for n, p in named:

@@ -229,7 +229,7 @@ def train_concept(cfg: ConceptConfig, *, pipe=None, progress: bool = True,
         optimizer = torch.optim.AdamW(groups)
         optimizer = accelerator.prepare(optimizer)
         ckpt = out / CHECKPOINT
-        start, losses = _load_checkpoint(ckpt, named, optimizer, chash) if ckpt.exists() else (0, [])
+        start, losses = _load_checkpoint(ckpt, named, optimizer, chash, "train-concept config") if ckpt.exists() else (0, [])
         from diffusers import DDPMScheduler
 
         sched = DDPMScheduler.from_config(pipe.scheduler.config)  # the sampler's betas, as a training schedule

@@ -70,7 +70,7 @@ def test_training_learns_values_and_embedding_keys_locked_and_resume_is_exact(da
     cfg = _cfg(data, tmp_path / "resumed")
     train_concept(_cfg(data, tmp_path / "resumed", steps=1), pipe=pipe, progress=False)
     (tmp_path / "resumed" / "concept.safetensors").unlink()
-    with pytest.raises(ValueError, match="different fine-tuning config"):  # the config hash guards resuming
+    with pytest.raises(ValueError, match="different train-concept config"):  # the config hash guards resuming
         train_concept(_cfg(data, tmp_path / "resumed", lr_values=0.5), pipe=pipe, progress=False)
     resumed = train_concept(cfg, pipe=pipe, progress=False)
     assert resumed.resumed_from == 1 and resumed.losses == whole.losses
