@@ -78,6 +78,19 @@ def with_previous(model, previous):
     return patched
 
 
+def sparse_run(model, method: str, opts: dict, run, stock) -> dict:
+    """``run(patched)`` with ``method`` installed over a :class:`Recorder`: the calls it served sparsely (and their
+    grids), the calls it handed on (masked ones apart), and the sample against ``stock``."""
+    recorder = Recorder()
+    patched = patch_model(with_previous(model, recorder), method, **opts)
+    counter = count_calls(patched.model_options["transformer_options"][OVERRIDE_KEY].attnproc_method,
+                          "sparse_attention")
+    out = run(patched)
+    return {"sparse_calls": counter["n"], "grids": sorted(counter["grids"]), "handed_on": recorder.calls,
+            "masked_handed_on": recorder.masked, "vs_stock": diff(out, stock),
+            "finite": bool(torch.isfinite(out).all())}
+
+
 def count_calls(instance: Method, name: str) -> dict:
     """Count ``instance.<name>`` calls (the methods' sparse paths) on this instance only."""
     counter = {"n": 0, "grids": set()}
@@ -323,13 +336,7 @@ def joint_checks():
                 for s, sl in placed if sl is not None],
             "vs_stock": diff(out, stock)}
         method, opts = JOINT_METHODS[family]
-        recorder = Recorder()
-        patched = patch_model(with_previous(model, recorder), method, **opts)
-        counter = count_calls(patched.model_options["transformer_options"][OVERRIDE_KEY].attnproc_method,
-                              "sparse_attention")
-        out = run(patched)
-        r[method] = {"sparse_calls": counter["n"], "grids": sorted(counter["grids"]), "handed_on": recorder.calls,
-                     "vs_stock": diff(out, stock), "finite": bool(torch.isfinite(out).all())}
+        r[method] = sparse_run(model, method, opts, run, stock)
         results[f"joint_{family}"] = r
 
 
@@ -417,14 +424,7 @@ def ltx_checks():
                                      for s in probe.sites}, key=str),
                   "handed_on": recorder.calls, "masked_handed_on": recorder.masked, "vs_stock": diff(out, stock)}
     for method, opts in (("radial", {"block_size": 16}), ("gna", {})):
-        recorder = Recorder()
-        patched = patch_model(with_previous(model, recorder), method, **opts)
-        counter = count_calls(patched.model_options["transformer_options"][OVERRIDE_KEY].attnproc_method,
-                              "sparse_attention")
-        out = run(patched)
-        r[method] = {"sparse_calls": counter["n"], "grids": sorted(counter["grids"]), "handed_on": recorder.calls,
-                     "masked_handed_on": recorder.masked, "vs_stock": diff(out, stock),
-                     "finite": bool(torch.isfinite(out).all())}
+        r[method] = sparse_run(model, method, opts, run, stock)
     results["ltx"] = r
 
 
