@@ -137,6 +137,42 @@ def entries(concepts) -> list[dict]:
     return out
 
 
+# ---- global locking: the superclass encoding of each prompt ------------------------------------------------------
+class _SuperclassHook:
+    """Forward hook of one text encoder (torch's public hook API): when the input ids hold a concept token, encode
+    them once more with each concept token swapped for its superclass token and append ``(encoding, superclass
+    encoding)`` of every prompt to ``records`` (the last 64 kept). ``penultimate``: the denoiser sees the
+    penultimate hidden state (SDXL's two encoders), else the output's first field."""
+
+    KEEP = 64
+
+    def __init__(self, swap: dict[int, int], records: list, *, penultimate: bool):
+        self.swap, self.records, self.penultimate = swap, records, penultimate
+
+    def _encoding(self, output):
+        if not self.penultimate:
+            return output[0]
+        hidden = getattr(output, "hidden_states", None)
+        return None if hidden is None else hidden[-2]
+
+    def __call__(self, module, args, kwargs, output):
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is None or not any(bool((ids == t).any()) for t in self.swap):
+            return None
+        own = self._encoding(output)
+        if own is None:  # called without the hidden states the denoiser would get: nothing to pair
+            return None
+        plain = ids.clone()
+        for t, sup in self.swap.items():
+            plain[ids == t] = sup
+        with torch.no_grad():
+            rest = {k: v for k, v in kwargs.items() if k != "input_ids"}
+            other = self._encoding(module(plain, *args[1:], **rest))
+        self.records.extend(zip(own.detach(), other))
+        del self.records[:-self.KEEP]
+        return None
+
+
 # ---- per-module state ----------------------------------------------------------------------------------------
 class KeyLockState(torch.nn.Module):
     """One cross-attention module's targets: ``o_k [n, d_k]`` (locked: a buffer, never trained) and ``o_v [n, d_v]``
@@ -198,8 +234,9 @@ class KeyLock(Edit):
         self.taus = torch.tensor([next(x for x in (e["tau"], self.config.tau, con.tau) if x is not None)
                                   for e, con in zip(parsed, self.concepts)])
         self._added: list[str] = []
-        self._hook = None
-        self._super: list[tuple[torch.Tensor, torch.Tensor]] = []  # global locking: (encoding, superclass encoding)
+        self._hooks: list = []
+        self._widths: list[int] = []  # global locking: each text encoder's width in the context
+        self._super: list[list] = []  # per text encoder: (encoding, superclass encoding) of recent prompts
 
     @property
     def tokens(self) -> list[str]:
@@ -213,7 +250,7 @@ class KeyLock(Edit):
     def bind(self, target) -> None:
         super().bind(target)
         from attnproc.pipelines.concepts import add_tokens, cross_attention_modules, model_fingerprint, \
-            text_encoders, text_fingerprint
+            text_fingerprint
 
         denoiser = target if isinstance(target, torch.nn.Module) else getattr(target, "unet", None)
         if denoiser is not None:
@@ -239,9 +276,6 @@ class KeyLock(Edit):
                 if c.text_encoder and c.text_encoder != fp:
                     raise UnsupportedModelError(f"concept {c.token!r} (concepts[{i}]) was trained with another text "
                                                 f"encoder ({c.text_encoder}, this pipeline's is {fp})")
-            if self.config.locking == "global" and len(text_encoders(target)) > 1:
-                raise UnsupportedModelError("keylock: locking='global' serves one-text-encoder pipelines (SD 1.x/2.x); "
-                                            "use locking='local' with two text encoders (SDXL)")
         new = [c for c in self.concepts if c.embedding is not None and c.embedding.numel()]
         add_tokens(target, new)  # checks every token first: an error adds none
         self._added = [c.token for c in new]
@@ -249,42 +283,41 @@ class KeyLock(Edit):
             self._watch_encoder(target)
 
     def _watch_encoder(self, pipe) -> None:
-        """Global locking: a forward hook on the text encoder encodes every prompt holding a concept token once
-        more with the superclass words in its place; the edit finds that encoding by the prompt's own."""
-        from attnproc.pipelines.concepts import superclass_id
+        """Global locking: a forward hook on each text encoder encodes every prompt holding a concept token once
+        more with the superclass words in its place and keeps both encodings as the denoiser sees them (SD 1.x/2.x:
+        the output; SDXL: the penultimate hidden state of each encoder, concatenated per position by the pipeline).
+        The edit finds the superclass encoding by the prompt's own, one encoder's slice of the context at a time."""
+        from attnproc.pipelines.concepts import superclass_id, text_encoders
 
-        tok = pipe.tokenizer
-        swap = {tok.convert_tokens_to_ids(c.token): superclass_id(pipe, c.superclass) for c in self.concepts}
-
-        def hook(module, args, kwargs, output):
-            ids = args[0] if args else kwargs.get("input_ids")
-            if ids is None or not any(bool((ids == t).any()) for t in swap):
-                return None
-            plain = ids.clone()
-            for t, sup in swap.items():
-                plain[ids == t] = sup
-            with torch.no_grad():
-                rest = {k: v for k, v in kwargs.items() if k != "input_ids"}
-                other = module(plain, *args[1:], **rest)[0]
-            self._super = (self._super + list(zip(output[0].detach(), other)))[-64:]
-            return None
-
-        self._hook = pipe.text_encoder.register_forward_hook(hook, with_kwargs=True)
+        parts = text_encoders(pipe)
+        self._widths = [int(te.config.hidden_size) for te, _ in parts]
+        self._super = [[] for _ in parts]
+        self._hooks = []
+        for n, (encoder, tok) in enumerate(parts):
+            swap = {tok.convert_tokens_to_ids(c.token): superclass_id(pipe, c.superclass, tok) for c in self.concepts}
+            hook = _SuperclassHook(swap, self._super[n], penultimate=len(parts) > 1)
+            self._hooks.append(encoder.register_forward_hook(hook, with_kwargs=True))
 
     def superclass_context(self, e: torch.Tensor) -> torch.Tensor:
         """Global locking: ``e [B, L, d]`` with each row that encodes a prompt holding a concept replaced by the
-        encoding of that prompt with the superclass words (rows without a concept stay as they are)."""
+        encoding of that prompt with the superclass words (per text encoder's slice of the row; slices and rows
+        without a concept stay as they are)."""
+        if sum(self._widths) != e.shape[-1]:
+            return e
         rows = []
         for row in e:
-            match = next((sup for enc, sup in reversed(self._super)
-                          if enc.shape == row.shape and torch.equal(enc.to(row.dtype), row)), None)
-            rows.append(row if match is None else match.to(row))
+            pieces = []
+            for part, records in zip(row.split(self._widths, dim=-1), self._super):
+                match = next((sup for enc, sup in reversed(records)
+                              if enc.shape == part.shape and torch.equal(enc.to(part.dtype), part)), None)
+                pieces.append(part if match is None else match.to(part))
+            rows.append(torch.cat(pieces, dim=-1))
         return torch.stack(rows)
 
     def unbind(self, target) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-        self._hook, self._super = None, []
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._super, self._widths = [], [], []
         if self._added and not isinstance(target, torch.nn.Module):
             from attnproc.pipelines.concepts import remove_tokens
 

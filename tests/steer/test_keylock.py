@@ -400,13 +400,77 @@ def test_sdxl_save_load_generate_is_bit_identical(sdxl, tmp_path):
     assert (_image(pipe, "a red fox in the snow", "sdxl") == plain).all()  # and gone after remove()
 
 
-def test_sdxl_refuses_global_locking_and_another_encoders_concept(sdxl, sd15):
+def _superclass_context_by_hand(pipe, prompt: str, concept: cc.Concept) -> torch.Tensor:
+    """The reference for SDXL global locking, built without the edit: ``prompt`` with the concept token replaced by
+    the superclass token in each tokenizer, encoded by each encoder, penultimate states concatenated."""
+    parts = []
+    for te, tok in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
+        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        ids[ids == tok.convert_tokens_to_ids(concept.token)] = tok(concept.superclass, add_special_tokens=False).input_ids[0]
+        parts.append(te(ids, output_hidden_states=True).hidden_states[-2])
+    return torch.cat(parts, -1)[0].detach()
+
+
+def test_sdxl_global_locking_takes_keys_from_both_encoders_superclass_prompt(sdxl):
+    pipe, con, cov = sdxl
+    prompt = "a red <flag> in the snow"
+    handle = attnproc.apply(pipe, ["kv_recorder_test", "keylock"],
+                            keylock={"concepts": [con], "covariance": cov, "locking": "global"})
+    try:
+        _image(pipe, prompt, "sdxl")
+        seen = handle.method.base.seen
+        assert len(seen) > 4
+        plain = _superclass_context_by_hand(pipe, prompt, con)
+        unet = dict(pipe.unet.named_modules())
+        c_inv = torch.linalg.inv(cov).float()
+        for name, e, k, v in seen[:4] + seen[-2:]:
+            assert e.shape[0] == 2 and (e[0] == 0).all()  # CFG: [zeroed uncond, cond] (force_zeros_for_empty_prompt)
+            assert (e[1] - plain).abs().max() > 1e-2  # the concept's prompt differs from the superclass prompt
+            attn = unet[name]
+            ctx = torch.stack([e[0], plain])  # the uncond row holds no concept: its own encoding
+            want_k = keylock_linear(ctx, attn.to_k.weight, None, con.i_star[None], con.keys[name][None], c_inv, 0.7,
+                                    0.15)
+            want_v = keylock_linear(e, attn.to_v.weight, None, con.i_star[None], con.values[name][None], c_inv, 0.7,
+                                    0.15)
+            heads = lambda x, like: x.view(x.shape[0], -1, like.shape[1], like.shape[-1]).transpose(1, 2)  # noqa: E731
+            torch.testing.assert_close(k, heads(want_k, k), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v, heads(want_v, v), rtol=1e-5, atol=1e-5)  # values from the prompt itself
+            local_k = keylock_linear(e, attn.to_k.weight, None, con.i_star[None], con.keys[name][None], c_inv, 0.7,
+                                     0.15)
+            assert (k - heads(local_k, k)).abs().max() > 1e-3  # and global keys are not the local ones
+    finally:
+        attnproc.remove(pipe)
+    assert not pipe.text_encoder._forward_hooks and not pipe.text_encoder_2._forward_hooks
+
+
+def test_sdxl_global_locking_takes_only_the_encoder_whose_prompt_holds_the_concept(sdxl):
+    """prompt_2 (the second encoder's prompt) without the concept: only the first encoder's slice is swapped."""
+    pipe, con, cov = sdxl
+    handle = attnproc.apply(pipe, ["kv_recorder_test", "keylock"],
+                            keylock={"concepts": [con], "covariance": cov, "locking": "global"})
+    try:
+        kw = tiny_call_kwargs("sdxl", prompt="a red <flag> in the snow", prompt_2="a red fox in the snow",
+                              num_inference_steps=1, height=64, width=64, guidance_scale=1.0)
+        kw["generator"] = torch.Generator().manual_seed(0)
+        pipe(**kw)
+        name, e, k, _ = handle.method.base.seen[0]
+        width = pipe.text_encoder.config.hidden_size
+        plain = _superclass_context_by_hand(pipe, "a red <flag> in the snow", con)
+        ctx = torch.cat([plain[:, :width], e[0, :, width:]], -1)[None]
+        attn = dict(pipe.unet.named_modules())[name]
+        want = keylock_linear(ctx, attn.to_k.weight, None, con.i_star[None], con.keys[name][None],
+                              torch.linalg.inv(cov).float(), 0.7, 0.15)
+        torch.testing.assert_close(k, want.view(1, -1, k.shape[1], k.shape[-1]).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    finally:
+        attnproc.remove(pipe)
+
+
+def test_sdxl_refuses_another_encoders_concept(sdxl, sd15):
     pipe, con, cov = sdxl
     n_vocab = len(pipe.tokenizer_2)
-    with pytest.raises(attnproc.UnsupportedModelError, match="locking='global' serves one-text-encoder"):
-        attnproc.apply(pipe, "keylock", concepts=[con], covariance=cov, locking="global")
-    assert len(pipe.tokenizer_2) == n_vocab and "<flag>" not in pipe.tokenizer.get_vocab()
     other = cc.Concept(**{**con.__dict__, "text_encoder": sd15[1].text_encoder})
     with pytest.raises(attnproc.UnsupportedModelError, match="trained with another text encoder"):
-        attnproc.apply(pipe, "keylock", concepts=[other], covariance=cov)
-    assert len(pipe.tokenizer_2) == n_vocab
+        attnproc.apply(pipe, "keylock", concepts=[other], covariance=cov, locking="global")
+    assert len(pipe.tokenizer_2) == n_vocab and "<flag>" not in pipe.tokenizer.get_vocab()
+    assert not pipe.text_encoder._forward_hooks and not pipe.text_encoder_2._forward_hooks
