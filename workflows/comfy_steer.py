@@ -343,14 +343,21 @@ def patch_isolate(model, clip, references: str, scene: str, subjects, **options)
 
 # ----------------------------------------------------------------------------- keylock (Perfusion concepts)
 CONTEXT_KEY = "attnproc_text_context"
+# global locking: the superclass encoding of each prompt, a model cond of the conditioning (concept_encode), so
+# ComfyUI batches, pads and orders it exactly as the prompt's own c_crossattn
+SUPERCLASS_KEY = "attnproc_superclass_context"
 KEYLOCK_WRAPPER_KEY = "attnproc_keylock_context"
 
 
 def context_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
                     **kwargs):
-    """ComfyUI ``APPLY_MODEL`` wrapper: leaves the text context (the encodings ``e`` keylock edits) in a copy of
-    ``transformer_options``, where the ``attn2`` replacements read it."""
+    """ComfyUI ``APPLY_MODEL`` wrapper: leaves the text context (the encodings ``e`` keylock edits) and, when the
+    conditioning came from :func:`concept_encode`, its superclass encoding in a copy of ``transformer_options``,
+    where the ``attn2`` replacements read them (the superclass encoding is taken out of the model's inputs)."""
     options = {**transformer_options, CONTEXT_KEY: c_crossattn}
+    superclass = kwargs.pop(SUPERCLASS_KEY, None)
+    if superclass is not None:
+        options[SUPERCLASS_KEY] = superclass
     return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
 
@@ -367,6 +374,11 @@ def concept_blocks(model, concepts) -> dict[str, tuple[tuple[str, int, int], tor
     blocks = transformer_blocks(model.model.diffusion_model)
     found = {}
     for i, c in enumerate(concepts):
+        width = next(iter(blocks.values())).attn2.to_k.in_features if blocks else 0
+        if c.i_star.numel() != width:
+            raise UnsupportedModelError(f"keylock: concept {c.token!r} (concepts[{i}]) is for a {c.i_star.numel()}-wide "
+                                        f"text context, this model's cross-attention takes {width} (SD 1.x: 768, "
+                                        "SD 2.x: 1024, SDXL: 2048): it is for another model")
         for name in c.values:
             key = block_key(mapping.get(f"{name}.to_k.weight", ""))
             if key not in blocks:
@@ -374,7 +386,8 @@ def concept_blocks(model, concepts) -> dict[str, tuple[tuple[str, int, int], tor
                                             f"cross-attention module {name!r}, which this ComfyUI model does not have: "
                                             "it is for another architecture")
             found[name] = (key, blocks[key].attn2)
-        fingerprint = _digest((f"{n}.{p}", getattr(found[n][1], p).weight) for n in c.values for p in ("to_k", "to_v"))
+        fingerprint = c.model and _digest((f"{n}.{p}", getattr(found[n][1], p).weight) for n in c.values
+                                          for p in ("to_k", "to_v"))
         if c.model and c.model != fingerprint:
             raise UnsupportedModelError(f"keylock: concept {c.token!r} (concepts[{i}]) was trained on another model "
                                         f"(fingerprint {c.model}, this ComfyUI model's is {fingerprint}); retrain it "
@@ -396,10 +409,30 @@ def block_key(comfy_name: str) -> tuple[str, int, int] | None:
 class KeyLockAttn2:
     """ComfyUI ``attn2`` replacement of one UNet block: keys and values recomputed from the text context with
     the library's :meth:`~attnproc.steer.keylock.KeyLock.project` (the gated rank-1 edit), then ComfyUI's own
-    attention."""
+    attention. Global locking takes the keys from the superclass encoding of the prompt when the conditioning
+    carries one (:func:`concept_encode`); ``notes`` is shared by the blocks of one patch (one warning)."""
 
-    def __init__(self, method, module, o_k: torch.Tensor, o_v: torch.Tensor):
+    def __init__(self, method, module, o_k: torch.Tensor, o_v: torch.Tensor, notes: dict | None = None):
         self.method, self.module, self.o_k, self.o_v = method, module, o_k, o_v
+        self.notes = {} if notes is None else notes
+
+    def key_context(self, e: torch.Tensor, extra: dict) -> torch.Tensor:
+        if self.method.config.locking != "global":
+            return e
+        superclass = extra.get(SUPERCLASS_KEY)
+        if superclass is None:
+            if 0 in (extra.get("cond_or_uncond") or []) and not self.notes.get("warned"):
+                import logging
+
+                self.notes["warned"] = True
+                logging.warning("keylock node: locking='global' but the positive conditioning carries no superclass "
+                                "encoding: encode the prompt with 'attnproc: concept encode' (its keys stay local)")
+            return e
+        if superclass.shape != e.shape:
+            raise RuntimeError(f"keylock node: the superclass encoding {tuple(superclass.shape)} does not match the text "
+                               f"context {tuple(e.shape)} (another node changed the conditioning after 'attnproc: "
+                               "concept encode', e.g. ConditioningConcat)")
+        return superclass.to(e)
 
     def __call__(self, q, k, v, extra: dict):
         import comfy.ldm.modules.attention as attention  # inside ComfyUI
@@ -408,7 +441,8 @@ class KeyLockAttn2:
         if e is None or e.shape[0] != k.shape[0] or e.shape[1] != k.shape[1]:
             raise RuntimeError("keylock node: the text context of this call is not the model's (another node "
                                "changes the cross-attention context); keylock needs the text encodings")
-        new_k = self.method.project(e.to(k), self.module.to_k, self.o_k.to(k.device)).to(k.dtype)
+        new_k = self.method.project(self.key_context(e, extra).to(k), self.module.to_k,
+                                    self.o_k.to(k.device)).to(k.dtype)
         new_v = self.method.project(e.to(v), self.module.to_v, self.o_v.to(v.device)).to(v.dtype)
         return attention.optimized_attention(q, new_k, new_v, extra["n_heads"],
                                              attn_precision=extra.get("attn_precision"), transformer_options=extra)
@@ -433,23 +467,22 @@ def keylock_method(concepts, covariance: str, **options):
     from attnproc.workflows.comfy_runtime import parse_widget_options
 
     options = parse_widget_options("keylock", options)
-    if options.get("locking") == "global":
-        raise ValueError("keylock node: locking='global' needs a second encoding of every prompt with the superclass "
-                         "words, which the node does not make; use locking='local' (the default)")
     return attnproc.create("keylock", concepts=_concepts_option(concepts), covariance=str(covariance).strip() or None,
                            **options)
 
 
 def patch_keylock(model, concepts, covariance: str, **options):
-    """``model.clone()`` with the concepts' key-locked rank-1 K/V edits in every cross-attention (SD 1.x/2.x).
-    The concept token reaches the text encoder through :func:`concept_clip` (``embedding:<name>`` in the prompt)."""
+    """``model.clone()`` with the concepts' key-locked rank-1 K/V edits in every cross-attention (SD 1.x/2.x,
+    SDXL). The concept token reaches the text encoder through :func:`concept_clip` or :func:`concept_encode`
+    (``embedding:<name>`` in the prompt); global locking needs the prompt encoded by :func:`concept_encode`."""
     method = keylock_method(concepts, covariance, **options)
     if family_from(model) != "unet":
-        raise ValueError(f"keylock: the node serves SD 1.x/2.x UNets; this model is "
+        raise ValueError(f"keylock: the node serves SD 1.x/2.x and SDXL UNets; this model is "
                          f"{type(getattr(model, 'model', None)).__name__}")
     found = concept_blocks(model, method.concepts)
     _check_free(model, "attn2", [key for key, _ in found.values()], "keylock")
     patched = model.clone()
+    notes: dict = {}
     for name, (key, module) in found.items():
         o_k = torch.stack([c.keys[name].reshape(-1).float() for c in method.concepts])
         o_v = torch.stack([c.values[name].reshape(-1).float() for c in method.concepts])
@@ -458,7 +491,7 @@ def patch_keylock(model, concepts, covariance: str, **options):
 
             raise UnsupportedModelError(f"keylock: the concepts' targets for {name!r} have sizes {o_k.shape[-1]}/"
                                         f"{o_v.shape[-1]}, the module projects to {module.to_k.weight.shape[0]}")
-        patched.set_model_attn2_replace(KeyLockAttn2(method, module, o_k, o_v), *key)
+        patched.set_model_attn2_replace(KeyLockAttn2(method, module, o_k, o_v, notes), *key)
     patched.remove_wrappers_with_key(WRAPPER_TYPE, KEYLOCK_WRAPPER_KEY)
     patched.add_wrapper_with_key(WRAPPER_TYPE, KEYLOCK_WRAPPER_KEY, context_wrapper)
     return patched
@@ -478,37 +511,52 @@ def _embedding_width(clip, key: str, inner) -> int:
     return int(get().weight.shape[1]) if get is not None else int(inner.embedding_size)
 
 
+def _load_concepts(concepts) -> list:
+    from attnproc.pipelines.concepts import load_concept
+    from attnproc.steer.keylock import entries
+
+    return [load_concept(e["source"]) if not hasattr(e["source"], "i_star") else e["source"]
+            for e in entries(_concepts_option(concepts))]
+
+
+def embedding_rows(clip, concept) -> dict[str, torch.Tensor]:
+    """The concept's token embedding per ComfyUI tokenizer of ``clip`` (``{"l": [w_l], "g": [w_g]}``): a concept
+    file holds one row per text encoder, concatenated in diffusers' encoder order (SDXL: CLIP-L then
+    OpenCLIP-G), which is ComfyUI's ``clip_l``, ``clip_g`` order. A concept for other encoders is refused."""
+    inners = _hf_tokenizers(clip)
+    widths = {key: _embedding_width(clip, key, inner) for key, inner in inners.items()}
+    if concept.embedding.numel() != sum(widths.values()):
+        raise ValueError(f"keylock: concept {concept.token!r} has a {concept.embedding.numel()}-value token embedding, "
+                         f"this CLIP's text encoders take " + " + ".join(f"{w} (clip_{k})" for k, w in widths.items())
+                         + ": it is for another text encoder")
+    parts = concept.embedding.reshape(-1).float().split(list(widths.values()))
+    return dict(zip(widths, parts))
+
+
 def concept_clip(clip, concepts, folder: str | None = None):
     """A clone of ``clip`` whose tokenizer also finds the concepts' token embeddings (ComfyUI's embedding
-    mechanism: the prompt says ``embedding:<name>``, :func:`embedding_name`). The embeddings are written as
-    safetensors into ``folder`` (default: ComfyUI's temp directory), which goes first in the tokenizer's
+    mechanism: the prompt says ``embedding:<name>``, :func:`embedding_name`). Each embedding is written as a
+    safetensors file with one row per text encoder under ComfyUI's own keys (``clip_l``, ``clip_g``: the SDXL
+    embedding format) into ``folder`` (default: ComfyUI's temp directory), which goes first in the tokenizers'
     embedding directories; the input CLIP and its tokenizer are not changed."""
     import copy
     import hashlib
 
     from safetensors.torch import save_file
 
-    paths = _concepts_option(concepts)
-    from attnproc.pipelines.concepts import load_concept
-    from attnproc.steer.keylock import entries
-
-    items = [load_concept(e["source"]) if not hasattr(e["source"], "i_star") else e["source"] for e in entries(paths)]
+    items = _load_concepts(concepts)
     if folder is None:
         import folder_paths  # inside ComfyUI
 
         folder = folder_paths.get_temp_directory()
     inners = _hf_tokenizers(clip)
+    rows = [embedding_rows(clip, c) for c in items]  # checks every concept first
     tokenizer = copy.copy(clip.tokenizer)
     digest = hashlib.sha256(b"".join(c.embedding.float().numpy().tobytes() for c in items)).hexdigest()[:12]
     target = os.path.join(folder, "attnproc_concepts", digest)
     os.makedirs(target, exist_ok=True)
-    for c in items:
-        for key, inner in inners.items():
-            width = _embedding_width(clip, key, inner)
-            if c.embedding.numel() != width:
-                raise ValueError(f"keylock: concept {c.token!r} has a {c.embedding.numel()}-value token embedding, "
-                                 f"this CLIP's clip_{key} takes {width}: it is for another text encoder")
-        save_file({"emb_params": c.embedding.reshape(1, -1).float().contiguous()},
+    for c, row in zip(items, rows):
+        save_file({inners[key].embedding_key: part.reshape(1, -1).contiguous() for key, part in row.items()},
                   os.path.join(target, f"{embedding_name(c.token)}.safetensors"))
     for key, inner in inners.items():
         own = copy.copy(inner)
@@ -519,6 +567,64 @@ def concept_clip(clip, concepts, folder: str | None = None):
     patched = clip.clone()
     patched.tokenizer = tokenizer
     return patched
+
+
+def superclass_tokens(clip, tokens: dict, concepts) -> tuple[dict, int]:
+    """ComfyUI's tokens of a prompt (``clip.tokenize`` with a :func:`concept_clip`) with every concept embedding
+    replaced by its superclass word's token (weights and positions kept): the prompt as it would read with the
+    superclass word, for global locking. Returns ``(tokens, number of concept tokens replaced)``."""
+    inners = _hf_tokenizers(clip)
+    rows = [embedding_rows(clip, c) for c in concepts]
+    ids = {}
+    for c in concepts:
+        for key, inner in inners.items():
+            found = inner.tokenizer(c.superclass, add_special_tokens=False)["input_ids"]
+            if len(found) != 1:
+                raise ValueError(f"keylock: superclass {c.superclass!r} of concept {c.token!r} is {len(found)} tokens "
+                                 f"for ComfyUI's clip_{key} tokenizer; global locking needs a one-token superclass")
+            ids[(c.token, key)] = found[0]
+    out, swapped = {}, 0
+    for key, chunks in tokens.items():
+        new_chunks = []
+        for chunk in chunks:
+            new = []
+            for item in chunk:
+                token = item[0]
+                if torch.is_tensor(token) and key in inners:
+                    vector = token.reshape(-1).float().cpu()
+                    match = next((c for c, row in zip(concepts, rows) if key in row and
+                                  row[key].shape == vector.shape and torch.equal(row[key], vector)), None)
+                    if match is not None:
+                        item = (ids[(match.token, key)], *item[1:])
+                        swapped += 1
+                new.append(item)
+            new_chunks.append(new)
+        out[key] = new_chunks
+    return out, swapped
+
+
+def concept_encode(clip, concepts, text: str):
+    """CLIPTextEncode for prompts with concepts: the conditioning of ``text`` (``embedding:<name>`` for a
+    concept's token, through :func:`concept_clip`), plus the encoding of the same prompt with each concept token
+    replaced by its superclass word's, carried as a model cond of the conditioning (ComfyUI passes a
+    conditioning's ``model_conds`` to the model batched and ordered like its text context); the keylock node
+    with ``locking='global'`` takes its keys from it. A prompt without a concept carries its own encoding."""
+    import comfy.conds  # inside ComfyUI
+
+    items = _load_concepts(concepts)
+    cclip = concept_clip(clip, items)
+    tokens = cclip.tokenize(text)
+    swapped, _ = superclass_tokens(clip, tokens, items)
+    conditioning = cclip.encode_from_tokens_scheduled(tokens)
+    superclass = cclip.encode_from_tokens(swapped)
+    out = []
+    for cond, extras in conditioning:
+        if superclass.shape != cond.shape:
+            raise ValueError(f"concept encode: the superclass prompt encodes to {tuple(superclass.shape)}, the prompt "
+                             f"to {tuple(cond.shape)}")
+        model_conds = {**extras.get("model_conds", {}), SUPERCLASS_KEY: comfy.conds.CONDCrossAttn(superclass)}
+        out.append([cond, {**extras, "model_conds": model_conds}])
+    return out
 
 
 # ----------------------------------------------------------------------------- node specs (the exported pack)
@@ -546,11 +652,13 @@ ISOLATE_NODE = {
     "output": "MODEL", "run": "steer"}
 KEYLOCK_NODE = {
     "node_id": "AttnProcKeylock", "display_name": "attnproc: keylock",
-    "description": ("Perfusion concepts (key-locked rank-1 K/V edits) on SD 1.x/2.x: concept files written by "
-                    "`attnproc train-concept` for this checkpoint (one path per line, or JSON [{\"file\": path, "
-                    "\"beta\": b, \"tau\": t}] for β/τ per concept) and the text encoder's covariance file. "
-                    "Files for another model are refused. Pair it with 'attnproc: concept clip' (the concept token "
-                    "as embedding:<name> in the prompt). Installed as attn2 replace patches."),
+    "description": ("Perfusion concepts (key-locked rank-1 K/V edits) on SD 1.x/2.x and SDXL: concept files "
+                    "written by `attnproc train-concept` for this checkpoint (one path per line, or JSON "
+                    "[{\"file\": path, \"beta\": b, \"tau\": t}] for β/τ per concept) and the text encoder's "
+                    "covariance file. Files for another model are refused. Encode the prompt with 'attnproc: "
+                    "concept encode' (or CLIPTextEncode on 'attnproc: concept clip'), the concept token written as "
+                    "embedding:<name>. locking='global' takes the keys from the superclass prompt that 'attnproc: "
+                    "concept encode' carries. Installed as attn2 replace patches."),
     "sockets": [{"name": "model", "type": "MODEL"}], "output": "MODEL", "run": "steer"}
 CONCEPT_CLIP_NODE = {
     "method": None, "node_id": "AttnProcConceptClip", "display_name": "attnproc: concept clip",
@@ -561,6 +669,18 @@ CONCEPT_CLIP_NODE = {
     "widgets": [{"name": "concepts", "kind": "STRING", "default": "", "multiline": True,
                  "tooltip": "concept files, one path per line (or the keylock node's JSON list)"}],
     "output": "CLIP", "run": "steer"}
+CONCEPT_ENCODE_NODE = {
+    "method": None, "node_id": "AttnProcConceptEncode", "display_name": "attnproc: concept encode",
+    "description": ("CLIPTextEncode for prompts with concepts (the keylock node's concept files): write "
+                    "embedding:<token without <>> in the text. The conditioning also carries the prompt encoded with "
+                    "each concept's superclass word in its place, which the keylock node uses for "
+                    "locking='global'. Works with SD 1.x/2.x and SDXL CLIPs."),
+    "sockets": [{"name": "clip", "type": "CLIP"}],
+    "widgets": [{"name": "concepts", "kind": "STRING", "default": "", "multiline": True,
+                 "tooltip": "concept files, one path per line (or the keylock node's JSON list)"},
+                {"name": "text", "kind": "STRING", "default": "", "multiline": True,
+                 "tooltip": "the prompt, e.g. 'a photo of embedding:my_concept on the grass'"}],
+    "output": "CONDITIONING", "run": "steer"}
 STEER_NODES = {"structured": STRUCTURED_NODE, "isolate": ISOLATE_NODE, "keylock": KEYLOCK_NODE}
 # what each node's example graph types (the positive prompt, the node's prompt inputs, the latent batch)
 EXAMPLES = {
@@ -603,7 +723,7 @@ def steer_specs(method: str, widgets: list[dict]) -> list[dict]:
                             "found by the parser"}
         out.append(w)
     return [{**STEER_NODES[method], "method": method, "widgets": out}] + \
-        ([CONCEPT_CLIP_NODE] if method == "keylock" else [])
+        ([CONCEPT_CLIP_NODE, CONCEPT_ENCODE_NODE] if method == "keylock" else [])
 
 
 def run_node(node_id: str, inputs: dict):
@@ -616,6 +736,8 @@ def run_node(node_id: str, inputs: dict):
         return patch_keylock(**inputs)
     if node_id == CONCEPT_CLIP_NODE["node_id"]:
         return concept_clip(**inputs)
+    if node_id == CONCEPT_ENCODE_NODE["node_id"]:
+        return concept_encode(**inputs)
     raise ValueError(f"unknown attnproc steering node {node_id!r}")
 
 

@@ -595,6 +595,9 @@ def steer_checks():
     comfy_steer_engine.structured_checks(results, tiny_unet, tiny_clip, diff)
     comfy_steer_engine.isolate_checks(results, tiny_unet, tiny_clip, diff)
     comfy_steer_engine.keylock_checks(results, tiny_unet, tiny_clip, diff, WORK)
+    from comfy_test_nodes import tiny_sdxl_clip
+
+    comfy_steer_engine.keylock_sdxl_checks(results, tiny_unet, tiny_clip, tiny_sdxl_clip, diff, WORK)
 
 
 def _post(url, payload):

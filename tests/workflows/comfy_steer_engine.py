@@ -193,45 +193,101 @@ def keylock_reference(e, weight, i_star, o_star, c_inv, beta, tau):
     return (e - sim[..., None] * i) @ w.T + torch.sigmoid((sim - beta) / tau)[..., None] * o
 
 
-def make_concept(model, clip, work, token="<tri>", prompt="a embedding:tri on the grass"):
-    """A concept file for the tiny UNet (random o*_K, o*_V; i* = the concept token's own encoding in ``prompt``,
-    so sim = 1 there) and a covariance file, in ``work``. Returns ``(concept, path, covariance path, C⁻¹,
-    the concept clip, the token's position)``."""
+def make_concept(model, clip, work, token="<tri>", prompt="a embedding:tri on the grass", superclass="star"):
+    """A concept file for a tiny UNet laid out as our diffusers path writes it (one token row per text encoder,
+    concatenated in encoder order: SDXL's CLIP-L then OpenCLIP-G; ``i*`` of the concatenated context; random o*_K,
+    o*_V for the diffusers names of the cross-attention modules; i* = the concept token's own encoding in
+    ``prompt``, so sim = 1 there) and a covariance file, in ``work``. Returns ``(concept, path, covariance path,
+    C⁻¹, the concept clip, the token's position)``."""
     import os
 
     import comfy.utils
 
     from attnproc.pipelines.concepts import Concept, _digest, save_concept, save_covariance
-    from attnproc.workflows.comfy_steer import block_key, concept_clip, embedding_name, transformer_blocks
+    from attnproc.workflows.comfy_steer import (_embedding_width, _hf_tokenizers, block_key, concept_clip,
+                                                embedding_name, transformer_blocks)
 
     mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
     names = [k[:-len(".to_k.weight")] for k in mapping if k.endswith("attn2.to_k.weight")]
     blocks = transformer_blocks(model.model.diffusion_model)
     modules = {n: blocks[block_key(mapping[n + ".to_k.weight"])].attn2 for n in names}
+    width = next(iter(modules.values())).to_k.in_features
+    rows = sum(_embedding_width(clip, key, inner) for key, inner in _hf_tokenizers(clip).items())
     g = torch.Generator().manual_seed(7)
-    embedding = torch.randn(64, generator=g) * 0.5
-    concept = Concept(token=token, superclass="star", embedding=embedding, i_star=torch.zeros(64),
+    embedding = torch.randn(rows, generator=g) * 0.5
+    concept = Concept(token=token, superclass=superclass, embedding=embedding, i_star=torch.zeros(width),
                       keys={n: torch.randn(modules[n].to_k.weight.shape[0], generator=g) for n in names},
                       values={n: torch.randn(modules[n].to_v.weight.shape[0], generator=g) for n in names})
     concept.model = _digest((f"{n}.{p}", getattr(modules[n], p).weight) for n in names for p in ("to_k", "to_v"))
-    c_mat = torch.randn(64, 64, generator=g, dtype=torch.float64)
-    c_mat = c_mat @ c_mat.T / 64 + 0.1 * torch.eye(64, dtype=torch.float64)
-    cov = save_covariance(c_mat, os.path.join(work, "C.safetensors"), text_encoder="", captions=0, ridge=0.1)
+    c_mat = torch.randn(width, width, generator=g, dtype=torch.float64)
+    c_mat = c_mat @ c_mat.T / width + 0.1 * torch.eye(width, dtype=torch.float64)
+    cov = save_covariance(c_mat, os.path.join(work, f"C{width}.safetensors"), text_encoder="", captions=0, ridge=0.1)
     cclip = concept_clip(clip, [concept], folder=work)
-    tokens = cclip.tokenize(prompt)["l"][0]
-    at = [i for i, t in enumerate(tokens) if torch.is_tensor(t[0])]
-    concept.i_star = cclip.encode_from_tokens(cclip.tokenize(prompt))[0].float()[at[0]].clone()
+    tokens = cclip.tokenize(prompt)
+    at = [i for i, t in enumerate(tokens["l"][0]) if torch.is_tensor(t[0])]
+    concept.i_star = cclip.encode_from_tokens(tokens)[0].float()[at[0]].clone()
     path = save_concept(concept, os.path.join(work, f"{embedding_name(token)}.safetensors"))
     return concept, path, cov, torch.linalg.inv(c_mat), cclip, at
 
 
+def record_keylock(patched, concept, c_inv, beta, tau, at, diff, superclass_ref=None):
+    """Wrap every attn2 replacement of a keylock-patched model: each call's keys and values against the float64
+    formula (keys from the superclass encoding the call carries, for global locking; else from its own context),
+    the output against ComfyUI's attention on the edited keys and values, and (``superclass_ref``) the carried
+    superclass encoding of the conditional rows against the superclass prompt encoded by CLIPTextEncode."""
+    from attnproc.workflows.comfy_steer import SUPERCLASS_KEY
+
+    replace = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+    seen = {"calls": 0, "k_err": 0.0, "v_err": 0.0, "superclass_calls": 0}
+
+    def recording(inner):
+        def call(q, k, v, extra):
+            e_call = extra["attnproc_text_context"]
+            sup = extra.get(SUPERCLASS_KEY)
+            cond = [i for i, c in enumerate(extra["cond_or_uncond"]) if c == 0]  # batch 1 per chunk
+            key_ctx = e_call
+            if sup is not None and inner.method.config.locking == "global":
+                seen["superclass_calls"] += 1
+                key_ctx = sup
+                if superclass_ref is not None and cond:
+                    seen["superclass_vs_encode"] = max(seen.get("superclass_vs_encode", 0.0),
+                                                       diff(sup[cond], superclass_ref.expand(len(cond), -1, -1)))
+                    seen["superclass_vs_prompt"] = max(seen.get("superclass_vs_prompt", 0.0),
+                                                       diff(sup[cond], e_call[cond]))
+            mod = inner.module
+            ks = keylock_reference(key_ctx, mod.to_k.weight, concept.i_star, inner.o_k[0], c_inv, beta, tau)
+            vs = keylock_reference(e_call, mod.to_v.weight, concept.i_star, inner.o_v[0], c_inv, beta, tau)
+            new_k = inner.method.project(inner.key_context(e_call, extra), mod.to_k, inner.o_k)
+            new_v = inner.method.project(e_call, mod.to_v, inner.o_v)
+            seen["k_err"] = max(seen["k_err"], float((new_k.double() - ks).abs().max() / ks.abs().max()))
+            seen["v_err"] = max(seen["v_err"], float((new_v.double() - vs).abs().max() / vs.abs().max()))
+            if cond and key_ctx is e_call:  # at the concept token: gate open → o*_K, closed → 0 (sim = 1)
+                o_k = inner.o_k[0].to(new_k)
+                at_token = new_k[cond][:, at[0]]
+                seen["token_open"] = max(seen.get("token_open", 0.0),
+                                         float((at_token - o_k).abs().max() / o_k.abs().max()))
+                seen["token_closed"] = max(seen.get("token_closed", 0.0), float(at_token.abs().max() / o_k.abs().max()))
+            out = inner(q, k, v, extra)
+            expect = attention.optimized_attention(q, new_k.to(k), new_v.to(v), extra["n_heads"],
+                                                   transformer_options=extra)
+            seen["out_vs_attention"] = max(seen.get("out_vs_attention", 0.0), diff(out, expect))
+            seen["calls"] += 1
+            return out
+        return call
+
+    for key in list(replace):
+        replace[key] = recording(replace[key])
+    return seen
+
+
 def keylock_checks(results, tiny_unet, tiny_clip, diff, work):
     """A concept for the tiny UNet, its token through ComfyUI's embedding mechanism, the node's K/V against the
-    formula with the gate forced open and closed, and files for another model."""
+    formula with the gate forced open and closed, global locking through the concept encode node, and files for
+    another model."""
     import os
 
     from attnproc.pipelines.concepts import Concept, save_concept
-    from attnproc.workflows.comfy_steer import patch_keylock
+    from attnproc.workflows.comfy_steer import concept_encode, patch_keylock
 
     model, clip = tiny_unet(), tiny_clip(64)
     prompt = "a embedding:tri on the grass"
@@ -244,44 +300,18 @@ def keylock_checks(results, tiny_unet, tiny_clip, diff, work):
     (negative,) = nodes.CLIPTextEncode().encode(cclip, "")
     latent = {"samples": torch.zeros(1, 4, 16, 24)}
 
-    def run(m):
-        (out,) = nodes.common_ksampler(m, 0, STEPS, 5.0, "euler", "simple", positive, negative, latent)
+    def run(m, pos=positive, neg=negative):
+        (out,) = nodes.common_ksampler(m, 0, STEPS, 5.0, "euler", "simple", pos, neg, latent)
         return out["samples"]
 
     stock = run(model)
     for name, (beta, tau) in {"open": (0.0, 0.01), "closed": (1.5, 0.01), "default": (0.7, 0.15)}.items():
         patched = patch_keylock(model, json.dumps([{"file": str(path), "beta": beta, "tau": tau}]), str(cov))
-        replace = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
-        seen = {"calls": 0, "k_err": 0.0, "v_err": 0.0}
-
-        def recording(inner):
-            def call(q, k, v, extra):
-                e_call = extra["attnproc_text_context"]
-                mod = inner.module
-                ks = [keylock_reference(e_call, mod.to_k.weight, concept.i_star, inner.o_k[0], c_inv, beta, tau)]
-                vs = [keylock_reference(e_call, mod.to_v.weight, concept.i_star, inner.o_v[0], c_inv, beta, tau)]
-                new_k = inner.method.project(e_call, mod.to_k, inner.o_k)
-                new_v = inner.method.project(e_call, mod.to_v, inner.o_v)
-                seen["k_err"] = max(seen["k_err"], float((new_k.double() - ks[0]).abs().max() / ks[0].abs().max()))
-                cond = [i for i, c in enumerate(extra["cond_or_uncond"]) if c == 0]  # batch 1 per chunk
-                o_k = inner.o_k[0].to(new_k)  # at the concept token: gate open → o*_K, closed → 0 (sim = 1)
-                at_token = new_k[cond][:, at[0]]
-                seen["token_open"] = max(seen.get("token_open", 0.0),
-                                         float((at_token - o_k).abs().max() / o_k.abs().max()))
-                seen["token_closed"] = max(seen.get("token_closed", 0.0), float(at_token.abs().max() / o_k.abs().max()))
-                seen["v_err"] = max(seen["v_err"], float((new_v.double() - vs[0]).abs().max() / vs[0].abs().max()))
-                out = inner(q, k, v, extra)
-                expect = attention.optimized_attention(q, new_k.to(k), new_v.to(v), extra["n_heads"],
-                                                       transformer_options=extra)
-                seen["out_vs_attention"] = max(seen.get("out_vs_attention", 0.0), diff(out, expect))
-                seen["calls"] += 1
-                return out
-            return call
-
-        for key in list(replace):
-            replace[key] = recording(replace[key])
+        seen = record_keylock(patched, concept, c_inv, beta, tau, at, diff)
         out = run(patched)
         r[name] = {**seen, "vs_stock": diff(out, stock), "finite": bool(torch.isfinite(out).all())}
+    r["global"] = keylock_global(model, clip, cclip, concept, path, cov, c_inv, at, diff, run, prompt,
+                                 "a star on the grass")
     errors = {}
     other = Concept(**{**concept.__dict__, "model": "0123456789abcdef"})
     other_path = save_concept(other, os.path.join(work, "other.safetensors"))
@@ -293,8 +323,141 @@ def keylock_checks(results, tiny_unet, tiny_clip, diff, work):
             "other_model": (str(other_path), str(cov), {}), "architecture": (str(wrong_path), str(cov), {}),
             "beta": (json.dumps([{"file": str(path), "beta": 3.0}]), str(cov), {}),
             "covariance": (str(path), "", {}), "missing_file": (str(path) + ".nope", str(cov), {}),
-            "global": (str(path), str(cov), {"locking": "global"})}.items():
+            "locking": (str(path), str(cov), {"locking": "both"})}.items():
         errors[name] = error_of(patch_keylock, model, concepts, cov_path, **opts)
     errors["model_untouched"] = "patches_replace" not in model.model_options.get("transformer_options", {})
     r["errors"] = errors
     results["keylock"] = r
+
+
+def keylock_global(model, clip, cclip, concept, path, cov, c_inv, at, diff, run, prompt, superclass_prompt):
+    """Global locking at the reference defaults: the positive from the concept encode node (it carries the
+    superclass encoding), the negative from CLIPTextEncode (none: its own keys); plus what the same positive
+    gives under local locking (the carried encoding is then unused) and a positive without the superclass
+    encoding (its keys stay local, with one warning)."""
+    import logging
+
+    from attnproc.workflows.comfy_steer import concept_encode, patch_keylock
+
+    positive = concept_encode(clip, str(path), prompt)
+    (reference,) = nodes.CLIPTextEncode().encode(clip, superclass_prompt)  # the superclass word typed as text
+    (plain_positive,) = nodes.CLIPTextEncode().encode(cclip, prompt)
+    local = patch_keylock(model, str(path), str(cov))
+    local_out = run(local, plain_positive)
+    # the encode node's conditioning is CLIPTextEncode's; with the negative encoded by it too, cond and uncond stay
+    # in one batch and local locking is bit-identical (with only the positive, they run apart: batch numerics)
+    r = {"encode_vs_clip_text_encode": diff(positive[0][0], plain_positive[0][0]),
+         "local_both_encoded_vs_local": diff(run(local, positive, concept_encode(clip, str(path), "")), local_out),
+         "local_with_encode_node_vs_local": diff(run(local, positive), local_out)}
+    patched = patch_keylock(model, str(path), str(cov), locking="global")
+    seen = record_keylock(patched, concept, c_inv, 0.7, 0.15, at, diff, superclass_ref=reference[0][0])
+    out = run(patched, positive)
+    r.update(seen, vs_local=diff(out, local_out), finite=bool(torch.isfinite(out).all()))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger().addHandler(handler)
+    try:
+        r["without_encoding_vs_local"] = diff(run(patch_keylock(model, str(path), str(cov), locking="global"),
+                                                  plain_positive), local_out)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    r["warnings"] = [rec.getMessage() for rec in records if "keylock node" in rec.getMessage()]
+    return r
+
+
+def tiny_sdxl_unet(tiny_unet, context: int):
+    """A tiny SDXL UNet (ComfyUI's SDXL class and ADM: the pooled clip_g output and 6 size embeddings) with
+    SDXL's layout in miniature: no transformer at the first level, 2 transformer blocks per transformer after."""
+    return tiny_unet("SDXL", use_linear_in_transformer=True, adm_in_channels=48 + 6 * 256, num_classes="sequential",
+                     model_channels=64, context_dim=context, transformer_depth=[0, 2],
+                     transformer_depth_output=[0, 0, 2, 2], transformer_depth_middle=2)
+
+
+def keylock_sdxl_checks(results, tiny_unet, tiny_clip, tiny_sdxl_clip, diff, work):
+    """The keylock node on SDXL: ComfyUI's SDXL CLIP (clip_l + clip_g) takes the concept's two token rows as
+    ComfyUI's own SDXL embedding file (clip_l/clip_g keys), K/V against the formula (local and global), and
+    SD 1.5 concepts refused on SDXL (and the reverse) before anything is patched."""
+    import os
+
+    from attnproc.pipelines.concepts import load_concept
+    from attnproc.workflows.comfy_steer import concept_blocks, concept_clip, concept_encode, patch_keylock
+
+    clip = tiny_sdxl_clip()
+    model = tiny_sdxl_unet(tiny_unet, 80)
+    prompt = "a embedding:sdxltri on the grass"
+    os.makedirs(os.path.join(work, "sdxl"), exist_ok=True)
+    concept, path, cov, c_inv, cclip, at = make_concept(model, clip, os.path.join(work, "sdxl"), "<sdxltri>", prompt)
+    tokens = cclip.tokenize(prompt)
+    at_g = [i for i, t in enumerate(tokens["g"][0]) if torch.is_tensor(t[0])]
+    import safetensors.torch
+
+    stored = safetensors.torch.load_file(os.path.join(work, "sdxl", "attnproc_concepts",
+                                                      os.listdir(os.path.join(work, "sdxl", "attnproc_concepts"))[0],
+                                                      "sdxltri.safetensors"))
+    r = {"blocks": len(concept_blocks(model, [concept])), "embedding_positions": [at, at_g],
+         "embedding_file_keys": sorted(stored),
+         "rows_are_the_concepts": [torch.equal(tokens["l"][0][at[0]][0].float(), concept.embedding[:32]),
+                                   torch.equal(tokens["g"][0][at_g[0]][0].float(), concept.embedding[32:])],
+         "context_width": int(concept.i_star.numel())}
+    (negative,) = nodes.CLIPTextEncode().encode(cclip, "")
+    (positive,) = nodes.CLIPTextEncode().encode(cclip, prompt)
+    latent = {"samples": torch.zeros(1, 4, 16, 24)}
+
+    def run(m, pos=positive, neg=negative):
+        (out,) = nodes.common_ksampler(m, 0, STEPS, 5.0, "euler", "simple", pos, neg, latent)
+        return out["samples"]
+
+    stock = run(model)
+    patched = patch_keylock(model, str(path), str(cov))
+    seen = record_keylock(patched, concept, c_inv, 0.7, 0.15, at, diff)
+    out = run(patched)
+    r["local"] = {**seen, "vs_stock": diff(out, stock), "finite": bool(torch.isfinite(out).all())}
+    r["global"] = keylock_global(model, clip, cclip, concept, path, cov, c_inv, at, diff, run, prompt,
+                                 "a star on the grass")
+    # SD 1.5 concept (64-wide, SD 1.5 module names) on SDXL, and the SDXL concept on SD 1.5
+    sd15, sd15_clip = tiny_unet(), tiny_clip(64)
+    sd15_concept, sd15_path, sd15_cov, *_ = make_concept(sd15, sd15_clip, work, "<tri15>", "a embedding:tri15 here")
+    r["errors"] = {"sd15_on_sdxl": error_of(patch_keylock, model, str(sd15_path), str(sd15_cov)),
+                   "sdxl_on_sd15": error_of(patch_keylock, sd15, str(path), str(cov)),
+                   "sd15_on_sdxl_clip": error_of(concept_clip, clip, str(sd15_path), folder=work),
+                   "sdxl_on_sd15_clip": error_of(concept_encode, sd15_clip, str(path), prompt),
+                   "models_untouched": all("patches_replace" not in m.model_options.get("transformer_options", {})
+                                           for m in (model, sd15))}
+    assert load_concept(path).embedding.numel() == 80
+    r["real_sdxl"] = real_sdxl_blocks()
+    results["keylock_sdxl"] = r
+
+
+def real_sdxl_blocks() -> dict:
+    """SDXL at its real size, built on the meta device (no weights): the 70 cross-attention modules of diffusers'
+    UNet (the names our concept files store) found in ComfyUI's SDXL UNet through ComfyUI's key map, each at its
+    own transformer block."""
+    import types
+
+    import comfy.supported_models
+    from diffusers import UNet2DConditionModel
+
+    from attnproc.pipelines.concepts import Concept, cross_attention_modules
+    from attnproc.workflows.comfy_steer import concept_blocks, transformer_blocks
+
+    config = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+              "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+              "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+              "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+              "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+              "use_temporal_attention": False, "use_temporal_resblock": False}  # ComfyUI's SDXL (model_detection)
+    base = comfy.supported_models.SDXL(config).get_model({}, device=torch.device("meta"))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(block_out_channels=[320, 640, 1280], transformer_layers_per_block=[1, 2, 10],
+                                    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                                    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                                    attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
+                                    use_linear_projection=True, addition_embed_type="text_time",
+                                    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    mods = cross_attention_modules(unet)
+    concept = Concept(token="<c>", superclass="teddy", embedding=torch.zeros(768 + 1280), i_star=torch.zeros(2048),
+                      keys={n: torch.zeros(1) for n, _ in mods}, values={n: torch.zeros(1) for n, _ in mods})
+    found = concept_blocks(types.SimpleNamespace(model=base), [concept])
+    return {"diffusers_attn2": len(mods), "comfy_blocks": len(transformer_blocks(base.diffusion_model)),
+            "mapped": len(found), "distinct_blocks": len({key for key, _ in found.values()})}

@@ -34,6 +34,32 @@ def tiny_clip(width: int = 64):
     return clip
 
 
+def tiny_sdxl_clip(width_l: int = 32, width_g: int = 48):
+    """A real ``comfy.sd.CLIP`` of SDXL's classes (``SDXLTokenizer``: clip_l and clip_g; ``SDXLClipModel``: both
+    encoders' penultimate states concatenated, the pooled output from clip_g) with tiny 3-layer random text
+    models, sized through ComfyUI's own per-encoder config options (``clip_l_model_config``/``clip_g_model_config``).
+    Context width ``width_l + width_g``; pooled width ``width_g``."""
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+
+    def small(width):
+        return {"hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": 2,
+                "num_hidden_layers": 3, "projection_dim": width}
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32, "clip_l_model_config": small(width_l),
+                                                       "clip_g_model_config": small(width_g)})
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in clip.cond_stage_model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.normal_(0, 0.05)
+    return clip
+
+
 def init_weights(model: torch.nn.Module, std: float = 0.05, qk_std: float | None = None) -> None:
     """Random weights with the scales of a trained model where it matters: norms at 1 (not random signs near
     0), and optionally larger query/key projections (peaked attention)."""

@@ -274,7 +274,7 @@ def test_export_pack_v1_and_v3(tmp_path, monkeypatch):
     # V1 (no comfy_api): mappings with widgets from the registry schema
     v1 = _load_pack(pack, "attnproc_pack_v1")
     node_ids = {node_id(n) for n in names} | ({"AttnProcRegion"} if "maskmod" in names else set()) | \
-        ({"AttnProcConceptClip"} if "keylock" in names else set())
+        ({"AttnProcConceptClip", "AttnProcConceptEncode"} if "keylock" in names else set())
     assert not hasattr(v1, "comfy_entrypoint") and set(v1.NODE_CLASS_MAPPINGS) == node_ids
     req = v1.NODE_CLASS_MAPPINGS["AttnProcKnobs"].INPUT_TYPES()["required"]
     assert req["model"] == ("MODEL",)

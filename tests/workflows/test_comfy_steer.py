@@ -1,6 +1,6 @@
 """The steering-edit ComfyUI nodes (workflows/comfy_steer.py) in the real ComfyUI engine (0.30.0): comfy_engine.py's
-``steer`` section runs them in a subprocess on the tiny native SD1.x UNet and CLIP; the numbers are asserted
-here. See docs/comfyui.md."""
+``steer`` section runs them in a subprocess on the tiny native SD1.x UNet and CLIP (and, for keylock, a tiny
+SDXL UNet and SDXL CLIP); the numbers are asserted here. See docs/comfyui.md."""
 import json
 import subprocess
 import sys
@@ -115,5 +115,62 @@ def test_keylock_node_errors(steer):
     assert "concepts[0].beta must be a number in [0, 1.5], got 3.0" in e["beta"]
     assert "option 'covariance' is required" in e["covariance"]
     assert "does not exist" in e["missing_file"]
-    assert "locking='global'" in e["global"]
+    assert "option 'locking' of method 'keylock' must be one of 'local', 'global', got 'both'" in e["locking"]
     assert e["model_untouched"] is True
+
+
+def _global_locking_checks(r, calls):
+    # the encode node's conditioning is CLIPTextEncode's own; the superclass encoding it carries reaches the model
+    # as a model cond, batched like the prompt: in the conditional rows it equals the superclass prompt typed
+    # into CLIPTextEncode ("a star on the grass"), and differs from the prompt's own encoding
+    assert r["encode_vs_clip_text_encode"] == 0.0
+    assert r["superclass_vs_encode"] == 0.0 and r["superclass_vs_prompt"] > 0.1
+    # the negative from CLIPTextEncode carries none: cond and uncond are separate batches, the cond ones global
+    assert r["calls"] == 2 * calls and r["superclass_calls"] == calls
+    # keys W(e_super − sim(e_super) i*) + σ(...) o*_K from the superclass encoding, values from the prompt (float64)
+    assert r["k_err"] < FP32 and r["v_err"] < FP32
+    assert r["out_vs_attention"] == 0.0  # ComfyUI's attention on exactly those keys and values
+    assert r["finite"] and r["vs_local"] > 1e-2  # global differs from local
+    # local locking ignores the carried encoding: bit-identical when cond and uncond share a batch (both encoded
+    # by the node); with only the positive from it they are sampled apart (batch numerics, not the edit)
+    assert r["local_both_encoded_vs_local"] == 0.0 and r["local_with_encode_node_vs_local"] < 1e-2
+    # global locking on a prompt from plain CLIPTextEncode: local keys, and one warning naming the encode node
+    assert r["without_encoding_vs_local"] == 0.0
+    assert len(r["warnings"]) == 1 and "attnproc: concept encode" in r["warnings"][0]
+
+
+def test_keylock_node_global_locking_takes_keys_from_the_superclass_encoding(steer):
+    _global_locking_checks(steer["keylock"]["global"], calls=28)
+
+
+def test_sdxl_concept_token_through_comfyuis_sdxl_embeddings(steer):
+    r = steer["keylock_sdxl"]
+    # the concept's two rows (CLIP-L 32 then OpenCLIP-G 48 here) written as ComfyUI's SDXL embedding file
+    assert r["embedding_file_keys"] == ["clip_g", "clip_l"] and r["rows_are_the_concepts"] == [True, True]
+    assert r["embedding_positions"] == [[2], [2]] and r["context_width"] == 80
+
+
+def test_sdxl_keylock_node_matches_the_formula(steer):
+    r = steer["keylock_sdxl"]
+    assert r["blocks"] == 8  # the tiny SDXL: no transformer at the first level, 2 blocks per transformer after
+    local = r["local"]
+    assert local["calls"] == 32 and local["k_err"] < FP32 and local["v_err"] < FP32  # 8 blocks x 4 steps
+    assert local["out_vs_attention"] == 0.0 and local["finite"] and local["vs_stock"] > 1e-3
+    assert abs(local["token_open"] - (1 - 0.8808)) < 1e-3 and abs(local["token_closed"] - 0.8808) < 1e-3
+    _global_locking_checks(r["global"], calls=32)
+
+
+def test_real_sdxl_cross_attention_modules_map_onto_comfyuis_unet(steer):
+    # SDXL at its real size on the meta device: diffusers' 70 attn2 names each find their own ComfyUI block
+    assert steer["keylock_sdxl"]["real_sdxl"] == {"diffusers_attn2": 70, "comfy_blocks": 70, "mapped": 70,
+                                                  "distinct_blocks": 70}
+
+
+def test_sd15_and_sdxl_concepts_are_refused_on_each_other(steer):
+    e = steer["keylock_sdxl"]["errors"]
+    assert "is for a 64-wide text context, this model's cross-attention takes 80" in e["sd15_on_sdxl"]
+    assert "is for a 80-wide text context, this model's cross-attention takes 64" in e["sdxl_on_sd15"]
+    assert "64-value token embedding, this CLIP's text encoders take 32 (clip_l) + 48 (clip_g)" in \
+        e["sd15_on_sdxl_clip"]
+    assert "80-value token embedding, this CLIP's text encoders take 64 (clip_l)" in e["sdxl_on_sd15_clip"]
+    assert e["models_untouched"] is True
