@@ -363,6 +363,7 @@ _WIDGET_ORDER = {
     "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
     "SolidMask": ["value", "width", "height"], "MaskComposite": ["x", "y", "operation"],
     "AttnProcRegion": ["phrase"], "AttnProcConceptClip": ["concepts"],
+    "AttnProcConceptEncode": ["concepts", "text"],
 }
 _SOCKET_TYPES = {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "positive": "CONDITIONING",
                  "negative": "CONDITIONING", "latent_image": "LATENT", "samples": "LATENT", "images": "IMAGE",

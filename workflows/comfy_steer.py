@@ -692,7 +692,8 @@ EXAMPLES = {
                                                    {"phrase": "white cat", "box": [0.55, 0.3, 0.95, 0.9]}])},
                 "batch_size": 3},
     "keylock": {"positive": "a photo of embedding:my_concept on the grass",
-                "inputs": {"concepts": "concepts/my_concept.safetensors", "covariance": "concepts/clip-C.safetensors"},
+                "inputs": {"concepts": "concepts/my_concept.safetensors", "covariance": "concepts/clip-C.safetensors",
+                           "locking": "global"},
                 "batch_size": 1},
 }
 
@@ -745,11 +746,10 @@ def example_graph(api: dict, method: str, clip) -> None:
     """Fill a steering node's example graph (``api`` as :func:`attnproc.workflows.comfy.example_api` builds it:
     node 2 the attnproc node, 3 the positive CLIPTextEncode, 5 the empty latent) with the method's inputs."""
     example = EXAMPLES[method]
-    if method == "keylock":  # the positive prompt's CLIP knows the concept token
+    if method == "keylock":  # the positive prompt from the concept encode node (the superclass prompt for global)
         api["2"]["inputs"].update(example["inputs"])
-        api["9"] = {"class_type": CONCEPT_CLIP_NODE["node_id"],
+        api["3"] = {"class_type": CONCEPT_ENCODE_NODE["node_id"],
                     "inputs": {"clip": clip, "concepts": example["inputs"]["concepts"]}}
-        api["3"]["inputs"]["clip"] = ["9", 0]
     else:
         api["2"]["inputs"].update(clip=clip, **example["inputs"])
     api["3"]["inputs"]["text"] = example["positive"]

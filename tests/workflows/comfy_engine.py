@@ -647,7 +647,7 @@ def runnable(api: dict, seed: int) -> dict:
     if api["1"]["class_type"] == "CheckpointLoaderSimple":  # SD 1.5: the tiny UNet and CLIP, real CLIPTextEncode
         api["1"] = {"class_type": "AttnProcTestSD15", "inputs": {}}
         for node in api.values():  # keylock: the concept made for the tiny UNet by server_checks
-            if node["class_type"] in ("AttnProcKeylock", "AttnProcConceptClip"):
+            if node["class_type"] in ("AttnProcKeylock", "AttnProcConceptClip", "AttnProcConceptEncode"):
                 node["inputs"]["concepts"] = os.path.join(WORK, "my_concept.safetensors")
             if node["class_type"] == "AttnProcKeylock":
                 node["inputs"]["covariance"] = os.path.join(WORK, "C.safetensors")

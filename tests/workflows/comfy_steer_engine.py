@@ -221,7 +221,7 @@ def make_concept(model, clip, work, token="<tri>", prompt="a embedding:tri on th
     concept.model = _digest((f"{n}.{p}", getattr(modules[n], p).weight) for n in names for p in ("to_k", "to_v"))
     c_mat = torch.randn(width, width, generator=g, dtype=torch.float64)
     c_mat = c_mat @ c_mat.T / width + 0.1 * torch.eye(width, dtype=torch.float64)
-    cov = save_covariance(c_mat, os.path.join(work, f"C{width}.safetensors"), text_encoder="", captions=0, ridge=0.1)
+    cov = save_covariance(c_mat, os.path.join(work, "C.safetensors"), text_encoder="", captions=0, ridge=0.1)
     cclip = concept_clip(clip, [concept], folder=work)
     tokens = cclip.tokenize(prompt)
     at = [i for i, t in enumerate(tokens["l"][0]) if torch.is_tensor(t[0])]

@@ -25,12 +25,7 @@ def tiny_clip(width: int = 64):
     target.params = {"clip_model": comfy.sd1_clip.SDClipModel, "textmodel_json_config": path}
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
     torch.manual_seed(4)
-    with torch.no_grad():  # norms at 1, the rest small and random
-        for name, p in clip.cond_stage_model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                p.normal_(0, 0.05)
+    init_weights(clip.cond_stage_model)  # norms at 1, the rest small and random
     return clip
 
 
@@ -51,12 +46,7 @@ def tiny_sdxl_clip(width_l: int = 32, width_g: int = 48):
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32, "clip_l_model_config": small(width_l),
                                                        "clip_g_model_config": small(width_g)})
     torch.manual_seed(5)
-    with torch.no_grad():
-        for name, p in clip.cond_stage_model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                p.normal_(0, 0.05)
+    init_weights(clip.cond_stage_model)
     return clip
 
 

@@ -33,14 +33,19 @@ def test_steering_node_widgets_carry_the_library_defaults(method, node, sockets)
     assert set(options) - set(widgets) == filled
 
 
-def test_keylock_comes_with_the_concept_clip_node():
+def test_keylock_comes_with_the_concept_clip_and_encode_nodes():
     specs = node_specs(["keylock"])
     clip = next(s for s in specs if s["node_id"] == "AttnProcConceptClip")
     assert clip["output"] == "CLIP" and [s["type"] for s in clip["sockets"]] == ["CLIP"]
+    encode = next(s for s in specs if s["node_id"] == "AttnProcConceptEncode")
+    assert encode["output"] == "CONDITIONING" and [s["type"] for s in encode["sockets"]] == ["CLIP"]
+    assert [w["name"] for w in encode["widgets"]] == ["concepts", "text"]
     api = example_api(next(s for s in specs if s["node_id"] == "AttnProcKeylock"))
-    # the positive prompt is encoded with the concept clip and names the token as a ComfyUI embedding
-    assert api["3"]["inputs"]["clip"] == ["9", 0] and "embedding:my_concept" in api["3"]["inputs"]["text"]
-    assert api["9"]["class_type"] == "AttnProcConceptClip" and api["9"]["inputs"]["clip"] == ["1", 1]
+    # the positive prompt comes from the concept encode node (the checkpoint's CLIP, the node's concept files),
+    # names the token as a ComfyUI embedding, and the keylock node locks globally on its superclass encoding
+    assert api["3"]["class_type"] == "AttnProcConceptEncode" and api["3"]["inputs"]["clip"] == ["1", 1]
+    assert "embedding:my_concept" in api["3"]["inputs"]["text"]
+    assert api["3"]["inputs"]["concepts"] == api["2"]["inputs"]["concepts"] and api["2"]["inputs"]["locking"] == "global"
 
 
 def test_isolate_example_batch_is_references_then_scene():
