@@ -569,10 +569,10 @@ def concept_clip(clip, concepts, folder: str | None = None):
     return patched
 
 
-def superclass_tokens(clip, tokens: dict, concepts) -> tuple[dict, int]:
+def superclass_tokens(clip, tokens: dict, concepts) -> dict:
     """ComfyUI's tokens of a prompt (``clip.tokenize`` with a :func:`concept_clip`) with every concept embedding
     replaced by its superclass word's token (weights and positions kept): the prompt as it would read with the
-    superclass word, for global locking. Returns ``(tokens, number of concept tokens replaced)``."""
+    superclass word, for global locking."""
     inners = _hf_tokenizers(clip)
     rows = [embedding_rows(clip, c) for c in concepts]
     ids = {}
@@ -583,7 +583,7 @@ def superclass_tokens(clip, tokens: dict, concepts) -> tuple[dict, int]:
                 raise ValueError(f"keylock: superclass {c.superclass!r} of concept {c.token!r} is {len(found)} tokens "
                                  f"for ComfyUI's clip_{key} tokenizer; global locking needs a one-token superclass")
             ids[(c.token, key)] = found[0]
-    out, swapped = {}, 0
+    out = {}
     for key, chunks in tokens.items():
         new_chunks = []
         for chunk in chunks:
@@ -596,11 +596,10 @@ def superclass_tokens(clip, tokens: dict, concepts) -> tuple[dict, int]:
                                   row[key].shape == vector.shape and torch.equal(row[key], vector)), None)
                     if match is not None:
                         item = (ids[(match.token, key)], *item[1:])
-                        swapped += 1
                 new.append(item)
             new_chunks.append(new)
         out[key] = new_chunks
-    return out, swapped
+    return out
 
 
 def concept_encode(clip, concepts, text: str):
@@ -614,7 +613,7 @@ def concept_encode(clip, concepts, text: str):
     items = _load_concepts(concepts)
     cclip = concept_clip(clip, items)
     tokens = cclip.tokenize(text)
-    swapped, _ = superclass_tokens(clip, tokens, items)
+    swapped = superclass_tokens(clip, tokens, items)
     conditioning = cclip.encode_from_tokens_scheduled(tokens)
     superclass = cclip.encode_from_tokens(swapped)
     out = []

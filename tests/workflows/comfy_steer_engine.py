@@ -326,6 +326,10 @@ def keylock_checks(results, tiny_unet, tiny_clip, diff, work):
             "locking": (str(path), str(cov), {"locking": "both"})}.items():
         errors[name] = error_of(patch_keylock, model, concepts, cov_path, **opts)
     errors["model_untouched"] = "patches_replace" not in model.model_options.get("transformer_options", {})
+    two_words = save_concept(Concept(**{**concept.__dict__, "superclass": "snow leopard"}),
+                             os.path.join(work, "two_words.safetensors"))
+    errors["encode_two_word_superclass"] = error_of(concept_encode, clip, str(two_words), prompt)
+    errors["encode_no_concepts"] = error_of(concept_encode, clip, "", prompt)
     r["errors"] = errors
     results["keylock"] = r
 

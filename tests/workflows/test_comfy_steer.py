@@ -116,6 +116,9 @@ def test_keylock_node_errors(steer):
     assert "option 'covariance' is required" in e["covariance"]
     assert "does not exist" in e["missing_file"]
     assert "option 'locking' of method 'keylock' must be one of 'local', 'global', got 'both'" in e["locking"]
+    assert "superclass 'snow leopard' of concept '<tri>' is 2 tokens for ComfyUI's clip_l tokenizer" in \
+        e["encode_two_word_superclass"]
+    assert "option 'concepts' is required" in e["encode_no_concepts"]
     assert e["model_untouched"] is True
 
 
