@@ -3,7 +3,7 @@
 The UNets are built on the meta device (no weights, no download): a concept for each holds the token embedding,
 ``i*`` and ``o*_K``/``o*_V`` for every cross-attention module; it is written with :func:`save_concept` and the
 file size measured. SDXL's row is what a concept would hold with both text encoders' embeddings (2 × token
-embedding 768 + 1280; i* of the concatenated 2048-wide encoding); SDXL is not served yet.
+embedding 768 + 1280; i* of the concatenated 2048-wide encoding), the layout `attnproc.steer.keylock` writes for SDXL.
 
     python benchmarks/keylock_sizes.py        # -> benchmarks/results/keylock-sizes.json
 """
