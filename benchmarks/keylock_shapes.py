@@ -32,6 +32,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,36 +40,79 @@ from PIL import Image
 
 import attnproc
 from attnproc.pipelines import concepts as cc
-from attnproc.pipelines.shapes import BACKGROUND, COLOURS
+from attnproc.pipelines.shapes import BACKGROUND, COLOURS, KINDS
 from attnproc.pipelines.shapes_detect import detect
 from attnproc.pipelines.shapes_models import eval_prompts, generate, quality
 from attnproc.workflows.train_concept import ConceptConfig, train_concept
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZE = 64
-# concept: token, superclass, the two halves (colour names), split axis ("x": left | right, "y": top / bottom;
-# None: one colour)
-CONCEPTS = {"flag": ("<flag>", "square", ("red", "yellow"), "x"),
-            "ball": ("<ball>", "circle", ("green", "blue"), "y"),
-            "rsq": ("<rsq>", "square", ("red", "red"), None),
-            "gci": ("<gci>", "circle", ("green", "green"), None)}
 
 
-def draw(kind: str, colours: tuple[str, str], axis: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One training image (uint8 HWC) and its subject mask: a two-colour square or disc, random size and place."""
-    side = int(rng.integers(int(0.3 * SIZE), int(0.45 * SIZE) + 1))
-    x0, y0 = (int(v) for v in rng.integers(2, SIZE - side - 2, size=2))
+class Concept(NamedTuple):
+    token: str
+    superclass: str
+    colours: tuple[str, str]  # the two halves (one colour: the same name twice)
+    axis: str | None  # "x": left | right halves, "y": top / bottom, None: one colour
+    shape: str  # what is drawn: square, circle, bar (a wide rectangle), half (the top half of a disc)
+
+
+CONCEPTS = {"flag": Concept("<flag>", "square", ("red", "yellow"), "x", "square"),
+            "ball": Concept("<ball>", "circle", ("green", "blue"), "y", "circle"),
+            "rsq": Concept("<rsq>", "square", ("red", "red"), None, "square"),
+            "gci": Concept("<gci>", "circle", ("green", "green"), None, "circle"),
+            "bar": Concept("<bar>", "square", ("red", "red"), None, "bar"),
+            "half": Concept("<half>", "circle", ("green", "green"), None, "half")}
+WIDE = 1.6  # a bar or half-disc is at least this much wider than tall (drawn ≈ 2.2 and 2; every world shape ≈ 1)
+
+
+def shape_mask(shape: str, x0: float, y0: float, side: float) -> np.ndarray:
+    """Boolean [SIZE, SIZE] mask of ``shape`` whose box starts at (x0, y0) and is ``side`` wide."""
     ys, xs = np.mgrid[0:SIZE, 0:SIZE] + 0.5
-    if kind == "square":
-        mask = (xs >= x0) & (xs < x0 + side) & (ys >= y0) & (ys < y0 + side)
-    else:
-        mask = (xs - x0 - side / 2) ** 2 + (ys - y0 - side / 2) ** 2 <= (side / 2) ** 2
-    first = (xs < x0 + side / 2) if axis == "x" else (ys < y0 + side / 2)
+    cx, cy = x0 + side / 2, y0 + side / 2
+    if shape == "square":
+        return (xs >= x0) & (xs < x0 + side) & (ys >= y0) & (ys < y0 + side)
+    if shape == "circle":
+        return (xs - cx) ** 2 + (ys - cy) ** 2 <= (side / 2) ** 2
+    if shape == "bar":  # side wide, side / 2.2 tall
+        return (xs >= x0) & (xs < x0 + side) & (ys >= y0) & (ys < y0 + side / 2.2)
+    if shape == "half":  # the top half of a disc of diameter side: side wide, side / 2 tall
+        return ((xs - cx) ** 2 + (ys - y0 - side / 2) ** 2 <= (side / 2) ** 2) & (ys < y0 + side / 2)
+    if shape == "triangle":
+        return (ys >= y0) & (ys < y0 + side) & (np.abs(xs - cx) <= (ys - y0) / side * side / 2)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def draw(c: Concept, rng: np.random.Generator, colours: tuple[str, str] | None = None,
+         partner: tuple[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One training image (uint8 HWC) of concept ``c`` (``colours`` overrides its halves), random size and place,
+    and its subject mask; ``partner`` (colour, kind) adds a known shape beside it, inside the mask too."""
+    colours = colours or c.colours
+    wide = c.shape in ("bar", "half")
+    for _ in range(100):
+        side = int(rng.integers(int((0.4 if wide else 0.3) * SIZE), int((0.55 if wide else 0.45) * SIZE) + 1))
+        x0, y0 = (int(v) for v in rng.integers(2, SIZE - side - 2, size=2))
+        mask = shape_mask(c.shape, x0, y0, side)
+        other = np.zeros_like(mask)
+        if partner is not None:
+            pside = int(rng.integers(int(0.2 * SIZE), int(0.34 * SIZE) + 1))
+            px, py = (int(v) for v in rng.integers(1, SIZE - pside - 1, size=2))
+            other = shape_mask(partner[1], px, py, pside)
+            grown = np.zeros_like(mask)
+            ys, xs = np.nonzero(mask)
+            grown[max(ys.min() - 3, 0):ys.max() + 4, max(xs.min() - 3, 0):xs.max() + 4] = True
+            if (grown & other).any():
+                continue
+        break
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    first = (xs < x0 + side / 2) if c.axis == "x" else (ys < y0 + side / 2)
     img = np.empty((SIZE, SIZE, 3), np.uint8)
     img[:] = BACKGROUND
     img[mask & first] = COLOURS[colours[0]]
     img[mask & ~first] = COLOURS[colours[1]]
-    return img, (mask * 255).astype(np.uint8)
+    if partner is not None:
+        img[other] = COLOURS[partner[0]]
+    return img, ((mask | other) * 255).astype(np.uint8)
 
 
 def found(image, colours: tuple[str, str], axis: str, gap: int = 3) -> bool:
@@ -96,28 +140,50 @@ def has_colour(image, colour: str) -> bool:
     return any(b.colour == colour for b in detect(image))
 
 
-def make_data(root: Path, name: str, n: int, seed: int) -> Path:
-    token, kind, colours, axis = CONCEPTS[name]
+def partners(c: Concept) -> list[tuple[str, str]]:
+    """Known shapes drawn beside a concept in ``-pair`` training: every (colour, kind) of the world except the
+    concept's colours and the blue circle, which the evaluation prompts use (held out)."""
+    return [(col, kind) for col in COLOURS for kind in KINDS
+            if col not in c.colours and (col, kind) != ("blue", "circle")]
+
+
+def make_data(root: Path, name: str, n: int, seed: int, pair: bool = False) -> Path:
+    """``n`` images of concept ``name`` with subject masks; ``pair``: each beside a known shape, with a caption
+    naming it ("a {} and a yellow triangle" or "a yellow triangle and a {}")."""
+    c = CONCEPTS[name]
     rng = np.random.default_rng(seed)
-    for sub in ("img", "mask"):
-        (root / name / sub).mkdir(parents=True, exist_ok=True)
+    folder = root / (name + ("-pair" if pair else ""))
+    for sub in ("img", "mask", "caption"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    choices = partners(c)
     for i in range(n):
-        img, mask = draw(kind, colours, axis, rng)
-        Image.fromarray(img).save(root / name / "img" / f"{i}.png")
-        Image.fromarray(mask).save(root / name / "mask" / f"{i}.png")
-    return root / name
+        partner = choices[int(rng.integers(len(choices)))] if pair else None
+        img, mask = draw(c, rng, partner=partner)
+        Image.fromarray(img).save(folder / "img" / f"{i}.png")
+        Image.fromarray(mask).save(folder / "mask" / f"{i}.png")
+        words = f"a {partner[0]} {partner[1]}" if partner else ""
+        text = "a {}" if not pair else ("a {} and " + words if rng.random() < 0.5 else words + " and a {}")
+        (folder / "caption" / f"{i}.txt").write_text(text)
+    return folder
 
 
 PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "calibrate", "ceiling", "loss")
-VARIANTS = {"": {}, "-nolock": {"lock_keys": False}, "-ti": {"edit": False}}  # run suffix -> training fields
+# run suffix -> training fields; "-pair": images beside a known shape, each with its own caption
+VARIANTS = {"": {}, "-nolock": {"lock_keys": False}, "-ti": {"edit": False}, "-pair": {}}
 
 
 def appears(image, name: str) -> bool:
-    """The detector finds concept ``name`` in ``image``."""
-    _, kind, colours, axis = CONCEPTS[name]
-    if axis is None:
-        return any(b.colour == colours[0] and b.kind == kind for b in detect(image))
-    return found(image, colours, axis)
+    """The detector finds concept ``name`` in ``image``: the two halves (``found``), or a blob of its colour and
+    shape. A bar or half-disc is a blob at least ``WIDE`` times wider than tall (every shape the world draws sits in
+    a square box) filling ≥ 0.85 of its box (bar; the VAE rounds a small bar's corners to 0.88) or 0.6–0.85 (half-disc,
+    drawn π/4)."""
+    c = CONCEPTS[name]
+    if c.axis is not None:
+        return found(image, c.colours, c.axis)
+    if c.shape in ("bar", "half"):
+        lo, hi = (0.85, 1.01) if c.shape == "bar" else (0.6, 0.85)
+        return any(b.colour == c.colours[0] and b.aspect >= WIDE and lo <= b.fill < hi for b in detect(image))
+    return any(b.colour == c.colours[0] and b.kind == c.shape for b in detect(image))
 
 
 def setup(args):
@@ -138,7 +204,7 @@ def setup(args):
 
 
 def split_run(run: str) -> tuple[str, str]:
-    for suffix in ("-nolock", "-ti"):
+    for suffix in ("-nolock", "-ti", "-pair"):
         if run.endswith(suffix):
             return run[: -len(suffix)], suffix
     return run, ""
@@ -146,11 +212,12 @@ def split_run(run: str) -> tuple[str, str]:
 
 def train(args, pipe, work: Path, cov_path: Path, run: str) -> dict:
     name, variant = split_run(run)
-    token, kind, colours, axis = CONCEPTS[name]
-    data = make_data(work, name, args.images, seed=len(name))
+    token, kind = CONCEPTS[name][:2]
+    data = make_data(work, name, args.images, seed=len(name), pair=variant == "-pair")
     cfg = ConceptConfig(pipeline=args.model, images=str(data / "img"), masks=str(data / "mask"), token=token,
                         superclass=kind, covariance=str(cov_path), output=str(work / run), steps=args.steps,
-                        batch_size=4, grad_accum=1, templates=["a {}"], checkpoint_every=50,
+                        batch_size=4, grad_accum=1, templates=["a {}"], captions=str(data / "caption"),
+                        checkpoint_every=50,
                         lr_embedding=args.lr_embedding, lr_values=args.lr_values, **VARIANTS[variant])
     t0 = time.perf_counter()
     res = train_concept(cfg, pipe=pipe, progress=False)
@@ -191,13 +258,14 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         imgs = generate(pipe, "sd15", [f"a {kind}"] * n + [f"a {kind} and a blue circle"] * n, seeds * 2, **call)
         return {f"{name}_base_superclass_prompt": sweep(imgs[:n], imgs[n:])}
     if part in ("lock", "nolock"):
-        run = name if part == "lock" else f"{name}-nolock"
+        run = name + args.suffix if part == "lock" else f"{name}-nolock"
         rows = []
         for beta in args.betas:
             imgs = with_concepts([concept_file(work, run)], pair, beta=beta)
             rows.append({"beta": beta, **sweep(imgs[:n], imgs[n:])})
             print(part, rows[-1], flush=True)
-        return {f"{name}_pareto_" + ("key_locked" if part == "lock" else "no_key_locking"): rows}
+        return {f"{name}{args.suffix if part == 'lock' else ''}_pareto_"
+                + ("key_locked" if part == "lock" else "no_key_locking"): rows}
     if part == "ti":  # plain textual inversion: the token alone, no edit
         concept = cc.load_concept(concept_file(work, f"{name}-ti"))
         cc.add_tokens(pipe, [concept])
@@ -209,28 +277,32 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
     if part == "preservation":  # held-out captions without the token, the concept loaded at its β 0.7
         held = eval_prompts("sd15", n)
         plain = generate(pipe, "sd15", held, seeds, **call)
-        loaded = with_concepts([concept_file(work, name)], held)
+        loaded = with_concepts([concept_file(work, name + args.suffix)], held)
         q0, q1 = quality(held, plain), quality(held, loaded)
         diff = [np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean() for a, b in zip(plain, loaded)]
-        return {f"{name}_preservation": {"colour_base": q0["colour"], "colour_with_concept": q1["colour"],
+        return {f"{name}{args.suffix}_preservation": {"colour_base": q0["colour"], "colour_with_concept": q1["colour"],
                                          "count_base": q0["count"], "count_with_concept": q1["count"],
                                          "mean_abs_pixel_diff_0_1": float(np.mean(diff))}}
     if part == "two":
         other = args.concept2
         prompt = f"a {token} and a {CONCEPTS[other][0]}"
         two = {}
+        files = [concept_file(work, name + args.suffix), concept_file(work, other + args.suffix)]
         for multi in ("exact", "approx"):
-            imgs = with_concepts([concept_file(work, name), concept_file(work, other)], [prompt] * n, multi=multi)
-            two[multi] = {name: rate(imgs, lambda im: appears(im, name)),
-                          other: rate(imgs, lambda im: appears(im, other)),
-                          "both": rate(imgs, lambda im: appears(im, name) and appears(im, other))}
-            Image.fromarray(np.concatenate([np.asarray(np.round(i * 255), np.uint8) for i in imgs], 1)).save(
-                work / f"two-{name}-{other}-{multi}.png")
+            two[multi] = []
+            for beta in args.betas:
+                imgs = with_concepts(files, [prompt] * n, multi=multi, beta=beta)
+                two[multi].append({"beta": beta, name: rate(imgs, lambda im: appears(im, name)),
+                                   other: rate(imgs, lambda im: appears(im, other)),
+                                   "both": rate(imgs, lambda im: appears(im, name) and appears(im, other))})
+                print(part, multi, two[multi][-1], flush=True)
+                Image.fromarray(np.concatenate([np.asarray(np.round(i * 255), np.uint8) for i in imgs], 1)).save(
+                    work / f"two-{name}-{other}{args.suffix}-{multi}-{beta}.png")
         plain = f"a {CONCEPTS[name][2][0]} {kind} and a {CONCEPTS[other][2][0]} {CONCEPTS[other][1]}"
         imgs = generate(pipe, "sd15", [plain] * n, seeds, **call)  # the words the model knows, for scale
         two["base_words"] = {"prompt": plain, name: rate(imgs, lambda im: appears(im, name)),
                              other: rate(imgs, lambda im: appears(im, other))}
-        return {f"two_concepts_{name}_{other}": {"prompt": prompt, **two}}
+        return {f"two_concepts_{name}_{other}{args.suffix}": {"prompt": prompt, **two}}
     if part == "loss":
         return {f"{name}_fixed_noise_loss": fixed_noise_losses(args, pipe, work, cov, name)}
     if part == "ceiling":  # what the model can draw at all: the whole UNet fine-tuned on the concept's images
@@ -239,11 +311,17 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         from attnproc.workflows.train_concept import encode_latents
 
         out = {}
-        for cname in ("flag", "ball"):
-            _, ckind, colours, axis = CONCEPTS[cname]
+        for cname in ("flag", "ball", "bar", "half"):
+            c = CONCEPTS[cname]
             rng = np.random.default_rng(7)
-            drawn = [draw(ckind, colours, axis, rng)[0] for _ in range(n)]
-            swapped = [draw(ckind, colours[::-1], axis, rng)[0] for _ in range(n)]
+            drawn = [draw(c, rng)[0] for _ in range(n)]
+            # what must not count: the halves swapped; a wide shape's ordinary (square-boxed) superclass shape
+            if c.axis is not None:
+                negative = [draw(c, rng, colours=c.colours[::-1])[0] for _ in range(n)]
+                words = f"a {c.colours[0]} {c.superclass} and a {c.colours[1]} {c.superclass}"
+            else:
+                negative = [draw(c._replace(shape=c.superclass), rng)[0] for _ in range(n)]
+                words = f"a {c.colours[0]} {c.superclass}"
 
             def round_trip(images):
                 x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -251,12 +329,11 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
                     d = pipe.vae.decode(encode_latents(pipe, x) / pipe.vae.config.scaling_factor).sample
                 return list(((d.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
 
-            words = f"a {colours[0]} {ckind} and a {colours[1]} {ckind}"
             base = generate(pipe, "sd15", [words] * n, seeds, **call)
             out[cname] = {"drawn": rate([d / 255 for d in drawn], lambda im: appears(im, cname)),
                           "vae_round_trip": rate(round_trip(drawn), lambda im: appears(im, cname)),
-                          "swapped_drawn": rate([d / 255 for d in swapped], lambda im: appears(im, cname)),
-                          "swapped_round_trip": rate(round_trip(swapped), lambda im: appears(im, cname)),
+                          "negative_drawn": rate([d / 255 for d in negative], lambda im: appears(im, cname)),
+                          "negative_round_trip": rate(round_trip(negative), lambda im: appears(im, cname)),
                           "base_model_" + words.replace(" ", "_"): rate(base, lambda im: appears(im, cname))}
         return {"detector_calibration": out}
     raise ValueError(f"unknown part {part!r}; one of {PARTS}")
@@ -369,6 +446,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--infer-steps", type=int, default=None, help="denoising steps (default: the model's 25)")
     ap.add_argument("--betas", type=float, nargs="+", default=[0.5, 0.7, 0.9])
+    ap.add_argument("--suffix", default="", choices=["", "-pair"],
+                    help="lock/preservation/two measure the runs <concept><suffix> (-pair: trained beside shapes)")
     ap.add_argument("--work", default="/tmp/keylock-shapes")
     ap.add_argument("--out", default=str(RESULTS / "keylock-shapes.json"))
     args = ap.parse_args()

@@ -45,6 +45,7 @@ class ConceptConfig:
     covariance: str                    # the text encoder's covariance file (attnproc keylock-covariance)
     output: str                        # folder: checkpoint and concept.safetensors
     masks: str | None = None           # folder of subject masks named like the images (white = subject)
+    captions: str | None = None        # folder of <image stem>.txt prompts with {} for the token (else templates)
     templates: list = field(default_factory=lambda: ["a photo of a {}", "a rendering of a {}",
                                                      "a close-up photo of a {}", "a good photo of a {}"])
     steps: int = 400
@@ -75,12 +76,13 @@ def parse_concept_config(data: Any) -> ConceptConfig:
         raise ConceptConfigError(f"config must be a mapping at the top level, got {type(data).__name__}")
     try:
         _check_keys(data, _FIELDS, "")
-        d = {k: v for k, v in data.items() if v is not None or k == "masks"}
+        d = {k: v for k, v in data.items() if v is not None or k in ("masks", "captions")}
         for key in ("pipeline", "images", "token", "superclass", "covariance", "output"):
             if key not in d:
                 _fail(key, "missing (required)")
             d[key] = _str(d[key], key)
         d["masks"] = _str(d.get("masks"), "masks", allow_none=True)
+        d["captions"] = _str(d.get("captions"), "captions", allow_none=True)
         for key, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seed", 0), ("checkpoint_every", 1)):
             if key in d:
                 d[key] = _int(d[key], key, low=low)
@@ -152,6 +154,27 @@ def load_images(cfg: ConceptConfig, size: int) -> tuple[torch.Tensor, torch.Tens
     return pixels, torch.stack([read(masks[f.stem], "L") for f in files])
 
 
+def load_captions(cfg: ConceptConfig) -> list[str] | None:
+    """Each image's own prompt (``<stem>.txt`` in ``cfg.captions``, one ``{}`` for the token), in image order: a
+    concept drawn beside other objects is trained with a prompt that names them."""
+    if cfg.captions is None:
+        return None
+    folder = Path(cfg.captions)
+    if not folder.is_dir():
+        raise ConceptConfigError(f"captions: {cfg.captions!r} is not a folder")
+    out = []
+    for f in _files(cfg.images, "images"):
+        path = folder / f"{f.stem}.txt"
+        if not path.is_file():
+            raise ConceptConfigError(f"captions: no {path.name} for image {f.name} in {cfg.captions!r}")
+        text = path.read_text().strip()
+        if text.count("{}") != 1:
+            raise ConceptConfigError(f"captions: {path.name} must hold one prompt with one {{}} for the token, "
+                                     f"got {text!r}")
+        out.append(text)
+    return out
+
+
 @torch.no_grad()
 def encode_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
     vae = pipe.vae
@@ -192,6 +215,7 @@ def train_concept(cfg: ConceptConfig, *, pipe=None, progress: bool = True,
                                  "estimate C for this one with `attnproc keylock-covariance`")
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     pixels, masks = load_images(cfg, size)
+    captions = load_captions(cfg)
     latents = encode_latents(pipe, pixels)
     if masks is not None:
         masks = torch.nn.functional.interpolate(masks, size=latents.shape[-2:], mode="area")
@@ -238,7 +262,7 @@ def train_concept(cfg: ConceptConfig, *, pipe=None, progress: bool = True,
         for step in bar:
             total = 0.0
             for micro in range(cfg.grad_accum):
-                loss = _micro_step(pipe, cfg, concept, latents, masks, sched, tid,
+                loss = _micro_step(pipe, cfg, concept, latents, masks, captions, sched, tid,
                                    torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 97 + micro))
                 accelerator.backward(loss / cfg.grad_accum)
                 total += loss.item() / cfg.grad_accum
@@ -279,14 +303,18 @@ def _swap_row(token_id: int, embedding: torch.nn.Parameter, start: int, width: i
     return hook
 
 
-def _micro_step(pipe, cfg: ConceptConfig, concept, latents, masks, sched, tid: int, gen: torch.Generator):
-    """One batch: EMA of ``i*`` from the token's current encoding, then the (masked) diffusion loss."""
+def _micro_step(pipe, cfg: ConceptConfig, concept, latents, masks, captions, sched, tid: int,
+                gen: torch.Generator):
+    """One batch: EMA of ``i*`` from the token's current encoding, then the (masked) diffusion loss. Prompts: the
+    images' own captions when given, else random templates."""
     from attnproc.pipelines.concepts import encode_for_denoiser
 
     n = latents.shape[0]
     idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
     prompts = [cfg.templates[int(i)].format(cfg.token)
                for i in torch.randint(0, len(cfg.templates), (cfg.batch_size,), generator=gen)]
+    if captions is not None:
+        prompts = [captions[int(i)].format(cfg.token) for i in idx]
     enc, ids, extra = encode_for_denoiser(pipe, prompts)
     with torch.no_grad():
         at = enc[ids == tid].float().mean(0)
