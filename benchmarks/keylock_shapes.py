@@ -7,10 +7,15 @@ Concepts (``CONCEPTS``):
   are new appearances. Found when the detector sees the two colour blobs side by side in the right order.
 * ``<rsq>`` (a red square, superclass ``square``) and ``<gci>`` (a green circle, ``circle``): one-token words for
   things the model can draw; the sanity rung of docs/perfusion.md (does the recipe learn at all on this model?).
+* ``<bar>`` (a red rectangle 2.2 times wider than tall, ``square``) and ``<half>`` (a green top half-disc,
+  ``circle``): new shapes (every shape of the world sits in a square box). The VAE reproduces them, unlike a new
+  colour (purple, orange, cyan all decode to a palette colour). Found by colour, width/height ≥ 1.6 and fill.
 
 Each is trained from 8 drawn images with their exact subject masks (``attnproc train-concept``). Runs
-(``train:<concept>[-nolock|-ti]``): key-locked; the no-key-locking ablation (o*_K trained too); plain textual
-inversion (``edit: false``: the embedding alone, no edit). Parts, for ``--concept C`` (default flag):
+(``train:<concept>[-suffix...]``): key-locked; ``-nolock`` the no-key-locking ablation (o*_K trained too); ``-ti``
+plain textual inversion (``edit: false``: the embedding alone, no edit); ``-pair`` each image beside a known shape
+with a caption naming it; ``-nomask`` the loss over the whole image. Parts, for ``--concept C`` (default flag) and
+its runs ``C<--suffix>``:
 
 * ``base``: the base model given the superclass word; ``lock``/``nolock``/``ti``: how often C appears for
   "a <C>" and "a <C> and a blue circle" at several β, and whether the blue circle is kept (the Pareto partner);
@@ -168,8 +173,9 @@ def make_data(root: Path, name: str, n: int, seed: int, pair: bool = False) -> P
 
 
 PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "calibrate", "ceiling", "loss")
-# run suffix -> training fields; "-pair": images beside a known shape, each with its own caption
-VARIANTS = {"": {}, "-nolock": {"lock_keys": False}, "-ti": {"edit": False}, "-pair": {}}
+# run suffixes (combinable, e.g. bar-nomask-nolock) -> training fields; "-pair": images beside a known shape, each
+# with its own caption; "-nomask": the loss over the whole image (a tight mask never penalises a shape's outline)
+VARIANTS = {"nolock": {"lock_keys": False}, "ti": {"edit": False}, "pair": {}, "nomask": {}}
 
 
 def appears(image, name: str) -> bool:
@@ -203,22 +209,26 @@ def setup(args):
     return pipe, work, cov_path
 
 
-def split_run(run: str) -> tuple[str, str]:
-    for suffix in ("-nolock", "-ti", "-pair"):
-        if run.endswith(suffix):
-            return run[: -len(suffix)], suffix
-    return run, ""
+def split_run(run: str) -> tuple[str, set[str]]:
+    """``"bar-nomask-nolock"`` -> ``("bar", {"nomask", "nolock"})``."""
+    name, *flags = run.split("-")
+    unknown = set(flags) - set(VARIANTS)
+    if name not in CONCEPTS or unknown:
+        raise ValueError(f"run {run!r}: a concept ({', '.join(CONCEPTS)}) and suffixes from -{', -'.join(VARIANTS)}")
+    return name, set(flags)
 
 
 def train(args, pipe, work: Path, cov_path: Path, run: str) -> dict:
-    name, variant = split_run(run)
+    name, flags = split_run(run)
     token, kind = CONCEPTS[name][:2]
-    data = make_data(work, name, args.images, seed=len(name), pair=variant == "-pair")
-    cfg = ConceptConfig(pipeline=args.model, images=str(data / "img"), masks=str(data / "mask"), token=token,
+    data = make_data(work, name, args.images, seed=len(name), pair="pair" in flags)
+    fields = {k: v for flag in flags for k, v in VARIANTS[flag].items()}
+    masks = None if "nomask" in flags else str(data / "mask")
+    cfg = ConceptConfig(pipeline=args.model, images=str(data / "img"), masks=masks, token=token,
                         superclass=kind, covariance=str(cov_path), output=str(work / run), steps=args.steps,
                         batch_size=4, grad_accum=1, templates=["a {}"], captions=str(data / "caption"),
                         checkpoint_every=50,
-                        lr_embedding=args.lr_embedding, lr_values=args.lr_values, **VARIANTS[variant])
+                        lr_embedding=args.lr_embedding, lr_values=args.lr_values, **fields)
     t0 = time.perf_counter()
     res = train_concept(cfg, pipe=pipe, progress=False)
     return {"run": run, "seconds_this_process": round(time.perf_counter() - t0, 1), "resumed_from": res.resumed_from,
@@ -258,22 +268,21 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         imgs = generate(pipe, "sd15", [f"a {kind}"] * n + [f"a {kind} and a blue circle"] * n, seeds * 2, **call)
         return {f"{name}_base_superclass_prompt": sweep(imgs[:n], imgs[n:])}
     if part in ("lock", "nolock"):
-        run = name + args.suffix if part == "lock" else f"{name}-nolock"
+        run = name + args.suffix + ("" if part == "lock" else "-nolock")
         rows = []
         for beta in args.betas:
             imgs = with_concepts([concept_file(work, run)], pair, beta=beta)
             rows.append({"beta": beta, **sweep(imgs[:n], imgs[n:])})
             print(part, rows[-1], flush=True)
-        return {f"{name}{args.suffix if part == 'lock' else ''}_pareto_"
-                + ("key_locked" if part == "lock" else "no_key_locking"): rows}
+        return {f"{name}{args.suffix}_pareto_" + ("key_locked" if part == "lock" else "no_key_locking"): rows}
     if part == "ti":  # plain textual inversion: the token alone, no edit
-        concept = cc.load_concept(concept_file(work, f"{name}-ti"))
+        concept = cc.load_concept(concept_file(work, f"{name}{args.suffix}-ti"))
         cc.add_tokens(pipe, [concept])
         try:
             imgs = generate(pipe, "sd15", pair, seeds * 2, **call)
         finally:
             cc.remove_tokens(pipe, [concept.token])
-        return {f"{name}_textual_inversion": sweep(imgs[:n], imgs[n:])}
+        return {f"{name}{args.suffix}_textual_inversion": sweep(imgs[:n], imgs[n:])}
     if part == "preservation":  # held-out captions without the token, the concept loaded at its β 0.7
         held = eval_prompts("sd15", n)
         plain = generate(pipe, "sd15", held, seeds, **call)
@@ -298,7 +307,16 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
                 print(part, multi, two[multi][-1], flush=True)
                 Image.fromarray(np.concatenate([np.asarray(np.round(i * 255), np.uint8) for i in imgs], 1)).save(
                     work / f"two-{name}-{other}{args.suffix}-{multi}-{beta}.png")
-        plain = f"a {CONCEPTS[name][2][0]} {kind} and a {CONCEPTS[other][2][0]} {CONCEPTS[other][1]}"
+        words = f"a {CONCEPTS[name][2][0]} {kind}", f"a {CONCEPTS[other][2][0]} {CONCEPTS[other][1]}"
+        # where the second concept is lost: the order reversed, and each concept beside the other's known words
+        two["mixed_exact_file_beta"] = []
+        for mixed in (f"a {CONCEPTS[other][0]} and a {token}", f"a {token} and {words[1]}",
+                      f"{words[0]} and a {CONCEPTS[other][0]}"):
+            imgs = with_concepts(files, [mixed] * n)
+            two["mixed_exact_file_beta"].append({"prompt": mixed, name: rate(imgs, lambda im: appears(im, name)),
+                                                 other: rate(imgs, lambda im: appears(im, other))})
+            print(part, two["mixed_exact_file_beta"][-1], flush=True)
+        plain = f"{words[0]} and {words[1]}"
         imgs = generate(pipe, "sd15", [plain] * n, seeds, **call)  # the words the model knows, for scale
         two["base_words"] = {"prompt": plain, name: rate(imgs, lambda im: appears(im, name)),
                              other: rate(imgs, lambda im: appears(im, other))}
@@ -446,8 +464,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--infer-steps", type=int, default=None, help="denoising steps (default: the model's 25)")
     ap.add_argument("--betas", type=float, nargs="+", default=[0.5, 0.7, 0.9])
-    ap.add_argument("--suffix", default="", choices=["", "-pair"],
-                    help="lock/preservation/two measure the runs <concept><suffix> (-pair: trained beside shapes)")
+    ap.add_argument("--suffix", default="", help="parts measure the runs <concept><suffix>[-nolock|-ti] "
+                                                 "(e.g. -pair: trained beside shapes; -nomask: unmasked loss)")
     ap.add_argument("--work", default="/tmp/keylock-shapes")
     ap.add_argument("--out", default=str(RESULTS / "keylock-shapes.json"))
     args = ap.parse_args()
@@ -465,7 +483,7 @@ def main() -> None:
             result = {"train_" + what[6:]: train(args, pipe, work, cov_path, what[6:])}
         else:
             result = measure(args, pipe, work, cov_path, what)
-            what = f"{what}-{args.concept}"
+            what = f"{what}-{args.concept}{args.suffix}"
         result[f"fingerprint_{what}"] = cc.model_fingerprint(pipe.unet)
         (work / f"part-{what.replace(':', '-')}.json").write_text(json.dumps(result, indent=2))
         print(what, json.dumps(result), flush=True)
