@@ -59,7 +59,9 @@ class Concept(NamedTuple):
     superclass: str
     colours: tuple[str, str]  # the two halves (one colour: the same name twice)
     axis: str | None  # "x": left | right halves, "y": top / bottom, None: one colour
-    shape: str  # what is drawn: square, circle, bar (a wide rectangle), half (the top half of a disc)
+    shape: str  # what is drawn: square, circle, bar (a wide rectangle), half (the top half of a disc), big (a square
+    # of side 0.55–0.65 of the image: the world's are 0.20–0.34), twins (two red squares: the world never draws
+    # two shapes of one colour)
 
 
 CONCEPTS = {"flag": Concept("<flag>", "square", ("red", "yellow"), "x", "square"),
@@ -67,15 +69,18 @@ CONCEPTS = {"flag": Concept("<flag>", "square", ("red", "yellow"), "x", "square"
             "rsq": Concept("<rsq>", "square", ("red", "red"), None, "square"),
             "gci": Concept("<gci>", "circle", ("green", "green"), None, "circle"),
             "bar": Concept("<bar>", "square", ("red", "red"), None, "bar"),
-            "half": Concept("<half>", "circle", ("green", "green"), None, "half")}
+            "half": Concept("<half>", "circle", ("green", "green"), None, "half"),
+            "big": Concept("<big>", "square", ("red", "red"), None, "big"),
+            "twins": Concept("<twins>", "square", ("red", "red"), None, "twins")}
 WIDE = 1.6  # a bar or half-disc is at least this much wider than tall (drawn ≈ 2.2 and 2; every world shape ≈ 1)
+BIG = 0.47  # a big square's box is at least this fraction of the image wide (drawn ≥ 0.55; the world's ≤ 0.34)
 
 
 def shape_mask(shape: str, x0: float, y0: float, side: float) -> np.ndarray:
     """Boolean [SIZE, SIZE] mask of ``shape`` whose box starts at (x0, y0) and is ``side`` wide."""
     ys, xs = np.mgrid[0:SIZE, 0:SIZE] + 0.5
     cx, cy = x0 + side / 2, y0 + side / 2
-    if shape == "square":
+    if shape in ("square", "big"):
         return (xs >= x0) & (xs < x0 + side) & (ys >= y0) & (ys < y0 + side)
     if shape == "circle":
         return (xs - cx) ** 2 + (ys - cy) ** 2 <= (side / 2) ** 2
@@ -93,9 +98,11 @@ def draw(c: Concept, rng: np.random.Generator, colours: tuple[str, str] | None =
     """One training image (uint8 HWC) of concept ``c`` (``colours`` overrides its halves), random size and place,
     and its subject mask; ``partner`` (colour, kind) adds a known shape beside it, inside the mask too."""
     colours = colours or c.colours
-    wide = c.shape in ("bar", "half")
+    if c.shape == "twins":  # the second square is a partner of the concept's own colour
+        c, partner = c._replace(shape="square"), (colours[0], "square")
+    lo, hi = {"bar": (0.4, 0.55), "half": (0.4, 0.55), "big": (0.55, 0.65)}.get(c.shape, (0.3, 0.45))
     for _ in range(100):
-        side = int(rng.integers(int((0.4 if wide else 0.3) * SIZE), int((0.55 if wide else 0.45) * SIZE) + 1))
+        side = int(rng.integers(int(lo * SIZE), int(hi * SIZE) + 1))
         x0, y0 = (int(v) for v in rng.integers(2, SIZE - side - 2, size=2))
         mask = shape_mask(c.shape, x0, y0, side)
         other = np.zeros_like(mask)
@@ -189,6 +196,11 @@ def appears(image, name: str) -> bool:
     if c.shape in ("bar", "half"):
         lo, hi = (0.85, 1.01) if c.shape == "bar" else (0.6, 0.85)
         return any(b.colour == c.colours[0] and b.aspect >= WIDE and lo <= b.fill < hi for b in detect(image))
+    if c.shape == "twins":
+        return sum(b.colour == c.colours[0] and b.kind == "square" for b in detect(image)) >= 2
+    if c.shape == "big":
+        return any(b.colour == c.colours[0] and b.kind == "square" and b.box[2] - b.box[0] >= BIG * SIZE
+                   for b in detect(image))
     return any(b.colour == c.colours[0] and b.kind == c.shape for b in detect(image))
 
 
@@ -237,6 +249,11 @@ def train(args, pipe, work: Path, cov_path: Path, run: str) -> dict:
             "bytes": Path(res.concept).stat().st_size}
 
 
+def run_tag(args) -> str:
+    """What names a measurement: the runs' suffix, and ``-global`` for global key-locking."""
+    return args.suffix + ("-global" if args.locking == "global" else "")
+
+
 def concept_file(work: Path, run: str) -> str:
     return str(work / run / "concept.safetensors")
 
@@ -246,6 +263,7 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
     n, name = args.n, args.concept
     token, kind = CONCEPTS[name][:2]
     cov = str(cov_path)
+    tag = run_tag(args)
     call = {"num_inference_steps": args.infer_steps} if args.infer_steps else {}
 
     def rate(images, fn) -> float:
@@ -257,7 +275,7 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
                 "other_shape_kept": rate(pair, lambda im: has_colour(im, "blue"))}
 
     def with_concepts(files, prompts, **options):
-        attnproc.apply(pipe, "keylock", concepts=files, covariance=cov, **options)
+        attnproc.apply(pipe, "keylock", concepts=files, covariance=cov, locking=args.locking, **options)
         try:
             return generate(pipe, "sd15", prompts, seeds * (len(prompts) // len(seeds)), **call)
         finally:
@@ -274,7 +292,7 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
             imgs = with_concepts([concept_file(work, run)], pair, beta=beta)
             rows.append({"beta": beta, **sweep(imgs[:n], imgs[n:])})
             print(part, rows[-1], flush=True)
-        return {f"{name}{args.suffix}_pareto_" + ("key_locked" if part == "lock" else "no_key_locking"): rows}
+        return {f"{name}{tag}_pareto_" + ("key_locked" if part == "lock" else "no_key_locking"): rows}
     if part == "ti":  # plain textual inversion: the token alone, no edit
         concept = cc.load_concept(concept_file(work, f"{name}{args.suffix}-ti"))
         cc.add_tokens(pipe, [concept])
@@ -289,7 +307,7 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         loaded = with_concepts([concept_file(work, name + args.suffix)], held)
         q0, q1 = quality(held, plain), quality(held, loaded)
         diff = [np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean() for a, b in zip(plain, loaded)]
-        return {f"{name}{args.suffix}_preservation": {"colour_base": q0["colour"], "colour_with_concept": q1["colour"],
+        return {f"{name}{tag}_preservation": {"colour_base": q0["colour"], "colour_with_concept": q1["colour"],
                                          "count_base": q0["count"], "count_with_concept": q1["count"],
                                          "mean_abs_pixel_diff_0_1": float(np.mean(diff))}}
     if part == "two":
@@ -306,7 +324,7 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
                                    "both": rate(imgs, lambda im: appears(im, name) and appears(im, other))})
                 print(part, multi, two[multi][-1], flush=True)
                 Image.fromarray(np.concatenate([np.asarray(np.round(i * 255), np.uint8) for i in imgs], 1)).save(
-                    work / f"two-{name}-{other}{args.suffix}-{multi}-{beta}.png")
+                    work / f"two-{name}-{other}{tag}-{multi}-{beta}.png")
         words = f"a {CONCEPTS[name][2][0]} {kind}", f"a {CONCEPTS[other][2][0]} {CONCEPTS[other][1]}"
         # where the second concept is lost: the order reversed, and each concept beside the other's known words
         two["mixed_exact_file_beta"] = []
@@ -320,7 +338,7 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         imgs = generate(pipe, "sd15", [plain] * n, seeds, **call)  # the words the model knows, for scale
         two["base_words"] = {"prompt": plain, name: rate(imgs, lambda im: appears(im, name)),
                              other: rate(imgs, lambda im: appears(im, other))}
-        return {f"two_concepts_{name}_{other}{args.suffix}": {"prompt": prompt, **two}}
+        return {f"two_concepts_{name}_{other}{tag}": {"prompt": prompt, **two}}
     if part == "loss":
         return {f"{name}_fixed_noise_loss": fixed_noise_losses(args, pipe, work, cov, name)}
     if part == "ceiling":  # what the model can draw at all: the whole UNet fine-tuned on the concept's images
@@ -329,17 +347,18 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         from attnproc.workflows.train_concept import encode_latents
 
         out = {}
-        for cname in ("flag", "ball", "bar", "half"):
+        for cname in ("flag", "ball", "bar", "half", "big", "twins"):
             c = CONCEPTS[cname]
             rng = np.random.default_rng(7)
             drawn = [draw(c, rng)[0] for _ in range(n)]
-            # what must not count: the halves swapped; a wide shape's ordinary (square-boxed) superclass shape
+            # what must not count: the halves swapped; a new shape's ordinary superclass shape (one square for twins);
+            # the base model is given the closest known words
             if c.axis is not None:
                 negative = [draw(c, rng, colours=c.colours[::-1])[0] for _ in range(n)]
                 words = f"a {c.colours[0]} {c.superclass} and a {c.colours[1]} {c.superclass}"
             else:
                 negative = [draw(c._replace(shape=c.superclass), rng)[0] for _ in range(n)]
-                words = f"a {c.colours[0]} {c.superclass}"
+                words = f"a {c.colours[0]} {c.superclass}" + (" and a red square" if c.shape == "twins" else "")
 
             def round_trip(images):
                 x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -466,6 +485,8 @@ def main() -> None:
     ap.add_argument("--betas", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     ap.add_argument("--suffix", default="", help="parts measure the runs <concept><suffix>[-nolock|-ti] "
                                                  "(e.g. -pair: trained beside shapes; -nomask: unmasked loss)")
+    ap.add_argument("--locking", default="local", choices=["local", "global"],
+                    help="key-locking of the edit at inference (global: keys from the prompt with superclass words)")
     ap.add_argument("--work", default="/tmp/keylock-shapes")
     ap.add_argument("--out", default=str(RESULTS / "keylock-shapes.json"))
     args = ap.parse_args()
@@ -483,7 +504,7 @@ def main() -> None:
             result = {"train_" + what[6:]: train(args, pipe, work, cov_path, what[6:])}
         else:
             result = measure(args, pipe, work, cov_path, what)
-            what = f"{what}-{args.concept}{args.suffix}"
+            what = f"{what}-{args.concept}{run_tag(args)}"
         result[f"fingerprint_{what}"] = cc.model_fingerprint(pipe.unet)
         (work / f"part-{what.replace(':', '-')}.json").write_text(json.dumps(result, indent=2))
         print(what, json.dumps(result), flush=True)
