@@ -20,7 +20,9 @@ its runs ``C<--suffix>``:
 * ``base``: the base model given the superclass word; ``lock``/``nolock``/``ti``: how often C appears for
   "a <C>" and "a <C> and a blue circle" at several β, and whether the blue circle is kept (the Pareto partner);
 * ``preservation``: held-out captions without the token, C loaded vs not (detector colour/count, pixel diff);
-* ``two``: "a <C> and a <C2>" (``--concept2``), exact and approximate projection;
+* ``two``: "a <C> and a <C2>" (``--concept2``), exact and approximate projection, per β; the order reversed and
+  each concept beside the other's known words;
+* ``sims``: every token's similarity to both concepts' ``i*`` (what the gates see) in one- and two-object prompts;
 * ``loss``: the masked training loss at fixed timesteps and noise, untrained vs each trained run;
 * ``ceiling``: every UNet weight fine-tuned on C's images (what this model can be made to draw at all);
 * ``calibrate``: the detector rule on drawn, VAE round-tripped and colour-swapped images, and on the base model's
@@ -179,7 +181,7 @@ def make_data(root: Path, name: str, n: int, seed: int, pair: bool = False) -> P
     return folder
 
 
-PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "calibrate", "ceiling", "loss")
+PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "sims", "calibrate", "ceiling", "loss")
 # run suffixes (combinable, e.g. bar-nomask-nolock) -> training fields; "-pair": images beside a known shape, each
 # with its own caption; "-nomask": the loss over the whole image (a tight mask never penalises a shape's outline)
 VARIANTS = {"nolock": {"lock_keys": False}, "ti": {"edit": False}, "pair": {}, "nomask": {}}
@@ -270,7 +272,7 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         return float(np.mean([fn(im) for im in images]))
 
     def sweep(alone, pair) -> dict:
-        return {"appears": rate(alone, lambda im: appears(im, name)),
+        return {"n": len(alone), "appears": rate(alone, lambda im: appears(im, name)),
                 "appears_in_pair": rate(pair, lambda im: appears(im, name)),
                 "other_shape_kept": rate(pair, lambda im: has_colour(im, "blue"))}
 
@@ -339,6 +341,29 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         two["base_words"] = {"prompt": plain, name: rate(imgs, lambda im: appears(im, name)),
                              other: rate(imgs, lambda im: appears(im, other))}
         return {f"two_concepts_{name}_{other}{tag}": {"prompt": prompt, **two}}
+    if part == "sims":  # each token's similarity to both concepts' i* (the gates' input) in two-object prompts
+        from attnproc.steer.keylock import similarity
+
+        other = args.concept2
+        concepts = [cc.load_concept(concept_file(work, n + args.suffix)) for n in (name, other)]
+        c_inv = torch.linalg.inv(cc.load_covariance(cov)[0]).float()
+        i_stars = torch.stack([c.i_star for c in concepts]).float()
+        t1, t2 = token, CONCEPTS[other][0]
+        prompts = [f"a {t1}", f"a {t2}", f"a {t1} and a {t2}", f"a {t2} and a {t1}", f"a {t2} and a blue circle",
+                   f"a blue circle and a {t2}"]
+        out = {}
+        cc.add_tokens(pipe, concepts)
+        try:
+            for prompt in prompts:
+                with torch.no_grad():
+                    enc, ids = cc.encode_prompts(pipe, [prompt])
+                sims = similarity(enc[0].float(), i_stars, c_inv)
+                used = len(pipe.tokenizer(prompt).input_ids)  # with the start and end tokens
+                out[prompt] = [[tok, round(a, 3), round(b, 3)] for tok, (a, b) in
+                               zip(pipe.tokenizer.convert_ids_to_tokens(ids[0][:used]), sims[:used].tolist())]
+        finally:
+            cc.remove_tokens(pipe, [c.token for c in concepts])
+        return {f"sims_{name}_{other}{args.suffix}": {"columns": ["token", f"sim {t1}", f"sim {t2}"], **out}}
     if part == "loss":
         return {f"{name}_fixed_noise_loss": fixed_noise_losses(args, pipe, work, cov, name)}
     if part == "ceiling":  # what the model can draw at all: the whole UNet fine-tuned on the concept's images
