@@ -112,8 +112,8 @@ def _cmd_keylock_covariance(args) -> int:
     return 0
 
 
-_CONCEPT_FLAGS = ("pipeline", "images", "masks", "captions", "token", "superclass", "covariance", "output", "steps", "batch_size",
-                  "grad_accum", "lr_embedding", "lr_values", "seed", "checkpoint_every", "mixed_precision")
+_CONCEPT_FLAGS = ("pipeline", "images", "masks", "captions", "token", "superclass", "covariance", "output", "steps",
+                  "batch_size", "grad_accum", "lr_embedding", "lr_values", "seed", "checkpoint_every", "mixed_precision")
 
 
 def _cmd_ui(args) -> int:

@@ -5,10 +5,12 @@ the superclass word's (textual inversion, lr 0.006), and ``o*_V`` of every cross
 ``o*_K = W_K e_super`` stays locked; ``i*`` follows the token's encoding with an EMA (0.99). AdamW, batch 4 ×
 gradient accumulation 4, 400 steps, gate β 0.75 / τ 0.1 while training (the file gets the inference defaults
 β 0.7 / τ 0.15). Loss: the diffusion loss (the scheduler's ε or v target), weighted by the subject masks when a
-mask folder is given. The trainer machinery is fine-tuning's (``workflows/finetune.py``): accelerate, the atomic
-checkpoint with optimizer state (resume continues exactly: every step draws from ``(seed, step)``), progress bar,
-the YAML/JSON config reader and field checks. SDXL: one trainable vector holds the token's row in both text
-encoders. ``edit: false`` trains plain textual inversion (no edit): the sanity baseline of docs/perfusion.md.
+mask folder is given. Prompts: random templates, or each image's own caption (``captions``: trained beside other
+objects named in its prompt, the concept survives prompts that name other objects). The trainer machinery is
+fine-tuning's (``workflows/finetune.py``): accelerate, the atomic checkpoint with optimizer state (resume
+continues exactly: every step draws from ``(seed, step)``), progress bar, the YAML/JSON config reader and field
+checks. SDXL: one trainable vector holds the token's row in both text encoders. ``edit: false`` trains plain
+textual inversion (no edit): the sanity baseline of docs/perfusion.md.
 
     attnproc train-concept --pipeline shapes:sd15 --images flag/ --token "<flag>" --superclass square \\
         --covariance sd15-C.safetensors --output runs/flag          # writes runs/flag/concept.safetensors
@@ -314,7 +316,7 @@ def _micro_step(pipe, cfg: ConceptConfig, concept, latents, masks, captions, sch
     prompts = [cfg.templates[int(i)].format(cfg.token)
                for i in torch.randint(0, len(cfg.templates), (cfg.batch_size,), generator=gen)]
     if captions is not None:
-        prompts = [captions[int(i)].format(cfg.token) for i in idx]
+        prompts = [captions[int(i)].replace("{}", cfg.token) for i in idx]
     enc, ids, extra = encode_for_denoiser(pipe, prompts)
     with torch.no_grad():
         at = enc[ids == tid].float().mean(0)

@@ -170,7 +170,7 @@ def test_plain_textual_inversion_trains_only_the_embedding(data, tmp_path):
                               "covariance": "C", "output": "o", "edit": "no"})
 
 
-def test_captions_give_each_image_its_own_prompt(data, tmp_path):
+def test_captions_give_each_image_its_own_prompt(data, tmp_path, capsys):
     """``captions``: a concept drawn beside other objects is trained with prompts naming them (``<stem>.txt`` per
     image) instead of the templates; a missing caption or one without ``{}`` is refused by field, before training."""
     pipe = tiny_pipeline("sd15")
@@ -201,6 +201,10 @@ def test_captions_give_each_image_its_own_prompt(data, tmp_path):
     (caps / "3.txt").unlink()
     with pytest.raises(ConceptConfigError, match="captions: no 3.txt for image 3.png"):
         train_concept(_cfg(data, tmp_path / "bad", captions=str(caps)), pipe=pipe, progress=False)
+    args = ["train-concept", "--pipeline", "tiny:sd15", "--images", str(data / "img"), "--token", "<flag>",
+            "--superclass", "fox", "--covariance", str(data / "C.safetensors"), "--output", str(tmp_path / "cli"),
+            "--captions", str(caps), "--quiet"]
+    assert cli_main(args) == 2 and "captions: no 3.txt for image 3.png" in capsys.readouterr().err
     (caps / "3.txt").write_text("no slot here")
     with pytest.raises(ConceptConfigError, match="captions: 3.txt must hold one prompt with one {}"):
         train_concept(_cfg(data, tmp_path / "bad", captions=str(caps)), pipe=pipe, progress=False)
