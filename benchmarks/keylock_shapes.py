@@ -161,12 +161,12 @@ def partners(c: Concept) -> list[tuple[str, str]]:
             if col not in c.colours and (col, kind) != ("blue", "circle")]
 
 
-def make_data(root: Path, name: str, n: int, seed: int, pair: bool = False) -> Path:
+def make_data(root: Path, name: str, n: int, seed: int, pair: bool = False, orders: bool = False) -> Path:
     """``n`` images of concept ``name`` with subject masks; ``pair``: each beside a known shape, with a caption
-    naming it ("a {} and a yellow triangle" or "a yellow triangle and a {}")."""
+    naming it ("a {} and a yellow triangle" or "a yellow triangle and a {}"; ``orders``: both, one a line)."""
     c = CONCEPTS[name]
     rng = np.random.default_rng(seed)
-    folder = root / (name + ("-pair" if pair else ""))
+    folder = root / (name + ("-pair" if pair else "") + ("-orders" if orders else ""))
     for sub in ("img", "mask", "caption"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     choices = partners(c)
@@ -177,14 +177,17 @@ def make_data(root: Path, name: str, n: int, seed: int, pair: bool = False) -> P
         Image.fromarray(mask).save(folder / "mask" / f"{i}.png")
         words = f"a {partner[0]} {partner[1]}" if partner else ""
         text = "a {}" if not pair else ("a {} and " + words if rng.random() < 0.5 else words + " and a {}")
+        if pair and orders:
+            text = f"a {{}} and {words}\n{words} and a {{}}"
         (folder / "caption" / f"{i}.txt").write_text(text)
     return folder
 
 
 PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "sims", "calibrate", "ceiling", "loss")
 # run suffixes (combinable, e.g. bar-nomask-nolock) -> training fields; "-pair": images beside a known shape, each
-# with its own caption; "-nomask": the loss over the whole image (a tight mask never penalises a shape's outline)
-VARIANTS = {"nolock": {"lock_keys": False}, "ti": {"edit": False}, "pair": {}, "nomask": {}}
+# with its own caption ("-pair-orders": both orders of that caption); "-nomask": the loss over the whole image (a
+# tight mask never penalises a shape's outline)
+VARIANTS = {"nolock": {"lock_keys": False}, "ti": {"edit": False}, "pair": {}, "nomask": {}, "orders": {}}
 
 
 def appears(image, name: str) -> bool:
@@ -235,7 +238,7 @@ def split_run(run: str) -> tuple[str, set[str]]:
 def train(args, pipe, work: Path, cov_path: Path, run: str) -> dict:
     name, flags = split_run(run)
     token, kind = CONCEPTS[name][:2]
-    data = make_data(work, name, args.images, seed=len(name), pair="pair" in flags)
+    data = make_data(work, name, args.images, seed=len(name), pair="pair" in flags, orders="orders" in flags)
     fields = {k: v for flag in flags for k, v in VARIANTS[flag].items()}
     masks = None if "nomask" in flags else str(data / "mask")
     cfg = ConceptConfig(pipeline=args.model, images=str(data / "img"), masks=masks, token=token,

@@ -47,7 +47,8 @@ class ConceptConfig:
     covariance: str                    # the text encoder's covariance file (attnproc keylock-covariance)
     output: str                        # folder: checkpoint and concept.safetensors
     masks: str | None = None           # folder of subject masks named like the images (white = subject)
-    captions: str | None = None        # folder of <image stem>.txt prompts with {} for the token (else templates)
+    captions: str | None = None        # folder of <image stem>.txt: prompts with {} for the token, one a line
+                                       # (one is drawn per step; else the templates)
     templates: list = field(default_factory=lambda: ["a photo of a {}", "a rendering of a {}",
                                                      "a close-up photo of a {}", "a good photo of a {}"])
     steps: int = 400
@@ -156,9 +157,10 @@ def load_images(cfg: ConceptConfig, size: int) -> tuple[torch.Tensor, torch.Tens
     return pixels, torch.stack([read(masks[f.stem], "L") for f in files])
 
 
-def load_captions(cfg: ConceptConfig) -> list[str] | None:
-    """Each image's own prompt (``<stem>.txt`` in ``cfg.captions``, one ``{}`` for the token), in image order: a
-    concept drawn beside other objects is trained with a prompt that names them."""
+def load_captions(cfg: ConceptConfig) -> list[list[str]] | None:
+    """Each image's own prompts (``<stem>.txt`` in ``cfg.captions``, one a line, each with one ``{}`` for the
+    token), in image order: a concept drawn beside other objects is trained with prompts that name them (several
+    lines: e.g. both orders of "a {} and a yellow square")."""
     if cfg.captions is None:
         return None
     folder = Path(cfg.captions)
@@ -169,11 +171,12 @@ def load_captions(cfg: ConceptConfig) -> list[str] | None:
         path = folder / f"{f.stem}.txt"
         if not path.is_file():
             raise ConceptConfigError(f"captions: no {path.name} for image {f.name} in {cfg.captions!r}")
-        text = path.read_text().strip()
-        if text.count("{}") != 1:
-            raise ConceptConfigError(f"captions: {path.name} must hold one prompt with one {{}} for the token, "
-                                     f"got {text!r}")
-        out.append(text)
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        bad = [line for line in lines if line.count("{}") != 1]
+        if not lines or bad:
+            raise ConceptConfigError(f"captions: {path.name} must hold prompts (one a line) with one {{}} for the "
+                                     f"token each, got {(bad or [''])[0]!r}")
+        out.append(lines)
     return out
 
 
@@ -315,8 +318,10 @@ def _micro_step(pipe, cfg: ConceptConfig, concept, latents, masks, captions, sch
     idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
     prompts = [cfg.templates[int(i)].format(cfg.token)
                for i in torch.randint(0, len(cfg.templates), (cfg.batch_size,), generator=gen)]
-    if captions is not None:
-        prompts = [captions[int(i)].replace("{}", cfg.token) for i in idx]
+    if captions is not None:  # an image of one caption line draws nothing (runs stay as they were)
+        lines = [captions[int(i)] for i in idx]
+        prompts = [(ls[int(torch.randint(0, len(ls), (1,), generator=gen))] if len(ls) > 1 else ls[0])
+                   .replace("{}", cfg.token) for ls in lines]
     enc, ids, extra = encode_for_denoiser(pipe, prompts)
     with torch.no_grad():
         at = enc[ids == tid].float().mean(0)
