@@ -255,8 +255,9 @@ def train(args, pipe, work: Path, cov_path: Path, run: str) -> dict:
 
 
 def run_tag(args) -> str:
-    """What names a measurement: the runs' suffix, and ``-global`` for global key-locking."""
-    return args.suffix + ("-global" if args.locking == "global" else "")
+    """What names a measurement: the runs' suffix, ``-global`` for global key-locking, the second concept's β."""
+    return (args.suffix + ("-global" if args.locking == "global" else "")
+            + (f"-beta2-{args.beta2:g}" if args.beta2 is not None else ""))
 
 
 def concept_file(work: Path, run: str) -> str:
@@ -320,6 +321,8 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         prompt = f"a {token} and a {CONCEPTS[other][0]}"
         two = {}
         files = [concept_file(work, name + args.suffix), concept_file(work, other + args.suffix)]
+        if args.beta2 is not None:  # per-concept β: the second concept's own, the sweep's for the first
+            files[1] = {"file": files[1], "beta": args.beta2}
         for multi in ("exact", "approx"):
             two[multi] = []
             for beta in args.betas:
@@ -511,6 +514,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--infer-steps", type=int, default=None, help="denoising steps (default: the model's 25)")
     ap.add_argument("--betas", type=float, nargs="+", default=[0.5, 0.7, 0.9])
+    ap.add_argument("--beta2", type=float, default=None, help="'two': the second concept's own β (--betas: the first's)")
     ap.add_argument("--suffix", default="", help="parts measure the runs <concept><suffix>[-nolock|-ti] "
                                                  "(e.g. -pair: trained beside shapes; -nomask: unmasked loss)")
     ap.add_argument("--locking", default="local", choices=["local", "global"],
