@@ -76,3 +76,17 @@ def test_new_shapes_survive_the_vae_and_their_superclass_shapes_do_not_count():
     img, mask = ks.draw(ks.CONCEPTS["bar"], rng, partner=("yellow", "triangle"))
     assert ks.appears(img / 255, "bar") and ks.has_colour(img / 255, "yellow")
     assert (mask > 0).sum() == sum(b.area for b in ks.detect(img))
+
+
+def test_blob_aspect_and_fill_are_those_of_the_drawn_box():
+    from attnproc.pipelines.shapes import BACKGROUND, COLOURS
+    from attnproc.pipelines.shapes_detect import detect
+
+    img = np.empty((64, 64, 3), np.uint8)
+    img[:] = BACKGROUND
+    img[10:20, 5:25] = COLOURS["red"]  # 20 wide, 10 tall
+    ys, xs = np.mgrid[0:64, 0:64] + 0.5
+    img[(xs - 44) ** 2 + (ys - 44) ** 2 <= 10 ** 2] = COLOURS["blue"]  # a disc of diameter 20
+    blobs = {b.colour: b for b in detect(img)}
+    assert blobs["red"].aspect == 2.0 and blobs["red"].fill == 1.0
+    assert blobs["blue"].aspect == 1.0 and abs(blobs["blue"].fill - np.pi / 4) < 0.02
