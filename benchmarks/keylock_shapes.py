@@ -22,6 +22,7 @@ its runs ``C<--suffix>``:
 * ``preservation``: held-out captions without the token, C loaded vs not (detector colour/count, pixel diff);
 * ``two``: "a <C> and a <C2>" (``--concept2``), exact and approximate projection, per β; the order reversed and
   each concept beside the other's known words;
+* ``two-ti``: the same prompt (and reversed) with both concepts' textual-inversion runs (tokens only, no edit);
 * ``sims``: every token's similarity to both concepts' ``i*`` (what the gates see) in one- and two-object prompts;
 * ``loss``: the masked training loss at fixed timesteps and noise, untrained vs each trained run;
 * ``ceiling``: every UNet weight fine-tuned on C's images (what this model can be made to draw at all);
@@ -183,7 +184,7 @@ def make_data(root: Path, name: str, n: int, seed: int, pair: bool = False, orde
     return folder
 
 
-PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "sims", "calibrate", "ceiling", "loss")
+PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "two-ti", "sims", "calibrate", "ceiling", "loss")
 # run suffixes (combinable, e.g. bar-nomask-nolock) -> training fields; "-pair": images beside a known shape, each
 # with its own caption ("-pair-orders": both orders of that caption); "-nomask": the loss over the whole image (a
 # tight mask never penalises a shape's outline)
@@ -307,6 +308,20 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         finally:
             cc.remove_tokens(pipe, [concept.token])
         return {f"{name}{args.suffix}_textual_inversion": sweep(imgs[:n], imgs[n:])}
+    if part == "two-ti":  # both concepts as plain textual inversion (tokens only, no edit) in one prompt
+        other = args.concept2
+        concepts = [cc.load_concept(concept_file(work, f"{c}{args.suffix}-ti")) for c in (name, other)]
+        prompts = [f"a {token} and a {CONCEPTS[other][0]}", f"a {CONCEPTS[other][0]} and a {token}"]
+        cc.add_tokens(pipe, concepts)
+        try:
+            imgs = generate(pipe, "sd15", [q for q in prompts for _ in seeds], seeds * 2, **call)
+        finally:
+            cc.remove_tokens(pipe, [c.token for c in concepts])
+        return {f"two_concepts_{name}_{other}{args.suffix}_textual_inversion": [
+            {"prompt": q, name: rate(part_imgs, lambda im: appears(im, name)),
+             other: rate(part_imgs, lambda im: appears(im, other)),
+             "both": rate(part_imgs, lambda im: appears(im, name) and appears(im, other))}
+            for q, part_imgs in zip(prompts, (imgs[:n], imgs[n:]))]}
     if part == "preservation":  # held-out captions without the token, the concept loaded at its β 0.7
         held = eval_prompts("sd15", n)
         plain = generate(pipe, "sd15", held, seeds, **call)
