@@ -256,9 +256,10 @@ def train(args, pipe, work: Path, cov_path: Path, run: str) -> dict:
 
 
 def run_tag(args) -> str:
-    """What names a measurement: the runs' suffix, ``-global`` for global key-locking, the second concept's β."""
+    """What names a measurement: the runs' suffix, ``-global`` for global key-locking, the second concept's β and
+    keys."""
     return (args.suffix + ("-global" if args.locking == "global" else "")
-            + (f"-beta2-{args.beta2:g}" if args.beta2 is not None else ""))
+            + (f"-beta2-{args.beta2:g}" if args.beta2 is not None else "") + ("-keys2" if args.second_keys else ""))
 
 
 def concept_file(work: Path, run: str) -> str:
@@ -336,6 +337,11 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         prompt = f"a {token} and a {CONCEPTS[other][0]}"
         two = {}
         files = [concept_file(work, name + args.suffix), concept_file(work, other + args.suffix)]
+        if args.second_keys:  # the second concept's o*_K: its superclass's key as the second noun of a prompt
+            second = cc.load_concept(files[1])
+            second.keys = cc.initial_concept(pipe, second.token, second.superclass,
+                                             [f"a {kind} and a {{}}"]).keys
+            files[1] = second
         if args.beta2 is not None:  # per-concept β: the second concept's own, the sweep's for the first
             files[1] = {"file": files[1], "beta": args.beta2}
         for multi in ("exact", "approx"):
@@ -530,6 +536,8 @@ def main() -> None:
     ap.add_argument("--infer-steps", type=int, default=None, help="denoising steps (default: the model's 25)")
     ap.add_argument("--betas", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     ap.add_argument("--beta2", type=float, default=None, help="'two': the second concept's own β (--betas: the first's)")
+    ap.add_argument("--second-keys", action="store_true",
+                    help="'two': lock the second concept's keys to its superclass as the second noun ('a square and a {}')")
     ap.add_argument("--suffix", default="", help="parts measure the runs <concept><suffix>[-nolock|-ti] "
                                                  "(e.g. -pair: trained beside shapes; -nomask: unmasked loss)")
     ap.add_argument("--locking", default="local", choices=["local", "global"],
