@@ -7,15 +7,23 @@ Concepts (``CONCEPTS``):
   are new appearances. Found when the detector sees the two colour blobs side by side in the right order.
 * ``<rsq>`` (a red square, superclass ``square``) and ``<gci>`` (a green circle, ``circle``): one-token words for
   things the model can draw; the sanity rung of docs/perfusion.md (does the recipe learn at all on this model?).
+* ``<bar>`` (a red rectangle 2.2 times wider than tall, ``square``) and ``<half>`` (a green top half-disc,
+  ``circle``): new shapes (every shape of the world sits in a square box). The VAE reproduces them, unlike a new
+  colour (purple, orange, cyan all decode to a palette colour). Found by colour, width/height ≥ 1.6 and fill.
 
 Each is trained from 8 drawn images with their exact subject masks (``attnproc train-concept``). Runs
-(``train:<concept>[-nolock|-ti]``): key-locked; the no-key-locking ablation (o*_K trained too); plain textual
-inversion (``edit: false``: the embedding alone, no edit). Parts, for ``--concept C`` (default flag):
+(``train:<concept>[-suffix...]``): key-locked; ``-nolock`` the no-key-locking ablation (o*_K trained too); ``-ti``
+plain textual inversion (``edit: false``: the embedding alone, no edit); ``-pair`` each image beside a known shape
+with a caption naming it; ``-nomask`` the loss over the whole image. Parts, for ``--concept C`` (default flag) and
+its runs ``C<--suffix>``:
 
 * ``base``: the base model given the superclass word; ``lock``/``nolock``/``ti``: how often C appears for
   "a <C>" and "a <C> and a blue circle" at several β, and whether the blue circle is kept (the Pareto partner);
 * ``preservation``: held-out captions without the token, C loaded vs not (detector colour/count, pixel diff);
-* ``two``: "a <C> and a <C2>" (``--concept2``), exact and approximate projection;
+* ``two``: "a <C> and a <C2>" (``--concept2``), exact and approximate projection, per β; the order reversed and
+  each concept beside the other's known words;
+* ``two-ti``: the same prompt (and reversed) with both concepts' textual-inversion runs (tokens only, no edit);
+* ``sims``: every token's similarity to both concepts' ``i*`` (what the gates see) in one- and two-object prompts;
 * ``loss``: the masked training loss at fixed timesteps and noise, untrained vs each trained run;
 * ``ceiling``: every UNet weight fine-tuned on C's images (what this model can be made to draw at all);
 * ``calibrate``: the detector rule on drawn, VAE round-tripped and colour-swapped images, and on the base model's
@@ -32,6 +40,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,36 +48,86 @@ from PIL import Image
 
 import attnproc
 from attnproc.pipelines import concepts as cc
-from attnproc.pipelines.shapes import BACKGROUND, COLOURS
+from attnproc.pipelines.shapes import BACKGROUND, COLOURS, KINDS
 from attnproc.pipelines.shapes_detect import detect
 from attnproc.pipelines.shapes_models import eval_prompts, generate, quality
 from attnproc.workflows.train_concept import ConceptConfig, train_concept
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZE = 64
-# concept: token, superclass, the two halves (colour names), split axis ("x": left | right, "y": top / bottom;
-# None: one colour)
-CONCEPTS = {"flag": ("<flag>", "square", ("red", "yellow"), "x"),
-            "ball": ("<ball>", "circle", ("green", "blue"), "y"),
-            "rsq": ("<rsq>", "square", ("red", "red"), None),
-            "gci": ("<gci>", "circle", ("green", "green"), None)}
 
 
-def draw(kind: str, colours: tuple[str, str], axis: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One training image (uint8 HWC) and its subject mask: a two-colour square or disc, random size and place."""
-    side = int(rng.integers(int(0.3 * SIZE), int(0.45 * SIZE) + 1))
-    x0, y0 = (int(v) for v in rng.integers(2, SIZE - side - 2, size=2))
+class Concept(NamedTuple):
+    token: str
+    superclass: str
+    colours: tuple[str, str]  # the two halves (one colour: the same name twice)
+    axis: str | None  # "x": left | right halves, "y": top / bottom, None: one colour
+    shape: str  # what is drawn: square, circle, bar (a wide rectangle), half (the top half of a disc), big (a square
+    # of side 0.55–0.65 of the image: the world's are 0.20–0.34), twins (two red squares: the world never draws
+    # two shapes of one colour)
+
+
+CONCEPTS = {"flag": Concept("<flag>", "square", ("red", "yellow"), "x", "square"),
+            "ball": Concept("<ball>", "circle", ("green", "blue"), "y", "circle"),
+            "rsq": Concept("<rsq>", "square", ("red", "red"), None, "square"),
+            "gci": Concept("<gci>", "circle", ("green", "green"), None, "circle"),
+            "bar": Concept("<bar>", "square", ("red", "red"), None, "bar"),
+            "half": Concept("<half>", "circle", ("green", "green"), None, "half"),
+            "big": Concept("<big>", "square", ("red", "red"), None, "big"),
+            "twins": Concept("<twins>", "square", ("red", "red"), None, "twins")}
+WIDE = 1.6  # a bar or half-disc is at least this much wider than tall (drawn ≈ 2.2 and 2; every world shape ≈ 1)
+BIG = 0.47  # a big square's box is at least this fraction of the image wide (drawn ≥ 0.55; the world's ≤ 0.34)
+
+
+def shape_mask(shape: str, x0: float, y0: float, side: float) -> np.ndarray:
+    """Boolean [SIZE, SIZE] mask of ``shape`` whose box starts at (x0, y0) and is ``side`` wide."""
     ys, xs = np.mgrid[0:SIZE, 0:SIZE] + 0.5
-    if kind == "square":
-        mask = (xs >= x0) & (xs < x0 + side) & (ys >= y0) & (ys < y0 + side)
-    else:
-        mask = (xs - x0 - side / 2) ** 2 + (ys - y0 - side / 2) ** 2 <= (side / 2) ** 2
-    first = (xs < x0 + side / 2) if axis == "x" else (ys < y0 + side / 2)
+    cx, cy = x0 + side / 2, y0 + side / 2
+    if shape in ("square", "big"):
+        return (xs >= x0) & (xs < x0 + side) & (ys >= y0) & (ys < y0 + side)
+    if shape == "circle":
+        return (xs - cx) ** 2 + (ys - cy) ** 2 <= (side / 2) ** 2
+    if shape == "bar":  # side wide, side / 2.2 tall
+        return (xs >= x0) & (xs < x0 + side) & (ys >= y0) & (ys < y0 + side / 2.2)
+    if shape == "half":  # the top half of a disc of diameter side: side wide, side / 2 tall
+        return ((xs - cx) ** 2 + (ys - y0 - side / 2) ** 2 <= (side / 2) ** 2) & (ys < y0 + side / 2)
+    if shape == "triangle":
+        return (ys >= y0) & (ys < y0 + side) & (np.abs(xs - cx) <= (ys - y0) / side * side / 2)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def draw(c: Concept, rng: np.random.Generator, colours: tuple[str, str] | None = None,
+         partner: tuple[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One training image (uint8 HWC) of concept ``c`` (``colours`` overrides its halves), random size and place,
+    and its subject mask; ``partner`` (colour, kind) adds a known shape beside it, inside the mask too."""
+    colours = colours or c.colours
+    if c.shape == "twins":  # the second square is a partner of the concept's own colour
+        c, partner = c._replace(shape="square"), (colours[0], "square")
+    lo, hi = {"bar": (0.4, 0.55), "half": (0.4, 0.55), "big": (0.55, 0.65)}.get(c.shape, (0.3, 0.45))
+    for _ in range(100):
+        side = int(rng.integers(int(lo * SIZE), int(hi * SIZE) + 1))
+        x0, y0 = (int(v) for v in rng.integers(2, SIZE - side - 2, size=2))
+        mask = shape_mask(c.shape, x0, y0, side)
+        other = np.zeros_like(mask)
+        if partner is not None:
+            pside = int(rng.integers(int(0.2 * SIZE), int(0.34 * SIZE) + 1))
+            px, py = (int(v) for v in rng.integers(1, SIZE - pside - 1, size=2))
+            other = shape_mask(partner[1], px, py, pside)
+            grown = np.zeros_like(mask)
+            ys, xs = np.nonzero(mask)
+            grown[max(ys.min() - 3, 0):ys.max() + 4, max(xs.min() - 3, 0):xs.max() + 4] = True
+            if (grown & other).any():
+                continue
+        break
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    first = (xs < x0 + side / 2) if c.axis == "x" else (ys < y0 + side / 2)
     img = np.empty((SIZE, SIZE, 3), np.uint8)
     img[:] = BACKGROUND
     img[mask & first] = COLOURS[colours[0]]
     img[mask & ~first] = COLOURS[colours[1]]
-    return img, (mask * 255).astype(np.uint8)
+    if partner is not None:
+        img[other] = COLOURS[partner[0]]
+    return img, ((mask | other) * 255).astype(np.uint8)
 
 
 def found(image, colours: tuple[str, str], axis: str, gap: int = 3) -> bool:
@@ -96,28 +155,59 @@ def has_colour(image, colour: str) -> bool:
     return any(b.colour == colour for b in detect(image))
 
 
-def make_data(root: Path, name: str, n: int, seed: int) -> Path:
-    token, kind, colours, axis = CONCEPTS[name]
+def partners(c: Concept) -> list[tuple[str, str]]:
+    """Known shapes drawn beside a concept in ``-pair`` training: every (colour, kind) of the world except the
+    concept's colours and the blue circle, which the evaluation prompts use (held out)."""
+    return [(col, kind) for col in COLOURS for kind in KINDS
+            if col not in c.colours and (col, kind) != ("blue", "circle")]
+
+
+def make_data(root: Path, name: str, n: int, seed: int, pair: bool = False, orders: bool = False) -> Path:
+    """``n`` images of concept ``name`` with subject masks; ``pair``: each beside a known shape, with a caption
+    naming it ("a {} and a yellow triangle" or "a yellow triangle and a {}"; ``orders``: both, one a line)."""
+    c = CONCEPTS[name]
     rng = np.random.default_rng(seed)
-    for sub in ("img", "mask"):
-        (root / name / sub).mkdir(parents=True, exist_ok=True)
+    folder = root / (name + ("-pair" if pair else "") + ("-orders" if orders else ""))
+    for sub in ("img", "mask", "caption"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    choices = partners(c)
     for i in range(n):
-        img, mask = draw(kind, colours, axis, rng)
-        Image.fromarray(img).save(root / name / "img" / f"{i}.png")
-        Image.fromarray(mask).save(root / name / "mask" / f"{i}.png")
-    return root / name
+        partner = choices[int(rng.integers(len(choices)))] if pair else None
+        img, mask = draw(c, rng, partner=partner)
+        Image.fromarray(img).save(folder / "img" / f"{i}.png")
+        Image.fromarray(mask).save(folder / "mask" / f"{i}.png")
+        words = f"a {partner[0]} {partner[1]}" if partner else ""
+        text = "a {}" if not pair else ("a {} and " + words if rng.random() < 0.5 else words + " and a {}")
+        if pair and orders:
+            text = f"a {{}} and {words}\n{words} and a {{}}"
+        (folder / "caption" / f"{i}.txt").write_text(text)
+    return folder
 
 
-PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "calibrate", "ceiling", "loss")
-VARIANTS = {"": {}, "-nolock": {"lock_keys": False}, "-ti": {"edit": False}}  # run suffix -> training fields
+PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "two-ti", "sims", "calibrate", "ceiling", "loss")
+# run suffixes (combinable, e.g. bar-nomask-nolock) -> training fields; "-pair": images beside a known shape, each
+# with its own caption ("-pair-orders": both orders of that caption); "-nomask": the loss over the whole image (a
+# tight mask never penalises a shape's outline)
+VARIANTS = {"nolock": {"lock_keys": False}, "ti": {"edit": False}, "pair": {}, "nomask": {}, "orders": {}}
 
 
 def appears(image, name: str) -> bool:
-    """The detector finds concept ``name`` in ``image``."""
-    _, kind, colours, axis = CONCEPTS[name]
-    if axis is None:
-        return any(b.colour == colours[0] and b.kind == kind for b in detect(image))
-    return found(image, colours, axis)
+    """The detector finds concept ``name`` in ``image``: the two halves (``found``), or a blob of its colour and
+    shape. A bar or half-disc is a blob at least ``WIDE`` times wider than tall (every shape the world draws sits in
+    a square box) filling ≥ 0.85 of its box (bar; the VAE rounds a small bar's corners to 0.88) or 0.6–0.85 (half-disc,
+    drawn π/4)."""
+    c = CONCEPTS[name]
+    if c.axis is not None:
+        return found(image, c.colours, c.axis)
+    if c.shape in ("bar", "half"):
+        lo, hi = (0.85, 1.01) if c.shape == "bar" else (0.6, 0.85)
+        return any(b.colour == c.colours[0] and b.aspect >= WIDE and lo <= b.fill < hi for b in detect(image))
+    if c.shape == "twins":
+        return sum(b.colour == c.colours[0] and b.kind == "square" for b in detect(image)) >= 2
+    if c.shape == "big":
+        return any(b.colour == c.colours[0] and b.kind == "square" and b.box[2] - b.box[0] >= BIG * SIZE
+                   for b in detect(image))
+    return any(b.colour == c.colours[0] and b.kind == c.shape for b in detect(image))
 
 
 def setup(args):
@@ -137,27 +227,39 @@ def setup(args):
     return pipe, work, cov_path
 
 
-def split_run(run: str) -> tuple[str, str]:
-    for suffix in ("-nolock", "-ti"):
-        if run.endswith(suffix):
-            return run[: -len(suffix)], suffix
-    return run, ""
+def split_run(run: str) -> tuple[str, set[str]]:
+    """``"bar-nomask-nolock"`` -> ``("bar", {"nomask", "nolock"})``."""
+    name, *flags = run.split("-")
+    unknown = set(flags) - set(VARIANTS)
+    if name not in CONCEPTS or unknown:
+        raise ValueError(f"run {run!r}: a concept ({', '.join(CONCEPTS)}) and suffixes from -{', -'.join(VARIANTS)}")
+    return name, set(flags)
 
 
 def train(args, pipe, work: Path, cov_path: Path, run: str) -> dict:
-    name, variant = split_run(run)
-    token, kind, colours, axis = CONCEPTS[name]
-    data = make_data(work, name, args.images, seed=len(name))
-    cfg = ConceptConfig(pipeline=args.model, images=str(data / "img"), masks=str(data / "mask"), token=token,
+    name, flags = split_run(run)
+    token, kind = CONCEPTS[name][:2]
+    data = make_data(work, name, args.images, seed=len(name), pair="pair" in flags, orders="orders" in flags)
+    fields = {k: v for flag in flags for k, v in VARIANTS[flag].items()}
+    masks = None if "nomask" in flags else str(data / "mask")
+    cfg = ConceptConfig(pipeline=args.model, images=str(data / "img"), masks=masks, token=token,
                         superclass=kind, covariance=str(cov_path), output=str(work / run), steps=args.steps,
-                        batch_size=4, grad_accum=1, templates=["a {}"], checkpoint_every=50,
-                        lr_embedding=args.lr_embedding, lr_values=args.lr_values, **VARIANTS[variant])
+                        batch_size=4, grad_accum=1, templates=["a {}"], captions=str(data / "caption"),
+                        checkpoint_every=50,
+                        lr_embedding=args.lr_embedding, lr_values=args.lr_values, **fields)
     t0 = time.perf_counter()
     res = train_concept(cfg, pipe=pipe, progress=False)
     return {"run": run, "seconds_this_process": round(time.perf_counter() - t0, 1), "resumed_from": res.resumed_from,
             "steps": res.steps, "lr_embedding": args.lr_embedding, "lr_values": args.lr_values,
             "loss_first50": float(np.mean(res.losses[:50])), "loss_last50": float(np.mean(res.losses[-50:])),
             "bytes": Path(res.concept).stat().st_size}
+
+
+def run_tag(args) -> str:
+    """What names a measurement: the runs' suffix, ``-global`` for global key-locking, the second concept's β and
+    keys."""
+    return (args.suffix + ("-global" if args.locking == "global" else "")
+            + (f"-beta2-{args.beta2:g}" if args.beta2 is not None else "") + ("-keys2" if args.second_keys else ""))
 
 
 def concept_file(work: Path, run: str) -> str:
@@ -169,18 +271,19 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
     n, name = args.n, args.concept
     token, kind = CONCEPTS[name][:2]
     cov = str(cov_path)
+    tag = run_tag(args)
     call = {"num_inference_steps": args.infer_steps} if args.infer_steps else {}
 
     def rate(images, fn) -> float:
         return float(np.mean([fn(im) for im in images]))
 
     def sweep(alone, pair) -> dict:
-        return {"appears": rate(alone, lambda im: appears(im, name)),
+        return {"n": len(alone), "appears": rate(alone, lambda im: appears(im, name)),
                 "appears_in_pair": rate(pair, lambda im: appears(im, name)),
                 "other_shape_kept": rate(pair, lambda im: has_colour(im, "blue"))}
 
     def with_concepts(files, prompts, **options):
-        attnproc.apply(pipe, "keylock", concepts=files, covariance=cov, **options)
+        attnproc.apply(pipe, "keylock", concepts=files, covariance=cov, locking=args.locking, **options)
         try:
             return generate(pipe, "sd15", prompts, seeds * (len(prompts) // len(seeds)), **call)
         finally:
@@ -191,46 +294,103 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         imgs = generate(pipe, "sd15", [f"a {kind}"] * n + [f"a {kind} and a blue circle"] * n, seeds * 2, **call)
         return {f"{name}_base_superclass_prompt": sweep(imgs[:n], imgs[n:])}
     if part in ("lock", "nolock"):
-        run = name if part == "lock" else f"{name}-nolock"
+        run = name + args.suffix + ("" if part == "lock" else "-nolock")
         rows = []
         for beta in args.betas:
             imgs = with_concepts([concept_file(work, run)], pair, beta=beta)
             rows.append({"beta": beta, **sweep(imgs[:n], imgs[n:])})
             print(part, rows[-1], flush=True)
-        return {f"{name}_pareto_" + ("key_locked" if part == "lock" else "no_key_locking"): rows}
+        return {f"{name}{tag}_pareto_" + ("key_locked" if part == "lock" else "no_key_locking"): rows}
     if part == "ti":  # plain textual inversion: the token alone, no edit
-        concept = cc.load_concept(concept_file(work, f"{name}-ti"))
+        concept = cc.load_concept(concept_file(work, f"{name}{args.suffix}-ti"))
         cc.add_tokens(pipe, [concept])
         try:
             imgs = generate(pipe, "sd15", pair, seeds * 2, **call)
         finally:
             cc.remove_tokens(pipe, [concept.token])
-        return {f"{name}_textual_inversion": sweep(imgs[:n], imgs[n:])}
+        return {f"{name}{args.suffix}_textual_inversion": sweep(imgs[:n], imgs[n:])}
+    if part == "two-ti":  # both concepts as plain textual inversion (tokens only, no edit) in one prompt
+        other = args.concept2
+        concepts = [cc.load_concept(concept_file(work, f"{c}{args.suffix}-ti")) for c in (name, other)]
+        prompts = [f"a {token} and a {CONCEPTS[other][0]}", f"a {CONCEPTS[other][0]} and a {token}"]
+        cc.add_tokens(pipe, concepts)
+        try:
+            imgs = generate(pipe, "sd15", [q for q in prompts for _ in seeds], seeds * 2, **call)
+        finally:
+            cc.remove_tokens(pipe, [c.token for c in concepts])
+        return {f"two_concepts_{name}_{other}{args.suffix}_textual_inversion": [
+            {"prompt": q, name: rate(part_imgs, lambda im: appears(im, name)),
+             other: rate(part_imgs, lambda im: appears(im, other)),
+             "both": rate(part_imgs, lambda im: appears(im, name) and appears(im, other))}
+            for q, part_imgs in zip(prompts, (imgs[:n], imgs[n:]))]}
     if part == "preservation":  # held-out captions without the token, the concept loaded at its β 0.7
         held = eval_prompts("sd15", n)
         plain = generate(pipe, "sd15", held, seeds, **call)
-        loaded = with_concepts([concept_file(work, name)], held)
+        loaded = with_concepts([concept_file(work, name + args.suffix)], held)
         q0, q1 = quality(held, plain), quality(held, loaded)
         diff = [np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean() for a, b in zip(plain, loaded)]
-        return {f"{name}_preservation": {"colour_base": q0["colour"], "colour_with_concept": q1["colour"],
+        return {f"{name}{tag}_preservation": {"colour_base": q0["colour"], "colour_with_concept": q1["colour"],
                                          "count_base": q0["count"], "count_with_concept": q1["count"],
                                          "mean_abs_pixel_diff_0_1": float(np.mean(diff))}}
     if part == "two":
         other = args.concept2
         prompt = f"a {token} and a {CONCEPTS[other][0]}"
         two = {}
+        files = [concept_file(work, name + args.suffix), concept_file(work, other + args.suffix)]
+        if args.second_keys:  # the second concept's o*_K: its superclass's key as the second noun of a prompt
+            second = cc.load_concept(files[1])
+            second.keys = cc.initial_concept(pipe, second.token, second.superclass,
+                                             [f"a {kind} and a {{}}"]).keys
+            files[1] = second
+        if args.beta2 is not None:  # per-concept β: the second concept's own, the sweep's for the first
+            files[1] = {"file": files[1], "beta": args.beta2}
         for multi in ("exact", "approx"):
-            imgs = with_concepts([concept_file(work, name), concept_file(work, other)], [prompt] * n, multi=multi)
-            two[multi] = {name: rate(imgs, lambda im: appears(im, name)),
-                          other: rate(imgs, lambda im: appears(im, other)),
-                          "both": rate(imgs, lambda im: appears(im, name) and appears(im, other))}
-            Image.fromarray(np.concatenate([np.asarray(np.round(i * 255), np.uint8) for i in imgs], 1)).save(
-                work / f"two-{name}-{other}-{multi}.png")
-        plain = f"a {CONCEPTS[name][2][0]} {kind} and a {CONCEPTS[other][2][0]} {CONCEPTS[other][1]}"
+            two[multi] = []
+            for beta in args.betas:
+                imgs = with_concepts(files, [prompt] * n, multi=multi, beta=beta)
+                two[multi].append({"beta": beta, name: rate(imgs, lambda im: appears(im, name)),
+                                   other: rate(imgs, lambda im: appears(im, other)),
+                                   "both": rate(imgs, lambda im: appears(im, name) and appears(im, other))})
+                print(part, multi, two[multi][-1], flush=True)
+                Image.fromarray(np.concatenate([np.asarray(np.round(i * 255), np.uint8) for i in imgs], 1)).save(
+                    work / f"two-{name}-{other}{tag}-{multi}-{beta}.png")
+        words = f"a {CONCEPTS[name][2][0]} {kind}", f"a {CONCEPTS[other][2][0]} {CONCEPTS[other][1]}"
+        # where the second concept is lost: the order reversed, and each concept beside the other's known words
+        two["mixed_exact_file_beta"] = []
+        for mixed in (f"a {CONCEPTS[other][0]} and a {token}", f"a {token} and {words[1]}",
+                      f"{words[0]} and a {CONCEPTS[other][0]}"):
+            imgs = with_concepts(files, [mixed] * n)
+            two["mixed_exact_file_beta"].append({"prompt": mixed, name: rate(imgs, lambda im: appears(im, name)),
+                                                 other: rate(imgs, lambda im: appears(im, other))})
+            print(part, two["mixed_exact_file_beta"][-1], flush=True)
+        plain = f"{words[0]} and {words[1]}"
         imgs = generate(pipe, "sd15", [plain] * n, seeds, **call)  # the words the model knows, for scale
         two["base_words"] = {"prompt": plain, name: rate(imgs, lambda im: appears(im, name)),
                              other: rate(imgs, lambda im: appears(im, other))}
-        return {f"two_concepts_{name}_{other}": {"prompt": prompt, **two}}
+        return {f"two_concepts_{name}_{other}{tag}": {"prompt": prompt, **two}}
+    if part == "sims":  # each token's similarity to both concepts' i* (the gates' input) in two-object prompts
+        from attnproc.steer.keylock import similarity
+
+        other = args.concept2
+        concepts = [cc.load_concept(concept_file(work, n + args.suffix)) for n in (name, other)]
+        c_inv = torch.linalg.inv(cc.load_covariance(cov)[0]).float()
+        i_stars = torch.stack([c.i_star for c in concepts]).float()
+        t1, t2 = token, CONCEPTS[other][0]
+        prompts = [f"a {t1}", f"a {t2}", f"a {t1} and a {t2}", f"a {t2} and a {t1}", f"a {t2} and a blue circle",
+                   f"a blue circle and a {t2}"]
+        out = {}
+        cc.add_tokens(pipe, concepts)
+        try:
+            for prompt in prompts:
+                with torch.no_grad():
+                    enc, ids = cc.encode_prompts(pipe, [prompt])
+                sims = similarity(enc[0].float(), i_stars, c_inv)
+                used = len(pipe.tokenizer(prompt).input_ids)  # with the start and end tokens
+                out[prompt] = [[tok, round(a, 3), round(b, 3)] for tok, (a, b) in
+                               zip(pipe.tokenizer.convert_ids_to_tokens(ids[0][:used]), sims[:used].tolist())]
+        finally:
+            cc.remove_tokens(pipe, [c.token for c in concepts])
+        return {f"sims_{name}_{other}{args.suffix}": {"columns": ["token", f"sim {t1}", f"sim {t2}"], **out}}
     if part == "loss":
         return {f"{name}_fixed_noise_loss": fixed_noise_losses(args, pipe, work, cov, name)}
     if part == "ceiling":  # what the model can draw at all: the whole UNet fine-tuned on the concept's images
@@ -239,11 +399,18 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         from attnproc.workflows.train_concept import encode_latents
 
         out = {}
-        for cname in ("flag", "ball"):
-            _, ckind, colours, axis = CONCEPTS[cname]
+        for cname in ("flag", "ball", "bar", "half", "big", "twins"):
+            c = CONCEPTS[cname]
             rng = np.random.default_rng(7)
-            drawn = [draw(ckind, colours, axis, rng)[0] for _ in range(n)]
-            swapped = [draw(ckind, colours[::-1], axis, rng)[0] for _ in range(n)]
+            drawn = [draw(c, rng)[0] for _ in range(n)]
+            # what must not count: the halves swapped; a new shape's ordinary superclass shape (one square for twins);
+            # the base model is given the closest known words
+            if c.axis is not None:
+                negative = [draw(c, rng, colours=c.colours[::-1])[0] for _ in range(n)]
+                words = f"a {c.colours[0]} {c.superclass} and a {c.colours[1]} {c.superclass}"
+            else:
+                negative = [draw(c._replace(shape=c.superclass), rng)[0] for _ in range(n)]
+                words = f"a {c.colours[0]} {c.superclass}" + (" and a red square" if c.shape == "twins" else "")
 
             def round_trip(images):
                 x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -251,12 +418,11 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
                     d = pipe.vae.decode(encode_latents(pipe, x) / pipe.vae.config.scaling_factor).sample
                 return list(((d.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
 
-            words = f"a {colours[0]} {ckind} and a {colours[1]} {ckind}"
             base = generate(pipe, "sd15", [words] * n, seeds, **call)
             out[cname] = {"drawn": rate([d / 255 for d in drawn], lambda im: appears(im, cname)),
                           "vae_round_trip": rate(round_trip(drawn), lambda im: appears(im, cname)),
-                          "swapped_drawn": rate([d / 255 for d in swapped], lambda im: appears(im, cname)),
-                          "swapped_round_trip": rate(round_trip(swapped), lambda im: appears(im, cname)),
+                          "negative_drawn": rate([d / 255 for d in negative], lambda im: appears(im, cname)),
+                          "negative_round_trip": rate(round_trip(negative), lambda im: appears(im, cname)),
                           "base_model_" + words.replace(" ", "_"): rate(base, lambda im: appears(im, cname))}
         return {"detector_calibration": out}
     raise ValueError(f"unknown part {part!r}; one of {PARTS}")
@@ -369,6 +535,13 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--infer-steps", type=int, default=None, help="denoising steps (default: the model's 25)")
     ap.add_argument("--betas", type=float, nargs="+", default=[0.5, 0.7, 0.9])
+    ap.add_argument("--beta2", type=float, default=None, help="'two': the second concept's own β (--betas: the first's)")
+    ap.add_argument("--second-keys", action="store_true",
+                    help="'two': lock the second concept's keys to its superclass as the second noun ('a square and a {}')")
+    ap.add_argument("--suffix", default="", help="parts measure the runs <concept><suffix>[-nolock|-ti] "
+                                                 "(e.g. -pair: trained beside shapes; -nomask: unmasked loss)")
+    ap.add_argument("--locking", default="local", choices=["local", "global"],
+                    help="key-locking of the edit at inference (global: keys from the prompt with superclass words)")
     ap.add_argument("--work", default="/tmp/keylock-shapes")
     ap.add_argument("--out", default=str(RESULTS / "keylock-shapes.json"))
     args = ap.parse_args()
@@ -386,7 +559,7 @@ def main() -> None:
             result = {"train_" + what[6:]: train(args, pipe, work, cov_path, what[6:])}
         else:
             result = measure(args, pipe, work, cov_path, what)
-            what = f"{what}-{args.concept}"
+            what = f"{what}-{args.concept}{run_tag(args)}"
         result[f"fingerprint_{what}"] = cc.model_fingerprint(pipe.unet)
         (work / f"part-{what.replace(':', '-')}.json").write_text(json.dumps(result, indent=2))
         print(what, json.dumps(result), flush=True)

@@ -29,6 +29,16 @@ class Blob:
     def centre(self) -> tuple[float, float]:
         return ((self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2)
 
+    @property
+    def aspect(self) -> float:
+        """Width over height of the box: ≈ 1 for every shape the world draws (they sit in square boxes)."""
+        return (self.box[2] - self.box[0]) / (self.box[3] - self.box[1])
+
+    @property
+    def fill(self) -> float:
+        """How much of its box the blob covers: square ≈ 1, disc ≈ π/4, triangle ≈ 1/2 (what ``kind`` reads)."""
+        return self.area / ((self.box[2] - self.box[0]) * (self.box[3] - self.box[1]))
+
 
 @dataclass(frozen=True)
 class Track:

@@ -112,8 +112,8 @@ def _cmd_keylock_covariance(args) -> int:
     return 0
 
 
-_CONCEPT_FLAGS = ("pipeline", "images", "masks", "token", "superclass", "covariance", "output", "steps", "batch_size",
-                  "grad_accum", "lr_embedding", "lr_values", "seed", "checkpoint_every", "mixed_precision")
+_CONCEPT_FLAGS = ("pipeline", "images", "masks", "captions", "token", "superclass", "covariance", "output", "steps",
+                  "batch_size", "grad_accum", "lr_embedding", "lr_values", "seed", "checkpoint_every", "mixed_precision")
 
 
 def _cmd_ui(args) -> int:
@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind, text in (("pipeline", str, "shapes:sd15, tiny:sd15, a folder or hub id (SD 1.x/2.x)"),
                              ("images", str, "folder of the concept's images"),
                              ("masks", str, "folder of subject masks named like the images (optional)"),
+                             ("captions", str, "folder of <image stem>.txt prompts, one a line, with {} for the token"),
                              ("token", str, "the new word, e.g. '<flag>'"),
                              ("superclass", str, "a one-token word the keys lock to, e.g. square"),
                              ("covariance", str, "the text encoder's covariance file (attnproc keylock-covariance)"),

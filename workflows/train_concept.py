@@ -5,10 +5,12 @@ the superclass word's (textual inversion, lr 0.006), and ``o*_V`` of every cross
 ``o*_K = W_K e_super`` stays locked; ``i*`` follows the token's encoding with an EMA (0.99). AdamW, batch 4 ×
 gradient accumulation 4, 400 steps, gate β 0.75 / τ 0.1 while training (the file gets the inference defaults
 β 0.7 / τ 0.15). Loss: the diffusion loss (the scheduler's ε or v target), weighted by the subject masks when a
-mask folder is given. The trainer machinery is fine-tuning's (``workflows/finetune.py``): accelerate, the atomic
-checkpoint with optimizer state (resume continues exactly: every step draws from ``(seed, step)``), progress bar,
-the YAML/JSON config reader and field checks. SDXL: one trainable vector holds the token's row in both text
-encoders. ``edit: false`` trains plain textual inversion (no edit): the sanity baseline of docs/perfusion.md.
+mask folder is given. Prompts: random templates, or each image's own caption (``captions``: trained beside other
+objects named in its prompt, the concept survives prompts that name other objects). The trainer machinery is
+fine-tuning's (``workflows/finetune.py``): accelerate, the atomic checkpoint with optimizer state (resume
+continues exactly: every step draws from ``(seed, step)``), progress bar, the YAML/JSON config reader and field
+checks. SDXL: one trainable vector holds the token's row in both text encoders. ``edit: false`` trains plain
+textual inversion (no edit): the sanity baseline of docs/perfusion.md.
 
     attnproc train-concept --pipeline shapes:sd15 --images flag/ --token "<flag>" --superclass square \\
         --covariance sd15-C.safetensors --output runs/flag          # writes runs/flag/concept.safetensors
@@ -45,6 +47,8 @@ class ConceptConfig:
     covariance: str                    # the text encoder's covariance file (attnproc keylock-covariance)
     output: str                        # folder: checkpoint and concept.safetensors
     masks: str | None = None           # folder of subject masks named like the images (white = subject)
+    captions: str | None = None        # folder of <image stem>.txt: prompts with {} for the token, one a line
+                                       # (one is drawn per step; else the templates)
     templates: list = field(default_factory=lambda: ["a photo of a {}", "a rendering of a {}",
                                                      "a close-up photo of a {}", "a good photo of a {}"])
     steps: int = 400
@@ -75,12 +79,13 @@ def parse_concept_config(data: Any) -> ConceptConfig:
         raise ConceptConfigError(f"config must be a mapping at the top level, got {type(data).__name__}")
     try:
         _check_keys(data, _FIELDS, "")
-        d = {k: v for k, v in data.items() if v is not None or k == "masks"}
+        d = {k: v for k, v in data.items() if v is not None or k in ("masks", "captions")}
         for key in ("pipeline", "images", "token", "superclass", "covariance", "output"):
             if key not in d:
                 _fail(key, "missing (required)")
             d[key] = _str(d[key], key)
         d["masks"] = _str(d.get("masks"), "masks", allow_none=True)
+        d["captions"] = _str(d.get("captions"), "captions", allow_none=True)
         for key, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seed", 0), ("checkpoint_every", 1)):
             if key in d:
                 d[key] = _int(d[key], key, low=low)
@@ -152,6 +157,29 @@ def load_images(cfg: ConceptConfig, size: int) -> tuple[torch.Tensor, torch.Tens
     return pixels, torch.stack([read(masks[f.stem], "L") for f in files])
 
 
+def load_captions(cfg: ConceptConfig) -> list[list[str]] | None:
+    """Each image's own prompts (``<stem>.txt`` in ``cfg.captions``, one a line, each with one ``{}`` for the
+    token), in image order: a concept drawn beside other objects is trained with prompts that name them (several
+    lines: e.g. both orders of "a {} and a yellow square")."""
+    if cfg.captions is None:
+        return None
+    folder = Path(cfg.captions)
+    if not folder.is_dir():
+        raise ConceptConfigError(f"captions: {cfg.captions!r} is not a folder")
+    out = []
+    for f in _files(cfg.images, "images"):
+        path = folder / f"{f.stem}.txt"
+        if not path.is_file():
+            raise ConceptConfigError(f"captions: no {path.name} for image {f.name} in {cfg.captions!r}")
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        bad = [line for line in lines if line.count("{}") != 1]
+        if not lines or bad:
+            raise ConceptConfigError(f"captions: {path.name} must hold prompts (one a line) with one {{}} for the "
+                                     f"token each, got {(bad or [''])[0]!r}")
+        out.append(lines)
+    return out
+
+
 @torch.no_grad()
 def encode_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
     vae = pipe.vae
@@ -192,6 +220,7 @@ def train_concept(cfg: ConceptConfig, *, pipe=None, progress: bool = True,
                                  "estimate C for this one with `attnproc keylock-covariance`")
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     pixels, masks = load_images(cfg, size)
+    captions = load_captions(cfg)
     latents = encode_latents(pipe, pixels)
     if masks is not None:
         masks = torch.nn.functional.interpolate(masks, size=latents.shape[-2:], mode="area")
@@ -238,7 +267,7 @@ def train_concept(cfg: ConceptConfig, *, pipe=None, progress: bool = True,
         for step in bar:
             total = 0.0
             for micro in range(cfg.grad_accum):
-                loss = _micro_step(pipe, cfg, concept, latents, masks, sched, tid,
+                loss = _micro_step(pipe, cfg, concept, latents, masks, captions, sched, tid,
                                    torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 97 + micro))
                 accelerator.backward(loss / cfg.grad_accum)
                 total += loss.item() / cfg.grad_accum
@@ -279,14 +308,20 @@ def _swap_row(token_id: int, embedding: torch.nn.Parameter, start: int, width: i
     return hook
 
 
-def _micro_step(pipe, cfg: ConceptConfig, concept, latents, masks, sched, tid: int, gen: torch.Generator):
-    """One batch: EMA of ``i*`` from the token's current encoding, then the (masked) diffusion loss."""
+def _micro_step(pipe, cfg: ConceptConfig, concept, latents, masks, captions, sched, tid: int,
+                gen: torch.Generator):
+    """One batch: EMA of ``i*`` from the token's current encoding, then the (masked) diffusion loss. Prompts: the
+    images' own captions when given, else random templates."""
     from attnproc.pipelines.concepts import encode_for_denoiser
 
     n = latents.shape[0]
     idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
     prompts = [cfg.templates[int(i)].format(cfg.token)
                for i in torch.randint(0, len(cfg.templates), (cfg.batch_size,), generator=gen)]
+    if captions is not None:  # an image of one caption line draws nothing (runs stay as they were)
+        lines = [captions[int(i)] for i in idx]
+        prompts = [(ls[int(torch.randint(0, len(ls), (1,), generator=gen))] if len(ls) > 1 else ls[0])
+                   .replace("{}", cfg.token) for ls in lines]
     enc, ids, extra = encode_for_denoiser(pipe, prompts)
     with torch.no_grad():
         at = enc[ids == tid].float().mean(0)

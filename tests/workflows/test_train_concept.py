@@ -168,3 +168,45 @@ def test_plain_textual_inversion_trains_only_the_embedding(data, tmp_path):
     with pytest.raises(ConceptConfigError, match="edit: must be true or false"):
         parse_concept_config({"pipeline": "tiny:sd15", "images": "i", "token": "<t>", "superclass": "fox",
                               "covariance": "C", "output": "o", "edit": "no"})
+
+
+def test_captions_give_each_image_its_own_prompt(data, tmp_path, capsys):
+    """``captions``: a concept drawn beside other objects is trained with prompts naming them (``<stem>.txt`` per
+    image, one prompt a line, one drawn per step) instead of the templates; a missing caption or a line without
+    ``{}`` is refused by field, before training."""
+    pipe = tiny_pipeline("sd15")
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    texts = ["a {} and a fox", "the snow and a {}", "a {} and a fox", "the snow and a {}"]
+    for i, text in enumerate(texts):
+        (caps / f"{i}.txt").write_text(text + "\n" + ("a fox and a {}\n" if i == 0 else ""))
+    seen, expected = [], []
+
+    def record(module, args):
+        tok = pipe.tokenizer
+        if "<flag>" not in tok.get_vocab():  # encodings before the token is added (the superclass's)
+            return
+        if not expected:  # tokenize what each prompt must be, now that the token exists
+            want = tok([t.format("<flag>") for t in texts + ["a fox and a {}"]], padding="max_length",
+                       max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            expected.extend(tuple(r.tolist()) for r in want)
+        seen.extend(tuple(r.tolist()) for r in args[0])
+
+    hook = pipe.text_encoder.register_forward_pre_hook(record)
+    try:
+        train_concept(_cfg(data, tmp_path / "run", steps=6, batch_size=2, captions=str(caps)), pipe=pipe,
+                      progress=False)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == set(expected)  # every caption line, never the template "a {}"
+    (caps / "3.txt").unlink()
+    with pytest.raises(ConceptConfigError, match="captions: no 3.txt for image 3.png"):
+        train_concept(_cfg(data, tmp_path / "bad", captions=str(caps)), pipe=pipe, progress=False)
+    args = ["train-concept", "--pipeline", "tiny:sd15", "--images", str(data / "img"), "--token", "<flag>",
+            "--superclass", "fox", "--covariance", str(data / "C.safetensors"), "--output", str(tmp_path / "cli"),
+            "--captions", str(caps), "--quiet"]
+    assert cli_main(args) == 2 and "captions: no 3.txt for image 3.png" in capsys.readouterr().err
+    (caps / "3.txt").write_text("a {} and a fox\nno slot here\n")
+    with pytest.raises(ConceptConfigError, match="captions: 3.txt must hold prompts .* 'no slot here'"):
+        train_concept(_cfg(data, tmp_path / "bad", captions=str(caps)), pipe=pipe, progress=False)
+    assert not (tmp_path / "bad" / "concept.safetensors").exists() and "<flag>" not in pipe.tokenizer.get_vocab()
