@@ -41,19 +41,36 @@ def _words(words=None) -> list[str]:
 
 
 def _chain_merges(word_pieces: list[list[str]], vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """Left-to-right BPE merges that glue each piece list into one token (adds the pieces to ``vocab``)."""
+    """BPE merges that glue each piece list into one token (adds the pieces to ``vocab``).
+
+    BPE applies merges by rank, not left to right, so a word's own chain can be cut by an earlier word's merge
+    ("r"+"e" of "red" inside "green"). Each word is therefore first split as the merges so far would split it,
+    and those segments are chained; merges only ever go to the end, so earlier words keep their single token."""
     merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
+    rank: dict[tuple[str, str], int] = {}
     for pieces in word_pieces:
-        cur = pieces[0]
-        for nxt in pieces[1:]:
+        segments = _apply_merges(list(pieces), rank)
+        cur = segments[0]
+        for nxt in segments[1:]:
             pair = (cur, nxt)
             cur = cur + nxt
-            if pair not in seen:
-                seen.add(pair)
+            if pair not in rank:
+                rank[pair] = len(merges)
                 merges.append(pair)
             vocab.setdefault(cur, len(vocab))
     return merges
+
+
+def _apply_merges(pieces: list[str], rank: dict[tuple[str, str], int]) -> list[str]:
+    """What byte-pair encoding makes of ``pieces`` with these merges: the best-ranked adjacent pair first."""
+    while len(pieces) > 1:
+        pairs = [(rank.get((a, b)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        ranked = [(r, i) for r, i in pairs if r is not None]
+        if not ranked:
+            break
+        _, i = min(ranked)
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
 
 
 def clip_tokenizer(model_max_length: int = 77, words=None):
