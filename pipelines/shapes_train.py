@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import _tokenizers as tk
-from .shapes import WORDS, batch
+from .shapes import BACKGROUND, WORDS, batch
 
 MODELS_DIR = Path(__file__).parent / "shapes_models"
 
@@ -46,12 +46,22 @@ class Spec:
     max_seq: int  # text tokens where the pipeline takes max_sequence_length
     shift: float  # flow-matching shift (flux, wan21); unused by sd15
     lr: float
+    # recipe defaults of the CLI / ``train`` (what the shipped model was trained with, where it changed)
+    steps: int = 3000
+    vae_steps: int = 600
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    # extra VAE loss weight on shape pixels: small shapes on a plain background are a few % of the
+    # pixels, so a plain MSE learns the background first and the shapes' colour late
+    vae_fg: float = 0.0
 
 
+WAN_STEPS, WAN_VAE_STEPS, FG_WEIGHT = 6000, 400, 10.0
 SPECS: dict[str, Spec] = {
     "sd15": Spec(size=64, frames=1, max_shapes=3, max_seq=77, shift=1.0, lr=1e-3),
     "flux": Spec(size=64, frames=1, max_shapes=3, max_seq=16, shift=2.0, lr=5e-4),
-    "wan21": Spec(size=32, frames=17, max_shapes=1, max_seq=16, shift=2.0, lr=5e-4),
+    "wan21": Spec(size=32, frames=17, max_shapes=1, max_seq=16, shift=2.0, lr=5e-4, steps=WAN_STEPS,
+                   vae_steps=WAN_VAE_STEPS, vae_batch=6, vae_lr=3e-3, vae_fg=FG_WEIGHT),
 }
 TEXT_WIDTH = 64
 
@@ -251,9 +261,10 @@ def export(pipe, out: Path) -> None:
 # ----------------------------------------------------------------------------- stage 1: VAE
 def train_vae(pipe, kind: str, steps: int, batch_size: int, seed: int, work: Path) -> None:
     ckpt = work / "vae.safetensors"
+    spec = SPECS[kind]
     vae = pipe.vae
     vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=spec.vae_lr, weight_decay=0.0)
     modules = {"vae": vae}
     start = _load_ckpt(ckpt, modules, {}, opt) if ckpt.exists() else 0
     frames = 9 if kind == "wan21" else None  # the first frame + two causal chunks of four
@@ -263,15 +274,27 @@ def train_vae(pipe, kind: str, steps: int, batch_size: int, seed: int, work: Pat
         torch.manual_seed(seed * 1_000_003 + step)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        loss = torch.nn.functional.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        loss = _weighted_mse(rec, x, spec.vae_fg) + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        if spec.vae_fg:  # a short warm-up: the higher rate diverges from a random init otherwise
+            for g in opt.param_groups:
+                g["lr"] = spec.vae_lr * min(1.0, (step + 1) / 50)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % 50 == 0 or step + 1 == steps:
             _save_ckpt(ckpt, modules, {}, opt, step + 1)
     vae.eval()
+
+
+def _weighted_mse(rec: torch.Tensor, x: torch.Tensor, fg: float) -> torch.Tensor:
+    """MSE with weight ``1 + fg`` on shape pixels (those off the plain background), normalised."""
+    if not fg:
+        return torch.nn.functional.mse_loss(rec, x)
+    bg = torch.tensor(BACKGROUND, dtype=x.dtype).view(1, 3, *([1] * (x.dim() - 2))) / 127.5 - 1
+    w = 1 + fg * ((x - bg).abs().amax(1, keepdim=True) > 0.05).to(x.dtype)
+    return ((rec - x) ** 2 * w).mean() / w.mean()
 
 
 # ----------------------------------------------------------------------------- stage 2: denoiser
@@ -338,11 +361,14 @@ class LatentPool:
         return torch.stack([self.latents[i] for i in idx]), [self.captions[i] for i in idx]
 
 
-def train(kind: str, steps: int, batch_size: int, seed: int = 0, work: Path | None = None,
-          out: Path | None = None, vae_steps: int = 600, vae_batch: int = 16, ckpt_every: int = 200,
+def train(kind: str, steps: int | None = None, batch_size: int = 16, seed: int = 0, work: Path | None = None,
+          out: Path | None = None, vae_steps: int | None = None, vae_batch: int | None = None, ckpt_every: int = 200,
           caption_dropout: float = 0.1, pool: int = 4096, vae_from: Path | None = None) -> Path:
     """Train ``kind`` (both stages; resumes from ``work``) and export the EMA pipeline to ``out``."""
-    check_kind(kind)
+    spec = SPECS[check_kind(kind)]
+    steps = spec.steps if steps is None else steps
+    vae_steps = spec.vae_steps if vae_steps is None else vae_steps
+    vae_batch = spec.vae_batch if vae_batch is None else vae_batch
     for name, v in (("steps", steps), ("batch", batch_size), ("vae_steps", vae_steps), ("ckpt_every", ckpt_every)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
@@ -421,10 +447,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train (or resume) one shapes model")
     t.add_argument("kind", choices=sorted(SPECS))
-    t.add_argument("--steps", type=int, default=3000, help="denoiser steps (default 3000)")
+    t.add_argument("--steps", type=int, default=None, help="denoiser steps (default: the kind's recipe, 3000; wan21 %d)" % WAN_STEPS)
     t.add_argument("--batch", type=int, default=16, help="denoiser batch (default 16)")
-    t.add_argument("--vae-steps", type=int, default=600)
-    t.add_argument("--vae-batch", type=int, default=16)
+    t.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: 600; wan21 %d)" % WAN_VAE_STEPS)
+    t.add_argument("--vae-batch", type=int, default=None, help="VAE batch (default 16; wan21 6 clips)")
     t.add_argument("--ckpt-every", type=int, default=200)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--work", type=Path, default=None, help="checkpoint folder (default shapes-train/KIND)")
