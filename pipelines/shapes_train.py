@@ -369,7 +369,8 @@ def train(kind: str, steps: int | None = None, batch_size: int = 16, seed: int =
     steps = spec.steps if steps is None else steps
     vae_steps = spec.vae_steps if vae_steps is None else vae_steps
     vae_batch = spec.vae_batch if vae_batch is None else vae_batch
-    for name, v in (("steps", steps), ("batch", batch_size), ("vae_steps", vae_steps), ("ckpt_every", ckpt_every)):
+    for name, v in (("steps", steps), ("batch", batch_size), ("vae_steps", vae_steps), ("vae_batch", vae_batch),
+                    ("ckpt_every", ckpt_every)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
     work = Path(work or f"shapes-train/{kind}")

@@ -148,4 +148,22 @@ def test_training_rejects_bad_options(tmp_path):
         train("sdxl", steps=1, batch_size=1, work=tmp_path)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         train("flux", steps=0, batch_size=1, work=tmp_path)
+    with pytest.raises(ValueError, match="vae_batch must be >= 1"):
+        train("wan21", batch_size=1, vae_batch=0, work=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_vae_loss_weights_shape_pixels():
+    """wan21's VAE loss counts an error on a shape pixel (off the background) 1 + vae_fg times one on the background."""
+    from attnproc.pipelines.shapes import BACKGROUND
+    from attnproc.pipelines.shapes_train import SPECS, _weighted_mse
+
+    fg = SPECS["wan21"].vae_fg
+    assert fg > 0 and SPECS["sd15"].vae_fg == 0  # the image recipes keep the plain MSE
+    x = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1, 1).repeat(1, 1, 2, 4, 4) / 127.5 - 1
+    x[0, :, 0, 1, 1] = torch.tensor([0.7, -0.7, -0.7])  # one red pixel in frame 0
+    on_shape, on_bg = x.clone(), x.clone()
+    on_shape[0, 0, 0, 1, 1] += 0.5
+    on_bg[0, 0, 1, 2, 2] += 0.5
+    assert _weighted_mse(on_shape, x, fg) / _weighted_mse(on_bg, x, fg) == pytest.approx(1 + fg)
+    assert _weighted_mse(on_bg, x, 0.0) == pytest.approx(torch.nn.functional.mse_loss(on_bg, x))
