@@ -56,7 +56,7 @@ class Spec:
     vae_fg: float = 0.0
 
 
-WAN_STEPS, WAN_VAE_STEPS, FG_WEIGHT = 6000, 400, 10.0
+WAN_STEPS, WAN_VAE_STEPS, FG_WEIGHT = 10400, 400, 10.0
 SPECS: dict[str, Spec] = {
     "sd15": Spec(size=64, frames=1, max_shapes=3, max_seq=77, shift=1.0, lr=1e-3),
     "flux": Spec(size=64, frames=1, max_shapes=3, max_seq=16, shift=2.0, lr=5e-4),
