@@ -45,7 +45,7 @@ def main() -> None:
     pix, captions = batch(np.arange(a.n) + 3_000_000_000, spec.size, spec.frames, spec.max_shapes)
     rec = reconstruct(vae, torch.from_numpy(pix).permute(0, 2, 1, 3, 4).contiguous())
     q = quality(captions, list(rec))
-    res = {"vae": str(folder), **{k: v for k, v in q.items() if k != "verdicts"}}
+    res = {"vae": str(a.vae) if a.vae else "shipped wan21", **{k: v for k, v in q.items() if k != "verdicts"}}
     print(res)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2))
