@@ -167,3 +167,18 @@ def test_vae_loss_weights_shape_pixels():
     on_bg[0, 0, 1, 2, 2] += 0.5
     assert _weighted_mse(on_shape, x, fg) / _weighted_mse(on_bg, x, fg) == pytest.approx(1 + fg)
     assert _weighted_mse(on_bg, x, 0.0) == pytest.approx(torch.nn.functional.mse_loss(on_bg, x))
+
+
+def test_wan21_recipe_smoke_exports_a_vae_whose_config_sizes_the_latents(tmp_path):
+    """One step of each wan21 stage (17-frame VAE clips, weighted loss): the export keeps the VAE's real
+    ÷2 time / ÷4 space factors in its config (WanPipeline sizes its latents by them) and its latent statistics."""
+    from diffusers import AutoencoderKLWan
+
+    from attnproc.pipelines.shapes_train import train
+
+    torch.set_num_threads(1)
+    out = train("wan21", steps=1, batch_size=1, work=tmp_path / "w", out=tmp_path / "o", vae_steps=1, vae_batch=1,
+                ckpt_every=1, pool=1)
+    cfg = AutoencoderKLWan.load_config(out / "vae")
+    assert (cfg["scale_factor_temporal"], cfg["scale_factor_spatial"]) == (2, 4)
+    assert len(cfg["latents_std"]) == cfg["z_dim"] and cfg["latents_std"] != [1.0] * cfg["z_dim"]
