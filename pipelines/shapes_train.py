@@ -13,7 +13,7 @@ a run resumed from a checkpoint continues exactly. Checkpoints (``--work``) are 
 safetensors files written atomically every ``--ckpt-every`` steps; each also exports the EMA
 pipeline (fp16) to ``--out`` (default: the packaged model folder), so a partial run is usable.
 
-    python -m attnproc.pipelines.shapes train wan21 --steps 3000 --batch 8
+    python -m attnproc.pipelines.shapes train wan21   # the shipped recipe (defaults in SPECS)
     python -m attnproc.pipelines.shapes train sd15 --steps 4000 --batch 32 --out /tmp/sd15
 """
 
@@ -169,10 +169,10 @@ def build(kind: str, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------- data → latents
-def _pixels(kind: str, step: int, n: int, seed: int, frames: int | None = None) -> tuple[torch.Tensor, list[str]]:
+def _pixels(kind: str, step: int, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     spec = SPECS[kind]
     seeds = np.arange(step * n, (step + 1) * n) + seed * 10_000_000
-    pix, captions = batch(seeds, spec.size, frames or spec.frames, spec.max_shapes)
+    pix, captions = batch(seeds, spec.size, spec.frames, spec.max_shapes)
     x = torch.from_numpy(pix)  # [B, F, 3, H, W]
     if kind == "wan21":
         return x.permute(0, 2, 1, 3, 4).contiguous(), captions  # [B, 3, F, H, W]
@@ -267,10 +267,9 @@ def train_vae(pipe, kind: str, steps: int, batch_size: int, seed: int, work: Pat
     opt = torch.optim.AdamW(vae.parameters(), lr=spec.vae_lr, weight_decay=0.0)
     modules = {"vae": vae}
     start = _load_ckpt(ckpt, modules, {}, opt) if ckpt.exists() else 0
-    frames = None  # whole clips as sampled: trained on 9 frames, the Wan VAE drifts on frames 9-16
     bar = tqdm(range(start, steps), desc=f"{kind} vae", initial=start, total=steps, mininterval=10)
     for step in bar:
-        x, _ = _pixels(kind, step, batch_size, seed + 1, frames)
+        x, _ = _pixels(kind, step, batch_size, seed + 1)  # whole clips: on 9 frames the Wan VAE drifts on frames 9-16
         torch.manual_seed(seed * 1_000_003 + step)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
@@ -278,7 +277,7 @@ def train_vae(pipe, kind: str, steps: int, batch_size: int, seed: int, work: Pat
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        if spec.vae_fg:  # a short warm-up: the higher rate diverges from a random init otherwise
+        if spec.vae_fg:  # wan21's recipe warms its higher rate up over 50 steps (the image recipes keep theirs)
             for g in opt.param_groups:
                 g["lr"] = spec.vae_lr * min(1.0, (step + 1) / 50)
         opt.step()
