@@ -13,7 +13,7 @@ a run resumed from a checkpoint continues exactly. Checkpoints (``--work``) are 
 safetensors files written atomically every ``--ckpt-every`` steps; each also exports the EMA
 pipeline (fp16) to ``--out`` (default: the packaged model folder), so a partial run is usable.
 
-    python -m attnproc.pipelines.shapes train wan21 --steps 3000 --batch 8
+    python -m attnproc.pipelines.shapes train wan21   # the shipped recipe (defaults in SPECS)
     python -m attnproc.pipelines.shapes train sd15 --steps 4000 --batch 32 --out /tmp/sd15
 """
 
@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import _tokenizers as tk
-from .shapes import WORDS, batch
+from .shapes import BACKGROUND, WORDS, batch
 
 MODELS_DIR = Path(__file__).parent / "shapes_models"
 
@@ -46,12 +46,22 @@ class Spec:
     max_seq: int  # text tokens where the pipeline takes max_sequence_length
     shift: float  # flow-matching shift (flux, wan21); unused by sd15
     lr: float
+    # recipe defaults of the CLI / ``train`` (what the shipped model was trained with, where it changed)
+    steps: int = 3000
+    vae_steps: int = 600
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    # extra VAE loss weight on shape pixels: small shapes on a plain background are a few % of the
+    # pixels, so a plain MSE learns the background first and the shapes' colour late
+    vae_fg: float = 0.0
 
 
+WAN_STEPS, WAN_VAE_STEPS, FG_WEIGHT = 10400, 400, 10.0
 SPECS: dict[str, Spec] = {
     "sd15": Spec(size=64, frames=1, max_shapes=3, max_seq=77, shift=1.0, lr=1e-3),
     "flux": Spec(size=64, frames=1, max_shapes=3, max_seq=16, shift=2.0, lr=5e-4),
-    "wan21": Spec(size=32, frames=17, max_shapes=1, max_seq=16, shift=2.0, lr=5e-4),
+    "wan21": Spec(size=32, frames=17, max_shapes=1, max_seq=16, shift=2.0, lr=5e-4, steps=WAN_STEPS,
+                   vae_steps=WAN_VAE_STEPS, vae_batch=4, vae_lr=3e-3, vae_fg=FG_WEIGHT),
 }
 TEXT_WIDTH = 64
 
@@ -159,10 +169,10 @@ def build(kind: str, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------- data → latents
-def _pixels(kind: str, step: int, n: int, seed: int, frames: int | None = None) -> tuple[torch.Tensor, list[str]]:
+def _pixels(kind: str, step: int, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     spec = SPECS[kind]
     seeds = np.arange(step * n, (step + 1) * n) + seed * 10_000_000
-    pix, captions = batch(seeds, spec.size, frames or spec.frames, spec.max_shapes)
+    pix, captions = batch(seeds, spec.size, spec.frames, spec.max_shapes)
     x = torch.from_numpy(pix)  # [B, F, 3, H, W]
     if kind == "wan21":
         return x.permute(0, 2, 1, 3, 4).contiguous(), captions  # [B, 3, F, H, W]
@@ -251,27 +261,39 @@ def export(pipe, out: Path) -> None:
 # ----------------------------------------------------------------------------- stage 1: VAE
 def train_vae(pipe, kind: str, steps: int, batch_size: int, seed: int, work: Path) -> None:
     ckpt = work / "vae.safetensors"
+    spec = SPECS[kind]
     vae = pipe.vae
     vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=spec.vae_lr, weight_decay=0.0)
     modules = {"vae": vae}
     start = _load_ckpt(ckpt, modules, {}, opt) if ckpt.exists() else 0
-    frames = 9 if kind == "wan21" else None  # the first frame + two causal chunks of four
     bar = tqdm(range(start, steps), desc=f"{kind} vae", initial=start, total=steps, mininterval=10)
     for step in bar:
-        x, _ = _pixels(kind, step, batch_size, seed + 1, frames)
+        x, _ = _pixels(kind, step, batch_size, seed + 1)  # whole clips: on 9 frames the Wan VAE drifts on frames 9-16
         torch.manual_seed(seed * 1_000_003 + step)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        loss = torch.nn.functional.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        loss = _weighted_mse(rec, x, spec.vae_fg) + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        if spec.vae_fg:  # wan21's recipe warms its higher rate up over 50 steps (the image recipes keep theirs)
+            for g in opt.param_groups:
+                g["lr"] = spec.vae_lr * min(1.0, (step + 1) / 50)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % 50 == 0 or step + 1 == steps:
             _save_ckpt(ckpt, modules, {}, opt, step + 1)
     vae.eval()
+
+
+def _weighted_mse(rec: torch.Tensor, x: torch.Tensor, fg: float) -> torch.Tensor:
+    """MSE with weight ``1 + fg`` on shape pixels (those off the plain background), normalised."""
+    if not fg:
+        return torch.nn.functional.mse_loss(rec, x)
+    bg = torch.tensor(BACKGROUND, dtype=x.dtype).view(1, 3, *([1] * (x.dim() - 2))) / 127.5 - 1
+    w = 1 + fg * ((x - bg).abs().amax(1, keepdim=True) > 0.05).to(x.dtype)
+    return ((rec - x) ** 2 * w).mean() / w.mean()
 
 
 # ----------------------------------------------------------------------------- stage 2: denoiser
@@ -338,12 +360,16 @@ class LatentPool:
         return torch.stack([self.latents[i] for i in idx]), [self.captions[i] for i in idx]
 
 
-def train(kind: str, steps: int, batch_size: int, seed: int = 0, work: Path | None = None,
-          out: Path | None = None, vae_steps: int = 600, vae_batch: int = 16, ckpt_every: int = 200,
+def train(kind: str, steps: int | None = None, batch_size: int = 16, seed: int = 0, work: Path | None = None,
+          out: Path | None = None, vae_steps: int | None = None, vae_batch: int | None = None, ckpt_every: int = 200,
           caption_dropout: float = 0.1, pool: int = 4096, vae_from: Path | None = None) -> Path:
     """Train ``kind`` (both stages; resumes from ``work``) and export the EMA pipeline to ``out``."""
-    check_kind(kind)
-    for name, v in (("steps", steps), ("batch", batch_size), ("vae_steps", vae_steps), ("ckpt_every", ckpt_every)):
+    spec = SPECS[check_kind(kind)]
+    steps = spec.steps if steps is None else steps
+    vae_steps = spec.vae_steps if vae_steps is None else vae_steps
+    vae_batch = spec.vae_batch if vae_batch is None else vae_batch
+    for name, v in (("steps", steps), ("batch", batch_size), ("vae_steps", vae_steps), ("vae_batch", vae_batch),
+                    ("ckpt_every", ckpt_every)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
     work = Path(work or f"shapes-train/{kind}")
@@ -421,10 +447,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train (or resume) one shapes model")
     t.add_argument("kind", choices=sorted(SPECS))
-    t.add_argument("--steps", type=int, default=3000, help="denoiser steps (default 3000)")
+    t.add_argument("--steps", type=int, default=None, help="denoiser steps (default: the kind's recipe, 3000; wan21 %d)" % WAN_STEPS)
     t.add_argument("--batch", type=int, default=16, help="denoiser batch (default 16)")
-    t.add_argument("--vae-steps", type=int, default=600)
-    t.add_argument("--vae-batch", type=int, default=16)
+    t.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: 600; wan21 %d)" % WAN_VAE_STEPS)
+    t.add_argument("--vae-batch", type=int, default=None, help="VAE batch (default 16; wan21 4 clips)")
     t.add_argument("--ckpt-every", type=int, default=200)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--work", type=Path, default=None, help="checkpoint folder (default shapes-train/KIND)")

@@ -148,4 +148,37 @@ def test_training_rejects_bad_options(tmp_path):
         train("sdxl", steps=1, batch_size=1, work=tmp_path)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         train("flux", steps=0, batch_size=1, work=tmp_path)
+    with pytest.raises(ValueError, match="vae_batch must be >= 1"):
+        train("wan21", batch_size=1, vae_batch=0, work=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_vae_loss_weights_shape_pixels():
+    """wan21's VAE loss counts an error on a shape pixel (off the background) 1 + vae_fg times one on the background."""
+    from attnproc.pipelines.shapes import BACKGROUND
+    from attnproc.pipelines.shapes_train import SPECS, _weighted_mse
+
+    fg = SPECS["wan21"].vae_fg
+    assert fg > 0 and SPECS["sd15"].vae_fg == 0  # the image recipes keep the plain MSE
+    x = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1, 1).repeat(1, 1, 2, 4, 4) / 127.5 - 1
+    x[0, :, 0, 1, 1] = torch.tensor([0.7, -0.7, -0.7])  # one red pixel in frame 0
+    on_shape, on_bg = x.clone(), x.clone()
+    on_shape[0, 0, 0, 1, 1] += 0.5
+    on_bg[0, 0, 1, 2, 2] += 0.5
+    assert _weighted_mse(on_shape, x, fg) / _weighted_mse(on_bg, x, fg) == pytest.approx(1 + fg)
+    assert _weighted_mse(on_bg, x, 0.0) == pytest.approx(torch.nn.functional.mse_loss(on_bg, x))
+
+
+def test_wan21_recipe_smoke_exports_a_vae_whose_config_sizes_the_latents(tmp_path):
+    """One step of each wan21 stage (17-frame VAE clips, weighted loss): the export keeps the VAE's real
+    ÷2 time / ÷4 space factors in its config (WanPipeline sizes its latents by them) and its latent statistics."""
+    from diffusers import AutoencoderKLWan
+
+    from attnproc.pipelines.shapes_train import train
+
+    torch.set_num_threads(1)
+    out = train("wan21", steps=1, batch_size=1, work=tmp_path / "w", out=tmp_path / "o", vae_steps=1, vae_batch=1,
+                ckpt_every=1, pool=1)
+    cfg = AutoencoderKLWan.load_config(out / "vae")
+    assert (cfg["scale_factor_temporal"], cfg["scale_factor_spatial"]) == (2, 4)
+    assert len(cfg["latents_std"]) == cfg["z_dim"] and cfg["latents_std"] != [1.0] * cfg["z_dim"]
