@@ -164,6 +164,8 @@ def main():
     ap.add_argument("--model", default=None, help="a shapes-world Wan folder (default: the packaged wan21)")
     ap.add_argument("--data", default="trajectory", choices=("trajectory", "on_policy"))
     ap.add_argument("--refresh-every", type=int, default=25, help="data on_policy: steps between regenerations")
+    ap.add_argument("--step-weights", default=None, help="comma list, one per sampler step, or 'early': "
+                    "(20 - i)^2, the high-noise steps drawn most often")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--sweep", default=None, help="untrained SLA at these topk (comma list): how the per-step "
                     "guided error maps to video fidelity; no training")
@@ -172,6 +174,8 @@ def main():
     lr = args.lr or {"method": 1e-2, "lora": 1e-3, "full": 4e-4}[args.train]
     eval_at = {int(s) for s in args.eval_at.split(",")} | {args.steps}
     options = OPTIONS[args.method]
+    step_weights = ([(20 - i) ** 2 for i in range(20)] if args.step_weights == "early"
+                    else [float(w) for w in args.step_weights.split(",")] if args.step_weights else None)
     pipe = load_model(args.model)
     prompts = eval_prompts(KIND, args.n_eval, start=2_000_000_000 + args.eval_offset)
     seeds = list(range(args.eval_offset, args.eval_offset + args.n_eval))
@@ -203,7 +207,8 @@ def main():
             pipeline=f"shapes:{KIND}", method=args.method, options=options, output=tmp, train=args.train,
             steps=args.steps, lr=lr, weight_decay=0.0, checkpoint_every=args.steps,
             prompt=eval_prompts(KIND, args.n_train, start=TRAIN_START), data_steps=20, seed=0,
-            data=args.data, refresh_every=args.refresh_every, guidance_scale=GUIDANCE, lora_rank=8))
+            data=args.data, refresh_every=args.refresh_every, guidance_scale=GUIDANCE, lora_rank=8,
+            step_weights=step_weights))
 
         def every(step, loss):
             if step in eval_at:
@@ -232,7 +237,7 @@ def main():
                train_seconds=round(train_seconds, 1), total_seconds=round(time.perf_counter() - t0, 1))
     meta = dict(pipeline=f"shapes:{KIND} (17 x 32 x 32 video, 9 x 4 x 4 = 144 tokens, 3 layers, 2 heads, D=32)",
                 method=args.method, options=options, train=args.train, steps=args.steps, lr=lr,
-                model=args.model or "packaged",
+                model=args.model or "packaged", step_weights=step_weights,
                 data=f"data: {args.data}, guidance_scale {GUIDANCE}: the "
                      f"{'dense' if args.data == 'trajectory' else 'student' + chr(39) + 's own'} sampler's calls "
                      f"(20 steps, shift 2, CFG pairs"

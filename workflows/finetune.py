@@ -79,6 +79,7 @@ class FinetuneConfig:
     data: str = "noised"                           # noised (x0 + sampled t) | trajectory | on_policy (sampler calls)
     guidance_scale: float | None = None            # trajectory / on_policy: loss on uncond + g (cond - uncond)
     refresh_every: int = 50                        # on_policy: steps between the student's regenerations
+    step_weights: list | None = None               # trajectory / on_policy: how often each sampler step is drawn
 
 
 _FIELDS = tuple(FinetuneConfig.__dataclass_fields__)
@@ -129,6 +130,14 @@ def parse_finetune_config(data: Any) -> FinetuneConfig:
             if d["guidance_scale"] is not None and d.get("data") not in SAMPLER_DATA:
                 _fail("guidance_scale", "needs data: trajectory or on_policy (the recorded conditional and "
                                         "unconditional calls)")
+        if d.get("step_weights") is not None:
+            w = d["step_weights"]
+            if d.get("data") not in SAMPLER_DATA:
+                _fail("step_weights", "needs data: trajectory or on_policy (one weight per sampler step)")
+            if (not isinstance(w, list) or not w or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                            and x >= 0 for x in w) or not sum(w) > 0):
+                _fail("step_weights", f"must be a list of numbers >= 0 (one per sampler step, not all 0), got {w!r}")
+            d["step_weights"] = [float(x) for x in w]
         if d.get("data") == "on_policy":
             every, refresh = d.get("checkpoint_every", 50), d.get("refresh_every", 50)
             if every % refresh:  # a resume must start where the uninterrupted run regenerated its trajectories
@@ -412,8 +421,7 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
             if cfg.data == "on_policy" and step % cfg.refresh_every == 0:
                 groups = own_trajectory(pipe, student, cfg, step, accelerator.device)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            calls = (groups[int(torch.randint(len(groups), (1,), generator=gen))] if groups is not None
-                     else [_noised_call(gen, batch, cfg)])
+            calls = groups[pick_step(gen, len(groups), cfg)] if groups is not None else [_noised_call(gen, batch, cfg)]
             with accelerator.autocast():
                 with torch.no_grad():
                     targets = _guided([teacher(**c, return_dict=False)[0] for c in calls], cfg.guidance_scale)
@@ -437,6 +445,17 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
         return FinetuneResult(out, weights, cfg.steps, losses, start)
     finally:
         handle.remove()
+
+
+def pick_step(gen: torch.Generator, n: int, cfg: FinetuneConfig) -> int:
+    """The recorded sampler step this optimizer step trains on: uniform, or drawn by ``step_weights`` (e.g. more
+    often the high-noise steps, whose errors the rest of the trajectory inherits)."""
+    if cfg.step_weights is None:
+        return int(torch.randint(n, (1,), generator=gen))
+    if len(cfg.step_weights) != n:
+        raise ValueError(f"step_weights: has {len(cfg.step_weights)} weights, but the sampler made {n} steps "
+                         f"(data_steps); give one weight per sampler step")
+    return int(torch.multinomial(torch.tensor(cfg.step_weights, dtype=torch.float64), 1, generator=gen))
 
 
 def own_trajectory(pipe, student, cfg: FinetuneConfig, step: int, device) -> list[list[dict]]:

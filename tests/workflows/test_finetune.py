@@ -37,6 +37,9 @@ BASE = dict(pipeline="tiny:wan21", method="radial", options=dict(dense_first_ste
     (dict(data="on_policy", refresh_every=0), r"refresh_every: must be an integer >= 1"),
     (dict(data="on_policy", refresh_every=3, checkpoint_every=2),
      r"checkpoint_every: must be a multiple of refresh_every \(3\) with data: on_policy, got 2"),
+    (dict(step_weights=[1, 2]), r"step_weights: needs data: trajectory or on_policy"),
+    (dict(data="trajectory", step_weights=[0, 0]), r"step_weights: must be a list of numbers >= 0 .*not all 0"),
+    (dict(data="trajectory", step_weights=[1, -1]), r"step_weights: must be a list of numbers >= 0"),
     (dict(data="on_policy", refresh_every=2, context_parallel="ulysses=2"), r"context_parallel: not supported with data: on_policy"),
     (dict(guidance_scale=3.0), r"guidance_scale: needs data: trajectory"),
     (dict(data="trajectory", guidance_scale="high"), r"guidance_scale: must be a number"),
@@ -266,3 +269,17 @@ def test_on_policy_trains_at_the_students_own_states_regenerated_with_its_weight
     assert resumed.resumed_from == 2 and resumed.losses == whole.losses
     a, b = load_file(whole.weights), load_file(resumed.weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_step_weights_choose_which_sampler_steps_train():
+    """step_weights draws the sampler step by weight: zero-weight steps are never drawn, and the draw follows the
+    weights; a list that does not fit the sampler's step count is refused by name."""
+    from attnproc.workflows.finetune import pick_step
+
+    cfg = parse_finetune_config(dict(BASE, output="x", data="trajectory", step_weights=[3, 1, 0]))
+    picks = [pick_step(torch.Generator().manual_seed(s), 3, cfg) for s in range(4000)]
+    assert set(picks) == {0, 1} and abs(picks.count(0) / len(picks) - 0.75) < 0.03
+    uniform = parse_finetune_config(dict(BASE, output="x", data="trajectory"))
+    assert {pick_step(torch.Generator().manual_seed(s), 3, uniform) for s in range(200)} == {0, 1, 2}
+    with pytest.raises(ValueError, match=r"step_weights: has 3 weights, but the sampler made 4 steps"):
+        pick_step(torch.Generator(), 4, cfg)
