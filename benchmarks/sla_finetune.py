@@ -109,6 +109,41 @@ def drift(pipe, teacher, dense_latents, dense_steps, prompts, seeds, per_call: b
                 guided_error_own_states=[rel(guided(pipe.transformer, p), guided(teacher, p)) for p in own_steps])
 
 
+def sensitivity(pipe, prompts, seeds, model) -> None:
+    """Is the dense sampler chaotic? Add Gaussian noise of relative size ``eps`` (squared, per batch) to the
+    latent after sampler step k, sample on dense, and measure how far the final latent lands from the
+    unperturbed one: growth means small per-step errors get amplified, shrinkage means they do not. Then the
+    same for the error SLA (topk 0.1, untrained) itself makes: SLA on the first steps only, dense after them."""
+    from attnproc.pipelines.shapes_models import shapes_call_kwargs
+
+    def final(k=None, eps=0.0):
+        def kick(_pipe, i, t, kw):
+            if i == k:
+                x = kw["latents"]
+                noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(123))
+                kw["latents"] = x + noise * (eps * (x ** 2).mean() / (noise ** 2).mean()).sqrt()
+            return kw
+
+        return pipe(**shapes_call_kwargs(KIND, list(prompts), output_type="latent", callback_on_step_end=kick,
+                                         generator=[torch.Generator().manual_seed(s) for s in seeds])).frames
+
+    ref = final()
+    rows = [dict(after_step=k + 1, perturbation_rel=eps,
+                 final_latent_rel_error=round(float(((final(k, eps) - ref) ** 2).sum() / (ref ** 2).sum()), 5))
+            for k in (0, 2, 4, 9, 14) for eps in (0.001, 0.01, 0.03)]
+    dense_latents, _ = rollout(pipe, prompts, seeds)
+    for last in (0.75, 0.5, 0.25):  # SLA on the first 5, 10, 15 of 20 steps
+        h = attnproc.apply(pipe, "sla", topk=0.1, dense_last_steps=last)
+        err = drift(pipe, None, dense_latents, None, prompts, seeds, per_call=False)["latent_rel_error"]
+        h.remove()
+        k = round(20 * (1 - last))
+        rows.append(dict(sla_first_steps=k, latent_rel_error_after_them=err[k - 1], final_latent_rel_error=err[-1]))
+    meta = dict(pipeline=f"shapes:{KIND}", model=model or "packaged", eval=f"{len(prompts)} held-out captions x seeds, "
+                "dense, 20 steps, CFG 3", rel="|x - x_ref|^2 / |x_ref|^2 over the batch", torch=torch.__version__)
+    (RESULTS / f"finetune-{KIND}-dense-sensitivity.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print(json.dumps(rows))
+
+
 def load_model(folder: str | None):
     """The packaged shapes-world Wan model, or another trained one (``--model FOLDER``), fp32 on CPU."""
     if folder is None:
@@ -167,6 +202,8 @@ def main():
     ap.add_argument("--step-weights", default=None, help="comma list, one per sampler step, or 'early': "
                     "(20 - i)^2, the high-noise steps drawn most often")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
+    ap.add_argument("--sensitivity", action="store_true", help="no training: how the dense sampler carries a "
+                    "small latent perturbation to the end")
     ap.add_argument("--sweep", default=None, help="untrained SLA at these topk (comma list): how the per-step "
                     "guided error maps to video fidelity; no training")
     args = ap.parse_args()
@@ -180,6 +217,8 @@ def main():
     prompts = eval_prompts(KIND, args.n_eval, start=2_000_000_000 + args.eval_offset)
     seeds = list(range(args.eval_offset, args.eval_offset + args.n_eval))
     t0 = time.perf_counter()
+    if args.sensitivity:
+        return sensitivity(pipe, prompts, seeds, args.model)
     dense = generate(pipe, KIND, prompts, seeds)
     dense_q = quality(prompts, dense)
     floor = video_row(generate(pipe, KIND, prompts, [s + 500 for s in seeds]), dense, prompts, dense_q)
