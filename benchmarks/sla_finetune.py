@@ -201,6 +201,8 @@ def main():
     ap.add_argument("--refresh-every", type=int, default=25, help="data on_policy: steps between regenerations")
     ap.add_argument("--step-weights", default=None, help="comma list, one per sampler step, or 'early': "
                     "(20 - i)^2, the high-noise steps drawn most often")
+    ap.add_argument("--options", default=None, help="JSON merged into the method's options, e.g. VMoBA's small "
+                    "chunks")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--sensitivity", action="store_true", help="no training: how the dense sampler carries a "
                     "small latent perturbation to the end")
@@ -210,7 +212,7 @@ def main():
     torch.set_num_threads(args.threads)
     lr = args.lr or {"method": 1e-2, "lora": 1e-3, "full": 4e-4}[args.train]
     eval_at = {int(s) for s in args.eval_at.split(",")} | {args.steps}
-    options = OPTIONS[args.method]
+    options = dict(OPTIONS[args.method], **(json.loads(args.options) if args.options else {}))
     step_weights = ([(20 - i) ** 2 for i in range(20)] if args.step_weights == "early"
                     else [float(w) for w in args.step_weights.split(",")] if args.step_weights else None)
     pipe = load_model(args.model)
