@@ -16,6 +16,7 @@ checkpoints, plus the denoiser's relative error of the guided prediction on the 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -66,6 +67,94 @@ def guided_error(model, probes, targets) -> float:
                           for p, t in zip(probes, targets)]))
 
 
+def rollout(pipe, prompts, seeds):
+    """One batched generation: the latent after every sampler step and the denoiser's inputs at every call."""
+    from attnproc.pipelines.shapes_models import shapes_call_kwargs
+
+    latents, calls = [], []
+
+    def keep(_pipe, i, t, kw):
+        latents.append(kw["latents"].detach().clone())
+        return kw
+
+    def hook(module, args, kwargs):
+        calls.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+                      for k, v in dict(kwargs, **({"hidden_states": args[0]} if args else {})).items()
+                      if k != "return_dict"})
+
+    h = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        pipe(**shapes_call_kwargs(KIND, list(prompts), generator=[torch.Generator().manual_seed(s) for s in seeds],
+                                  output_type="latent", callback_on_step_end=keep))
+    finally:
+        h.remove()
+    return latents, sampler_steps(calls, GUIDANCE)
+
+
+def drift(pipe, teacher, dense_latents, dense_steps, prompts, seeds, per_call: bool = True) -> dict:
+    """Where the sparse video leaves the dense one, per sampler step: the latent's relative distance to the dense
+    latent after the step, and the guided prediction's relative error against the dense teacher at the dense
+    sampler's states (teacher-forced) and at the student's own states (what it meets when it samples).
+    ``per_call=False``: the latents only (a schedule with dense steps needs the pipeline's step index)."""
+    latents, own_steps = rollout(pipe, prompts, seeds)
+
+    def rel(a, b):
+        return round(float(((a - b) ** 2).sum() / (b ** 2).sum()), 4)
+
+    row = dict(latent_rel_error=[rel(s, d) for s, d in zip(latents, dense_latents)])
+    if not per_call:
+        return row
+    return dict(row,
+                guided_error_dense_states=[rel(guided(pipe.transformer, p), guided(teacher, p)) for p in dense_steps],
+                guided_error_own_states=[rel(guided(pipe.transformer, p), guided(teacher, p)) for p in own_steps])
+
+
+def sensitivity(pipe, prompts, seeds, model) -> None:
+    """Is the dense sampler chaotic? Add Gaussian noise of relative size ``eps`` (squared, per batch) to the
+    latent after sampler step k, sample on dense, and measure how far the final latent lands from the
+    unperturbed one: growth means small per-step errors get amplified, shrinkage means they do not. Then the
+    same for the error SLA (topk 0.1, untrained) itself makes: SLA on the first steps only, dense after them."""
+    from attnproc.pipelines.shapes_models import shapes_call_kwargs
+
+    def final(k=None, eps=0.0):
+        def kick(_pipe, i, t, kw):
+            if i == k:
+                x = kw["latents"]
+                noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(123))
+                kw["latents"] = x + noise * (eps * (x ** 2).mean() / (noise ** 2).mean()).sqrt()
+            return kw
+
+        return pipe(**shapes_call_kwargs(KIND, list(prompts), output_type="latent", callback_on_step_end=kick,
+                                         generator=[torch.Generator().manual_seed(s) for s in seeds])).frames
+
+    ref = final()
+    rows = [dict(after_step=k + 1, perturbation_rel=eps,
+                 final_latent_rel_error=round(float(((final(k, eps) - ref) ** 2).sum() / (ref ** 2).sum()), 5))
+            for k in (0, 2, 4, 9, 14) for eps in (0.001, 0.01, 0.03)]
+    dense_latents, _ = rollout(pipe, prompts, seeds)
+    for last in (0.75, 0.5, 0.25):  # SLA on the first 5, 10, 15 of 20 steps
+        h = attnproc.apply(pipe, "sla", topk=0.1, dense_last_steps=last)
+        err = drift(pipe, None, dense_latents, None, prompts, seeds, per_call=False)["latent_rel_error"]
+        h.remove()
+        k = round(20 * (1 - last))
+        rows.append(dict(sla_first_steps=k, latent_rel_error_after_them=err[k - 1], final_latent_rel_error=err[-1]))
+    meta = dict(pipeline=f"shapes:{KIND}", model=model or "packaged", eval=f"{len(prompts)} held-out captions x seeds, "
+                "dense, 20 steps, CFG 3", rel="|x - x_ref|^2 / |x_ref|^2 over the batch", torch=torch.__version__)
+    (RESULTS / f"finetune-{KIND}-dense-sensitivity.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print(json.dumps(rows))
+
+
+def load_model(folder: str | None):
+    """The packaged shapes-world Wan model, or another trained one (``--model FOLDER``), fp32 on CPU."""
+    if folder is None:
+        return shapes_pipeline(KIND)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def reapply(pipe, method, options, result, train, folder):
     """The fine-tuned student under other options, after ``finetune`` removed its handle: LoRA adapters and
     full weights stay in the denoiser; SLA's projections come back through ``apply(weights=)``."""
@@ -107,17 +196,31 @@ def main():
     ap.add_argument("--eval-at", default="50,100,200,400")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-offset", type=int, default=0, help="another held-out set: captions and seeds shifted")
+    ap.add_argument("--model", default=None, help="a shapes-world Wan folder (default: the packaged wan21)")
+    ap.add_argument("--data", default="trajectory", choices=("trajectory", "on_policy"))
+    ap.add_argument("--refresh-every", type=int, default=25, help="data on_policy: steps between regenerations")
+    ap.add_argument("--step-weights", default=None, help="comma list, one per sampler step, or 'early': "
+                    "(20 - i)^2, the high-noise steps drawn most often")
+    ap.add_argument("--options", default=None, help="JSON merged into the method's options, e.g. VMoBA's small "
+                    "chunks")
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
+    ap.add_argument("--sensitivity", action="store_true", help="no training: how the dense sampler carries a "
+                    "small latent perturbation to the end")
     ap.add_argument("--sweep", default=None, help="untrained SLA at these topk (comma list): how the per-step "
                     "guided error maps to video fidelity; no training")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lr = args.lr or {"method": 1e-2, "lora": 1e-3, "full": 4e-4}[args.train]
     eval_at = {int(s) for s in args.eval_at.split(",")} | {args.steps}
-    options = OPTIONS[args.method]
-    pipe = shapes_pipeline(KIND)
+    options = dict(OPTIONS[args.method], **(json.loads(args.options) if args.options else {}))
+    step_weights = ([(20 - i) ** 2 for i in range(20)] if args.step_weights == "early"
+                    else [float(w) for w in args.step_weights.split(",")] if args.step_weights else None)
+    pipe = load_model(args.model)
     prompts = eval_prompts(KIND, args.n_eval, start=2_000_000_000 + args.eval_offset)
     seeds = list(range(args.eval_offset, args.eval_offset + args.n_eval))
     t0 = time.perf_counter()
+    if args.sensitivity:
+        return sensitivity(pipe, prompts, seeds, args.model)
     dense = generate(pipe, KIND, prompts, seeds)
     dense_q = quality(prompts, dense)
     floor = video_row(generate(pipe, KIND, prompts, [s + 500 for s in seeds]), dense, prompts, dense_q)
@@ -126,11 +229,14 @@ def main():
                                            guidance_scale=GUIDANCE))
     probes = sampler_steps(record_calls(pipe, probe_cfg), GUIDANCE)  # eval captions; seed 0 batch noise
     targets = [guided(pipe.transformer, p) for p in probes]
+    teacher = copy.deepcopy(pipe.transformer).eval()
+    dense_latents, dense_steps = rollout(pipe, prompts, seeds)
     if args.sweep:
         return sweep(pipe, prompts, seeds, dense, dense_q, probes, targets, floor, args.sweep)
     h = attnproc.apply(pipe, args.method, **options)
     curve = [dict(step=0, guided_rel_error=round(guided_error(pipe.transformer, probes, targets), 4),
                   **video_row(generate(pipe, KIND, prompts, seeds), dense, prompts, dense_q))]
+    drifts = dict(before=drift(pipe, teacher, dense_latents, dense_steps, prompts, seeds))
     h.remove()
     h = attnproc.apply(pipe, args.method, **dict(options, **WARMUP))
     warm = dict(before=video_row(generate(pipe, KIND, prompts, seeds), dense, prompts, dense_q))
@@ -142,7 +248,8 @@ def main():
             pipeline=f"shapes:{KIND}", method=args.method, options=options, output=tmp, train=args.train,
             steps=args.steps, lr=lr, weight_decay=0.0, checkpoint_every=args.steps,
             prompt=eval_prompts(KIND, args.n_train, start=TRAIN_START), data_steps=20, seed=0,
-            data="trajectory", guidance_scale=GUIDANCE, lora_rank=8))
+            data=args.data, refresh_every=args.refresh_every, guidance_scale=GUIDANCE, lora_rank=8,
+            step_weights=step_weights))
 
         def every(step, loss):
             if step in eval_at:
@@ -159,19 +266,27 @@ def main():
         for name, extra in (("after_reloaded", {}), ("after", WARMUP)):  # reloaded: must equal the curve's end
             h = reapply(pipe, args.method, dict(options, **extra), result, args.train, tmp)
             warm[name] = video_row(generate(pipe, KIND, prompts, seeds), dense, prompts, dense_q)
+            if not extra:
+                drifts["after"] = drift(pipe, teacher, dense_latents, dense_steps, prompts, seeds)
             h.remove()
         print(warm, flush=True)
     losses = result.losses
     k = max(1, len(losses) // 20)
-    row = dict(dense_other_seed=floor, curve=curve, with_dense_warmup=dict(options=WARMUP, **warm),
+    row = dict(dense_other_seed=floor, curve=curve, with_dense_warmup=dict(options=WARMUP, **warm), drift=drifts,
                loss_curve=[(min(i + k, len(losses)), round(float(np.mean(losses[i:i + k])), 6))
                            for i in range(0, len(losses), k)],
                train_seconds=round(train_seconds, 1), total_seconds=round(time.perf_counter() - t0, 1))
     meta = dict(pipeline=f"shapes:{KIND} (17 x 32 x 32 video, 9 x 4 x 4 = 144 tokens, 3 layers, 2 heads, D=32)",
                 method=args.method, options=options, train=args.train, steps=args.steps, lr=lr,
-                data=f"data: trajectory, guidance_scale {GUIDANCE}: the dense sampler's calls (20 steps, shift 2, "
-                     f"CFG pairs) on {args.n_train} held-apart captions (seeds from 1e9), one sampler step per "
-                     f"optimizer step",
+                model=args.model or "packaged", step_weights=step_weights,
+                data=f"data: {args.data}, guidance_scale {GUIDANCE}: the "
+                     f"{'dense' if args.data == 'trajectory' else 'student' + chr(39) + 's own'} sampler's calls "
+                     f"(20 steps, shift 2, CFG pairs"
+                     f"{', regenerated every %d steps' % args.refresh_every if args.data == 'on_policy' else ''}) "
+                     f"on {args.n_train} held-apart captions (seeds from 1e9), one sampler step per optimizer step",
+                drift="per sampler step: latent_rel_error = |x_student - x_dense|^2 / |x_dense|^2 after the step "
+                      "(same seed and caption); guided error at the dense sampler's states and at the student's "
+                      "own states",
                 eval=f"{args.n_eval} held-out captions (eval_prompts from 2e9 + {args.eval_offset}) x seeds "
                      f"{seeds[0]}..{seeds[-1]}, 20 steps, CFG 3; "
                      f"dense_other_seed: dense with seeds +500 against dense (unrelated videos)",
@@ -179,7 +294,8 @@ def main():
                                  "steps of the eval captions (teacher-forced)",
                 threads=torch.get_num_threads(), torch=torch.__version__)
     RESULTS.mkdir(exist_ok=True)
-    suffix = f"-eval{args.eval_offset}" if args.eval_offset else ""
+    suffix = (f"-eval{args.eval_offset}" if args.eval_offset else "") + (
+        "-on-policy" if args.data == "on_policy" else "") + args.tag
     out = RESULTS / f"finetune-{KIND}-{args.method}-{args.train}{suffix}.json"
     out.write_text(json.dumps(dict(meta=meta, result=row), indent=1))
     print(json.dumps(row, indent=1))

@@ -10,9 +10,12 @@ Data (``data: noised``): ``x0`` and the denoiser's other inputs (text embeddings
 from one teacher generation with the job's prompt and size: the latent fed to the denoiser at the last denoising
 step serves as ``x0``. ``data: trajectory`` trains on the teacher's own denoiser calls instead: the states the
 sampler visits, at its timesteps (its shift included), with both halves of classifier-free guidance; with
-``guidance_scale`` the loss is on the guided prediction the sampler steps with. Every step draws its noise (or
-its recorded sampler step) from ``(seed, step)``, so a run resumed from a checkpoint continues exactly as an
-uninterrupted one.
+``guidance_scale`` the loss is on the guided prediction the sampler steps with. ``data: on_policy`` records the
+same calls from the *student's* own sparse generation, regenerated every ``refresh_every`` steps: the teacher
+gives the target at the states the student actually reaches when it samples (a student trained only on the
+teacher's states drifts off them and meets states it never saw). Every step draws its noise (or its recorded
+sampler step) from ``(seed, step)``, so a run resumed from a checkpoint continues exactly as an uninterrupted
+one.
 
     attnproc finetune train.yaml                     # CLI
     finetune(load_finetune_config("train.yaml"))     # Python
@@ -35,7 +38,8 @@ from .jobs import (JobFileError, _check_keys, _fail, _float, _int, _method, _opt
 
 TRAIN_MODES = ("method", "lora", "full")
 TIME_SAMPLING = ("lognormal", "uniform")
-DATA = ("noised", "trajectory")
+DATA = ("noised", "trajectory", "on_policy")
+SAMPLER_DATA = ("trajectory", "on_policy")  # data that are the sampler's own calls
 MIXED_PRECISION = ("no", "fp16", "bf16")
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -72,8 +76,10 @@ class FinetuneConfig:
     frames: int | None = None
     data_steps: int = 4
     context_parallel: str | None = None            # "ulysses=N" / "ring=N": each step split across the processes
-    data: str = "noised"                           # noised (x0 + sampled t) | trajectory (the sampler's calls)
-    guidance_scale: float | None = None            # trajectory only: loss on uncond + g (cond - uncond)
+    data: str = "noised"                           # noised (x0 + sampled t) | trajectory | on_policy (sampler calls)
+    guidance_scale: float | None = None            # trajectory / on_policy: loss on uncond + g (cond - uncond)
+    refresh_every: int = 50                        # on_policy: steps between the student's regenerations
+    step_weights: list | None = None               # trajectory / on_policy: how often each sampler step is drawn
 
 
 _FIELDS = tuple(FinetuneConfig.__dataclass_fields__)
@@ -102,7 +108,7 @@ def parse_finetune_config(data: Any) -> FinetuneConfig:
         if isinstance(d["method"], tuple):
             d["method"] = list(d["method"])
         for key, low in (("steps", 1), ("batch_size", 1), ("seed", 0), ("lora_rank", 1), ("checkpoint_every", 1),
-                         ("data_steps", 1)):
+                         ("data_steps", 1), ("refresh_every", 1)):
             if key in d:
                 d[key] = _int(d[key], key, low=low)
         for key in ("height", "width", "frames"):
@@ -121,8 +127,24 @@ def parse_finetune_config(data: Any) -> FinetuneConfig:
                 _choice(d[key], key, choices)
         if "guidance_scale" in d:
             d["guidance_scale"] = _float(d["guidance_scale"], "guidance_scale")
-            if d["guidance_scale"] is not None and d.get("data") != "trajectory":
-                _fail("guidance_scale", "needs data: trajectory (the recorded conditional and unconditional calls)")
+            if d["guidance_scale"] is not None and d.get("data") not in SAMPLER_DATA:
+                _fail("guidance_scale", "needs data: trajectory or on_policy (the recorded conditional and "
+                                        "unconditional calls)")
+        if d.get("step_weights") is not None:
+            w = d["step_weights"]
+            if d.get("data") not in SAMPLER_DATA:
+                _fail("step_weights", "needs data: trajectory or on_policy (one weight per sampler step)")
+            if (not isinstance(w, list) or not w or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                            and x >= 0 for x in w) or not sum(w) > 0):
+                _fail("step_weights", f"must be a list of numbers >= 0 (one per sampler step, not all 0), got {w!r}")
+            d["step_weights"] = [float(x) for x in w]
+        if d.get("data") == "on_policy":
+            every, refresh = d.get("checkpoint_every", 50), d.get("refresh_every", 50)
+            if every % refresh:  # a resume must start where the uninterrupted run regenerated its trajectories
+                _fail("checkpoint_every", f"must be a multiple of refresh_every ({refresh}) with data: on_policy, "
+                                          f"got {every}")
+            if d.get("context_parallel") is not None:
+                _fail("context_parallel", "not supported with data: on_policy (the student samples in one process)")
         if "gradient_checkpointing" in d and not isinstance(d["gradient_checkpointing"], bool):
             _fail("gradient_checkpointing", f"must be true or false, got {d['gradient_checkpointing']!r}")
         if isinstance(d.get("prompt"), list):  # several teacher generations, one batch
@@ -163,8 +185,9 @@ def _denoiser(pipe) -> torch.nn.Module:
     raise ValueError(f"{type(pipe).__name__} has no transformer or unet to fine-tune")
 
 
-def record_calls(pipe, cfg: FinetuneConfig) -> list[dict]:
-    """The keyword inputs of every denoiser call of one dense generation with ``cfg``'s prompt and size."""
+def record_calls(pipe, cfg: FinetuneConfig, seed: int | None = None) -> list[dict]:
+    """The keyword inputs of every denoiser call of one generation of ``pipe`` as it is (dense before ``apply``,
+    the student after) with ``cfg``'s prompt and size; its noise from ``seed`` (default ``cfg.seed``)."""
     den = _denoiser(pipe)
     if cfg.pipeline.startswith("tiny:"):
         from attnproc.pipelines import tiny_call_kwargs
@@ -177,7 +200,7 @@ def record_calls(pipe, cfg: FinetuneConfig) -> list[dict]:
     else:
         call = {}
     call.update(num_inference_steps=cfg.data_steps, output_type="latent",
-                generator=torch.Generator().manual_seed(cfg.seed))
+                generator=torch.Generator().manual_seed(cfg.seed if seed is None else seed))
     for key, value in (("prompt", cfg.prompt), ("height", cfg.height), ("width", cfg.width),
                        ("num_frames", cfg.frames)):
         if value is not None:
@@ -361,9 +384,10 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
     if pipe is None:
         pipe = load_pipeline(cfg.pipeline, {"seed": cfg.seed})
     student = _denoiser(pipe)
+    groups = None
     if cfg.data == "trajectory":
         groups = sampler_steps(record_calls(pipe, cfg), cfg.guidance_scale)
-    else:
+    elif cfg.data == "noised":
         x0, rest = record_inputs(pipe, cfg)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     if cp_spec is not None:  # the student only, before apply (the order attnproc needs)
@@ -387,13 +411,17 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
             start, losses = _load_checkpoint(ckpt, named, optimizer, chash)
         if cfg.data == "trajectory":
             groups = [[_to(c, accelerator.device) for c in g] for g in groups]
-        else:
+        elif cfg.data == "noised":
             batch = _noised_batch(x0, rest, cfg, accelerator.device)
+        elif start % cfg.refresh_every and start < cfg.steps:
+            raise ValueError(f"{ckpt} is at step {start}, not a multiple of refresh_every ({cfg.refresh_every}); "
+                             f"delete it to start over")
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="finetune")
         for step in bar:
+            if cfg.data == "on_policy" and step % cfg.refresh_every == 0:
+                groups = own_trajectory(pipe, student, cfg, step, accelerator.device)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            calls = (groups[int(torch.randint(len(groups), (1,), generator=gen))] if cfg.data == "trajectory"
-                     else [_noised_call(gen, batch, cfg)])
+            calls = groups[pick_step(gen, len(groups), cfg)] if groups is not None else [_noised_call(gen, batch, cfg)]
             with accelerator.autocast():
                 with torch.no_grad():
                     targets = _guided([teacher(**c, return_dict=False)[0] for c in calls], cfg.guidance_scale)
@@ -417,6 +445,29 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
         return FinetuneResult(out, weights, cfg.steps, losses, start)
     finally:
         handle.remove()
+
+
+def pick_step(gen: torch.Generator, n: int, cfg: FinetuneConfig) -> int:
+    """The recorded sampler step this optimizer step trains on: uniform, or drawn by ``step_weights`` (e.g. more
+    often the high-noise steps, whose errors the rest of the trajectory inherits)."""
+    if cfg.step_weights is None:
+        return int(torch.randint(n, (1,), generator=gen))
+    if len(cfg.step_weights) != n:
+        raise ValueError(f"step_weights: has {len(cfg.step_weights)} weights, but the sampler made {n} steps "
+                         f"(data_steps); give one weight per sampler step")
+    return int(torch.multinomial(torch.tensor(cfg.step_weights, dtype=torch.float64), 1, generator=gen))
+
+
+def own_trajectory(pipe, student, cfg: FinetuneConfig, step: int, device) -> list[list[dict]]:
+    """``data: on_policy``: the student's own generation (its sparse attention and current weights, the
+    pipeline's sampler and CFG) with the config's prompts, noise seeded by ``(seed, step)``, grouped by sampler
+    step. Depends only on the weights at ``step``, so a resume at a refresh step regenerates it exactly."""
+    student.eval()
+    try:
+        calls = record_calls(pipe, cfg, seed=cfg.seed * 1_000_003 + step + 500_000_000)
+    finally:
+        student.train()
+    return [[_to(c, device) for c in g] for g in sampler_steps(calls, cfg.guidance_scale)]
 
 
 def _noised_batch(x0, rest, cfg: FinetuneConfig, device) -> tuple:

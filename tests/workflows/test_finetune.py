@@ -33,7 +33,14 @@ BASE = dict(pipeline="tiny:wan21", method="radial", options=dict(dense_first_ste
     (dict(lora_targets="to_q"), r"lora_targets: must be a non-empty list"),
     (dict(prompt=["a red circle", 3]), r"prompt: must be a string or a non-empty list of strings"),
     (dict(gradient_checkpointing="yes"), r"gradient_checkpointing: must be true or false"),
-    (dict(data="latents"), r"data: must be one of noised, trajectory, got 'latents'"),
+    (dict(data="latents"), r"data: must be one of noised, trajectory, on_policy, got 'latents'"),
+    (dict(data="on_policy", refresh_every=0), r"refresh_every: must be an integer >= 1"),
+    (dict(data="on_policy", refresh_every=3, checkpoint_every=2),
+     r"checkpoint_every: must be a multiple of refresh_every \(3\) with data: on_policy, got 2"),
+    (dict(step_weights=[1, 2]), r"step_weights: needs data: trajectory or on_policy"),
+    (dict(data="trajectory", step_weights=[0, 0]), r"step_weights: must be a list of numbers >= 0 .*not all 0"),
+    (dict(data="trajectory", step_weights=[1, -1]), r"step_weights: must be a list of numbers >= 0"),
+    (dict(data="on_policy", refresh_every=2, context_parallel="ulysses=2"), r"context_parallel: not supported with data: on_policy"),
     (dict(guidance_scale=3.0), r"guidance_scale: needs data: trajectory"),
     (dict(data="trajectory", guidance_scale="high"), r"guidance_scale: must be a number"),
 ])
@@ -203,3 +210,76 @@ def test_guided_loss_needs_pairs_of_calls():
     assert [len(g) for g in sampler_steps(single, None)] == [1, 1]
     with pytest.raises(ValueError, match=r"guidance_scale: needs one conditional and one unconditional"):
         sampler_steps(single, 3.0)
+
+
+def _guided_error(pipe, teacher, group, scale):
+    with torch.no_grad():
+        s = [pipe.transformer(**c, return_dict=False)[0] for c in group]
+        t = [teacher(**c, return_dict=False)[0] for c in group]
+    g = [u + scale * (c - u) for c, u in (s, t)]
+    return float(((g[0] - g[1]) ** 2).mean())
+
+
+def test_on_policy_trains_at_the_students_own_states_regenerated_with_its_weights(tmp_path):
+    """data: on_policy: the loss of step n (n a refresh step, and the steps after it) is the guided error at a
+    sampler step of the *student's* own generation with its weights at step n (noise from (seed, n)), not at the
+    dense sampler's states; a kill and a resume give the uninterrupted run's projections."""
+    import copy
+
+    import attnproc
+    from attnproc.pipelines import tiny_pipeline
+
+    opts = dict(BASE, method="sla", options=dict(topk=0.5), train="method", lr=5e-2, steps=4, data_steps=3,
+                data="on_policy", refresh_every=2, guidance_scale=5.0)
+    cfg = parse_finetune_config(dict(opts, output=str(tmp_path / "whole")))
+    pipe = tiny_pipeline("wan21", seed=0)
+    weights = {}
+
+    def snapshot(step, loss):
+        weights[step] = {k: v.detach().clone() for k, v in pipe.transformer.state_dict().items() if ".attnproc." in k}
+
+    whole = finetune(cfg, pipe=pipe, callback=snapshot, progress=False)
+    fresh = tiny_pipeline("wan21", seed=0)
+    teacher = copy.deepcopy(fresh.transformer).eval()
+    dense_steps = sampler_steps(record_calls(fresh, cfg, seed=3 * 1_000_003 + 500_000_000), 5.0)
+    handle = attnproc.apply(fresh, "sla", topk=0.5)
+    for step in range(4):
+        refresh = step - step % 2  # the trajectory was sampled with the weights after `refresh` steps
+        if refresh:
+            fresh.transformer.load_state_dict(weights[refresh], strict=False)
+        own = sampler_steps(record_calls(fresh, cfg, seed=3 * 1_000_003 + refresh + 500_000_000), 5.0)
+        if step == 0:  # the student's own states, not the dense sampler's (same noise)
+            assert torch.equal(own[0][0]["hidden_states"], dense_steps[0][0]["hidden_states"])
+            assert not torch.allclose(own[-1][0]["hidden_states"], dense_steps[-1][0]["hidden_states"])
+        if step:
+            fresh.transformer.load_state_dict(weights[step], strict=False)
+        pick = int(torch.randint(3, (1,), generator=torch.Generator().manual_seed(3 * 1_000_003 + step)))
+        assert whole.losses[step] == pytest.approx(_guided_error(fresh, teacher, own[pick], 5.0), rel=1e-5), step
+    handle.remove()
+
+    killed = parse_finetune_config(dict(opts, output=str(tmp_path / "killed")))
+
+    def kill_at_3(step, loss):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        finetune(killed, pipe=tiny_pipeline("wan21", seed=0), callback=kill_at_3, progress=False)
+    resumed = finetune(killed, pipe=tiny_pipeline("wan21", seed=0), progress=False)
+    assert resumed.resumed_from == 2 and resumed.losses == whole.losses
+    a, b = load_file(whole.weights), load_file(resumed.weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_step_weights_choose_which_sampler_steps_train():
+    """step_weights draws the sampler step by weight: zero-weight steps are never drawn, and the draw follows the
+    weights; a list that does not fit the sampler's step count is refused by name."""
+    from attnproc.workflows.finetune import pick_step
+
+    cfg = parse_finetune_config(dict(BASE, output="x", data="trajectory", step_weights=[3, 1, 0]))
+    picks = [pick_step(torch.Generator().manual_seed(s), 3, cfg) for s in range(4000)]
+    assert set(picks) == {0, 1} and abs(picks.count(0) / len(picks) - 0.75) < 0.03
+    uniform = parse_finetune_config(dict(BASE, output="x", data="trajectory"))
+    assert {pick_step(torch.Generator().manual_seed(s), 3, uniform) for s in range(200)} == {0, 1, 2}
+    with pytest.raises(ValueError, match=r"step_weights: has 3 weights, but the sampler made 4 steps"):
+        pick_step(torch.Generator(), 4, cfg)
