@@ -221,6 +221,7 @@ def train_concept(cfg: ConceptConfig, *, pipe=None, progress: bool = True,
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     pixels, masks = load_images(cfg, size)
     captions = load_captions(cfg)
+    _check_token_fits(pipe, cfg, captions)
     latents = encode_latents(pipe, pixels)
     if masks is not None:
         masks = torch.nn.functional.interpolate(masks, size=latents.shape[-2:], mode="area")
@@ -298,6 +299,25 @@ def train_concept(cfg: ConceptConfig, *, pipe=None, progress: bool = True,
         for p, flag in flags.items():
             p.requires_grad_(flag)
     return ConceptResult(path, cfg.steps, losses, start)
+
+
+def _check_token_fits(pipe, cfg: ConceptConfig, captions: list[list[str]] | None) -> None:
+    """Every prompt must keep the token inside the text encoder's window: past it the batch has no token
+    position, and ``i*`` (a mean over those positions) would become NaN."""
+    from attnproc.pipelines.concepts import text_encoders
+
+    prompts = [("templates", i, t) for i, t in enumerate(cfg.templates)]
+    if captions is not None:
+        prompts = [(f"captions (image {i + 1})", j, line) for i, lines in enumerate(captions)
+                   for j, line in enumerate(lines)]
+    for _, tok in text_encoders(pipe):
+        for field, line_no, prompt in prompts:
+            before = tok(prompt.split("{}")[0], truncation=False).input_ids  # BOS + words (+ EOS)
+            position = len(before) - (1 if before[-1:] == [tok.eos_token_id] else 0)
+            if position > tok.model_max_length - 2:  # the last place is the end token's
+                raise ConceptConfigError(
+                    f"{field}: prompt {line_no + 1} ({prompt[:40]!r}...) puts the token past the text encoder's "
+                    f"{tok.model_max_length} tokens; shorten it")
 
 
 def _swap_row(token_id: int, embedding: torch.nn.Parameter, start: int, width: int):

@@ -2,6 +2,7 @@
 embedding (keys locked), resume = uninterrupted, masks weight the loss, config errors by field, the CLI."""
 from __future__ import annotations
 
+import math
 import numpy as np
 import pytest
 import torch
@@ -210,3 +211,21 @@ def test_captions_give_each_image_its_own_prompt(data, tmp_path, capsys):
     with pytest.raises(ConceptConfigError, match="captions: 3.txt must hold prompts .* 'no slot here'"):
         train_concept(_cfg(data, tmp_path / "bad", captions=str(caps)), pipe=pipe, progress=False)
     assert not (tmp_path / "bad" / "concept.safetensors").exists() and "<flag>" not in pipe.tokenizer.get_vocab()
+
+
+def test_a_prompt_that_pushes_the_token_out_of_the_text_window_is_refused(data, tmp_path):
+    """A caption long enough that the token falls past the encoder's 77 places would leave a batch with no token
+    position (``i*`` NaN, the concept file silently broken): refused by field and line, before anything is made;
+    a token at the last place that holds one still trains."""
+    pipe = tiny_pipeline("sd15")
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    fits = "a " * 74 + "{}"  # BOS + 74 words: the token at place 75, the end token at 76
+    for i in range(4):
+        (caps / f"{i}.txt").write_text(fits + ("\n" + "a " * 75 + "{}" if i == 2 else "") + "\n")
+    with pytest.raises(ConceptConfigError, match=r"captions \(image 3\): prompt 2 .* past the text encoder's 77"):
+        train_concept(_cfg(data, tmp_path / "bad", captions=str(caps)), pipe=pipe, progress=False)
+    assert not (tmp_path / "bad").exists() and "<flag>" not in pipe.tokenizer.get_vocab()
+    (caps / "2.txt").write_text(fits + "\n")
+    res = train_concept(_cfg(data, tmp_path / "ok", steps=2, captions=str(caps)), pipe=pipe, progress=False)
+    assert torch.isfinite(cc.load_concept(res.concept).i_star).all() and all(map(math.isfinite, res.losses))
