@@ -277,24 +277,40 @@ class KeyLock(Edit):
                     raise UnsupportedModelError(f"concept {c.token!r} (concepts[{i}]) was trained with another text "
                                                 f"encoder ({c.text_encoder}, this pipeline's is {fp})")
         new = [c for c in self.concepts if c.embedding is not None and c.embedding.numel()]
+        supers = self._superclass_ids(target) if self.config.locking == "global" else None  # may refuse: before any token
         add_tokens(target, new)  # checks every token first: an error adds none
         self._added = [c.token for c in new]
-        if self.config.locking == "global":
-            self._watch_encoder(target)
+        if supers is not None:
+            self._watch_encoder(target, supers)
 
-    def _watch_encoder(self, pipe) -> None:
+    def _superclass_ids(self, pipe) -> list[list[int]]:
+        """Global locking: each concept's superclass token id in each text encoder's tokenizer (one token each)."""
+        from attnproc.pipelines.concepts import superclass_id, text_encoders
+
+        ids = []
+        for _, tok in text_encoders(pipe):
+            row = []
+            for i, c in enumerate(self.concepts):
+                try:
+                    row.append(superclass_id(pipe, c.superclass, tok))
+                except ValueError as exc:
+                    raise ValueError(f"concepts[{i}].superclass (locking='global'): {exc}") from None
+            ids.append(row)
+        return ids
+
+    def _watch_encoder(self, pipe, supers: list[list[int]]) -> None:
         """Global locking: a forward hook on each text encoder encodes every prompt holding a concept token once
         more with the superclass words in its place and keeps both encodings as the denoiser sees them (SD 1.x/2.x:
         the output; SDXL: the penultimate hidden state of each encoder, concatenated per position by the pipeline).
         The edit finds the superclass encoding by the prompt's own, one encoder's slice of the context at a time."""
-        from attnproc.pipelines.concepts import superclass_id, text_encoders
+        from attnproc.pipelines.concepts import text_encoders
 
         parts = text_encoders(pipe)
         self._widths = [int(te.config.hidden_size) for te, _ in parts]
         self._super = [[] for _ in parts]
         self._hooks = []
         for n, (encoder, tok) in enumerate(parts):
-            swap = {tok.convert_tokens_to_ids(c.token): superclass_id(pipe, c.superclass, tok) for c in self.concepts}
+            swap = {tok.convert_tokens_to_ids(c.token): sid for c, sid in zip(self.concepts, supers[n])}
             hook = _SuperclassHook(swap, self._super[n], penultimate=len(parts) > 1)
             self._hooks.append(encoder.register_forward_hook(hook, with_kwargs=True))
 

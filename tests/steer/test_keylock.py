@@ -474,3 +474,18 @@ def test_sdxl_refuses_another_encoders_concept(sdxl, sd15):
         attnproc.apply(pipe, "keylock", concepts=[other], covariance=cov, locking="global")
     assert len(pipe.tokenizer_2) == n_vocab and "<flag>" not in pipe.tokenizer.get_vocab()
     assert not pipe.text_encoder._forward_hooks and not pipe.text_encoder_2._forward_hooks
+
+
+def test_global_locking_refuses_a_superclass_of_several_tokens_before_adding_any_token(sdxl):
+    """Global locking needs each superclass as one token of every tokenizer; a refusal names the field and leaves
+    both vocabularies, the encoders' hooks and the processors as they were."""
+    pipe, con, cov = sdxl
+    bad = cc.Concept(**{**con.__dict__, "superclass": "snow white"})
+    vocab = (len(pipe.tokenizer), len(pipe.tokenizer_2))
+    hooks = (len(pipe.text_encoder._forward_hooks), len(pipe.text_encoder_2._forward_hooks))
+    procs = dict(pipe.unet.attn_processors)
+    with pytest.raises(ValueError, match=r"concepts\[0\]\.superclass \(locking='global'\): superclass 'snow white'"):
+        attnproc.apply(pipe, "keylock", concepts=[bad], covariance=cov, locking="global")
+    assert (len(pipe.tokenizer), len(pipe.tokenizer_2)) == vocab and "<flag>" not in pipe.tokenizer_2.get_vocab()
+    assert (len(pipe.text_encoder._forward_hooks), len(pipe.text_encoder_2._forward_hooks)) == hooks
+    assert dict(pipe.unet.attn_processors) == procs
