@@ -389,9 +389,9 @@ def example_api(spec: dict) -> dict:
                                                                "x": 0, "y": 0, "operation": "add"}}
         api["14"] = {"class_type": "AttnProcRegion", "inputs": {"phrase": "a red fox", "mask": ["13", 0]}}
         api["2"]["inputs"].update(clip=fam["clip"], regions=["14", 0], prompt=EXAMPLE_PROMPT)
+    api["4"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": fam["clip"]}}
     if spec["method"] in STEER_NODES:  # the edit encodes its prompts with the same CLIP
         example_graph(api, spec["method"], fam["clip"])
-    api["4"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": fam["clip"]}}
     api["6"] = {"class_type": "KSampler", "inputs": {"seed": 0, **fam["sampler"], "denoise": 1.0,
                                                      "model": ["2", 0], "positive": ["3", 0],
                                                      "negative": ["4", 0], "latent_image": ["5", 0]}}

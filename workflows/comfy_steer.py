@@ -743,12 +743,15 @@ def run_node(node_id: str, inputs: dict):
 
 def example_graph(api: dict, method: str, clip) -> None:
     """Fill a steering node's example graph (``api`` as :func:`attnproc.workflows.comfy.example_api` builds it:
-    node 2 the attnproc node, 3 the positive CLIPTextEncode, 5 the empty latent) with the method's inputs."""
+    node 2 the attnproc node, 3 the positive and 4 the negative CLIPTextEncode, 5 the empty latent) with the
+    method's inputs."""
     example = EXAMPLES[method]
     if method == "keylock":  # the positive prompt from the concept encode node (the superclass prompt for global)
         api["2"]["inputs"].update(example["inputs"])
-        api["3"] = {"class_type": CONCEPT_ENCODE_NODE["node_id"],
-                    "inputs": {"clip": clip, "concepts": example["inputs"]["concepts"]}}
+        for node in ("3", "4"):  # the negative too: a conditioning carrying the superclass encoding batches only
+            text = api[node]["inputs"].get("text", "")  # with its like, so cond and uncond stay one batch
+            api[node] = {"class_type": CONCEPT_ENCODE_NODE["node_id"],
+                         "inputs": {"clip": clip, "concepts": example["inputs"]["concepts"], "text": text}}
     else:
         api["2"]["inputs"].update(clip=clip, **example["inputs"])
     api["3"]["inputs"]["text"] = example["positive"]

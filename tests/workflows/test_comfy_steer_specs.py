@@ -46,6 +46,9 @@ def test_keylock_comes_with_the_concept_clip_and_encode_nodes():
     assert api["3"]["class_type"] == "AttnProcConceptEncode" and api["3"]["inputs"]["clip"] == ["1", 1]
     assert "embedding:my_concept" in api["3"]["inputs"]["text"]
     assert api["3"]["inputs"]["concepts"] == api["2"]["inputs"]["concepts"] and api["2"]["inputs"]["locking"] == "global"
+    # the negative through the same node, so cond and uncond (both carrying a superclass encoding) batch together
+    assert api["4"]["class_type"] == "AttnProcConceptEncode" and api["4"]["inputs"]["text"] == "blurry, low quality"
+    assert api["4"]["inputs"]["concepts"] == api["2"]["inputs"]["concepts"]
 
 
 def test_isolate_example_batch_is_references_then_scene():
