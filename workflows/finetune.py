@@ -375,8 +375,10 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    chash = config_hash({k: v for k, v in asdict(cfg).items()
-                         if k not in ("output", "checkpoint_every", "context_parallel")})  # same result either way
+    unused = {"output", "checkpoint_every", "context_parallel"}  # same result either way
+    unused |= {"step_weights"} if cfg.step_weights is None else set()  # fields that change nothing here stay out,
+    unused |= {"refresh_every"} if cfg.data != "on_policy" else set()  # so older checkpoints still resume
+    chash = config_hash({k: v for k, v in asdict(cfg).items() if k not in unused})
     cp_spec = parse_cp(cfg.context_parallel)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     if cp_spec is not None:

@@ -210,7 +210,8 @@ def train_concept(cfg: ConceptConfig, *, pipe=None, progress: bool = True,
     from .render import load_pipeline
 
     out = Path(cfg.output)
-    chash = config_hash({k: v for k, v in asdict(cfg).items() if k not in ("output", "checkpoint_every", "steps")})
+    unused = {"output", "checkpoint_every", "steps"} | ({"captions"} if cfg.captions is None else set())
+    chash = config_hash({k: v for k, v in asdict(cfg).items() if k not in unused})  # older checkpoints still resume
     if pipe is None:
         pipe = load_pipeline(cfg.pipeline, {"seed": cfg.seed})
     c, meta = cc.load_covariance(cfg.covariance)
