@@ -132,7 +132,7 @@ def workflows(tmp_path_factory):
 
 def test_render_with_cp_writes_the_single_process_render(workflows):
     """`attnproc render --cp ulysses=2` / `--cp ring=2` under torchrun (2 CPU ranks, gloo): one image written
-    once, by the main process, with the pixels of the one-process render (Ring: to a rounding level), and the mode
+    once, by the main process, with the pixels of the one-process render (to a rounding level), and the mode
     in its record."""
     import numpy as np
     from PIL import Image
@@ -149,10 +149,9 @@ def test_render_with_cp_writes_the_single_process_render(workflows):
         files = sorted((tmp_path / mode).glob("*.png"))
         assert [f.name for f in files] == [want[0].name]
         a, b = (np.asarray(Image.open(p)).astype(int) for p in (files[0], want[0]))
-        if mode == "ulysses":  # the same arithmetic on every head: the very same pixels
-            assert np.abs(a - b).max() == 0, mode
-        else:  # Ring merges key shards by log-sum-exp (~1e-6 relative): a value on a rounding edge may flip a level
-            assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01, (mode, np.abs(a - b).max(), (a != b).mean())
+        # Sharded matmuls (and Ring's log-sum-exp merge) round differently at ~1e-6: a value on a rounding edge
+        # may flip one level (seen under both modes, depending on the thread count); anything more is a defect
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01, (mode, np.abs(a - b).max(), (a != b).mean())
         records = [r for r in read_records(tmp_path / mode) if r.get("status") == "done"]
         assert len(records) == 1 and records[0]["context_parallel"] == f"{mode}=2"
 
