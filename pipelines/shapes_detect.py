@@ -8,7 +8,7 @@ The kind follows from how much of its box a blob fills (square ≈ 1, disc ≈ �
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -109,9 +109,9 @@ def detect(image, min_area_frac: float = 0.008, fg_threshold: float = 60.0) -> l
             if comp.size < min_area:
                 continue
             ys, xs = np.divmod(comp, w)
-            x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
-            fill = comp.size / ((x1 - x0) * (y1 - y0))
-            blobs.append(Blob(name, _kind(fill, (x1 - x0) / (y1 - y0)), (x0, y0, x1, y1), int(comp.size)))
+            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            blob = Blob(name, "", box, int(comp.size))  # its fill and aspect decide the kind
+            blobs.append(replace(blob, kind=_kind(blob.fill, blob.aspect)))
     return sorted(blobs, key=lambda b: -b.area)
 
 

@@ -54,6 +54,7 @@ class Spec:
     # extra VAE loss weight on shape pixels: small shapes on a plain background are a few % of the
     # pixels, so a plain MSE learns the background first and the shapes' colour late
     vae_fg: float = 0.0
+    vae_warmup: int = 0  # VAE steps over which its rate rises linearly (0: none, as the image recipes were trained)
 
 
 WAN_STEPS, WAN_VAE_STEPS, FG_WEIGHT = 10400, 400, 10.0
@@ -61,7 +62,8 @@ SPECS: dict[str, Spec] = {
     "sd15": Spec(size=64, frames=1, max_shapes=3, max_seq=77, shift=1.0, lr=1e-3),
     "flux": Spec(size=64, frames=1, max_shapes=3, max_seq=16, shift=2.0, lr=5e-4),
     "wan21": Spec(size=32, frames=17, max_shapes=1, max_seq=16, shift=2.0, lr=5e-4, steps=WAN_STEPS,
-                   vae_steps=WAN_VAE_STEPS, vae_batch=4, vae_lr=3e-3, vae_fg=FG_WEIGHT),
+                   vae_steps=WAN_VAE_STEPS, vae_batch=4, vae_lr=3e-3, vae_fg=FG_WEIGHT,
+                   vae_warmup=50),
 }
 TEXT_WIDTH = 64
 
@@ -277,9 +279,9 @@ def train_vae(pipe, kind: str, steps: int, batch_size: int, seed: int, work: Pat
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        if spec.vae_fg:  # wan21's recipe warms its higher rate up over 50 steps (the image recipes keep theirs)
+        if spec.vae_warmup:  # wan21's higher rate rises over its first steps
             for g in opt.param_groups:
-                g["lr"] = spec.vae_lr * min(1.0, (step + 1) / 50)
+                g["lr"] = spec.vae_lr * min(1.0, (step + 1) / spec.vae_warmup)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % 50 == 0 or step + 1 == steps:
