@@ -8,6 +8,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from attnproc.pipelines.shapes_models import shapes_model_dir
@@ -22,6 +23,14 @@ def _bench():
     return module
 
 
+@pytest.fixture(scope="module")
+def vae():
+    """The shipped shapes sd15 VAE: what every concept image passes through before the detector sees it."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(shapes_model_dir("sd15"), subfolder="vae")
+
+
 def _round_trip(vae, images):
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
@@ -29,11 +38,8 @@ def _round_trip(vae, images):
     return list(((out.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
 
 
-def test_vae_round_tripped_flags_are_found_and_swapped_ones_are_not():
-    from diffusers import AutoencoderKL
-
+def test_vae_round_tripped_flags_are_found_and_swapped_ones_are_not(vae):
     ks = _bench()
-    vae = AutoencoderKL.from_pretrained(shapes_model_dir("sd15"), subfolder="vae")
     rng = np.random.default_rng(3)
     for name in ("flag", "ball"):
         c = ks.CONCEPTS[name]
@@ -48,14 +54,11 @@ def test_vae_round_tripped_flags_are_found_and_swapped_ones_are_not():
     assert not ks.appears(ks.draw(rsq._replace(shape="circle"), rng)[0] / 255, "rsq")
 
 
-def test_new_shapes_survive_the_vae_and_their_superclass_shapes_do_not_count():
+def test_new_shapes_survive_the_vae_and_their_superclass_shapes_do_not_count(vae):
     """<bar> (a red wide rectangle) and <half> (a green half-disc): shapes no training image of the world has (every
     one sits in a square box). Drawn and VAE round-tripped they are found; the square / circle of the same colour,
     the other colour, and a tall bar (the box turned) are not."""
-    from diffusers import AutoencoderKL
-
     ks = _bench()
-    vae = AutoencoderKL.from_pretrained(shapes_model_dir("sd15"), subfolder="vae")
     rng = np.random.default_rng(5)
     for name in ("bar", "half"):
         c = ks.CONCEPTS[name]
