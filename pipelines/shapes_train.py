@@ -364,8 +364,10 @@ class LatentPool:
 
 def train(kind: str, steps: int | None = None, batch_size: int = 16, seed: int = 0, work: Path | None = None,
           out: Path | None = None, vae_steps: int | None = None, vae_batch: int | None = None, ckpt_every: int = 200,
-          caption_dropout: float = 0.1, pool: int = 4096, vae_from: Path | None = None) -> Path:
-    """Train ``kind`` (both stages; resumes from ``work``) and export the EMA pipeline to ``out``."""
+          caption_dropout: float = 0.1, pool: int = 4096, vae_from: Path | None = None, cooldown: int = 0) -> Path:
+    """Train ``kind`` (both stages; resumes from ``work``) and export the EMA pipeline to ``out``.
+
+    ``cooldown``: the rate falls linearly to 0 over the run's last ``cooldown`` steps (0: constant to the end)."""
     spec = SPECS[check_kind(kind)]
     steps = spec.steps if steps is None else steps
     vae_steps = spec.vae_steps if vae_steps is None else vae_steps
@@ -374,6 +376,8 @@ def train(kind: str, steps: int | None = None, batch_size: int = 16, seed: int =
                     ("ckpt_every", ckpt_every)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
+    if not 0 <= cooldown <= steps:
+        raise ValueError(f"cooldown must be in [0, steps={steps}], got {cooldown}")
     work = Path(work or f"shapes-train/{kind}")
     out = Path(out or MODELS_DIR / kind)
     torch.manual_seed(seed)
@@ -411,8 +415,8 @@ def train(kind: str, steps: int | None = None, batch_size: int = 16, seed: int =
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for g in opt.param_groups:  # linear warm-up, then constant (a run may stop anywhere)
-            g["lr"] = SPECS[kind].lr * min(1.0, (step + 1) / 100)
+        for g in opt.param_groups:  # linear warm-up, constant, then the optional linear cool-down
+            g["lr"] = SPECS[kind].lr * lr_factor(step, steps, cooldown)
         opt.step()
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -430,6 +434,12 @@ def train(kind: str, steps: int | None = None, batch_size: int = 16, seed: int =
                                     "seconds": round(time.time() - t0, 1)}) + "\n")
             _export_ema(pipe, modules, ema, out)
     return out
+
+
+def lr_factor(step: int, steps: int, cooldown: int, warmup: int = 100) -> float:
+    """The denoiser's rate multiplier at 0-based ``step``: warm-up, constant, cool-down to 0 at ``steps``."""
+    cool = 1.0 if step < steps - cooldown else (steps - step) / cooldown
+    return min(1.0, (step + 1) / warmup, cool)
 
 
 def _export_ema(pipe, modules: dict, ema: dict, out: Path) -> None:
@@ -459,10 +469,13 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--out", type=Path, default=None, help="exported pipeline folder (default: the packaged one)")
     t.add_argument("--pool", type=int, default=4096, help="distinct training samples (encoded once)")
     t.add_argument("--vae-from", type=Path, default=None, help="start the VAE stage from this vae.safetensors")
+    t.add_argument("--cooldown", type=int, default=0,
+                   help="last N denoiser steps: the rate falls linearly to 0 (default 0: constant; a resumed "
+                        "run with a larger --steps can add one)")
     t.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared machine more threads can be far slower)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     out = train(a.kind, a.steps, a.batch, a.seed, a.work, a.out, a.vae_steps, a.vae_batch, a.ckpt_every,
-                pool=a.pool, vae_from=a.vae_from)
+                pool=a.pool, vae_from=a.vae_from, cooldown=a.cooldown)
     print(f"exported {out}")

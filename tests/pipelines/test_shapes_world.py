@@ -150,7 +150,25 @@ def test_training_rejects_bad_options(tmp_path):
         train("flux", steps=0, batch_size=1, work=tmp_path)
     with pytest.raises(ValueError, match="vae_batch must be >= 1"):
         train("wan21", batch_size=1, vae_batch=0, work=tmp_path)
+    with pytest.raises(ValueError, match=r"cooldown must be in \[0, steps=5\], got 6"):
+        train("flux", steps=5, batch_size=1, work=tmp_path, cooldown=6)
     assert not any(tmp_path.iterdir())
+
+
+def test_cooldown_rate_falls_linearly_to_zero_at_the_last_step(tmp_path, monkeypatch):
+    """The rate multiplier: warm-up over 100 steps, constant, then (steps − step)/cooldown; the training loop
+    applies it with the run's own steps and cooldown (a resumed run with more steps can add a cool-down)."""
+    from attnproc.pipelines import shapes_train
+
+    f = shapes_train.lr_factor
+    assert [f(s, 1000, 0) for s in (0, 99, 500, 999)] == [0.01, 1.0, 1.0, 1.0]
+    assert [f(s, 1000, 200) for s in (799, 800, 900, 999)] == [1.0, 1.0, 0.5, 0.005]
+    calls = []
+    monkeypatch.setattr(shapes_train, "lr_factor", lambda *a: calls.append(a) or f(*a))
+    torch.set_num_threads(1)
+    shapes_train.train("flux", steps=2, batch_size=2, work=tmp_path / "w", out=tmp_path / "o", vae_steps=1,
+                       vae_batch=2, ckpt_every=2, pool=4, cooldown=2)
+    assert calls == [(0, 2, 2), (1, 2, 2)]
 
 
 def test_vae_loss_weights_shape_pixels():
