@@ -4,6 +4,8 @@ covariance, train-concept with the v-prediction target, the edit by the formula 
 tests/workflows/test_comfy_steer.py."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -39,11 +41,12 @@ def trained(tmp_path_factory):
                         templates=["a {}"], checkpoint_every=1, lr_values=0.5, lr_embedding=0.5)
     losses = []
     path = train_concept(cfg, pipe=pipe, progress=False, callback=lambda step, loss: losses.append(loss)).concept
-    return pipe, cc.load_concept(path), start, path, cov, losses
+    return SimpleNamespace(pipe=pipe, concept=cc.load_concept(path), start=start, path=path, cov=cov, losses=losses,
+                           cfg=cfg)
 
 
 def test_sd2_pipeline_is_sd2_shaped(trained):
-    pipe = trained[0]
+    pipe = trained.pipe
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.unet.config.cross_attention_dim == SD2_WIDTH and pipe.unet.config.use_linear_projection
     assert pipe.text_encoder.config.hidden_act == "gelu"  # OpenCLIP's GELU (CLIP-L: quick_gelu)
@@ -52,8 +55,8 @@ def test_sd2_pipeline_is_sd2_shaped(trained):
 
 
 def test_sd2_concept_trains_with_keys_locked(trained):
-    pipe, got, start, *_, losses = trained  # the training target is the schedule's: v here
-    assert len(losses) == 2 and all(np.isfinite(losses))
+    pipe, got, start = trained.pipe, trained.concept, trained.start
+    assert len(trained.losses) == 2 and all(np.isfinite(trained.losses))
     assert got.i_star.numel() == SD2_WIDTH and list(got.values) == [n for n, _ in cc.cross_attention_modules(pipe.unet)]
     assert not torch.equal(got.embedding, start.embedding)
     assert all(not torch.equal(got.values[n], start.values[n]) for n in got.values)
@@ -61,9 +64,42 @@ def test_sd2_concept_trains_with_keys_locked(trained):
     assert "<flag>" not in pipe.tokenizer.get_vocab()  # train-concept took its token out again
 
 
+def test_sd2_training_loss_is_on_the_v_target(trained):
+    """The first step's loss rebuilt by hand (the step's draws from its seed, the edit at the training β/τ, the EMA
+    of i*): the mean squared error to v = √ᾱ·ε − √(1−ᾱ)·x0, not to ε."""
+    from diffusers import DDPMScheduler
+
+    from attnproc.workflows.train_concept import encode_latents, load_images
+
+    pipe, cfg = trained.pipe, trained.cfg
+    latents = encode_latents(pipe, load_images(cfg, 128)[0]).detach()
+    concept = cc.initial_concept(pipe, cfg.token, cfg.superclass, cfg.templates)
+    alphas = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
+    gen = torch.Generator().manual_seed(0)  # step 0, micro-step 0, seed 0
+    idx = torch.randint(0, latents.shape[0], (1,), generator=gen)
+    torch.randint(0, len(cfg.templates), (1,), generator=gen)  # the template draw (one template)
+    attnproc.apply(pipe, "keylock", concepts=[concept], covariance=cc.load_covariance(trained.cov)[0],
+                   beta=cfg.train_beta, tau=cfg.train_tau)
+    try:
+        with torch.no_grad():
+            enc, ids = cc.encode_prompts(pipe, [cfg.templates[0].format(cfg.token)])
+            concept.i_star.mul_(cfg.ema).add_(enc[ids == pipe.tokenizer.convert_tokens_to_ids(cfg.token)].mean(0),
+                                              alpha=1 - cfg.ema)
+            x0 = latents[idx]
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, len(alphas), (1,), generator=gen)
+            a = alphas[t].view(-1, 1, 1, 1)
+            pred = pipe.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=enc).sample
+    finally:
+        attnproc.remove(pipe)
+    v = a.sqrt() * noise - (1 - a).sqrt() * x0
+    assert trained.losses[0] == pytest.approx(float((pred - v).square().mean()), rel=1e-4)
+    assert abs(float((pred - noise).square().mean()) - trained.losses[0]) > 1e-2 * trained.losses[0]
+
+
 @pytest.mark.parametrize("locking, clip_skip", [("local", None), ("global", None), ("global", 1)])
 def test_sd2_edit_by_the_formula(trained, locking, clip_skip):
-    pipe, con, _, path, cov, _ = trained
+    pipe, con, path, cov = trained.pipe, trained.concept, trained.path, trained.cov
     handle = attnproc.apply(pipe, ["kv_recorder_test", "keylock"],
                             keylock={"concepts": [str(path)], "covariance": str(cov), "locking": locking})
     try:
@@ -81,7 +117,7 @@ def test_sd2_edit_by_the_formula(trained, locking, clip_skip):
 
 
 def test_sd2_save_load_generate_is_bit_identical(trained):
-    pipe, con, _, path, cov, _ = trained
+    pipe, con, path, cov = trained.pipe, trained.concept, trained.path, trained.cov
     images = []
     for concept, c in ((con, cc.load_covariance(cov)[0]), (str(path), str(cov))):
         attnproc.apply(pipe, "keylock", concepts=[concept], covariance=c)
@@ -92,7 +128,7 @@ def test_sd2_save_load_generate_is_bit_identical(trained):
 
 
 def test_sd15_concept_is_refused_on_sd2_and_the_reverse(trained):
-    pipe, con, _, path, cov, _ = trained
+    pipe, con, cov = trained.pipe, trained.concept, trained.cov
     sd15 = tiny_pipeline("sd15")
     sd15_concept = cc.initial_concept(sd15, "<dot>", "fox", ["a {}"])
     for target, concept, c in ((pipe, sd15_concept, cc.estimate_covariance(sd15, ["a fox"])),
