@@ -155,6 +155,7 @@ class _SuperclassHook:
     def _encoding(self, module, output):
         hidden = getattr(output, "hidden_states", None)
         skip = self.clip_skip()
+        skip = skip if isinstance(skip, int) else None  # a pipeline without diffusers' clip_skip: the default layer
         if not self.penultimate:
             if skip is None or hidden is None:  # the pipeline asks for hidden states only with clip_skip
                 return output[0]
