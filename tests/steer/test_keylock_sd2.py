@@ -50,6 +50,7 @@ def test_sd2_pipeline_is_sd2_shaped(trained):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.unet.config.cross_attention_dim == SD2_WIDTH and pipe.unet.config.use_linear_projection
     assert pipe.text_encoder.config.hidden_act == "gelu"  # OpenCLIP's GELU (CLIP-L: quick_gelu)
+    assert pipe.tokenizer.pad_token == "!" and pipe.tokenizer.pad_token != pipe.tokenizer.eos_token  # SD 2.x padding
     heads = {m.heads for _, m in cc.cross_attention_modules(pipe.unet)}
     assert {m.to_q.out_features // m.heads for _, m in cc.cross_attention_modules(pipe.unet)} == {64} and heads == {1, 2}
 
