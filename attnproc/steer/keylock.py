@@ -141,25 +141,34 @@ def entries(concepts) -> list[dict]:
 class _SuperclassHook:
     """Forward hook of one text encoder (torch's public hook API): when the input ids hold a concept token, encode
     them once more with each concept token swapped for its superclass token and append ``(encoding, superclass
-    encoding)`` of every prompt to ``records`` (the last 64 kept). ``penultimate``: the denoiser sees the
-    penultimate hidden state (SDXL's two encoders), else the output's first field."""
+    encoding)`` of every prompt to ``records`` (the last 64 kept). Both encodings are taken as the diffusers
+    pipeline takes the denoiser's context from this call, ``clip_skip`` (``clip_skip()``: the pipeline's, for this
+    call) included: SD 1.x/2.x (``penultimate=False``) the output's first field, or with ``clip_skip`` k the
+    hidden state ``-(k + 1)`` through the encoder's final layer norm; SDXL's two encoders (``penultimate=True``)
+    the hidden state ``-(k + 2)``, no layer norm (k = 0 without ``clip_skip``)."""
 
     KEEP = 64
 
-    def __init__(self, swap: dict[int, int], records: list, *, penultimate: bool):
-        self.swap, self.records, self.penultimate = swap, records, penultimate
+    def __init__(self, swap: dict[int, int], records: list, *, penultimate: bool, clip_skip=lambda: None):
+        self.swap, self.records, self.penultimate, self.clip_skip = swap, records, penultimate, clip_skip
 
-    def _encoding(self, output):
-        if not self.penultimate:
-            return output[0]
+    def _encoding(self, module, output):
         hidden = getattr(output, "hidden_states", None)
-        return None if hidden is None else hidden[-2]
+        skip = self.clip_skip()
+        skip = skip if isinstance(skip, int) else None  # a pipeline without diffusers' clip_skip: the default layer
+        if not self.penultimate:
+            if skip is None or hidden is None:  # the pipeline asks for hidden states only with clip_skip
+                return output[0]
+            # diffusers reads ``text_encoder.text_model.final_layer_norm``; transformers >= 5.6 flattened
+            # CLIPTextModel (no ``text_model``; that diffusers line then fails, diffusers issue #14124)
+            return getattr(module, "text_model", module).final_layer_norm(hidden[-(skip + 1)])
+        return None if hidden is None else hidden[-((skip or 0) + 2)]
 
     def __call__(self, module, args, kwargs, output):
         ids = args[0] if args else kwargs.get("input_ids")
         if ids is None or not any(bool((ids == t).any()) for t in self.swap):
             return None
-        own = self._encoding(output)
+        own = self._encoding(module, output)
         if own is None:  # called without the hidden states the denoiser would get: nothing to pair
             return None
         plain = ids.clone()
@@ -167,7 +176,7 @@ class _SuperclassHook:
             plain[ids == t] = sup
         with torch.no_grad():
             rest = {k: v for k, v in kwargs.items() if k != "input_ids"}
-            other = self._encoding(module(plain, *args[1:], **rest))
+            other = self._encoding(module, module(plain, *args[1:], **rest))
         self.records.extend(zip(own.detach(), other))
         del self.records[:-self.KEEP]
         return None
@@ -301,8 +310,9 @@ class KeyLock(Edit):
     def _watch_encoder(self, pipe, supers: list[list[int]]) -> None:
         """Global locking: a forward hook on each text encoder encodes every prompt holding a concept token once
         more with the superclass words in its place and keeps both encodings as the denoiser sees them (SD 1.x/2.x:
-        the output; SDXL: the penultimate hidden state of each encoder, concatenated per position by the pipeline).
-        The edit finds the superclass encoding by the prompt's own, one encoder's slice of the context at a time."""
+        the output; SDXL: the penultimate hidden state of each encoder, concatenated per position by the pipeline;
+        with the layer the pipeline's ``clip_skip`` picks for this call: :class:`_SuperclassHook`). The edit finds
+        the superclass encoding by the prompt's own, one encoder's slice of the context at a time."""
         from attnproc.pipelines.concepts import text_encoders
 
         parts = text_encoders(pipe)
@@ -311,7 +321,8 @@ class KeyLock(Edit):
         self._hooks = []
         for n, (encoder, tok) in enumerate(parts):
             swap = {tok.convert_tokens_to_ids(c.token): sid for c, sid in zip(self.concepts, supers[n])}
-            hook = _SuperclassHook(swap, self._super[n], penultimate=len(parts) > 1)
+            hook = _SuperclassHook(swap, self._super[n], penultimate=len(parts) > 1,
+                                   clip_skip=lambda: getattr(pipe, "clip_skip", None))
             self._hooks.append(encoder.register_forward_hook(hook, with_kwargs=True))
 
     def superclass_context(self, e: torch.Tensor) -> torch.Tensor:

@@ -598,6 +598,9 @@ def steer_checks():
     from comfy_test_nodes import tiny_sdxl_clip
 
     comfy_steer_engine.keylock_sdxl_checks(results, tiny_unet, tiny_clip, tiny_sdxl_clip, diff, WORK)
+    import comfy_keylock_sd2
+
+    comfy_keylock_sd2.keylock_sd2_checks(results, tiny_unet, tiny_clip, diff, WORK)
 
 
 def _post(url, payload):

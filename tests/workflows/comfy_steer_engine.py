@@ -437,6 +437,25 @@ def real_sdxl_blocks() -> dict:
     """SDXL at its real size, built on the meta device (no weights): the 70 cross-attention modules of diffusers'
     UNet (the names our concept files store) found in ComfyUI's SDXL UNet through ComfyUI's key map, each at its
     own transformer block."""
+    config = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+              "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+              "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+              "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+              "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+              "use_temporal_attention": False, "use_temporal_resblock": False}  # ComfyUI's SDXL (model_detection)
+    unet = dict(block_out_channels=[320, 640, 1280], transformer_layers_per_block=[1, 2, 10],
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                attention_head_dim=[5, 10, 20], cross_attention_dim=2048, use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816)
+    return real_blocks("SDXL", config, unet, embedding=768 + 1280)
+
+
+def real_blocks(comfy_class: str, config: dict, unet_config: dict, embedding: int) -> dict:
+    """A model at its real size on the meta device (no weights): the cross-attention modules of diffusers' UNet
+    (``unet_config``; the names our concept files store) found in ComfyUI's UNet (``comfy.supported_models.<class>``
+    with ``config``, as ComfyUI's model detection makes it) through ComfyUI's key map, each at its own block."""
     import types
 
     import comfy.supported_models
@@ -445,22 +464,12 @@ def real_sdxl_blocks() -> dict:
     from attnproc.pipelines.concepts import Concept, cross_attention_modules
     from attnproc.workflows.comfy_steer import concept_blocks, transformer_blocks
 
-    config = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-              "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
-              "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
-              "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
-              "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-              "use_temporal_attention": False, "use_temporal_resblock": False}  # ComfyUI's SDXL (model_detection)
-    base = comfy.supported_models.SDXL(config).get_model({}, device=torch.device("meta"))
+    base = getattr(comfy.supported_models, comfy_class)(config).get_model({}, device=torch.device("meta"))
     with torch.device("meta"):
-        unet = UNet2DConditionModel(block_out_channels=[320, 640, 1280], transformer_layers_per_block=[1, 2, 10],
-                                    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                                    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                                    attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
-                                    use_linear_projection=True, addition_embed_type="text_time",
-                                    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+        unet = UNet2DConditionModel(**unet_config)
     mods = cross_attention_modules(unet)
-    concept = Concept(token="<c>", superclass="teddy", embedding=torch.zeros(768 + 1280), i_star=torch.zeros(2048),
+    concept = Concept(token="<c>", superclass="teddy", embedding=torch.zeros(embedding),
+                      i_star=torch.zeros(unet_config["cross_attention_dim"]),
                       keys={n: torch.zeros(1) for n, _ in mods}, values={n: torch.zeros(1) for n, _ in mods})
     found = concept_blocks(types.SimpleNamespace(model=base), [concept])
     return {"diffusers_attn2": len(mods), "comfy_blocks": len(transformer_blocks(base.diffusion_model)),

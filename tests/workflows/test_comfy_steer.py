@@ -1,6 +1,7 @@
 """The steering-edit ComfyUI nodes (workflows/comfy_steer.py) in the real ComfyUI engine (0.30.0): comfy_engine.py's
 ``steer`` section runs them in a subprocess on the tiny native SD1.x UNet and CLIP (and, for keylock, a tiny
-SDXL UNet and SDXL CLIP); the numbers are asserted here. See docs/comfyui.md."""
+SDXL UNet and SDXL CLIP, and ComfyUI's SD20 model and SD 2.x CLIP carrying a tiny diffusers SD 2.x pipeline's
+weights); the numbers are asserted here. See docs/comfyui.md."""
 import json
 import subprocess
 import sys
@@ -176,4 +177,48 @@ def test_sd15_and_sdxl_concepts_are_refused_on_each_other(steer):
     assert "64-value token embedding, this CLIP's text encoders take 32 (clip_l) + 48 (clip_g)" in \
         e["sd15_on_sdxl_clip"]
     assert "80-value token embedding, this CLIP's text encoders take 64 (clip_l)" in e["sdxl_on_sd15_clip"]
+    assert e["models_untouched"] is True
+
+
+# ---- SD 2.x (clip_h): a concept made by our diffusers path on the tiny SD 2.x pipeline (comfy_keylock_sd2.py) ----
+def test_sd2_model_and_clip_carry_the_diffusers_weights(steer):
+    r = steer["keylock_sd2"]
+    assert (r["model_class"], r["model_type"]) == ("BaseModel", "V_PREDICTION")  # ComfyUI's SD20 class, v-prediction
+    assert r["unet_vs_diffusers"] == 0.0 and r["unet_scale"] > 0.1  # ComfyUI's UNet is the diffusers one, exactly
+    # the concept's row written in ComfyUI's SD 2.x embedding format (key clip_h), found by 'embedding:sdtwo' at the
+    # token's place; the whole context ComfyUI encodes (penultimate layer, final norm, '!' padding) is diffusers'
+    assert r["embedding_file_keys"] == ["clip_h"] and r["row_is_the_concepts"] is True
+    assert r["embedding_positions"] == r["diffusers_position"] == [4] and r["context_width"] == 48
+    assert r["encode_vs_diffusers"] == 0.0
+
+
+def test_sd2_keylock_node_matches_the_formula(steer):
+    r = steer["keylock_sd2"]
+    local = r["local"]  # patched, so the file's diffusers model fingerprint matched ComfyUI's weights
+    assert r["concept_has_model_fingerprint"] is True
+    assert local["calls"] == 28 and local["k_err"] < FP32 and local["v_err"] < FP32  # 7 blocks x 4 steps
+    assert local["out_vs_attention"] == 0.0 and local["finite"] and local["vs_stock"] > 1e-3
+    assert abs(local["token_open"] - (1 - 0.8808)) < 1e-3 and abs(local["token_closed"] - 0.8808) < 1e-3
+    _global_locking_checks(r["global"], calls=28)
+
+
+def test_sd2_superclass_encoding_follows_clip_set_last_layer(steer):
+    r = steer["keylock_sd2"]["last_layer"]  # CLIPSetLastLayer(-3) before the concept encode node
+    assert r["encode_vs_clip_text_encode"] == 0.0 and r["prompt_vs_default_layer"] > 0.1
+    assert r["superclass_vs_clip_text_encode"] == 0.0 and r["superclass_vs_default_layer"] > 0.1
+
+
+def test_real_sd2_cross_attention_modules_map_onto_comfyuis_unet(steer):
+    # SD 2.1 at its real size on the meta device: diffusers' 16 attn2 names each find their own ComfyUI block
+    assert steer["keylock_sd2"]["real_sd2"] == {"diffusers_attn2": 16, "comfy_blocks": 16, "mapped": 16,
+                                                "distinct_blocks": 16}
+
+
+def test_sd15_sdxl_and_sd2_concepts_are_refused_on_each_other(steer):
+    e = steer["keylock_sd2"]["errors"]
+    for name, (got, wanted) in {"sd15_on_sd2": (64, 48), "sdxl_on_sd2": (80, 48), "sd2_on_sd15": (48, 64),
+                                "sd2_on_sdxl": (48, 80)}.items():
+        assert f"is for a {got}-wide text context, this model's cross-attention takes {wanted}" in e[name]
+    assert "64-value token embedding, this CLIP's text encoders take 48 (clip_h)" in e["sd15_on_sd2_clip"]
+    assert "48-value token embedding, this CLIP's text encoders take 64 (clip_l)" in e["sd2_on_sd15_clip"]
     assert e["models_untouched"] is True
