@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -51,6 +52,8 @@ from attnproc.pipelines import concepts as cc
 from attnproc.pipelines.shapes import BACKGROUND, COLOURS, KINDS
 from attnproc.pipelines.shapes_detect import detect
 from attnproc.pipelines.shapes_models import eval_prompts, generate, quality
+from attnproc.options import option
+from attnproc.steer.keylock import KeyLock, KeyLockConfig
 from attnproc.workflows.train_concept import ConceptConfig, train_concept
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -184,7 +187,8 @@ def make_data(root: Path, name: str, n: int, seed: int, pair: bool = False, orde
     return folder
 
 
-PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "two-ti", "sims", "calibrate", "ceiling", "loss")
+PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "two-ti", "sims", "cause", "calibrate", "ceiling",
+         "loss")
 # run suffixes (combinable, e.g. bar-nomask-nolock) -> training fields; "-pair": images beside a known shape, each
 # with its own caption ("-pair-orders": both orders of that caption); "-nomask": the loss over the whole image (a
 # tight mask never penalises a shape's outline)
@@ -368,29 +372,39 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         two["base_words"] = {"prompt": plain, name: rate(imgs, lambda im: appears(im, name)),
                              other: rate(imgs, lambda im: appears(im, other))}
         return {f"two_concepts_{name}_{other}{tag}": {"prompt": prompt, **two}}
-    if part == "sims":  # each token's similarity to both concepts' i* (the gates' input) in two-object prompts
-        from attnproc.steer.keylock import similarity
+    if part == "sims":  # every token × both concepts: sim_c(e) and the gate it opens, and how correlated the i* are
+        from attnproc.steer.keylock import gate, similarity
 
         other = args.concept2
         concepts = [cc.load_concept(concept_file(work, n + args.suffix)) for n in (name, other)]
         c_inv = torch.linalg.inv(cc.load_covariance(cov)[0]).float()
         i_stars = torch.stack([c.i_star for c in concepts]).float()
+        gram = i_stars @ c_inv @ i_stars.t()
         t1, t2 = token, CONCEPTS[other][0]
         prompts = [f"a {t1}", f"a {t2}", f"a {t1} and a {t2}", f"a {t2} and a {t1}", f"a {t2} and a blue circle",
                    f"a blue circle and a {t2}"]
-        out = {}
+        beta = args.betas[len(args.betas) // 2]
+        out = {"beta": beta, "tau": concepts[0].tau, "i_star_gram_in_C_inverse_metric": gram.tolist(),
+               "i_star_cosine_in_C_inverse_metric": float(gram[0, 1] / (gram[0, 0] * gram[1, 1]).sqrt())}
         cc.add_tokens(pipe, concepts)
         try:
             for prompt in prompts:
                 with torch.no_grad():
                     enc, ids = cc.encode_prompts(pipe, [prompt])
                 sims = similarity(enc[0].float(), i_stars, c_inv)
-                used = len(pipe.tokenizer(prompt).input_ids)  # with the start and end tokens
-                out[prompt] = [[tok, round(a, 3), round(b, 3)] for tok, (a, b) in
-                               zip(pipe.tokenizer.convert_ids_to_tokens(ids[0][:used]), sims[:used].tolist())]
+                gates = gate(sims, beta, concepts[0].tau)
+                used = len(pipe.tokenizer(prompt).input_ids)  # with the start and end tokens; the rest is padding
+                toks = pipe.tokenizer.convert_ids_to_tokens(ids[0][:used])
+                out[prompt] = {"tokens": [[tok, *(round(x, 3) for x in sims[j].tolist()),
+                                           *(round(x, 3) for x in gates[j].tolist())] for j, tok in enumerate(toks)],
+                               "padding_max_sim": [round(x, 3) for x in sims[used:].max(0).values.tolist()],
+                               "padding_gate_sum": [round(x, 3) for x in gates[used:].sum(0).tolist()]}
         finally:
             cc.remove_tokens(pipe, [c.token for c in concepts])
-        return {f"sims_{name}_{other}{args.suffix}": {"columns": ["token", f"sim {t1}", f"sim {t2}"], **out}}
+        return {f"sims_{name}_{other}{args.suffix}": {
+            "columns": ["token", f"sim {t1}", f"sim {t2}", f"gate {t1}", f"gate {t2}"], **out}}
+    if part == "cause":  # interventions on "a <C> and a <C2>": which part of the edit loses the second concept
+        return {f"cause_{name}_{args.concept2}{args.suffix}": cause(args, pipe, work, cov, call)}
     if part == "loss":
         return {f"{name}_fixed_noise_loss": fixed_noise_losses(args, pipe, work, cov, name)}
     if part == "ceiling":  # what the model can draw at all: the whole UNet fine-tuned on the concept's images
@@ -426,6 +440,108 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
                           "base_model_" + words.replace(" ", "_"): rate(base, lambda im: appears(im, cname))}
         return {"detector_calibration": out}
     raise ValueError(f"unknown part {part!r}; one of {PARTS}")
+
+
+PROBES = ("paper", "keys-unprojected", "values-unprojected", "unprojected", "hard-keys")
+
+
+@dataclass
+class ProbeConfig(KeyLockConfig):
+    probe: str = option("paper", choices=PROBES, help="which term of the formula to change (ProbeKeyLock)")
+
+
+class ProbeKeyLock(KeyLock):
+    """``keylock`` with one term of the formula changed, for the ``cause`` part (a diagnostic, not a method to use).
+    ``probe``: ``paper`` (unchanged); ``keys-unprojected`` (K = W_K e + Σ_c g_c o*_K,c: the token keeps its own key,
+    the superclass key is added; V as the paper); ``values-unprojected`` (the reverse); ``unprojected`` (both);
+    ``hard-keys`` (where the gates sum past 0.5, K = Σ_c g_c o*_K,c / Σ_c g_c: the superclass key alone, no residual
+    ``W_K(e − P e)``)."""
+
+    name = "keylock_probe"
+    summary = "keylock with one term of the formula changed (benchmarks/keylock_shapes.py cause part)."
+    Config = ProbeConfig
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.probe, self._key_linear = self.config.probe, None
+
+    def edit(self, q, k, v, site, *, inner, attn_mask=None, scale=None):
+        self._key_linear = site.module.to_k if site.module is not None else None
+        return super().edit(q, k, v, site, inner=inner, attn_mask=attn_mask, scale=scale)
+
+    def project(self, e, linear, outputs):
+        is_key = linear is self._key_linear
+        paper = super().project(e, linear, outputs)
+        unprojected = {"keys-unprojected": is_key, "values-unprojected": not is_key, "unprojected": True}
+        if not unprojected.get(self.probe, False) and not (self.probe == "hard-keys" and is_key):
+            return paper
+        from attnproc.steer.keylock import gate, similarity
+
+        ef = e.float()
+        gates = gate(similarity(ef, self.i_stars().to(ef), self.c_inv.to(ef)), self.betas.to(ef), self.taus.to(ef))
+        added = gates @ outputs.float()
+        if self.probe == "hard-keys":
+            total = gates.sum(-1, keepdim=True)
+            return torch.where(total > 0.5, added / total.clamp_min(1e-6), paper.float()).to(e.dtype)
+        return (torch.nn.functional.linear(ef, linear.weight.float(), None if linear.bias is None
+                                           else linear.bias.float()) + added).to(e.dtype)
+
+
+if ProbeKeyLock.name not in attnproc.registry.REGISTRY.names():  # a diagnostic: registered only by this script
+    attnproc.register(ProbeKeyLock)
+
+
+def cause(args, pipe, work: Path, cov: str, call: dict) -> dict:
+    """Both concepts in "a <C> and a <C2>" (and each alone) under one change at a time: the o*_V or o*_K of the two
+    concepts swapped, o*_V reset to its untrained start (the superclass value), the edit-trained embeddings without
+    the edit, textual inversion, and the formula probes of :class:`ProbeKeyLock`. Rates of C, C2 and both, of n."""
+    name, other = args.concept, args.concept2
+    token, token2 = CONCEPTS[name][0], CONCEPTS[other][0]
+    seeds, beta = list(range(args.n)), args.betas[len(args.betas) // 2]
+    prompts = {"two": f"a {token} and a {token2}", "alone": f"a {token}", "alone2": f"a {token2}"}
+
+    def load():
+        return [cc.load_concept(concept_file(work, c + args.suffix)) for c in (name, other)]
+
+    def rates(images) -> dict:
+        hit = [(appears(im, name), appears(im, other)) for im in images]
+        return {name: float(np.mean([a for a, _ in hit])), other: float(np.mean([b for _, b in hit])),
+                "both": float(np.mean([a and b for a, b in hit]))}
+
+    def render(concepts, probe="paper", tokens_only=False, which=("two",)) -> dict:
+        if tokens_only:
+            cc.add_tokens(pipe, concepts)
+        else:
+            attnproc.apply(pipe, ProbeKeyLock.name, concepts=concepts, covariance=cov, beta=beta, probe=probe)
+        try:
+            return {w: rates(generate(pipe, "sd15", [prompts[w]] * args.n, seeds, **call)) for w in which}
+        finally:
+            if tokens_only:
+                cc.remove_tokens(pipe, [c.token for c in concepts])
+            else:
+                attnproc.remove(pipe)
+
+    out = {"beta": beta, "multi": "exact", "prompts": prompts}
+    out["paper"] = render(load(), which=("two", "alone", "alone2"))
+    swapped = load()
+    swapped[0].values, swapped[1].values = swapped[1].values, swapped[0].values
+    out["values_swapped"] = render(swapped, which=("two", "alone", "alone2"))
+    swapped = load()
+    swapped[0].keys, swapped[1].keys = swapped[1].keys, swapped[0].keys
+    out["keys_swapped"] = render(swapped)
+    reset = load()
+    for c in reset:
+        c.values = cc.initial_concept(pipe, c.token, c.superclass, ["a {}"]).values
+    out["values_untrained"] = render(reset, which=("two", "alone", "alone2"))
+    out["embeddings_without_edit"] = render(load(), tokens_only=True)
+    if all(Path(concept_file(work, c + args.suffix + "-ti")).exists() for c in (name, other)):
+        ti = [cc.load_concept(concept_file(work, c + args.suffix + "-ti")) for c in (name, other)]
+        out["textual_inversion"] = render(ti, tokens_only=True)
+    for probe in PROBES[1:]:
+        out[probe.replace("-", "_")] = render(load(), probe=probe, which=("two", "alone", "alone2"))
+    for key, row in out.items():
+        print("cause", key, row, flush=True)
+    return out
 
 
 @torch.no_grad()
