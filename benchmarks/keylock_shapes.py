@@ -261,9 +261,10 @@ def train(args, pipe, work: Path, cov_path: Path, run: str) -> dict:
 
 def run_tag(args) -> str:
     """What names a measurement: the runs' suffix, ``-global`` for global key-locking, the second concept's β and
-    keys."""
+    keys, ``-mixed`` for ``keys="mixed"``."""
     return (args.suffix + ("-global" if args.locking == "global" else "")
-            + (f"-beta2-{args.beta2:g}" if args.beta2 is not None else "") + ("-keys2" if args.second_keys else ""))
+            + (f"-beta2-{args.beta2:g}" if args.beta2 is not None else "") + ("-keys2" if args.second_keys else "")
+            + ("-mixed" if args.keys == "mixed" else ""))
 
 
 def concept_file(work: Path, run: str) -> str:
@@ -287,7 +288,8 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
                 "other_shape_kept": rate(pair, lambda im: has_colour(im, "blue"))}
 
     def with_concepts(files, prompts, **options):
-        attnproc.apply(pipe, "keylock", concepts=files, covariance=cov, locking=args.locking, **options)
+        attnproc.apply(pipe, "keylock", concepts=files, covariance=cov, locking=args.locking, keys=args.keys,
+                       **options)
         try:
             return generate(pipe, "sd15", prompts, seeds * (len(prompts) // len(seeds)), **call)
         finally:
@@ -348,14 +350,17 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
             files[1] = second
         if args.beta2 is not None:  # per-concept β: the second concept's own, the sweep's for the first
             files[1] = {"file": files[1], "beta": args.beta2}
+        reverse = f"a {CONCEPTS[other][0]} and a {token}"
         for multi in ("exact", "approx"):
-            two[multi] = []
+            two[multi], two[multi + "_reversed"] = [], []
             for beta in args.betas:
-                imgs = with_concepts(files, [prompt] * n, multi=multi, beta=beta)
-                two[multi].append({"beta": beta, name: rate(imgs, lambda im: appears(im, name)),
-                                   other: rate(imgs, lambda im: appears(im, other)),
-                                   "both": rate(imgs, lambda im: appears(im, name) and appears(im, other))})
-                print(part, multi, two[multi][-1], flush=True)
+                imgs = with_concepts(files, [prompt] * n + [reverse] * n, multi=multi, beta=beta)
+                for key, part_imgs in ((multi, imgs[:n]), (multi + "_reversed", imgs[n:])):
+                    two[key].append({"beta": beta, name: rate(part_imgs, lambda im: appears(im, name)),
+                                     other: rate(part_imgs, lambda im: appears(im, other)),
+                                     "both": rate(part_imgs, lambda im: appears(im, name) and appears(im, other))})
+                    print(part, key, two[key][-1], flush=True)
+                imgs = imgs[:n]
                 Image.fromarray(np.concatenate([np.asarray(np.round(i * 255), np.uint8) for i in imgs], 1)).save(
                     work / f"two-{name}-{other}{tag}-{multi}-{beta}.png")
         words = f"a {CONCEPTS[name][2][0]} {kind}", f"a {CONCEPTS[other][2][0]} {CONCEPTS[other][1]}"
@@ -371,7 +376,7 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         imgs = generate(pipe, "sd15", [plain] * n, seeds, **call)  # the words the model knows, for scale
         two["base_words"] = {"prompt": plain, name: rate(imgs, lambda im: appears(im, name)),
                              other: rate(imgs, lambda im: appears(im, other))}
-        return {f"two_concepts_{name}_{other}{tag}": {"prompt": prompt, **two}}
+        return {f"two_concepts_{name}_{other}{tag}": {"prompt": prompt, "reversed": reverse, **two}}
     if part == "sims":  # every token × both concepts: sim_c(e) and the gate it opens, and how correlated the i* are
         from attnproc.steer.keylock import gate, similarity
 
@@ -469,9 +474,9 @@ class ProbeKeyLock(KeyLock):
         self._key_linear = site.module.to_k if site.module is not None else None
         return super().edit(q, k, v, site, inner=inner, attn_mask=attn_mask, scale=scale)
 
-    def project(self, e, linear, outputs):
+    def project(self, e, linear, outputs, *, mixed=False):
         is_key = linear is self._key_linear
-        paper = super().project(e, linear, outputs)
+        paper = super().project(e, linear, outputs, mixed=mixed)
         unprojected = {"keys-unprojected": is_key, "values-unprojected": not is_key, "unprojected": True}
         if not unprojected.get(self.probe, False) and not (self.probe == "hard-keys" and is_key):
             return paper
@@ -658,6 +663,8 @@ def main() -> None:
                                                  "(e.g. -pair: trained beside shapes; -nomask: unmasked loss)")
     ap.add_argument("--locking", default="local", choices=["local", "global"],
                     help="key-locking of the edit at inference (global: keys from the prompt with superclass words)")
+    ap.add_argument("--keys", default="locked", choices=["locked", "mixed"],
+                    help="the edit's keys at inference (mixed: each token's own key averaged with the gated superclass key)")
     ap.add_argument("--work", default="/tmp/keylock-shapes")
     ap.add_argument("--out", default=str(RESULTS / "keylock-shapes.json"))
     args = ap.parse_args()
