@@ -39,7 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import make_dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -318,17 +318,19 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
     if part == "two-ti":  # both concepts as plain textual inversion (tokens only, no edit) in one prompt
         other = args.concept2
         concepts = [cc.load_concept(concept_file(work, f"{c}{args.suffix}-ti")) for c in (name, other)]
-        prompts = [f"a {token} and a {CONCEPTS[other][0]}", f"a {CONCEPTS[other][0]} and a {token}"]
+        words = f"a {CONCEPTS[name][2][0]} {kind}", f"a {CONCEPTS[other][2][0]} {CONCEPTS[other][1]}"
+        prompts = [f"a {token} and a {CONCEPTS[other][0]}", f"a {CONCEPTS[other][0]} and a {token}",
+                   f"a {token} and {words[1]}", f"{words[0]} and a {CONCEPTS[other][0]}"]  # and beside known words
         cc.add_tokens(pipe, concepts)
         try:
-            imgs = generate(pipe, "sd15", [q for q in prompts for _ in seeds], seeds * 2, **call)
+            imgs = generate(pipe, "sd15", [q for q in prompts for _ in seeds], seeds * len(prompts), **call)
         finally:
             cc.remove_tokens(pipe, [c.token for c in concepts])
         return {f"two_concepts_{name}_{other}{args.suffix}_textual_inversion": [
-            {"prompt": q, name: rate(part_imgs, lambda im: appears(im, name)),
-             other: rate(part_imgs, lambda im: appears(im, other)),
-             "both": rate(part_imgs, lambda im: appears(im, name) and appears(im, other))}
-            for q, part_imgs in zip(prompts, (imgs[:n], imgs[n:]))]}
+            {"prompt": q, name: rate(imgs[i * n:(i + 1) * n], lambda im: appears(im, name)),
+             other: rate(imgs[i * n:(i + 1) * n], lambda im: appears(im, other)),
+             "both": rate(imgs[i * n:(i + 1) * n], lambda im: appears(im, name) and appears(im, other))}
+            for i, q in enumerate(prompts)]}
     if part == "preservation":  # held-out captions without the token, the concept loaded at its β 0.7
         held = eval_prompts("sd15", n)
         plain = generate(pipe, "sd15", held, seeds, **call)
@@ -450,9 +452,9 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
 PROBES = ("paper", "keys-unprojected", "values-unprojected", "unprojected", "hard-keys")
 
 
-@dataclass
-class ProbeConfig(KeyLockConfig):
-    probe: str = option("paper", choices=PROBES, help="which term of the formula to change (ProbeKeyLock)")
+# built with make_dataclass (a real type, not a string annotation): the module also loads by file path, unregistered
+ProbeConfig = make_dataclass("ProbeConfig", [("probe", str, option(
+    "paper", choices=PROBES, help="which term of the formula to change (ProbeKeyLock)"))], bases=(KeyLockConfig,))
 
 
 class ProbeKeyLock(KeyLock):

@@ -255,7 +255,7 @@ def test_constructor_arguments_are_the_documented_options(sd15):
     method = attnproc.create("keylock", concepts=[con], covariance=cov, beta=0.6, tau=0.2, multi="approx")
     assert method.betas.tolist() == [pytest.approx(0.6)] and method.taus.tolist() == [pytest.approx(0.2)]
     with pytest.raises(attnproc.OptionError, match="unknown option.*'input_covariance'.*valid options: concepts, "
-                                                   "covariance, beta, tau, multi, locking, lock_keys"):
+                                                   "covariance, beta, tau, multi, locking, keys, lock_keys"):
         attnproc.create("keylock", concepts=[con], input_covariance=cov)
 
 
