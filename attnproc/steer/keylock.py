@@ -383,7 +383,7 @@ class KeyLock(Edit):
             raise UnsupportedModelError(f"keylock: {site.name} normalises its text context or keys; only plain "
                                         "cross-attention projections (SD 1.x/2.x and SDXL UNets) are supported")
         key_context = self.superclass_context(e) if self.config.locking == "global" else e
-        new_k = self.project(key_context, attn.to_k, state.o_k, mixed=self.config.keys == "mixed")
+        new_k = self.project_keys(key_context, attn.to_k, state.o_k)
         new_v = self.project(e, attn.to_v, state.o_v)
         heads = k.shape[1]
         new_k = new_k.view(e.shape[0], -1, heads, k.shape[-1]).transpose(1, 2).to(k.dtype)
@@ -392,6 +392,10 @@ class KeyLock(Edit):
             raise UnsupportedModelError(f"keylock: recomputed keys {tuple(new_k.shape)} do not match the stock "
                                         f"processor's {tuple(k.shape)} at {site.name}")
         return inner.attention(q, new_k, new_v, site, attn_mask=attn_mask, scale=scale)
+
+    def project_keys(self, e: torch.Tensor, linear: torch.nn.Linear, outputs: torch.Tensor) -> torch.Tensor:
+        """The edited keys of ``e`` in the form the ``keys`` option asks for (``to_k`` and ``o*_K``)."""
+        return self.project(e, linear, outputs, mixed=self.config.keys == "mixed")
 
     def project(self, e: torch.Tensor, linear: torch.nn.Linear, outputs: torch.Tensor, *,
                 mixed: bool = False) -> torch.Tensor:
