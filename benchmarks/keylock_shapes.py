@@ -501,11 +501,14 @@ if ProbeKeyLock.name not in attnproc.registry.REGISTRY.names():  # a diagnostic:
 def cause(args, pipe, work: Path, cov: str, call: dict) -> dict:
     """Both concepts in "a <C> and a <C2>" (and each alone) under one change at a time: the o*_V or o*_K of the two
     concepts swapped, o*_V reset to its untrained start (the superclass value), the edit-trained embeddings without
-    the edit, textual inversion, and the formula probes of :class:`ProbeKeyLock`. Rates of C, C2 and both, of n."""
+    the edit, textual inversion, the formula probes of :class:`ProbeKeyLock` and ``keys="mixed"``; the edit's
+    variants also on C2 after C's known words ("a red square and a <gci>"). Rates of C, C2 and both, of n."""
     name, other = args.concept, args.concept2
     token, token2 = CONCEPTS[name][0], CONCEPTS[other][0]
     seeds, beta = list(range(args.n)), args.betas[len(args.betas) // 2]
-    prompts = {"two": f"a {token} and a {token2}", "alone": f"a {token}", "alone2": f"a {token2}"}
+    words = f"a {CONCEPTS[name][2][0]} {CONCEPTS[name][1]}"  # the first concept's known words
+    prompts = {"two": f"a {token} and a {token2}", "alone": f"a {token}", "alone2": f"a {token2}",
+               "beside_words": f"{words} and a {token2}"}
 
     def load():
         return [cc.load_concept(concept_file(work, c + args.suffix)) for c in (name, other)]
@@ -515,11 +518,12 @@ def cause(args, pipe, work: Path, cov: str, call: dict) -> dict:
         return {name: float(np.mean([a for a, _ in hit])), other: float(np.mean([b for _, b in hit])),
                 "both": float(np.mean([a and b for a, b in hit]))}
 
-    def render(concepts, probe="paper", tokens_only=False, which=("two",)) -> dict:
+    def render(concepts, probe="paper", tokens_only=False, which=("two",), keys="locked") -> dict:
         if tokens_only:
             cc.add_tokens(pipe, concepts)
         else:
-            attnproc.apply(pipe, ProbeKeyLock.name, concepts=concepts, covariance=cov, beta=beta, probe=probe)
+            attnproc.apply(pipe, ProbeKeyLock.name, concepts=concepts, covariance=cov, beta=beta, probe=probe,
+                           keys=keys)
         try:
             return {w: rates(generate(pipe, "sd15", [prompts[w]] * args.n, seeds, **call)) for w in which}
         finally:
@@ -529,7 +533,8 @@ def cause(args, pipe, work: Path, cov: str, call: dict) -> dict:
                 attnproc.remove(pipe)
 
     out = {"beta": beta, "multi": "exact", "prompts": prompts}
-    out["paper"] = render(load(), which=("two", "alone", "alone2"))
+    singles = ("two", "alone", "alone2", "beside_words")
+    out["paper"] = render(load(), which=singles)
     swapped = load()
     swapped[0].values, swapped[1].values = swapped[1].values, swapped[0].values
     out["values_swapped"] = render(swapped, which=("two", "alone", "alone2"))
@@ -545,7 +550,8 @@ def cause(args, pipe, work: Path, cov: str, call: dict) -> dict:
         ti = [cc.load_concept(concept_file(work, c + args.suffix + "-ti")) for c in (name, other)]
         out["textual_inversion"] = render(ti, tokens_only=True)
     for probe in PROBES[1:]:
-        out[probe.replace("-", "_")] = render(load(), probe=probe, which=("two", "alone", "alone2"))
+        out[probe.replace("-", "_")] = render(load(), probe=probe, which=singles)
+    out["keys_mixed"] = render(load(), probe="paper", which=singles, keys="mixed")
     for key, row in out.items():
         print("cause", key, row, flush=True)
     return out

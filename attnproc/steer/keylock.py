@@ -84,8 +84,9 @@ def mixed_key_linear(e: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
     Not Perfusion's lock: a concept token keeps its own key, averaged with its superclass key in proportion to the
     gate (a token equal to ``i*`` at the inference defaults: 0.53 own, 0.47 superclass); a token no concept resembles
-    keeps ``W e + b``. On the shapes model a locked second concept in "a <rsq> and a <gci>" takes the first one's
-    look, because its own key is what binds it to its place (docs/perfusion.md, "Two concepts in one prompt")."""
+    keeps ``W e + b``. Why: a concept trained with its embedding keeps most of its look in the embedding, which a
+    second concept in one prompt passes on only through its own key; locked, it takes the first one's look
+    (measured on the shapes model: docs/perfusion.md, "Two concepts in one prompt")."""
     gates = gate(similarity(e, i_stars, c_inv), beta, tau)
     return (F.linear(e, weight, bias) + gates @ outputs) / (1 + gates.sum(-1, keepdim=True))
 
