@@ -23,7 +23,11 @@ its runs ``C<--suffix>``:
 * ``two``: "a <C> and a <C2>" (``--concept2``), exact and approximate projection, per β; the order reversed and
   each concept beside the other's known words;
 * ``two-ti``: the same prompt (and reversed) with both concepts' textual-inversion runs (tokens only, no edit);
-* ``sims``: every token's similarity to both concepts' ``i*`` (what the gates see) in one- and two-object prompts;
+* ``sims``: every token × both concepts: ``sim`` and the gate it opens, padding included, and the ``i*`` Gram matrix
+  in the C⁻¹ metric, in one- and two-object prompts;
+* ``cause``: "a <C> and a <C2>" (and each alone, and C2 after C's known words) under one change at a time: values or
+  keys swapped between the concepts, untrained values, the embeddings without the edit, textual inversion, terms of
+  the formula changed (``ProbeKeyLock``), ``keys="mixed"``;
 * ``loss``: the masked training loss at fixed timesteps and noise, untrained vs each trained run;
 * ``ceiling``: every UNet weight fine-tuned on C's images (what this model can be made to draw at all);
 * ``calibrate``: the detector rule on drawn, VAE round-tripped and colour-swapped images, and on the base model's
@@ -32,6 +36,7 @@ its runs ``C<--suffix>``:
     python benchmarks/keylock_shapes.py train:rsq train:rsq-nolock train:rsq-ti --steps 400
     python benchmarks/keylock_shapes.py base lock nolock ti preservation --concept rsq --n 16
     python benchmarks/keylock_shapes.py two --concept rsq --concept2 gci --n 16
+    python benchmarks/keylock_shapes.py --keys mixed two --concept rsq --concept2 gci --suffix=-pair --n 16
     python benchmarks/keylock_shapes.py merge                 # -> benchmarks/results/keylock-shapes.json
 """
 from __future__ import annotations
