@@ -499,7 +499,7 @@ class ProbeKeyLock(KeyLock):
                                            else linear.bias.float()) + added).to(e.dtype)
 
 
-if ProbeKeyLock.name not in attnproc.registry.REGISTRY.names():  # a diagnostic: registered only by this script
+if ProbeKeyLock.name not in attnproc.registry.REGISTRY.names():  # a diagnostic: registered when this module is imported
     attnproc.register(ProbeKeyLock)
 
 
