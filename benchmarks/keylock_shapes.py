@@ -23,7 +23,11 @@ its runs ``C<--suffix>``:
 * ``two``: "a <C> and a <C2>" (``--concept2``), exact and approximate projection, per β; the order reversed and
   each concept beside the other's known words;
 * ``two-ti``: the same prompt (and reversed) with both concepts' textual-inversion runs (tokens only, no edit);
-* ``sims``: every token's similarity to both concepts' ``i*`` (what the gates see) in one- and two-object prompts;
+* ``sims``: every token × both concepts: ``sim`` and the gate it opens, padding included, and the ``i*`` Gram matrix
+  in the C⁻¹ metric, in one- and two-object prompts;
+* ``cause``: "a <C> and a <C2>" (and each alone, and C2 after C's known words) under one change at a time: values or
+  keys swapped between the concepts, untrained values, the embeddings without the edit, textual inversion, terms of
+  the formula changed (``ProbeKeyLock``), ``keys="mixed"``;
 * ``loss``: the masked training loss at fixed timesteps and noise, untrained vs each trained run;
 * ``ceiling``: every UNet weight fine-tuned on C's images (what this model can be made to draw at all);
 * ``calibrate``: the detector rule on drawn, VAE round-tripped and colour-swapped images, and on the base model's
@@ -32,6 +36,7 @@ its runs ``C<--suffix>``:
     python benchmarks/keylock_shapes.py train:rsq train:rsq-nolock train:rsq-ti --steps 400
     python benchmarks/keylock_shapes.py base lock nolock ti preservation --concept rsq --n 16
     python benchmarks/keylock_shapes.py two --concept rsq --concept2 gci --n 16
+    python benchmarks/keylock_shapes.py --keys mixed two --concept rsq --concept2 gci --suffix=-pair --n 16
     python benchmarks/keylock_shapes.py merge                 # -> benchmarks/results/keylock-shapes.json
 """
 from __future__ import annotations
@@ -39,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import make_dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -51,6 +57,8 @@ from attnproc.pipelines import concepts as cc
 from attnproc.pipelines.shapes import BACKGROUND, COLOURS, KINDS
 from attnproc.pipelines.shapes_detect import detect
 from attnproc.pipelines.shapes_models import eval_prompts, generate, quality
+from attnproc.options import option
+from attnproc.steer.keylock import KeyLock, KeyLockConfig
 from attnproc.workflows.train_concept import ConceptConfig, train_concept
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -184,7 +192,8 @@ def make_data(root: Path, name: str, n: int, seed: int, pair: bool = False, orde
     return folder
 
 
-PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "two-ti", "sims", "calibrate", "ceiling", "loss")
+PARTS = ("base", "lock", "nolock", "ti", "preservation", "two", "two-ti", "sims", "cause", "calibrate", "ceiling",
+         "loss")
 # run suffixes (combinable, e.g. bar-nomask-nolock) -> training fields; "-pair": images beside a known shape, each
 # with its own caption ("-pair-orders": both orders of that caption); "-nomask": the loss over the whole image (a
 # tight mask never penalises a shape's outline)
@@ -257,9 +266,10 @@ def train(args, pipe, work: Path, cov_path: Path, run: str) -> dict:
 
 def run_tag(args) -> str:
     """What names a measurement: the runs' suffix, ``-global`` for global key-locking, the second concept's β and
-    keys."""
+    keys, ``-mixed`` for ``keys="mixed"``."""
     return (args.suffix + ("-global" if args.locking == "global" else "")
-            + (f"-beta2-{args.beta2:g}" if args.beta2 is not None else "") + ("-keys2" if args.second_keys else ""))
+            + (f"-beta2-{args.beta2:g}" if args.beta2 is not None else "") + ("-keys2" if args.second_keys else "")
+            + ("-mixed" if args.keys == "mixed" else ""))
 
 
 def concept_file(work: Path, run: str) -> str:
@@ -283,7 +293,8 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
                 "other_shape_kept": rate(pair, lambda im: has_colour(im, "blue"))}
 
     def with_concepts(files, prompts, **options):
-        attnproc.apply(pipe, "keylock", concepts=files, covariance=cov, locking=args.locking, **options)
+        attnproc.apply(pipe, "keylock", concepts=files, covariance=cov, locking=args.locking, keys=args.keys,
+                       **options)
         try:
             return generate(pipe, "sd15", prompts, seeds * (len(prompts) // len(seeds)), **call)
         finally:
@@ -312,17 +323,19 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
     if part == "two-ti":  # both concepts as plain textual inversion (tokens only, no edit) in one prompt
         other = args.concept2
         concepts = [cc.load_concept(concept_file(work, f"{c}{args.suffix}-ti")) for c in (name, other)]
-        prompts = [f"a {token} and a {CONCEPTS[other][0]}", f"a {CONCEPTS[other][0]} and a {token}"]
+        words = f"a {CONCEPTS[name][2][0]} {kind}", f"a {CONCEPTS[other][2][0]} {CONCEPTS[other][1]}"
+        prompts = [f"a {token} and a {CONCEPTS[other][0]}", f"a {CONCEPTS[other][0]} and a {token}",
+                   f"a {token} and {words[1]}", f"{words[0]} and a {CONCEPTS[other][0]}"]  # and beside known words
         cc.add_tokens(pipe, concepts)
         try:
-            imgs = generate(pipe, "sd15", [q for q in prompts for _ in seeds], seeds * 2, **call)
+            imgs = generate(pipe, "sd15", [q for q in prompts for _ in seeds], seeds * len(prompts), **call)
         finally:
             cc.remove_tokens(pipe, [c.token for c in concepts])
         return {f"two_concepts_{name}_{other}{args.suffix}_textual_inversion": [
-            {"prompt": q, name: rate(part_imgs, lambda im: appears(im, name)),
-             other: rate(part_imgs, lambda im: appears(im, other)),
-             "both": rate(part_imgs, lambda im: appears(im, name) and appears(im, other))}
-            for q, part_imgs in zip(prompts, (imgs[:n], imgs[n:]))]}
+            {"prompt": q, name: rate(imgs[i * n:(i + 1) * n], lambda im: appears(im, name)),
+             other: rate(imgs[i * n:(i + 1) * n], lambda im: appears(im, other)),
+             "both": rate(imgs[i * n:(i + 1) * n], lambda im: appears(im, name) and appears(im, other))}
+            for i, q in enumerate(prompts)]}
     if part == "preservation":  # held-out captions without the token, the concept loaded at its β 0.7
         held = eval_prompts("sd15", n)
         plain = generate(pipe, "sd15", held, seeds, **call)
@@ -344,14 +357,17 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
             files[1] = second
         if args.beta2 is not None:  # per-concept β: the second concept's own, the sweep's for the first
             files[1] = {"file": files[1], "beta": args.beta2}
+        reverse = f"a {CONCEPTS[other][0]} and a {token}"
         for multi in ("exact", "approx"):
-            two[multi] = []
+            two[multi], two[multi + "_reversed"] = [], []
             for beta in args.betas:
-                imgs = with_concepts(files, [prompt] * n, multi=multi, beta=beta)
-                two[multi].append({"beta": beta, name: rate(imgs, lambda im: appears(im, name)),
-                                   other: rate(imgs, lambda im: appears(im, other)),
-                                   "both": rate(imgs, lambda im: appears(im, name) and appears(im, other))})
-                print(part, multi, two[multi][-1], flush=True)
+                imgs = with_concepts(files, [prompt] * n + [reverse] * n, multi=multi, beta=beta)
+                for key, part_imgs in ((multi, imgs[:n]), (multi + "_reversed", imgs[n:])):
+                    two[key].append({"beta": beta, name: rate(part_imgs, lambda im: appears(im, name)),
+                                     other: rate(part_imgs, lambda im: appears(im, other)),
+                                     "both": rate(part_imgs, lambda im: appears(im, name) and appears(im, other))})
+                    print(part, key, two[key][-1], flush=True)
+                imgs = imgs[:n]
                 Image.fromarray(np.concatenate([np.asarray(np.round(i * 255), np.uint8) for i in imgs], 1)).save(
                     work / f"two-{name}-{other}{tag}-{multi}-{beta}.png")
         words = f"a {CONCEPTS[name][2][0]} {kind}", f"a {CONCEPTS[other][2][0]} {CONCEPTS[other][1]}"
@@ -367,30 +383,40 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         imgs = generate(pipe, "sd15", [plain] * n, seeds, **call)  # the words the model knows, for scale
         two["base_words"] = {"prompt": plain, name: rate(imgs, lambda im: appears(im, name)),
                              other: rate(imgs, lambda im: appears(im, other))}
-        return {f"two_concepts_{name}_{other}{tag}": {"prompt": prompt, **two}}
-    if part == "sims":  # each token's similarity to both concepts' i* (the gates' input) in two-object prompts
-        from attnproc.steer.keylock import similarity
+        return {f"two_concepts_{name}_{other}{tag}": {"prompt": prompt, "reversed": reverse, **two}}
+    if part == "sims":  # every token × both concepts: sim_c(e) and the gate it opens, and how correlated the i* are
+        from attnproc.steer.keylock import gate, similarity
 
         other = args.concept2
         concepts = [cc.load_concept(concept_file(work, n + args.suffix)) for n in (name, other)]
         c_inv = torch.linalg.inv(cc.load_covariance(cov)[0]).float()
         i_stars = torch.stack([c.i_star for c in concepts]).float()
+        gram = i_stars @ c_inv @ i_stars.t()
         t1, t2 = token, CONCEPTS[other][0]
         prompts = [f"a {t1}", f"a {t2}", f"a {t1} and a {t2}", f"a {t2} and a {t1}", f"a {t2} and a blue circle",
                    f"a blue circle and a {t2}"]
-        out = {}
+        beta = args.betas[len(args.betas) // 2]
+        out = {"beta": beta, "tau": concepts[0].tau, "i_star_gram_in_C_inverse_metric": gram.tolist(),
+               "i_star_cosine_in_C_inverse_metric": float(gram[0, 1] / (gram[0, 0] * gram[1, 1]).sqrt())}
         cc.add_tokens(pipe, concepts)
         try:
             for prompt in prompts:
                 with torch.no_grad():
                     enc, ids = cc.encode_prompts(pipe, [prompt])
                 sims = similarity(enc[0].float(), i_stars, c_inv)
-                used = len(pipe.tokenizer(prompt).input_ids)  # with the start and end tokens
-                out[prompt] = [[tok, round(a, 3), round(b, 3)] for tok, (a, b) in
-                               zip(pipe.tokenizer.convert_ids_to_tokens(ids[0][:used]), sims[:used].tolist())]
+                gates = gate(sims, beta, concepts[0].tau)
+                used = len(pipe.tokenizer(prompt).input_ids)  # with the start and end tokens; the rest is padding
+                toks = pipe.tokenizer.convert_ids_to_tokens(ids[0][:used])
+                out[prompt] = {"tokens": [[tok, *(round(x, 3) for x in sims[j].tolist()),
+                                           *(round(x, 3) for x in gates[j].tolist())] for j, tok in enumerate(toks)],
+                               "padding_max_sim": [round(x, 3) for x in sims[used:].max(0).values.tolist()],
+                               "padding_gate_sum": [round(x, 3) for x in gates[used:].sum(0).tolist()]}
         finally:
             cc.remove_tokens(pipe, [c.token for c in concepts])
-        return {f"sims_{name}_{other}{args.suffix}": {"columns": ["token", f"sim {t1}", f"sim {t2}"], **out}}
+        return {f"sims_{name}_{other}{args.suffix}": {
+            "columns": ["token", f"sim {t1}", f"sim {t2}", f"gate {t1}", f"gate {t2}"], **out}}
+    if part == "cause":  # interventions on "a <C> and a <C2>": which part of the edit loses the second concept
+        return {f"cause_{name}_{args.concept2}{args.suffix}": cause(args, pipe, work, cov, call)}
     if part == "loss":
         return {f"{name}_fixed_noise_loss": fixed_noise_losses(args, pipe, work, cov, name)}
     if part == "ceiling":  # what the model can draw at all: the whole UNet fine-tuned on the concept's images
@@ -426,6 +452,114 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
                           "base_model_" + words.replace(" ", "_"): rate(base, lambda im: appears(im, cname))}
         return {"detector_calibration": out}
     raise ValueError(f"unknown part {part!r}; one of {PARTS}")
+
+
+PROBES = ("paper", "keys-unprojected", "values-unprojected", "unprojected", "hard-keys")
+
+
+# built with make_dataclass (a real type, not a string annotation): the module also loads by file path, unregistered
+ProbeConfig = make_dataclass("ProbeConfig", [("probe", str, option(
+    "paper", choices=PROBES, help="which term of the formula to change (ProbeKeyLock)"))], bases=(KeyLockConfig,))
+
+
+class ProbeKeyLock(KeyLock):
+    """``keylock`` with one term of the formula changed, for the ``cause`` part (a diagnostic, not a method to use).
+    ``probe``: ``paper`` (unchanged); ``keys-unprojected`` (K = W_K e + Σ_c g_c o*_K,c: the token keeps its own key,
+    the superclass key is added; V as the paper); ``values-unprojected`` (the reverse); ``unprojected`` (both);
+    ``hard-keys`` (where the gates sum past 0.5, K = Σ_c g_c o*_K,c / Σ_c g_c: the superclass key alone, no residual
+    ``W_K(e − P e)``)."""
+
+    name = "keylock_probe"
+    summary = "keylock with one term of the formula changed (benchmarks/keylock_shapes.py cause part)."
+    Config = ProbeConfig
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.probe, self._key_linear = self.config.probe, None
+
+    def edit(self, q, k, v, site, *, inner, attn_mask=None, scale=None):
+        self._key_linear = site.module.to_k if site.module is not None else None
+        return super().edit(q, k, v, site, inner=inner, attn_mask=attn_mask, scale=scale)
+
+    def project(self, e, linear, outputs, *, mixed=False):
+        is_key = linear is self._key_linear
+        paper = super().project(e, linear, outputs, mixed=mixed)
+        unprojected = {"keys-unprojected": is_key, "values-unprojected": not is_key, "unprojected": True}
+        if not unprojected.get(self.probe, False) and not (self.probe == "hard-keys" and is_key):
+            return paper
+        from attnproc.steer.keylock import gate, similarity
+
+        ef = e.float()
+        gates = gate(similarity(ef, self.i_stars().to(ef), self.c_inv.to(ef)), self.betas.to(ef), self.taus.to(ef))
+        added = gates @ outputs.float()
+        if self.probe == "hard-keys":
+            total = gates.sum(-1, keepdim=True)
+            return torch.where(total > 0.5, added / total.clamp_min(1e-6), paper.float()).to(e.dtype)
+        return (torch.nn.functional.linear(ef, linear.weight.float(), None if linear.bias is None
+                                           else linear.bias.float()) + added).to(e.dtype)
+
+
+if ProbeKeyLock.name not in attnproc.registry.REGISTRY.names():  # a diagnostic: registered when this module is imported
+    attnproc.register(ProbeKeyLock)
+
+
+def cause(args, pipe, work: Path, cov: str, call: dict) -> dict:
+    """Both concepts in "a <C> and a <C2>" (and each alone) under one change at a time: the o*_V or o*_K of the two
+    concepts swapped, o*_V reset to its untrained start (the superclass value), the edit-trained embeddings without
+    the edit, textual inversion, the formula probes of :class:`ProbeKeyLock` and ``keys="mixed"``; the edit's
+    variants also on C2 after C's known words ("a red square and a <gci>"). Rates of C, C2 and both, of n."""
+    name, other = args.concept, args.concept2
+    token, token2 = CONCEPTS[name][0], CONCEPTS[other][0]
+    seeds, beta = list(range(args.n)), args.betas[len(args.betas) // 2]
+    words = f"a {CONCEPTS[name][2][0]} {CONCEPTS[name][1]}"  # the first concept's known words
+    prompts = {"two": f"a {token} and a {token2}", "alone": f"a {token}", "alone2": f"a {token2}",
+               "beside_words": f"{words} and a {token2}"}
+
+    def load():
+        return [cc.load_concept(concept_file(work, c + args.suffix)) for c in (name, other)]
+
+    def rates(images) -> dict:
+        hit = [(appears(im, name), appears(im, other)) for im in images]
+        return {name: float(np.mean([a for a, _ in hit])), other: float(np.mean([b for _, b in hit])),
+                "both": float(np.mean([a and b for a, b in hit]))}
+
+    def render(concepts, probe="paper", tokens_only=False, which=("two",), keys="locked") -> dict:
+        if tokens_only:
+            cc.add_tokens(pipe, concepts)
+        else:
+            attnproc.apply(pipe, ProbeKeyLock.name, concepts=concepts, covariance=cov, beta=beta, probe=probe,
+                           keys=keys)
+        try:
+            return {w: rates(generate(pipe, "sd15", [prompts[w]] * args.n, seeds, **call)) for w in which}
+        finally:
+            if tokens_only:
+                cc.remove_tokens(pipe, [c.token for c in concepts])
+            else:
+                attnproc.remove(pipe)
+
+    out = {"beta": beta, "multi": "exact", "prompts": prompts}
+    singles = ("two", "alone", "alone2", "beside_words")
+    out["paper"] = render(load(), which=singles)
+    swapped = load()
+    swapped[0].values, swapped[1].values = swapped[1].values, swapped[0].values
+    out["values_swapped"] = render(swapped, which=("two", "alone", "alone2"))
+    swapped = load()
+    swapped[0].keys, swapped[1].keys = swapped[1].keys, swapped[0].keys
+    out["keys_swapped"] = render(swapped)
+    reset = load()
+    for c in reset:
+        c.values = cc.initial_concept(pipe, c.token, c.superclass, ["a {}"]).values
+    out["values_untrained"] = render(reset, which=("two", "alone", "alone2"))
+    out["embeddings_without_edit"] = render(load(), tokens_only=True)
+    if all(Path(concept_file(work, c + args.suffix + "-ti")).exists() for c in (name, other)):
+        ti = [cc.load_concept(concept_file(work, c + args.suffix + "-ti")) for c in (name, other)]
+        out["textual_inversion"] = render(ti, tokens_only=True)
+    for probe in PROBES[1:]:
+        out[probe.replace("-", "_")] = render(load(), probe=probe, which=singles)
+    out["keys_mixed"] = render(load(), probe="paper", which=singles, keys="mixed")
+    for key, row in out.items():
+        print("cause", key, row, flush=True)
+    return out
 
 
 @torch.no_grad()
@@ -542,6 +676,8 @@ def main() -> None:
                                                  "(e.g. -pair: trained beside shapes; -nomask: unmasked loss)")
     ap.add_argument("--locking", default="local", choices=["local", "global"],
                     help="key-locking of the edit at inference (global: keys from the prompt with superclass words)")
+    ap.add_argument("--keys", default="locked", choices=["locked", "mixed"],
+                    help="the edit's keys at inference (mixed: each token's own key averaged with the gated superclass key)")
     ap.add_argument("--work", default="/tmp/keylock-shapes")
     ap.add_argument("--out", default=str(RESULTS / "keylock-shapes.json"))
     args = ap.parse_args()

@@ -441,8 +441,8 @@ class KeyLockAttn2:
         if e is None or e.shape[0] != k.shape[0] or e.shape[1] != k.shape[1]:
             raise RuntimeError("keylock node: the text context of this call is not the model's (another node "
                                "changes the cross-attention context); keylock needs the text encodings")
-        new_k = self.method.project(self.key_context(e, extra).to(k), self.module.to_k,
-                                    self.o_k.to(k.device)).to(k.dtype)
+        new_k = self.method.project_keys(self.key_context(e, extra).to(k), self.module.to_k,
+                                         self.o_k.to(k.device)).to(k.dtype)
         new_v = self.method.project(e.to(v), self.module.to_v, self.o_v.to(v.device)).to(v.dtype)
         return attention.optimized_attention(q, new_k, new_v, extra["n_heads"],
                                              attn_precision=extra.get("attn_precision"), transformer_options=extra)

@@ -34,7 +34,8 @@ from ..options import OptionError, option
 from ..registry import register
 from ..site import Site
 
-__all__ = ["similarity", "gate", "projection_basis", "keylock_linear", "KeyLock", "KeyLockConfig", "KeyLockState"]
+__all__ = ["similarity", "gate", "projection_basis", "keylock_linear", "mixed_key_linear", "KeyLock", "KeyLockConfig",
+           "KeyLockState"]
 
 BETA_RANGE = (0.0, 1.5)
 TAU_RANGE = (0.01, 1.0)
@@ -77,6 +78,19 @@ def keylock_linear(e: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return F.linear(e - along, weight, bias) + gate(sims, beta, tau) @ outputs
 
 
+def mixed_key_linear(e: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, i_stars: torch.Tensor,
+                     outputs: torch.Tensor, c_inv: torch.Tensor, beta, tau) -> torch.Tensor:
+    """``keys="mixed"``: ``(W e + b + Σ_c g_c o*_K,c) / (1 + Σ_c g_c)`` with ``g_c = σ((sim_c(e) − β_c)/τ_c)``.
+
+    Not Perfusion's lock: a concept token keeps its own key, averaged with its superclass key in proportion to the
+    gate (a token equal to ``i*`` at the inference defaults: 0.53 own, 0.47 superclass); a token no concept resembles
+    keeps ``W e + b``. Why: a concept trained with its embedding keeps most of its look in the embedding, which a
+    second concept in one prompt passes on only through its own key; locked, it takes the first one's look
+    (measured on the shapes model: docs/perfusion.md, "Two concepts in one prompt")."""
+    gates = gate(similarity(e, i_stars, c_inv), beta, tau)
+    return (F.linear(e, weight, bias) + gates @ outputs) / (1 + gates.sum(-1, keepdim=True))
+
+
 # ---- options -------------------------------------------------------------------------------------------------
 @dataclass
 class KeyLockConfig:
@@ -93,6 +107,10 @@ class KeyLockConfig:
     locking: str = option("local", choices=("local", "global"),
                           help="local: the edit's keys come from the prompt; global: every key of a prompt with a "
                                "concept comes from the same prompt with each concept word replaced by its superclass")
+    keys: str = option("locked", choices=("locked", "mixed"),
+                       help="locked: Perfusion's keys, W_K(e − P e) + Σ g·o*_K; mixed: each token keeps its own key, "
+                            "averaged with the gated superclass keys, (W_K e + Σ g·o*_K)/(1 + Σ g) (not the paper; "
+                            "lets a second concept in one prompt keep its own look, docs/perfusion.md)")
     lock_keys: bool = option(True, help="keys locked to the superclass (Perfusion); False makes o*_K trainable "
                                         "too (the no-key-locking ablation; only matters when training)")
 
@@ -377,7 +395,7 @@ class KeyLock(Edit):
             raise UnsupportedModelError(f"keylock: {site.name} normalises its text context or keys; only plain "
                                         "cross-attention projections (SD 1.x/2.x and SDXL UNets) are supported")
         key_context = self.superclass_context(e) if self.config.locking == "global" else e
-        new_k = self.project(key_context, attn.to_k, state.o_k)
+        new_k = self.project_keys(key_context, attn.to_k, state.o_k)
         new_v = self.project(e, attn.to_v, state.o_v)
         heads = k.shape[1]
         new_k = new_k.view(e.shape[0], -1, heads, k.shape[-1]).transpose(1, 2).to(k.dtype)
@@ -387,12 +405,17 @@ class KeyLock(Edit):
                                         f"processor's {tuple(k.shape)} at {site.name}")
         return inner.attention(q, new_k, new_v, site, attn_mask=attn_mask, scale=scale)
 
-    def project(self, e: torch.Tensor, linear: torch.nn.Linear, outputs: torch.Tensor) -> torch.Tensor:
-        """The edited projection of ``e [B, S, d]`` (fp32 math, as the reference implementations)."""
+    def project_keys(self, e: torch.Tensor, linear: torch.nn.Linear, outputs: torch.Tensor) -> torch.Tensor:
+        """The edited keys of ``e`` in the form the ``keys`` option asks for (``to_k`` and ``o*_K``)."""
+        return self.project(e, linear, outputs, mixed=self.config.keys == "mixed")
+
+    def project(self, e: torch.Tensor, linear: torch.nn.Linear, outputs: torch.Tensor, *,
+                mixed: bool = False) -> torch.Tensor:
+        """The edited projection of ``e [B, S, d]`` (fp32 math, as the reference implementations); ``mixed``: the
+        ``keys="mixed"`` form (:func:`mixed_key_linear`)."""
         dev = e.device
-        i_stars = self.i_stars().to(dev, torch.float32)
-        c_inv = self.c_inv.to(dev)
-        out = keylock_linear(e.float(), linear.weight.float(),
-                             None if linear.bias is None else linear.bias.float(), i_stars,
-                             outputs.float(), c_inv, self.betas.to(dev), self.taus.to(dev), multi=self.config.multi)
+        args = (e.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float(),
+                self.i_stars().to(dev, torch.float32), outputs.float(), self.c_inv.to(dev), self.betas.to(dev),
+                self.taus.to(dev))
+        out = mixed_key_linear(*args) if mixed else keylock_linear(*args, multi=self.config.multi)
         return out.to(e.dtype)

@@ -11,7 +11,7 @@ from attnproc.kernels import dense_attention
 from attnproc.processor import AttnProcessor
 from attnproc.pipelines import concepts as cc
 from attnproc.pipelines import tiny_call_kwargs, tiny_pipeline
-from attnproc.steer.keylock import gate, keylock_linear, projection_basis, similarity
+from attnproc.steer.keylock import gate, keylock_linear, mixed_key_linear, projection_basis, similarity
 
 D, DOUT = 12, 10
 
@@ -81,6 +81,34 @@ def test_multi_concept_projection_is_orthogonal_in_the_cinv_metric():
                                keylock_linear(e, w, None, i_stars[:1], zero[:1], c_inv, 0.7, 0.15, multi="approx"))
 
 
+def test_mixed_keys_average_each_tokens_own_key_with_the_gated_superclass_keys():
+    """keys="mixed": (W e + b + Σ_c g_c o*_c)/(1 + Σ_c g_c), checked element by element in float64 with two
+    correlated concepts; a token no concept resembles keeps W e + b, a token equal to i* with its gate open is the
+    mean of its own and its superclass key."""
+    c_inv = torch.linalg.inv(_spd(D, 21))
+    i_stars = _rand(2, D, seed=22)
+    i_stars[1] = 0.8 * i_stars[0] + 0.2 * i_stars[1]  # strongly correlated in any metric
+    w, b, o_stars = _rand(DOUT, D, seed=23), _rand(DOUT, seed=24), _rand(2, DOUT, seed=25)
+    betas, taus = torch.tensor([0.7, 0.5], dtype=torch.float64), torch.tensor([0.15, 0.2], dtype=torch.float64)
+    e = torch.cat([i_stars, _rand(3, D, seed=26)])
+    got = mixed_key_linear(e, w, b, i_stars, o_stars, c_inv, betas, taus)
+    for t in range(e.shape[0]):
+        gates = []
+        for c in range(2):
+            sim = float(e[t] @ c_inv @ i_stars[c]) / float(i_stars[c] @ c_inv @ i_stars[c])
+            gates.append(1 / (1 + math.exp(-(sim - float(betas[c])) / float(taus[c]))))
+        want = (w @ e[t] + b + gates[0] * o_stars[0] + gates[1] * o_stars[1]) / (1 + sum(gates))
+        torch.testing.assert_close(got[t], want, rtol=1e-12, atol=1e-12)
+    # a C⁻¹-orthogonal token with the gates shut (β far above its sim 0) keeps its own key exactly
+    ci = c_inv @ i_stars[0]
+    ortho = e[2:] - (e[2:] @ ci)[:, None] * i_stars[:1] / (i_stars[0] @ ci)
+    shut = mixed_key_linear(ortho, w, b, i_stars[:1], o_stars[:1], c_inv, 1.0, 0.01)
+    torch.testing.assert_close(shut, ortho @ w.t() + b, rtol=1e-12, atol=1e-12)
+    # e = i* with its gate open (β 0, τ 0.01: σ(100)): the mean of its own key and the superclass key
+    opened = mixed_key_linear(i_stars[:1], w, b, i_stars[:1], o_stars[:1], c_inv, 0.0, 0.01)
+    torch.testing.assert_close(opened, (i_stars[:1] @ w.t() + b + o_stars[:1]) / 2, rtol=1e-12, atol=1e-12)
+
+
 # ---- in a pipeline ---------------------------------------------------------------------------------------------
 def _concept_setup(family: str, embedding_noise: float = 0.0):
     """A tiny pipeline, a concept with learned-looking o*_V (so the edit visibly changes the values) and C."""
@@ -146,6 +174,29 @@ def test_edit_computes_keys_and_values_by_the_formula_under_a_base_method(sd15):
         attnproc.remove(pipe)
 
 
+def test_mixed_keys_change_only_the_keys_in_a_pipeline(sd15):
+    pipe, con, cov = sd15
+    handle = attnproc.apply(pipe, ["kv_recorder_test", "keylock"],
+                            keylock={"concepts": [con], "covariance": cov, "keys": "mixed"})
+    try:
+        _image(pipe, "a red <flag> in the snow")
+        seen = handle.method.base.seen
+        unet = dict(pipe.unet.named_modules())
+        c_inv = torch.linalg.inv(cov).float()
+        for name, e, k, v in seen[:4]:
+            attn = unet[name]
+            args = (e, attn.to_k.weight, attn.to_k.bias, con.i_star[None], con.keys[name][None], c_inv, 0.7, 0.15)
+            for got, want in ((k, mixed_key_linear(*args)),
+                              (v, keylock_linear(e, attn.to_v.weight, attn.to_v.bias, con.i_star[None],
+                                                 con.values[name][None], c_inv, 0.7, 0.15))):
+                want = want.view(e.shape[0], -1, got.shape[1], got.shape[-1]).transpose(1, 2)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            locked = keylock_linear(*args).view(e.shape[0], -1, k.shape[1], k.shape[-1]).transpose(1, 2)
+            assert (k - locked).abs().max() > 1e-3  # the option reaches the keys
+    finally:
+        attnproc.remove(pipe)
+
+
 def test_global_locking_takes_keys_from_the_superclass_prompt(sd15):
     pipe, con, cov = sd15
     g = torch.Generator().manual_seed(2)  # a learned-looking embedding: the prompt's encoding differs from the plain one
@@ -204,7 +255,7 @@ def test_constructor_arguments_are_the_documented_options(sd15):
     method = attnproc.create("keylock", concepts=[con], covariance=cov, beta=0.6, tau=0.2, multi="approx")
     assert method.betas.tolist() == [pytest.approx(0.6)] and method.taus.tolist() == [pytest.approx(0.2)]
     with pytest.raises(attnproc.OptionError, match="unknown option.*'input_covariance'.*valid options: concepts, "
-                                                   "covariance, beta, tau, multi, locking, lock_keys"):
+                                                   "covariance, beta, tau, multi, locking, keys, lock_keys"):
         attnproc.create("keylock", concepts=[con], input_covariance=cov)
 
 
@@ -306,6 +357,7 @@ def test_token_already_in_vocabulary_is_refused(sd15):
     ({"concepts": []}, "option 'concepts' is required"),
     ({"concepts": ["missing.safetensors"]}, r"concepts\[0\]: concept file 'missing.safetensors' does not exist"),
     ({"multi": "qr"}, r"option 'multi' of method 'keylock' must be one of 'exact', 'approx'"),
+    ({"keys": "open"}, r"option 'keys' of method 'keylock' must be one of 'locked', 'mixed'"),
 ])
 def test_bad_options(sd15, options, message):
     _, con, cov = sd15

@@ -193,6 +193,13 @@ def keylock_reference(e, weight, i_star, o_star, c_inv, beta, tau):
     return (e - sim[..., None] * i) @ w.T + torch.sigmoid((sim - beta) / tau)[..., None] * o
 
 
+def mixed_key_reference(e, weight, i_star, o_star, c_inv, beta, tau):
+    """``keys="mixed"`` in float64: ``(W e + g·o*) / (1 + g)``, ``g = σ((sim(e) − β)/τ)``."""
+    e, w, i, o, ci = (t.double() for t in (e, weight, i_star, o_star, c_inv))
+    g = torch.sigmoid(((e @ (ci @ i)) / (i @ ci @ i) - beta) / tau)[..., None]
+    return (e @ w.T + g * o) / (1 + g)
+
+
 def make_concept(model, clip, work, token="<tri>", prompt="a embedding:tri on the grass", superclass="star"):
     """A concept file for a tiny UNet laid out as our diffusers path writes it (one token row per text encoder,
     concatenated in encoder order: SDXL's CLIP-L then OpenCLIP-G; ``i*`` of the concatenated context; random o*_K,
@@ -230,11 +237,12 @@ def make_concept(model, clip, work, token="<tri>", prompt="a embedding:tri on th
     return concept, path, cov, torch.linalg.inv(c_mat), cclip, at
 
 
-def record_keylock(patched, concept, c_inv, beta, tau, at, diff, superclass_ref=None):
+def record_keylock(patched, concept, c_inv, beta, tau, at, diff, superclass_ref=None, mixed=False):
     """Wrap every attn2 replacement of a keylock-patched model: each call's keys and values against the float64
     formula (keys from the superclass encoding the call carries, for global locking; else from its own context),
     the output against ComfyUI's attention on the edited keys and values, and (``superclass_ref``) the carried
-    superclass encoding of the conditional rows against the superclass prompt encoded by CLIPTextEncode."""
+    superclass encoding of the conditional rows against the superclass prompt encoded by CLIPTextEncode.
+    ``mixed``: the keys against ``keys="mixed"``'s formula instead."""
     from attnproc.workflows.comfy_steer import SUPERCLASS_KEY
 
     replace = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
@@ -255,13 +263,14 @@ def record_keylock(patched, concept, c_inv, beta, tau, at, diff, superclass_ref=
                     seen["superclass_vs_prompt"] = max(seen.get("superclass_vs_prompt", 0.0),
                                                        diff(sup[cond], e_call[cond]))
             mod = inner.module
-            ks = keylock_reference(key_ctx, mod.to_k.weight, concept.i_star, inner.o_k[0], c_inv, beta, tau)
+            reference = mixed_key_reference if mixed else keylock_reference
+            ks = reference(key_ctx, mod.to_k.weight, concept.i_star, inner.o_k[0], c_inv, beta, tau)
             vs = keylock_reference(e_call, mod.to_v.weight, concept.i_star, inner.o_v[0], c_inv, beta, tau)
-            new_k = inner.method.project(inner.key_context(e_call, extra), mod.to_k, inner.o_k)
+            new_k = inner.method.project_keys(inner.key_context(e_call, extra), mod.to_k, inner.o_k)
             new_v = inner.method.project(e_call, mod.to_v, inner.o_v)
             seen["k_err"] = max(seen["k_err"], float((new_k.double() - ks).abs().max() / ks.abs().max()))
             seen["v_err"] = max(seen["v_err"], float((new_v.double() - vs).abs().max() / vs.abs().max()))
-            if cond and key_ctx is e_call:  # at the concept token: gate open → o*_K, closed → 0 (sim = 1)
+            if cond and key_ctx is e_call and not mixed:  # at the concept token: gate open → o*_K, closed → 0 (sim = 1)
                 o_k = inner.o_k[0].to(new_k)
                 at_token = new_k[cond][:, at[0]]
                 seen["token_open"] = max(seen.get("token_open", 0.0),
@@ -305,11 +314,17 @@ def keylock_checks(results, tiny_unet, tiny_clip, diff, work):
         return out["samples"]
 
     stock = run(model)
+    outs = {}
     for name, (beta, tau) in {"open": (0.0, 0.01), "closed": (1.5, 0.01), "default": (0.7, 0.15)}.items():
         patched = patch_keylock(model, json.dumps([{"file": str(path), "beta": beta, "tau": tau}]), str(cov))
         seen = record_keylock(patched, concept, c_inv, beta, tau, at, diff)
         out = run(patched)
         r[name] = {**seen, "vs_stock": diff(out, stock), "finite": bool(torch.isfinite(out).all())}
+        outs[name] = out
+    patched = patch_keylock(model, str(path), str(cov), keys="mixed")  # the keys option reaches the node
+    seen = record_keylock(patched, concept, c_inv, 0.7, 0.15, at, diff, mixed=True)
+    out = run(patched)
+    r["mixed"] = {**seen, "vs_locked": diff(out, outs["default"]), "finite": bool(torch.isfinite(out).all())}
     r["global"] = keylock_global(model, clip, cclip, concept, path, cov, c_inv, at, diff, run, prompt,
                                  "a star on the grass")
     errors = {}

@@ -109,6 +109,13 @@ def test_keylock_node_matches_the_formula(steer, gate):
     assert abs(r["token_open"] - expected[0]) < 1e-3 and abs(r["token_closed"] - expected[1]) < 1e-3
 
 
+def test_keylock_node_mixed_keys_match_the_formula(steer):
+    """keys="mixed" reaches the node: its keys are (W e + g·o*_K)/(1 + g) in float64, values as the paper."""
+    r = steer["keylock"]["mixed"]
+    assert r["calls"] == 28 and r["k_err"] < FP32 and r["v_err"] < FP32 and r["out_vs_attention"] == 0.0
+    assert r["finite"] and r["vs_locked"] > 1e-3
+
+
 def test_keylock_node_errors(steer):
     e = steer["keylock"]["errors"]
     assert "was trained on another model (fingerprint 0123456789abcdef" in e["other_model"]
