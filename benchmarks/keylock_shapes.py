@@ -396,7 +396,8 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
         prompts = [f"a {t1}", f"a {t2}", f"a {t1} and a {t2}", f"a {t2} and a {t1}", f"a {t2} and a blue circle",
                    f"a blue circle and a {t2}"]
         beta = args.betas[len(args.betas) // 2]
-        out = {"beta": beta, "tau": concepts[0].tau, "i_star_gram_in_C_inverse_metric": gram.tolist(),
+        taus = torch.tensor([float(c.tau) for c in concepts])
+        out = {"beta": beta, "tau": taus.tolist(), "i_star_gram_in_C_inverse_metric": gram.tolist(),
                "i_star_cosine_in_C_inverse_metric": float(gram[0, 1] / (gram[0, 0] * gram[1, 1]).sqrt())}
         cc.add_tokens(pipe, concepts)
         try:
@@ -404,7 +405,7 @@ def measure(args, pipe, work: Path, cov_path: Path, part: str) -> dict:
                 with torch.no_grad():
                     enc, ids = cc.encode_prompts(pipe, [prompt])
                 sims = similarity(enc[0].float(), i_stars, c_inv)
-                gates = gate(sims, beta, concepts[0].tau)
+                gates = gate(sims, beta, taus)
                 used = len(pipe.tokenizer(prompt).input_ids)  # with the start and end tokens; the rest is padding
                 toks = pipe.tokenizer.convert_ids_to_tokens(ids[0][:used])
                 out[prompt] = {"tokens": [[tok, *(round(x, 3) for x in sims[j].tolist()),

@@ -9,7 +9,7 @@ ComfyUI's projected q, k, v and runs ComfyUI's own ``optimized_attention`` for e
 those rows stay bit-identical to stock and an override installed before still applies), ``APPLY_MODEL`` wrappers
 (per-image prompts for isolate, the text context for keylock), the ``CLIP`` input (phrase and prompt encodings),
 and ComfyUI's embedding folders (keylock's token). The formulas are the library's (``structured_attention``,
-``Isolate.edit``, ``KeyLock.project``). See docs/comfyui.md.
+``Isolate.edit``, ``KeyLock.project_keys``/``project``). See docs/comfyui.md.
 
 Nothing here imports ComfyUI at module level; the patches import ``comfy`` when called (inside ComfyUI).
 """
@@ -408,7 +408,7 @@ def block_key(comfy_name: str) -> tuple[str, int, int] | None:
 
 class KeyLockAttn2:
     """ComfyUI ``attn2`` replacement of one UNet block: keys and values recomputed from the text context with
-    the library's :meth:`~attnproc.steer.keylock.KeyLock.project` (the gated rank-1 edit), then ComfyUI's own
+    the library's :meth:`~attnproc.steer.keylock.KeyLock.project_keys` and ``project`` (the gated rank-1 edit), then ComfyUI's own
     attention. Global locking takes the keys from the superclass encoding of the prompt when the conditioning
     carries one (:func:`concept_encode`); ``notes`` is shared by the blocks of one patch (one warning)."""
 

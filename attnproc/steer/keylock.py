@@ -84,7 +84,7 @@ def mixed_key_linear(e: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
     Not Perfusion's lock: a concept token keeps its own key, averaged with its superclass key in proportion to the
     gate (a token equal to ``i*`` at the inference defaults: 0.53 own, 0.47 superclass); a token no concept resembles
-    keeps ``W e + b``. Why: a concept trained with its embedding keeps most of its look in the embedding, which a
+    keeps ≈ ``W e + b`` (its gates are ≈ 0, not 0). Why: a concept trained with its embedding keeps most of its look in the embedding, which a
     second concept in one prompt passes on only through its own key; locked, it takes the first one's look
     (measured on the shapes model: docs/perfusion.md, "Two concepts in one prompt")."""
     gates = gate(similarity(e, i_stars, c_inv), beta, tau)
@@ -116,6 +116,9 @@ class KeyLockConfig:
 
     def validate(self):
         entries(self.concepts)
+        if self.keys == "mixed" and self.locking == "global":
+            raise ValueError("option 'keys'='mixed' needs locking='local': global locking takes every key from the "
+                             "superclass prompt, so no token could keep its own key")
         if self.covariance is None:
             raise ValueError("option 'covariance' is required: the text encoder's covariance C (estimate it once "
                              "with `attnproc keylock-covariance`)")
@@ -159,43 +162,51 @@ def entries(concepts) -> list[dict]:
 class _SuperclassHook:
     """Forward hook of one text encoder (torch's public hook API): when the input ids hold a concept token, encode
     them once more with each concept token swapped for its superclass token and append ``(encoding, superclass
-    encoding)`` of every prompt to ``records`` (the last 64 kept). Both encodings are taken as the diffusers
+    encoding)`` of every prompt to ``records`` (the last 128 kept). Both encodings are taken as the diffusers
     pipeline takes the denoiser's context from this call, ``clip_skip`` (``clip_skip()``: the pipeline's, for this
-    call) included: SD 1.x/2.x (``penultimate=False``) the output's first field, or with ``clip_skip`` k the
+    call) included: SD 1.x/2.x (``penultimate=False``) the output's first field, and with ``clip_skip`` k the
     hidden state ``-(k + 1)`` through the encoder's final layer norm; SDXL's two encoders (``penultimate=True``)
-    the hidden state ``-(k + 2)``, no layer norm (k = 0 without ``clip_skip``)."""
+    the hidden state ``-2``, and with ``clip_skip`` k ``-(k + 2)``, no layer norm."""
 
-    KEEP = 64
+    KEEP = 128
 
     def __init__(self, swap: dict[int, int], records: list, *, penultimate: bool, clip_skip=lambda: None):
         self.swap, self.records, self.penultimate, self.clip_skip = swap, records, penultimate, clip_skip
 
-    def _encoding(self, module, output):
+    def _encodings(self, module, output) -> list:
+        """The contexts the pipeline may take from this call: the one ``clip_skip`` picks and, when that is another
+        layer, the default one too (SDXL encodes its negative prompt at the penultimate layer whatever the
+        ``clip_skip``; a direct ``encode_prompt`` call may not pass the pipeline's). Pairing is by exact equality,
+        so an extra candidate never matches the wrong prompt."""
         hidden = getattr(output, "hidden_states", None)
         skip = self.clip_skip()
-        skip = skip if isinstance(skip, int) else None  # a pipeline without diffusers' clip_skip: the default layer
+        skip = skip if isinstance(skip, int) and not isinstance(skip, bool) else None  # else the default layer
         if not self.penultimate:
-            if skip is None or hidden is None:  # the pipeline asks for hidden states only with clip_skip
-                return output[0]
-            # diffusers reads ``text_encoder.text_model.final_layer_norm``; transformers >= 5.6 flattened
-            # CLIPTextModel (no ``text_model``; that diffusers line then fails, diffusers issue #14124)
-            return getattr(module, "text_model", module).final_layer_norm(hidden[-(skip + 1)])
-        return None if hidden is None else hidden[-((skip or 0) + 2)]
+            found = [output[0]]
+            if skip is not None and hidden is not None:  # the pipeline asks for hidden states only with clip_skip
+                # diffusers reads ``text_encoder.text_model.final_layer_norm``; transformers >= 5.6 flattened
+                # CLIPTextModel (no ``text_model``; that diffusers line then fails, diffusers issue #14124)
+                found.append(getattr(module, "text_model", module).final_layer_norm(hidden[-(skip + 1)]))
+            return found
+        if hidden is None:  # called without the hidden states the denoiser would get: nothing to pair
+            return []
+        return [hidden[-2]] + ([hidden[-(skip + 2)]] if skip else [])
 
     def __call__(self, module, args, kwargs, output):
         ids = args[0] if args else kwargs.get("input_ids")
         if ids is None or not any(bool((ids == t).any()) for t in self.swap):
             return None
-        own = self._encoding(module, output)
-        if own is None:  # called without the hidden states the denoiser would get: nothing to pair
+        own = self._encodings(module, output)
+        if not own:
             return None
         plain = ids.clone()
         for t, sup in self.swap.items():
             plain[ids == t] = sup
         with torch.no_grad():
             rest = {k: v for k, v in kwargs.items() if k != "input_ids"}
-            other = self._encoding(module, module(plain, *args[1:], **rest))
-        self.records.extend(zip(own.detach(), other))
+            other = self._encodings(module, module(plain, *args[1:], **rest))
+        for mine, theirs in zip(own, other):
+            self.records.extend(zip(mine.detach(), theirs))
         del self.records[:-self.KEEP]
         return None
 

@@ -197,6 +197,30 @@ def test_mixed_keys_change_only_the_keys_in_a_pipeline(sd15):
         attnproc.remove(pipe)
 
 
+def test_mixed_keys_with_two_concepts_in_a_pipeline(sd15):
+    """keys="mixed" with two concepts (own β each): the keys are the two-concept formula, values the exact projection."""
+    pipe, con, cov = sd15
+    other = cc.initial_concept(pipe, "<dot>", "snow", ["a {}"])
+    other.embedding = other.embedding + 0.5 * torch.randn(other.embedding.shape, generator=torch.Generator().manual_seed(1))
+    handle = attnproc.apply(pipe, ["kv_recorder_test", "keylock"], keylock={
+        "concepts": [{"file": con, "beta": 0.5}, other], "covariance": cov, "keys": "mixed"})
+    try:
+        _image(pipe, "a <flag> and a <dot>")
+        unet = dict(pipe.unet.named_modules())
+        c_inv = torch.linalg.inv(cov).float()
+        i_stars, betas = torch.stack([con.i_star, other.i_star]), torch.tensor([0.5, 0.7])
+        for name, e, k, v in handle.method.base.seen[:4]:
+            attn = unet[name]
+            o_k = torch.stack([con.keys[name], other.keys[name]])
+            o_v = torch.stack([con.values[name], other.values[name]])
+            for got, want in ((k, mixed_key_linear(e, attn.to_k.weight, attn.to_k.bias, i_stars, o_k, c_inv, betas, 0.15)),
+                              (v, keylock_linear(e, attn.to_v.weight, attn.to_v.bias, i_stars, o_v, c_inv, betas, 0.15))):
+                torch.testing.assert_close(got, want.view(e.shape[0], -1, got.shape[1], got.shape[-1]).transpose(1, 2),
+                                           rtol=1e-5, atol=1e-5)
+    finally:
+        attnproc.remove(pipe)
+
+
 def test_global_locking_takes_keys_from_the_superclass_prompt(sd15):
     pipe, con, cov = sd15
     g = torch.Generator().manual_seed(2)  # a learned-looking embedding: the prompt's encoding differs from the plain one
@@ -358,6 +382,7 @@ def test_token_already_in_vocabulary_is_refused(sd15):
     ({"concepts": ["missing.safetensors"]}, r"concepts\[0\]: concept file 'missing.safetensors' does not exist"),
     ({"multi": "qr"}, r"option 'multi' of method 'keylock' must be one of 'exact', 'approx'"),
     ({"keys": "open"}, r"option 'keys' of method 'keylock' must be one of 'locked', 'mixed'"),
+    ({"keys": "mixed", "locking": "global"}, r"option 'keys'='mixed' needs locking='local'"),
 ])
 def test_bad_options(sd15, options, message):
     _, con, cov = sd15

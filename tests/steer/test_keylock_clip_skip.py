@@ -148,3 +148,22 @@ def test_clip_skip_of_one_call_does_not_leak_into_the_next(sd15):
         assert (keys[2] - keys[None]).abs().max() > 1e-3
     finally:
         attnproc.remove(pipe)
+
+
+def test_sdxl_negative_prompt_with_the_concept_is_locked_at_the_layer_diffusers_encodes_it(sdxl):
+    """diffusers' SDXL encodes the negative prompt at the penultimate layer whatever the ``clip_skip``: a concept
+    in it gets the superclass keys of that layer, the prompt those of the ``clip_skip`` layer."""
+    pipe, con, cov = sdxl
+    handle = attnproc.apply(pipe, ["kv_recorder_test", "keylock"],
+                            keylock={"concepts": [con], "covariance": cov, "locking": "global"})
+    try:
+        pipe(**tiny_call_kwargs("sdxl", prompt=PROMPT, negative_prompt=PROMPT, num_inference_steps=1, height=64,
+                                width=64, clip_skip=1))
+        name, e, k, _ = handle.method.base.seen[0]
+        attn = dict(pipe.unet.named_modules())[name]
+        ctx = torch.stack([sdxl_superclass_by_hand(pipe, PROMPT, con, None), sdxl_superclass_by_hand(pipe, PROMPT, con, 1)])
+        want = keylock_linear(ctx, attn.to_k.weight, None, con.i_star[None], con.keys[name][None],
+                              torch.linalg.inv(cov).float(), 0.7, 0.15)
+        torch.testing.assert_close(k, _heads(want, k), rtol=1e-5, atol=1e-5)
+    finally:
+        attnproc.remove(pipe)
