@@ -199,8 +199,13 @@ def main():
     ap.add_argument("--model", default=None, help="a shapes-world Wan folder (default: the packaged wan21)")
     ap.add_argument("--data", default="trajectory", choices=("trajectory", "on_policy"))
     ap.add_argument("--refresh-every", type=int, default=25, help="data on_policy: steps between regenerations")
-    ap.add_argument("--step-weights", default=None, help="comma list, one per sampler step, or 'early': "
-                    "(20 - i)^2, the high-noise steps drawn most often")
+    ap.add_argument("--step-weights", default=None, help="comma list, one per sampler step; 'early': "
+                    "(20 - i)^2, the high-noise steps drawn most often; 'first': always step 0 (with --rollout: "
+                    "the window of the first steps)")
+    ap.add_argument("--rollout", type=int, default=None, help="rollout_steps: the loss after this many sampler "
+                    "steps of the student against the dense teacher from the same state (end to end)")
+    ap.add_argument("--step-loss-weight", type=float, default=0.0, help="with --rollout: plus this times the "
+                    "per-step loss at the window's start")
     ap.add_argument("--options", default=None, help="JSON merged into the method's options, e.g. VMoBA's small "
                     "chunks")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
@@ -214,6 +219,7 @@ def main():
     eval_at = {int(s) for s in args.eval_at.split(",")} | {args.steps}
     options = dict(OPTIONS[args.method], **(json.loads(args.options) if args.options else {}))
     step_weights = ([(20 - i) ** 2 for i in range(20)] if args.step_weights == "early"
+                    else [1.0] + [0.0] * 19 if args.step_weights == "first"
                     else [float(w) for w in args.step_weights.split(",")] if args.step_weights else None)
     pipe = load_model(args.model)
     prompts = eval_prompts(KIND, args.n_eval, start=2_000_000_000 + args.eval_offset)
@@ -249,7 +255,7 @@ def main():
             steps=args.steps, lr=lr, weight_decay=0.0, checkpoint_every=args.steps,
             prompt=eval_prompts(KIND, args.n_train, start=TRAIN_START), data_steps=20, seed=0,
             data=args.data, refresh_every=args.refresh_every, guidance_scale=GUIDANCE, lora_rank=8,
-            step_weights=step_weights))
+            step_weights=step_weights, rollout_steps=args.rollout, step_loss_weight=args.step_loss_weight))
 
         def every(step, loss):
             if step in eval_at:
@@ -278,12 +284,16 @@ def main():
                train_seconds=round(train_seconds, 1), total_seconds=round(time.perf_counter() - t0, 1))
     meta = dict(pipeline=f"shapes:{KIND} (17 x 32 x 32 video, 9 x 4 x 4 = 144 tokens, 3 layers, 2 heads, D=32)",
                 method=args.method, options=options, train=args.train, steps=args.steps, lr=lr,
-                model=args.model or "packaged", step_weights=step_weights,
+                model=args.model or "packaged", step_weights=step_weights, rollout_steps=args.rollout,
+                step_loss_weight=args.step_loss_weight,
                 data=f"data: {args.data}, guidance_scale {GUIDANCE}: the "
                      f"{'dense' if args.data == 'trajectory' else 'student' + chr(39) + 's own'} sampler's calls "
                      f"(20 steps, shift 2, CFG pairs"
                      f"{', regenerated every %d steps' % args.refresh_every if args.data == 'on_policy' else ''}) "
-                     f"on {args.n_train} held-apart captions (seeds from 1e9), one sampler step per optimizer step",
+                     f"on {args.n_train} held-apart captions (seeds from 1e9), "
+                     + (f"loss after a window of {args.rollout} sampler steps rolled out from a drawn step "
+                        f"(rollout_steps; + {args.step_loss_weight} x per-step loss)" if args.rollout
+                        else "one sampler step per optimizer step"),
                 drift="per sampler step: latent_rel_error = |x_student - x_dense|^2 / |x_dense|^2 after the step "
                       "(same seed and caption); guided error at the dense sampler's states and at the student's "
                       "own states",
@@ -295,7 +305,7 @@ def main():
                 threads=torch.get_num_threads(), torch=torch.__version__)
     RESULTS.mkdir(exist_ok=True)
     suffix = (f"-eval{args.eval_offset}" if args.eval_offset else "") + (
-        "-on-policy" if args.data == "on_policy" else "") + args.tag
+        "-on-policy" if args.data == "on_policy" else "") + (f"-rollout{args.rollout}" if args.rollout else "") + args.tag
     out = RESULTS / f"finetune-{KIND}-{args.method}-{args.train}{suffix}.json"
     out.write_text(json.dumps(dict(meta=meta, result=row), indent=1))
     print(json.dumps(row, indent=1))

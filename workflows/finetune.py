@@ -13,7 +13,9 @@ sampler visits, at its timesteps (its shift included), with both halves of class
 ``guidance_scale`` the loss is on the guided prediction the sampler steps with. ``data: on_policy`` records the
 same calls from the *student's* own sparse generation, regenerated every ``refresh_every`` steps: the teacher
 gives the target at the states the student actually reaches when it samples (a student trained only on the
-teacher's states drifts off them and meets states it never saw). Every step draws its noise (or its recorded
+teacher's states drifts off them and meets states it never saw). With ``rollout_steps: K`` the loss is end to end
+instead: the student's sampler runs K steps from a recorded state with gradients through all of them, against the
+dense teacher's K steps from the same state (``rollout.py``). Every step draws its noise (or its recorded
 sampler step) from ``(seed, step)``, so a run resumed from a checkpoint continues exactly as an uninterrupted
 one.
 
@@ -35,6 +37,7 @@ import torch
 from .cp import enable_context_parallel, parse_cp
 from .jobs import (JobFileError, _check_keys, _fail, _float, _int, _method, _options, _str, config_hash,
                    read_yaml_or_json)
+from .rollout import rollout_loss, sampler_sigmas
 
 TRAIN_MODES = ("method", "lora", "full")
 TIME_SAMPLING = ("lognormal", "uniform")
@@ -80,6 +83,8 @@ class FinetuneConfig:
     guidance_scale: float | None = None            # trajectory / on_policy: loss on uncond + g (cond - uncond)
     refresh_every: int = 50                        # on_policy: steps between the student's regenerations
     step_weights: list | None = None               # trajectory / on_policy: how often each sampler step is drawn
+    rollout_steps: int | None = None               # trajectory / on_policy: loss after K sampler steps (rollout.py)
+    step_loss_weight: float = 0.0                  # rollout_steps: plus this times the window's first per-step loss
 
 
 _FIELDS = tuple(FinetuneConfig.__dataclass_fields__)
@@ -138,6 +143,19 @@ def parse_finetune_config(data: Any) -> FinetuneConfig:
                                                             and x >= 0 for x in w) or not sum(w) > 0):
                 _fail("step_weights", f"must be a list of numbers >= 0 (one per sampler step, not all 0), got {w!r}")
             d["step_weights"] = [float(x) for x in w]
+        if d.get("rollout_steps") is not None:
+            d["rollout_steps"] = _int(d["rollout_steps"], "rollout_steps", low=1)
+            if d.get("data") not in SAMPLER_DATA:
+                _fail("rollout_steps", "needs data: trajectory or on_policy (the sampler's recorded states and "
+                                       "timesteps to roll out from)")
+            if d.get("context_parallel") is not None:
+                _fail("context_parallel", "not supported with rollout_steps (the rollout runs in one process)")
+        if "step_loss_weight" in d:
+            d["step_loss_weight"] = _float(d["step_loss_weight"], "step_loss_weight", allow_none=False)
+            if not d["step_loss_weight"] >= 0:
+                _fail("step_loss_weight", f"must be >= 0, got {d['step_loss_weight']!r}")
+            if d["step_loss_weight"] and d.get("rollout_steps") is None:
+                _fail("step_loss_weight", "needs rollout_steps (it adds the per-step loss to the rollout loss)")
         if d.get("data") == "on_policy":
             every, refresh = d.get("checkpoint_every", 50), d.get("refresh_every", 50)
             if every % refresh:  # a resume must start where the uninterrupted run regenerated its trajectories
@@ -378,6 +396,7 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
     unused = {"output", "checkpoint_every", "context_parallel"}  # same result either way
     unused |= {"step_weights"} if cfg.step_weights is None else set()  # fields that change nothing here stay out,
     unused |= {"refresh_every"} if cfg.data != "on_policy" else set()  # so older checkpoints still resume
+    unused |= {"rollout_steps", "step_loss_weight"} if cfg.rollout_steps is None else set()
     chash = config_hash({k: v for k, v in asdict(cfg).items() if k not in unused})
     cp_spec = parse_cp(cfg.context_parallel)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
@@ -386,9 +405,10 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
     if pipe is None:
         pipe = load_pipeline(cfg.pipeline, {"seed": cfg.seed})
     student = _denoiser(pipe)
-    groups = None
+    groups = sigmas = None
     if cfg.data == "trajectory":
         groups = sampler_steps(record_calls(pipe, cfg), cfg.guidance_scale)
+        sigmas = sampler_sigmas(pipe, len(groups)) if cfg.rollout_steps else None
     elif cfg.data == "noised":
         x0, rest = record_inputs(pipe, cfg)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
@@ -398,7 +418,7 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
     try:
         torch.manual_seed(cfg.seed)  # LoRA initialisation
         named = _trainable(cfg, student, handle, params)
-        if cfg.gradient_checkpointing:
+        if cfg.gradient_checkpointing and not cfg.rollout_steps:  # a rollout checkpoints whole sampler steps
             if not hasattr(student, "enable_gradient_checkpointing"):
                 raise ValueError(f"gradient_checkpointing: {type(student).__name__} does not support it")
             student.enable_gradient_checkpointing()
@@ -422,13 +442,19 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
         for step in bar:
             if cfg.data == "on_policy" and step % cfg.refresh_every == 0:
                 groups = own_trajectory(pipe, student, cfg, step, accelerator.device)
+                sigmas = sampler_sigmas(pipe, len(groups)) if cfg.rollout_steps else None
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            calls = groups[pick_step(gen, len(groups), cfg)] if groups is not None else [_noised_call(gen, batch, cfg)]
+            pick = pick_step(gen, len(groups), cfg) if groups is not None else None
+            calls = groups[pick] if groups is not None else [_noised_call(gen, batch, cfg)]
             with accelerator.autocast():
-                with torch.no_grad():
-                    targets = _guided([teacher(**c, return_dict=False)[0] for c in calls], cfg.guidance_scale)
-                preds = _guided([student(**c, return_dict=False)[0] for c in calls], cfg.guidance_scale)
-                loss = sum(torch.mean((p.float() - t.float()) ** 2) for p, t in zip(preds, targets)) / len(preds)
+                if cfg.rollout_steps:
+                    loss = rollout_loss(student, teacher, groups, sigmas, pick, cfg.rollout_steps, cfg.guidance_scale,
+                                        cfg.step_loss_weight, checkpoint_steps=cfg.gradient_checkpointing)
+                else:
+                    with torch.no_grad():
+                        targets = _guided([teacher(**c, return_dict=False)[0] for c in calls], cfg.guidance_scale)
+                    preds = _guided([student(**c, return_dict=False)[0] for c in calls], cfg.guidance_scale)
+                    loss = sum(torch.mean((p.float() - t.float()) ** 2) for p, t in zip(preds, targets)) / len(preds)
             accelerator.backward(loss * (cp_spec.degree if cp_spec is not None else 1))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
