@@ -466,7 +466,7 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
             if callback is not None:
                 callback(done, losses[-1])
         weights = out / "weights.safetensors"
-        if cp_spec is None or accelerator.is_main_process:  # under CP every rank holds the same weights
+        if accelerator.is_main_process:  # every rank holds the same weights (data parallel or CP): one writer
             weights = _export(out, cfg, pipe, accelerator.unwrap_model(student), named, handle)
             (out / "losses.json").write_text(json.dumps(losses))
         accelerator.wait_for_everyone()
