@@ -9,7 +9,7 @@ import sys
 import torch
 
 import nodes
-from comfy_steer_engine import STEPS, error_of, keylock_global, real_blocks, record_keylock, tiny_sdxl_unet
+from comfy_steer_engine import error_of, keylock_local_and_global, real_blocks, tiny_sdxl_unet
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "steer"))
 from keylock_sd2 import CHANNELS, SD2_WIDTH, tiny_sd2_pipeline  # noqa: E402
@@ -126,19 +126,8 @@ def keylock_sd2_checks(results, tiny_unet, tiny_clip, diff, work):
          "embedding_positions": [i for i, tok in enumerate(tokens["h"][0]) if torch.is_tensor(tok[0])],
          "diffusers_position": at, "concept_has_model_fingerprint": bool(concept.model), "row_is_the_concepts": torch.equal(stored["clip_h"][0], concept.embedding.float()),
          "encode_vs_diffusers": diff(positive[0][0][0], diffusers_encoding)}
-    latent = {"samples": torch.zeros(1, 4, 16, 24)}
-
-    def run(m, pos=positive, neg=negative):
-        (out,) = nodes.common_ksampler(m, 0, STEPS, 5.0, "euler", "simple", pos, neg, latent)
-        return out["samples"]
-
-    stock = run(model)
-    patched = patch_keylock(model, str(path), str(cov))
-    seen = record_keylock(patched, concept, c_inv, 0.7, 0.15, at, diff)
-    out = run(patched)
-    r["local"] = {**seen, "vs_stock": diff(out, stock), "finite": bool(torch.isfinite(out).all())}
-    r["global"] = keylock_global(model, clip, cclip, concept, path, cov, c_inv, at, diff, run, PROMPT,
-                                 SUPERCLASS_PROMPT)
+    r["local"], r["global"] = keylock_local_and_global(model, clip, cclip, concept, path, cov, c_inv, at, diff,
+                                                       positive, negative, PROMPT, SUPERCLASS_PROMPT)
     # CLIPSetLastLayer: the encode node's superclass encoding follows the CLIP's layer as its prompt does
     (early,) = nodes.CLIPSetLastLayer().set_last_layer(clip, -3)
     carried = concept_encode(early, str(path), PROMPT)

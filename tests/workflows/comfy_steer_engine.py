@@ -349,6 +349,27 @@ def keylock_checks(results, tiny_unet, tiny_clip, diff, work):
     results["keylock"] = r
 
 
+def keylock_local_and_global(model, clip, cclip, concept, path, cov, c_inv, at, diff, positive, negative, prompt,
+                             superclass_prompt):
+    """The keylock node at the reference defaults, sampled through ComfyUI's KSampler: local locking (the recorded
+    K/V against the formula, the output against the stock model's) and :func:`keylock_global`."""
+    from attnproc.workflows.comfy_steer import patch_keylock
+
+    latent = {"samples": torch.zeros(1, 4, 16, 24)}
+
+    def run(m, pos=positive, neg=negative):
+        (out,) = nodes.common_ksampler(m, 0, STEPS, 5.0, "euler", "simple", pos, neg, latent)
+        return out["samples"]
+
+    stock = run(model)
+    patched = patch_keylock(model, str(path), str(cov))
+    seen = record_keylock(patched, concept, c_inv, 0.7, 0.15, at, diff)
+    out = run(patched)
+    local = {**seen, "vs_stock": diff(out, stock), "finite": bool(torch.isfinite(out).all())}
+    return local, keylock_global(model, clip, cclip, concept, path, cov, c_inv, at, diff, run, prompt,
+                                 superclass_prompt)
+
+
 def keylock_global(model, clip, cclip, concept, path, cov, c_inv, at, diff, run, prompt, superclass_prompt):
     """Global locking at the reference defaults: the positive from the concept encode node (it carries the
     superclass encoding), the negative from CLIPTextEncode (none: its own keys); plus what the same positive
@@ -421,19 +442,8 @@ def keylock_sdxl_checks(results, tiny_unet, tiny_clip, tiny_sdxl_clip, diff, wor
          "context_width": int(concept.i_star.numel())}
     (negative,) = nodes.CLIPTextEncode().encode(cclip, "")
     (positive,) = nodes.CLIPTextEncode().encode(cclip, prompt)
-    latent = {"samples": torch.zeros(1, 4, 16, 24)}
-
-    def run(m, pos=positive, neg=negative):
-        (out,) = nodes.common_ksampler(m, 0, STEPS, 5.0, "euler", "simple", pos, neg, latent)
-        return out["samples"]
-
-    stock = run(model)
-    patched = patch_keylock(model, str(path), str(cov))
-    seen = record_keylock(patched, concept, c_inv, 0.7, 0.15, at, diff)
-    out = run(patched)
-    r["local"] = {**seen, "vs_stock": diff(out, stock), "finite": bool(torch.isfinite(out).all())}
-    r["global"] = keylock_global(model, clip, cclip, concept, path, cov, c_inv, at, diff, run, prompt,
-                                 "a star on the grass")
+    r["local"], r["global"] = keylock_local_and_global(model, clip, cclip, concept, path, cov, c_inv, at, diff,
+                                                       positive, negative, prompt, "a star on the grass")
     # SD 1.5 concept (64-wide, SD 1.5 module names) on SDXL, and the SDXL concept on SD 1.5
     sd15, sd15_clip = tiny_unet(), tiny_clip(64)
     sd15_concept, sd15_path, sd15_cov, *_ = make_concept(sd15, sd15_clip, work, "<tri15>", "a embedding:tri15 here")

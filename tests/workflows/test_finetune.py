@@ -71,18 +71,25 @@ class Killed(Exception):
     pass
 
 
+def killed_then_resumed(cfg, pipe_factory=None, at=3):
+    """Run ``cfg`` until it is killed as step ``at`` ends (after the step-2 checkpoint, before the next: step 3
+    is lost), then run it again: the resumed result. ``pipe_factory``: a fresh pipeline for each run."""
+    def kill(step, loss):
+        if step == at:
+            raise Killed
+
+    pipe = {} if pipe_factory is None else {"pipe": pipe_factory()}
+    with pytest.raises(Killed):
+        finetune(cfg, callback=kill, progress=False, **pipe)
+    pipe = {} if pipe_factory is None else {"pipe": pipe_factory()}
+    return finetune(cfg, progress=False, **pipe)
+
+
 def test_kill_and_resume_give_the_uninterrupted_weights(tmp_path):
     whole = finetune(parse_finetune_config(dict(BASE, output=str(tmp_path / "whole"))), progress=False)
     assert whole.resumed_from == 0 and len(whole.losses) == 4
     cfg = parse_finetune_config(dict(BASE, output=str(tmp_path / "killed")))
-
-    def kill_at_3(step, loss):
-        if step == 3:  # after the step-2 checkpoint, before the next one: step 3 is lost
-            raise Killed
-
-    with pytest.raises(Killed):
-        finetune(cfg, callback=kill_at_3, progress=False)
-    resumed = finetune(cfg, progress=False)
+    resumed = killed_then_resumed(cfg)
     assert resumed.resumed_from == 2
     a, b = load_file(whole.weights), load_file(resumed.weights)
     assert a.keys() == b.keys() and any("lora_A" in k for k in a)
@@ -139,14 +146,7 @@ def test_sla_projections_train_resume_exactly_and_load_with_apply(tmp_path):
     sla = dict(BASE, method="sla", options=dict(topk=0.5), train="method", lr=1e-2)
     whole = finetune(parse_finetune_config(dict(sla, output=str(tmp_path / "whole"))), progress=False)
     cfg = parse_finetune_config(dict(sla, output=str(tmp_path / "killed")))
-
-    def kill_at_3(step, loss):
-        if step == 3:
-            raise Killed
-
-    with pytest.raises(Killed):
-        finetune(cfg, callback=kill_at_3, progress=False)
-    resumed = finetune(cfg, progress=False)
+    resumed = killed_then_resumed(cfg)
     assert resumed.resumed_from == 2 and resumed.losses == whole.losses
     a, b = load_file(whole.weights), load_file(resumed.weights)
     assert sorted(a) == sorted(f"transformer.blocks.{i}.attn1.{p}" for i in range(2) for p in ("weight", "bias"))
@@ -258,14 +258,7 @@ def test_on_policy_trains_at_the_students_own_states_regenerated_with_its_weight
     handle.remove()
 
     killed = parse_finetune_config(dict(opts, output=str(tmp_path / "killed")))
-
-    def kill_at_3(step, loss):
-        if step == 3:
-            raise Killed
-
-    with pytest.raises(Killed):
-        finetune(killed, pipe=tiny_pipeline("wan21", seed=0), callback=kill_at_3, progress=False)
-    resumed = finetune(killed, pipe=tiny_pipeline("wan21", seed=0), progress=False)
+    resumed = killed_then_resumed(killed, lambda: tiny_pipeline("wan21", seed=0))
     assert resumed.resumed_from == 2 and resumed.losses == whole.losses
     a, b = load_file(whole.weights), load_file(resumed.weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

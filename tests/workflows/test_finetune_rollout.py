@@ -12,6 +12,7 @@ from attnproc.pipelines import tiny_pipeline
 from attnproc.workflows.finetune import (FinetuneConfigError, finetune, parse_finetune_config, pick_step,
                                          record_calls, sampler_steps)
 from attnproc.workflows.rollout import rollout_loss, sampler_sigmas
+from test_finetune import killed_then_resumed
 
 SCALE = 5.0
 BASE = dict(pipeline="tiny:wan21", method="sla", options=dict(topk=0.5), train="method", lr=5e-2, steps=4,
@@ -111,17 +112,8 @@ def test_rollout_finetune_trains_on_policy_by_hand_and_resumes_exactly(tmp_path)
     handle.remove()
     assert whole.losses[0] == pytest.approx(float(rolled + 0.5 * per_step), rel=1e-5)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_3(step, loss):
-        if step == 3:
-            raise Killed
-
     killed = parse_finetune_config(dict(opts, output=str(tmp_path / "killed")))
-    with pytest.raises(Killed):
-        finetune(killed, pipe=tiny_pipeline("wan21", seed=0), callback=kill_at_3, progress=False)
-    resumed = finetune(killed, pipe=tiny_pipeline("wan21", seed=0), progress=False)
+    resumed = killed_then_resumed(killed, lambda: tiny_pipeline("wan21", seed=0))
     assert resumed.resumed_from == 2 and resumed.losses == whole.losses
     a, b = load_file(whole.weights), load_file(resumed.weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
