@@ -30,6 +30,7 @@ from attnproc.pipelines.shapes_models import eval_prompts, generate, quality, sh
 from attnproc.sparse.sla import SLA, save_sla_weights
 from attnproc.workflows.fidelity import psnr, ssim
 from attnproc.workflows.finetune import finetune, parse_finetune_config, record_calls, sampler_steps
+from attnproc.workflows.rollout import guided
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KIND = "wan21"
@@ -55,15 +56,14 @@ def video_row(samples, dense, prompts, dense_q) -> dict:
                 agreement_with_dense=round(float(np.mean(agree)), 3))
 
 
-def guided(model, pair):
+def guided_prediction(model, pair):
     with torch.no_grad():
-        cond, uncond = (model(**c, return_dict=False)[0] for c in pair)
-    return uncond + GUIDANCE * (cond - uncond)
+        return guided([model(**c, return_dict=False)[0] for c in pair], GUIDANCE)[0]
 
 
 def guided_error(model, probes, targets) -> float:
     """Mean relative squared error of the guided prediction against dense over the probe steps."""
-    return float(np.mean([float(((guided(model, p) - t) ** 2).mean() / (t ** 2).mean())
+    return float(np.mean([float(((guided_prediction(model, p) - t) ** 2).mean() / (t ** 2).mean())
                           for p, t in zip(probes, targets)]))
 
 
@@ -105,8 +105,8 @@ def drift(pipe, teacher, dense_latents, dense_steps, prompts, seeds, per_call: b
     if not per_call:
         return row
     return dict(row,
-                guided_error_dense_states=[rel(guided(pipe.transformer, p), guided(teacher, p)) for p in dense_steps],
-                guided_error_own_states=[rel(guided(pipe.transformer, p), guided(teacher, p)) for p in own_steps])
+                guided_error_dense_states=[rel(guided_prediction(pipe.transformer, p), guided_prediction(teacher, p)) for p in dense_steps],
+                guided_error_own_states=[rel(guided_prediction(pipe.transformer, p), guided_prediction(teacher, p)) for p in own_steps])
 
 
 def sensitivity(pipe, prompts, seeds, model) -> None:
@@ -234,7 +234,7 @@ def main():
                                            prompt=prompts, data_steps=20, seed=0, data="trajectory",
                                            guidance_scale=GUIDANCE))
     probes = sampler_steps(record_calls(pipe, probe_cfg), GUIDANCE)  # eval captions; seed 0 batch noise
-    targets = [guided(pipe.transformer, p) for p in probes]
+    targets = [guided_prediction(pipe.transformer, p) for p in probes]
     teacher = copy.deepcopy(pipe.transformer).eval()
     dense_latents, dense_steps = rollout(pipe, prompts, seeds)
     if args.sweep:

@@ -37,7 +37,7 @@ import torch
 from .cp import enable_context_parallel, parse_cp
 from .jobs import (JobFileError, _check_keys, _fail, _float, _int, _method, _options, _str, config_hash,
                    read_yaml_or_json)
-from .rollout import rollout_loss, sampler_sigmas
+from .rollout import guided, rollout_loss, sampler_sigmas
 
 TRAIN_MODES = ("method", "lora", "full")
 TIME_SAMPLING = ("lognormal", "uniform")
@@ -268,14 +268,6 @@ def sampler_steps(calls: list[dict], guidance_scale: float | None) -> list[list[
     return groups
 
 
-def _guided(outs: list[torch.Tensor], scale: float | None) -> list[torch.Tensor]:
-    """What the sampler steps with: ``u + scale (c - u)`` for a (cond, uncond) pair, else the outputs as they are."""
-    if scale is None:
-        return outs
-    cond, uncond = outs
-    return [uncond + scale * (cond - uncond)]
-
-
 def _to(call: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in call.items()}
 
@@ -452,8 +444,8 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
                                         cfg.step_loss_weight, checkpoint_steps=cfg.gradient_checkpointing)
                 else:
                     with torch.no_grad():
-                        targets = _guided([teacher(**c, return_dict=False)[0] for c in calls], cfg.guidance_scale)
-                    preds = _guided([student(**c, return_dict=False)[0] for c in calls], cfg.guidance_scale)
+                        targets = guided([teacher(**c, return_dict=False)[0] for c in calls], cfg.guidance_scale)
+                    preds = guided([student(**c, return_dict=False)[0] for c in calls], cfg.guidance_scale)
                     loss = sum(torch.mean((p.float() - t.float()) ** 2) for p, t in zip(preds, targets)) / len(preds)
             accelerator.backward(loss * (cp_spec.degree if cp_spec is not None else 1))
             optimizer.step()

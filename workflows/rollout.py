@@ -35,13 +35,18 @@ def sampler_sigmas(pipe, n_steps: int) -> torch.Tensor:
     return sigmas
 
 
+def guided(outs: list[torch.Tensor], scale: float | None) -> list[torch.Tensor]:
+    """What the sampler steps with: ``u + scale (c - u)`` for a (cond, uncond) pair, else the outputs as they are."""
+    if scale is None:
+        return outs
+    cond, uncond = outs
+    return [uncond + scale * (cond - uncond)]
+
+
 def _velocity(model, group: list[dict], x: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """The prediction the sampler steps with at state ``x``: the guided ``u + scale (c - u)`` of a (cond, uncond)
-    pair, or the one call's output."""
-    outs = [model(**dict(c, hidden_states=x.to(c["hidden_states"].dtype)), return_dict=False)[0] for c in group]
-    if scale is not None:
-        cond, uncond = outs
-        return uncond + scale * (cond - uncond)
+    """The prediction the sampler steps with at state ``x`` (:func:`guided` over the step's calls)."""
+    outs = guided([model(**dict(c, hidden_states=x.to(c["hidden_states"].dtype)), return_dict=False)[0]
+                   for c in group], scale)
     if len(outs) != 1:
         raise ValueError(f"rollout_steps: the sampler made {len(outs)} denoiser calls per step (classifier-free "
                          f"guidance); set guidance_scale to the sampling scale so the rollout steps as it does")
