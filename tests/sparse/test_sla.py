@@ -94,6 +94,7 @@ CASES = [  # (L, block_q, block_k, topk): ragged tails, rectangular blocks, exac
     (37, 8, 4, 0.3),
     (48, 16, 16, 0.5),
     (29, 8, 8, 1.0),
+    (21, 1, 1, 0.15),  # token-level maps (the granularity docs/sla.md fine-tunes the shapes-world video at)
 ]
 
 
