@@ -25,9 +25,10 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -290,10 +291,14 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return f"{type(model).__name__}:{digest}"
 
 
+TRAINED_WITH = ("feature_map", "topk", "block_q", "block_k")  # options a projection is tuned to
+
+
 def save_sla_weights(path: str | os.PathLike, projections: Mapping[str, torch.nn.Linear | tuple], *,
-                     variant: str, model: str) -> Path:
+                     variant: str, model: str, trained_with: Mapping[str, Any] | None = None) -> Path:
     """Write one safetensors file: ``<module>.weight`` ``[D, D]`` and ``<module>.bias`` ``[D]`` per attention
-    module, metadata ``format``, ``variant`` and ``model`` (a :func:`model_fingerprint`). Written to a
+    module, metadata ``format``, ``variant``, ``model`` (a :func:`model_fingerprint`) and, when given, the
+    ``trained_with`` options of :data:`TRAINED_WITH` (JSON; ``None`` block sizes = automatic). Written to a
     temporary name and renamed, so a kill never leaves a half-written file."""
     from safetensors.torch import save_file
 
@@ -307,17 +312,23 @@ def save_sla_weights(path: str | os.PathLike, projections: Mapping[str, torch.nn
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata={"format": FILE_FORMAT, "variant": variant, "model": str(model)})
+    meta = {"format": FILE_FORMAT, "variant": variant, "model": str(model)}
+    if trained_with is not None:
+        meta["trained_with"] = json.dumps({k: trained_with.get(k) for k in TRAINED_WITH}, sort_keys=True)
+    save_file(tensors, str(partial), metadata=meta)
     os.replace(partial, path)
     return path
 
 
 def load_sla_weights(path: str | os.PathLike, dims: Mapping[str, int], *, variant: str,
-                     model: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                     model: str | None = None, options: Mapping[str, Any] | None = None
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Read a projection file for the modules ``dims`` (module name -> head dim) and return
     ``{module: (weight [D, D], bias [D])}`` in fp32. Everything is checked before anything is returned: the file
-    format, the variant, the model fingerprint (when ``model`` is given), missing, extra and mis-shaped keys;
-    one :class:`SLAWeightsError` lists every problem by name."""
+    format, the variant, the model fingerprint (when ``model`` is given), the feature map (when the file and
+    ``options`` both name one: a projection of other features is meaningless), missing, extra and mis-shaped keys;
+    one :class:`SLAWeightsError` lists every problem by name. A ``topk`` or block size other than the file's
+    only warns: the projection still applies, but it was tuned to the other block map."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -337,6 +348,17 @@ def load_sla_weights(path: str | os.PathLike, dims: Mapping[str, int], *, varian
         problems.append(f"trained for variant {meta.get('variant')!r}, loading for variant {variant!r}")
     if model is not None and meta.get("model") != model:
         problems.append(f"trained for model {meta.get('model')!r}, loading into model {model!r}")
+    trained = json.loads(meta["trained_with"]) if meta.get("trained_with") else {}
+    if options is not None and trained:
+        if trained.get("feature_map") != options.get("feature_map"):
+            problems.append(f"trained with feature_map {trained.get('feature_map')!r}, loading with feature_map "
+                            f"{options.get('feature_map')!r}")
+        moved = [f"{k}={options.get(k)!r} (trained with {trained.get(k)!r})" for k in TRAINED_WITH[1:]
+                 if trained.get(k) != options.get(k)]
+        if moved:
+            warnings.warn(f"{path}: applying SLA projections with " + ", ".join(moved) + "; they were tuned to "
+                          "the training block map, so pass the training options for the fidelity they were "
+                          "trained for", stacklevel=3)
     expected = {f"{m}.{part}" for m in dims for part in ("weight", "bias")}
     missing = sorted(expected - set(tensors))
     extra = sorted(set(tensors) - expected)
@@ -408,7 +430,8 @@ class SLA(SparseMethod):
         self._loaded = {}
         if self.config.weights is not None:
             self._loaded = load_sla_weights(self.config.weights, self.weight_dims(target),
-                                            variant=self.config.variant, model=self.model_id(target))
+                                            variant=self.config.variant, model=self.model_id(target),
+                                            options=self.trained_with(target))
 
     def create_state(self, site):
         if site.kind not in self.sparse_kinds:
@@ -430,4 +453,15 @@ class SLA(SparseMethod):
         """Write the projections ``states`` (``Handle.states()`` of this method applied to ``target``) as the
         file ``apply(target, "sla", weights=path)`` loads."""
         return save_sla_weights(path, {name: s[self.name] for name, s in states.items() if self.name in s},
-                                variant=self.config.variant, model=self.model_id(target))
+                                variant=self.config.variant, model=self.model_id(target),
+                                trained_with=self.trained_with(target))
+
+    def trained_with(self, target) -> dict:
+        """The options a projection is tuned to (:data:`TRAINED_WITH`), family defaults filled in for
+        ``target``'s first denoiser (block sizes stay ``None`` when automatic)."""
+        from attnproc.families import denoiser_families
+
+        found = denoiser_families(target)
+        family, variant = found[0] if found else (None, None)
+        config = self.resolve(self.config, family, variant)
+        return {k: getattr(config, k) for k in TRAINED_WITH}

@@ -114,6 +114,41 @@ def test_trained_weights_round_trip_through_apply(tmp_path):
     handle.remove()
 
 
+def test_the_file_records_the_block_map_it_was_trained_for(tmp_path):
+    """A projection is tuned to its feature map and block map: the file says which; another feature map is
+    refused before anything changes, another topk or block size warns by name, the same options load silently."""
+    import json
+    import warnings
+
+    from safetensors import safe_open
+
+    pipe = tiny_pipeline("wan21")
+    trained = dict(topk=0.25, block_q=4, block_k=2, feature_map="elu")
+    handle = attnproc.apply(pipe, "sla", **trained)
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.normal_()
+    path = handle.method.save_weights(tmp_path / "w.safetensors", pipe, handle.states())
+    handle.remove()
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["trained_with"]) == trained
+    with pytest.raises(SLAWeightsError, match=r"trained with feature_map 'elu', loading with feature_map 'softmax'"):
+        attnproc.apply(pipe, "sla", **dict(trained, feature_map="softmax"), weights=str(path))
+    assert _untouched(pipe)
+    with pytest.warns(UserWarning, match=r"block_q=None \(trained with 4\), block_k=8 \(trained with 2\)"):
+        attnproc.apply(pipe, "sla", topk=0.25, block_k=8, feature_map="elu", weights=str(path)).remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attnproc.apply(pipe, "sla", **trained, weights=str(path)).remove()
+    # the family default counts as the value it resolves to (SLA's topk default is 0.1 on every family)
+    default = attnproc.apply(pipe, "sla", block_q=4, block_k=2, feature_map="elu")
+    path = default.method.save_weights(tmp_path / "d.safetensors", pipe, default.states())
+    default.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attnproc.apply(pipe, "sla", topk=0.1, block_q=4, block_k=2, feature_map="elu", weights=str(path)).remove()
+
+
 def _untouched(pipe):
     return not any(isinstance(m.processor, AttnProcessor) for _, m in pipe.transformer.named_modules()
                    if hasattr(m, "processor"))
