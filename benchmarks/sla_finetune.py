@@ -1,6 +1,7 @@
 """Does ``attnproc finetune`` make a sparse method faithful? The shapes-world video model (``shapes:wan21``),
-SLA at topk 0.1 (90 % of the key blocks skipped; automatic 15-token blocks for its 144-token videos) or VMoBA
-at a sparse setting, before and after a short CPU fine-tune distilled from the dense model.
+SLA at topk 0.1 (90 % of the key blocks skipped; automatic 15-token blocks for its 144-token videos unless
+``--options`` sets them), VMoBA at a sparse setting, or Radial / GNA all-sparse (LoRA, as the Radial paper
+fine-tunes), before and after a short CPU fine-tune distilled from the dense model.
 
 The recipe matches what sampling uses (``data: trajectory``): the dense sampler's own states at its own
 timesteps (shift 2), both halves of classifier-free guidance, and the loss on the guided prediction
@@ -37,7 +38,10 @@ KIND = "wan21"
 GUIDANCE = 3.0  # shapes_call_kwargs("wan21"): the scale the model samples with
 TRAIN_START = 1_000_000_000  # caption seeds of the fine-tune data (eval_prompts' held-out ones start at 2e9)
 OPTIONS = {"sla": dict(topk=0.1),
-           "vmoba": dict(setting="training", dense_first_steps=0)}
+           "vmoba": dict(setting="training", dense_first_steps=0),
+           # the all-sparse settings of docs/shapes.md's efficacy table (density 0.21 and 0.19 on wan21)
+           "radial": dict(dense_first_steps=0, dense_first_layers=0, block_size=16),
+           "gna": dict(dense_first_steps=0, dense_first_layers=0, block_target=16, kernel_size=3)}
 KEYS = ("colour", "kind", "count", "motion")
 WARMUP = dict(dense_first_steps=0.25)  # VMoBA's paper schedule: the first quarter of the steps dense
 
