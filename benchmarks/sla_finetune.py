@@ -216,6 +216,7 @@ def main():
                     "per-step loss at the window's start")
     ap.add_argument("--options", default=None, help="JSON merged into the method's options, e.g. VMoBA's small "
                     "chunks")
+    ap.add_argument("--cooldown", type=int, default=0, help="the rate falls linearly to 0 over the last N steps")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--sensitivity", action="store_true", help="no training: how the dense sampler carries a "
                     "small latent perturbation to the end")
@@ -269,7 +270,8 @@ def main():
             steps=args.steps, lr=lr, weight_decay=0.0, checkpoint_every=args.steps,
             prompt=eval_prompts(KIND, args.n_train, start=TRAIN_START), data_steps=20, seed=0,
             data=args.data, refresh_every=args.refresh_every, guidance_scale=GUIDANCE, lora_rank=8,
-            step_weights=step_weights, rollout_steps=args.rollout, step_loss_weight=args.step_loss_weight))
+            step_weights=step_weights, rollout_steps=args.rollout, step_loss_weight=args.step_loss_weight,
+            cooldown=args.cooldown))
 
         def every(step, loss):
             if step in eval_at:
@@ -298,7 +300,7 @@ def main():
                train_seconds=round(train_seconds, 1), total_seconds=round(time.perf_counter() - t0, 1))
     meta = dict(pipeline=f"shapes:{KIND} (17 x 32 x 32 video, 9 x 4 x 4 = 144 tokens, 3 layers, 2 heads, D=32)",
                 method=args.method, options=options, train=args.train, steps=args.steps, lr=lr,
-                model=args.model or "packaged", step_weights=step_weights, rollout_steps=args.rollout,
+                model=args.model or "packaged", step_weights=step_weights, rollout_steps=args.rollout, cooldown=args.cooldown,
                 step_loss_weight=args.step_loss_weight,
                 data=f"data: {args.data}, guidance_scale {GUIDANCE}: the "
                      f"{'dense' if args.data == 'trajectory' else 'student' + chr(39) + 's own'} sampler's calls "

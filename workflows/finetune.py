@@ -85,6 +85,7 @@ class FinetuneConfig:
     step_weights: list | None = None               # trajectory / on_policy: how often each sampler step is drawn
     rollout_steps: int | None = None               # trajectory / on_policy: loss after K sampler steps (rollout.py)
     step_loss_weight: float = 0.0                  # rollout_steps: plus this times the window's first per-step loss
+    cooldown: int = 0                              # the rate falls linearly to 0 over the last N steps (0: constant)
 
 
 _FIELDS = tuple(FinetuneConfig.__dataclass_fields__)
@@ -113,9 +114,11 @@ def parse_finetune_config(data: Any) -> FinetuneConfig:
         if isinstance(d["method"], tuple):
             d["method"] = list(d["method"])
         for key, low in (("steps", 1), ("batch_size", 1), ("seed", 0), ("lora_rank", 1), ("checkpoint_every", 1),
-                         ("data_steps", 1), ("refresh_every", 1)):
+                         ("data_steps", 1), ("refresh_every", 1), ("cooldown", 0)):
             if key in d:
                 d[key] = _int(d[key], key, low=low)
+        if d.get("cooldown", 0) > d.get("steps", FinetuneConfig.steps):
+            _fail("cooldown", f"must be <= steps ({d.get('steps', FinetuneConfig.steps)}), got {d['cooldown']}")
         for key in ("height", "width", "frames"):
             if key in d:
                 d[key] = _int(d[key], key, low=1, allow_none=True)
@@ -389,6 +392,7 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
     unused |= {"step_weights"} if cfg.step_weights is None else set()  # fields that change nothing here stay out,
     unused |= {"refresh_every"} if cfg.data != "on_policy" else set()  # so older checkpoints still resume
     unused |= {"rollout_steps", "step_loss_weight"} if cfg.rollout_steps is None else set()
+    unused |= {"cooldown"} if not cfg.cooldown else set()
     chash = config_hash({k: v for k, v in asdict(cfg).items() if k not in unused})
     cp_spec = parse_cp(cfg.context_parallel)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
@@ -448,6 +452,8 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
                     preds = guided([student(**c, return_dict=False)[0] for c in calls], cfg.guidance_scale)
                     loss = sum(torch.mean((p.float() - t.float()) ** 2) for p, t in zip(preds, targets)) / len(preds)
             accelerator.backward(loss * (cp_spec.degree if cp_spec is not None else 1))
+            for group in optimizer.param_groups:  # from the step alone, so a resumed run gets the same rates
+                group["lr"] = step_lr(cfg, step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
@@ -465,6 +471,14 @@ def finetune(cfg: FinetuneConfig, *, pipe=None, params: Iterable | None = None,
         return FinetuneResult(out, weights, cfg.steps, losses, start)
     finally:
         handle.remove()
+
+
+def step_lr(cfg: FinetuneConfig, step: int) -> float:
+    """The rate of 0-based optimizer ``step``: ``lr``, falling linearly over the last ``cooldown`` steps (the
+    shapes recipe's schedule without its warm-up: a fine-tune starts from trained weights)."""
+    from attnproc.pipelines.shapes_train import lr_factor
+
+    return cfg.lr * lr_factor(step, cfg.steps, cfg.cooldown, warmup=1)
 
 
 def pick_step(gen: torch.Generator, n: int, cfg: FinetuneConfig) -> int:

@@ -43,6 +43,8 @@ BASE = dict(pipeline="tiny:wan21", method="radial", options=dict(dense_first_ste
     (dict(data="on_policy", refresh_every=2, context_parallel="ulysses=2"), r"context_parallel: not supported with data: on_policy"),
     (dict(guidance_scale=3.0), r"guidance_scale: needs data: trajectory"),
     (dict(data="trajectory", guidance_scale="high"), r"guidance_scale: must be a number"),
+    (dict(cooldown=5), r"cooldown: must be <= steps \(4\), got 5"),
+    (dict(cooldown=-1), r"cooldown: must be an integer >= 0"),
 ])
 def test_config_errors_name_the_field(tmp_path, change, match):
     with pytest.raises(FinetuneConfigError, match=match):
@@ -135,6 +137,23 @@ def test_explicit_parameters_train_and_a_method_without_parameters_is_refused(tm
     assert list(saved) == ["proj_out.weight"] and not torch.equal(saved["proj_out.weight"], before)
     with pytest.raises(ValueError, match="train: method: method 'radial' owns no trainable parameters"):
         finetune(parse_finetune_config(dict(BASE, train="method", output=str(tmp_path / "m"))), progress=False)
+
+
+def test_cooldown_lowers_the_last_rates_and_resumes_exactly(tmp_path):
+    """cooldown: N: the rate falls linearly over the last N steps (from the step index, so a killed and resumed run
+    trains with the same rates and ends with the same projections); it changes what the run learns."""
+    from attnproc.workflows.finetune import step_lr
+
+    sla = dict(BASE, method="sla", options=dict(topk=0.5), train="method", lr=1e-2)
+    cfg = parse_finetune_config(dict(sla, cooldown=2, output=str(tmp_path / "whole")))
+    assert [step_lr(cfg, i) for i in range(4)] == [1e-2, 1e-2, 1e-2, 5e-3]
+    whole = finetune(cfg, progress=False)
+    resumed = killed_then_resumed(parse_finetune_config(dict(sla, cooldown=2, output=str(tmp_path / "killed"))))
+    constant = finetune(parse_finetune_config(dict(sla, output=str(tmp_path / "constant"))), progress=False)
+    a, b, c = (load_file(r.weights) for r in (whole, resumed, constant))
+    assert resumed.resumed_from == 2 and resumed.losses == whole.losses
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert whole.losses[:3] == constant.losses[:3] and any(not torch.equal(a[k], c[k]) for k in a)
 
 
 def test_sla_projections_train_resume_exactly_and_load_with_apply(tmp_path):
