@@ -28,7 +28,7 @@ import torch
 
 import attnproc
 from attnproc.pipelines.shapes_models import eval_prompts, generate, quality, shapes_pipeline
-from attnproc.sparse.sla import SLA, save_sla_weights
+from attnproc.sparse.sla import SLA, TRAINED_WITH, save_sla_weights
 from attnproc.workflows.fidelity import psnr, ssim
 from attnproc.workflows.finetune import finetune, parse_finetune_config, record_calls, sampler_steps
 from attnproc.workflows.rollout import guided
@@ -174,7 +174,10 @@ def reapply(pipe, method, options, result, train, folder):
         full = load_file(result.weights)
         projs = {f"transformer.{k.split('.attnproc.sla.')[0]}": (full[k], full[k.replace('.weight', '.bias')])
                  for k in full if k.endswith(".attnproc.sla.weight")}
-        weights = save_sla_weights(Path(folder) / "sla.safetensors", projs, variant="main", model=SLA.model_id(pipe))
+        trained_with = {"feature_map": "softmax", "block_q": None, "block_k": None,
+                        **{k: v for k, v in options.items() if k in TRAINED_WITH}}
+        weights = save_sla_weights(Path(folder) / "sla.safetensors", projs, variant="main", model=SLA.model_id(pipe),
+                                   trained_with=trained_with)
     return attnproc.apply(pipe, "sla", weights=str(weights), **options)
 
 

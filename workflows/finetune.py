@@ -85,7 +85,7 @@ class FinetuneConfig:
     step_weights: list | None = None               # trajectory / on_policy: how often each sampler step is drawn
     rollout_steps: int | None = None               # trajectory / on_policy: loss after K sampler steps (rollout.py)
     step_loss_weight: float = 0.0                  # rollout_steps: plus this times the window's first per-step loss
-    cooldown: int = 0                              # the rate falls linearly to 0 over the last N steps (0: constant)
+    cooldown: int = 0                              # the rate falls linearly over the last N steps (last: lr / N)
 
 
 _FIELDS = tuple(FinetuneConfig.__dataclass_fields__)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,17 +349,13 @@ def load_sla_weights(path: str | os.PathLike, dims: Mapping[str, int], *, varian
         problems.append(f"trained for variant {meta.get('variant')!r}, loading for variant {variant!r}")
     if model is not None and meta.get("model") != model:
         problems.append(f"trained for model {meta.get('model')!r}, loading into model {model!r}")
-    trained = json.loads(meta["trained_with"]) if meta.get("trained_with") else {}
+    trained, moved = _trained_with(meta, problems), []
     if options is not None and trained:
         if trained.get("feature_map") != options.get("feature_map"):
             problems.append(f"trained with feature_map {trained.get('feature_map')!r}, loading with feature_map "
                             f"{options.get('feature_map')!r}")
         moved = [f"{k}={options.get(k)!r} (trained with {trained.get(k)!r})" for k in TRAINED_WITH[1:]
                  if trained.get(k) != options.get(k)]
-        if moved:
-            warnings.warn(f"{path}: applying SLA projections with " + ", ".join(moved) + "; they were tuned to "
-                          "the training block map, so pass the training options for the fidelity they were "
-                          "trained for", stacklevel=3)
     expected = {f"{m}.{part}" for m in dims for part in ("weight", "bias")}
     missing = sorted(expected - set(tensors))
     extra = sorted(set(tensors) - expected)
@@ -373,7 +370,35 @@ def load_sla_weights(path: str | os.PathLike, dims: Mapping[str, int], *, varian
                 problems.append(f"{m}.{part} has shape {tuple(t.shape)}, expected {shape}")
     if problems:
         raise SLAWeightsError(f"{path} does not fit: " + "; ".join(problems))
+    if moved:
+        warnings.warn(f"{path}: applying SLA projections with " + ", ".join(moved) + "; they were tuned to the "
+                      "training block map, so pass the training options for the fidelity they were trained for",
+                      stacklevel=_caller_level())
     return {m: (tensors[f"{m}.weight"].float(), tensors[f"{m}.bias"].float()) for m in dims}
+
+
+def _trained_with(meta: Mapping[str, str], problems: list[str]) -> dict:
+    """The file's ``trained_with`` record ({} when absent: files written before it existed load unchecked)."""
+    raw = meta.get("trained_with")
+    if not raw:
+        return {}
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        problems.append(f"metadata trained_with is not a JSON object of options: {raw[:80]!r}")
+        return {}
+    return record
+
+
+def _caller_level() -> int:
+    """``stacklevel`` for a warning raised in the caller of this function that points at the first frame outside
+    attnproc (the user's ``apply`` line), however many of our frames lie between."""
+    level, frame = 2, sys._getframe(2)  # level 1: the function that warns; 2: its caller
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("attnproc"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # ---- the registered method ----------------------------------------------------------------------------------

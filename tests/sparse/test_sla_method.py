@@ -121,6 +121,7 @@ def test_the_file_records_the_block_map_it_was_trained_for(tmp_path):
     import warnings
 
     from safetensors import safe_open
+    from safetensors.torch import save_file
 
     pipe = tiny_pipeline("wan21")
     trained = dict(topk=0.25, block_q=4, block_k=2, feature_map="elu")
@@ -132,11 +133,21 @@ def test_the_file_records_the_block_map_it_was_trained_for(tmp_path):
     handle.remove()
     with safe_open(str(path), framework="pt") as f:
         assert json.loads(f.metadata()["trained_with"]) == trained
-    with pytest.raises(SLAWeightsError, match=r"trained with feature_map 'elu', loading with feature_map 'softmax'"):
-        attnproc.apply(pipe, "sla", **dict(trained, feature_map="softmax"), weights=str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a refused load refuses; it does not also warn about the block map
+        with pytest.raises(SLAWeightsError, match=r"trained with feature_map 'elu', loading with feature_map 'softmax'"):
+            attnproc.apply(pipe, "sla", **dict(trained, topk=0.5, feature_map="softmax"), weights=str(path))
     assert _untouched(pipe)
-    with pytest.warns(UserWarning, match=r"block_q=None \(trained with 4\), block_k=8 \(trained with 2\)"):
+    with pytest.warns(UserWarning, match=r"block_q=None \(trained with 4\), block_k=8 \(trained with 2\)") as seen:
         attnproc.apply(pipe, "sla", topk=0.25, block_k=8, feature_map="elu", weights=str(path)).remove()
+    assert [w.filename for w in seen] == [__file__]  # points at the user's apply line, not inside attnproc
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata(), trained_with="[1, 2]")
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(SLAWeightsError, match=r"metadata trained_with is not a JSON object of options: '\[1, 2\]'"):
+        attnproc.apply(pipe, "sla", **trained, weights=str(tmp_path / "bad.safetensors"))
+    assert _untouched(pipe)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attnproc.apply(pipe, "sla", **trained, weights=str(path)).remove()

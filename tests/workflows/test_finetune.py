@@ -154,6 +154,14 @@ def test_cooldown_lowers_the_last_rates_and_resumes_exactly(tmp_path):
     assert resumed.resumed_from == 2 and resumed.losses == whole.losses
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert whole.losses[:3] == constant.losses[:3] and any(not torch.equal(a[k], c[k]) for k in a)
+    # cooldown 1 leaves every rate at lr (the last step runs at lr * 1/1): the constant run's weights bit for bit,
+    # which a rate taken one step late (lr * 0 on the last step) would not give
+    one = finetune(parse_finetune_config(dict(sla, cooldown=1, output=str(tmp_path / "one"))), progress=False)
+    d = load_file(one.weights)
+    assert all(torch.equal(d[k], c[k]) for k in c)
+    no_steps = {k: v for k, v in sla.items() if k != "steps"}  # checked against the default of 100 steps
+    with pytest.raises(FinetuneConfigError, match=r"cooldown: must be <= steps \(100\), got 101"):
+        parse_finetune_config(dict(no_steps, cooldown=101, output=str(tmp_path / "x")))
 
 
 def test_sla_projections_train_resume_exactly_and_load_with_apply(tmp_path):
