@@ -28,7 +28,7 @@ import torch
 
 import attnproc
 from attnproc.pipelines.shapes_models import eval_prompts, generate, quality, shapes_pipeline
-from attnproc.sparse.sla import SLA, TRAINED_WITH, save_sla_weights
+from attnproc.sparse.sla import SLA, save_sla_weights
 from attnproc.workflows.fidelity import psnr, ssim
 from attnproc.workflows.finetune import finetune, parse_finetune_config, record_calls, sampler_steps
 from attnproc.workflows.rollout import guided
@@ -54,10 +54,10 @@ def video_row(samples, dense, prompts, dense_q) -> dict:
     """Fidelity of ``samples`` against the dense videos: PSNR, SSIM, detector agreement (all four verdicts, and
     each apart: the dense model's kind verdicts are right on only 20 % of its videos, so they flip at random)."""
     q = quality(prompts, samples)
-    agree = [all(v[k] == r[k] for k in KEYS) for v, r in zip(q["verdicts"], dense_q["verdicts"])]
+    same = [{k: v[k] == r[k] for k in KEYS} for v, r in zip(q["verdicts"], dense_q["verdicts"])]
+    agree = [all(s.values()) for s in same]
+    per_key = {k: round(float(np.mean([s[k] for s in same])), 3) for k in KEYS}
     a, b = u8(samples), u8(dense)
-    per_key = {k: round(float(np.mean([v[k] == r[k] for v, r in zip(q["verdicts"], dense_q["verdicts"])])), 3)
-               for k in KEYS}
     return dict(psnr_db=round(float(np.mean([min(psnr(x, y), 99.0) for x, y in zip(a, b)])), 3),
                 ssim=round(float(np.mean([ssim(x, y) for x, y in zip(a, b)])), 4),
                 agreement_with_dense=round(float(np.mean(agree)), 3), agreement_per_attribute=per_key)
@@ -174,10 +174,8 @@ def reapply(pipe, method, options, result, train, folder):
         full = load_file(result.weights)
         projs = {f"transformer.{k.split('.attnproc.sla.')[0]}": (full[k], full[k.replace('.weight', '.bias')])
                  for k in full if k.endswith(".attnproc.sla.weight")}
-        trained_with = {"feature_map": "softmax", "block_q": None, "block_k": None,
-                        **{k: v for k, v in options.items() if k in TRAINED_WITH}}
         weights = save_sla_weights(Path(folder) / "sla.safetensors", projs, variant="main", model=SLA.model_id(pipe),
-                                   trained_with=trained_with)
+                                   trained_with=attnproc.create("sla", **options).trained_with(pipe))
     return attnproc.apply(pipe, "sla", weights=str(weights), **options)
 
 
