@@ -3,7 +3,9 @@
 The VAE caps its model: what it cannot reconstruct (a colour, a corner, a motion) the denoiser cannot draw.
 Samples are dataset samples of seeds ≥ 3·10⁹ (never trained on) at the kind's size (wan21: 17 frames at 32²;
 sd15, whose VAE flux shares: 64² images of 1–3 shapes), decoded from the posterior mode; rates as in
-``shapes_quality.py`` (the caption is the prompt).
+``shapes_quality.py`` (the caption is the prompt). Since the ground truth of every sample is known, it
+also checks the detector on decoded images: ``kind_per_shape`` is the share of the samples' shapes whose
+kind it reads right (sd15: what a softened but clear shape costs the measure of the image models).
 
     python benchmarks/shapes_vae.py [--kind wan21|sd15] [--vae FOLDER] [--n 64]
     # -> benchmarks/results/shapes-vae.json (wan21), shapes-vae-sd15.json (sd15)
@@ -17,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attnproc.pipelines.shapes import batch
+from attnproc.pipelines.shapes import batch, render_sample
+from attnproc.pipelines.shapes_detect import detect
 from attnproc.pipelines.shapes_models import quality, shapes_model_dir
 from attnproc.pipelines.shapes_train import SPECS
 
@@ -31,6 +34,18 @@ def reconstruct(vae, x: torch.Tensor, chunk: int = 8) -> np.ndarray:
                          for i in range(0, len(x), chunk)])
     rec = rec.clamp(-1, 1).movedim(1, -1).numpy()
     return ((rec + 1) * 127.5).round().astype(np.uint8)
+
+
+def kind_per_shape(images: np.ndarray, seeds, spec) -> float:
+    """Share of the samples' shapes whose kind the detector reads right on ``images`` (their decodings)."""
+    right = total = 0
+    for seed, image in zip(seeds, images):
+        blobs = detect(image)
+        for shape in render_sample(int(seed), spec.size, spec.frames, spec.max_shapes).shapes:
+            blob = next((b for b in blobs if b.colour == shape.colour), None)
+            right += blob is not None and blob.kind == shape.kind
+            total += 1
+    return right / total
 
 
 def main() -> None:
@@ -50,8 +65,11 @@ def main() -> None:
     pix, captions = batch(np.arange(a.n) + 3_000_000_000, spec.size, spec.frames, spec.max_shapes)
     x = torch.from_numpy(pix)  # [B, F, 3, H, W]
     x = x.permute(0, 2, 1, 3, 4).contiguous() if a.kind == "wan21" else x[:, 0]
-    q = quality(captions, list(reconstruct(vae, x)))
+    rec = reconstruct(vae, x)
+    q = quality(captions, list(rec))
     res = {"vae": str(a.vae) if a.vae else f"shipped {a.kind}", **{k: v for k, v in q.items() if k != "verdicts"}}
+    if a.kind == "sd15":
+        res["kind_per_shape"] = kind_per_shape(rec, np.arange(a.n) + 3_000_000_000, spec)
     out = a.out or RESULTS / ("shapes-vae.json" if a.kind == "wan21" else f"shapes-vae-{a.kind}.json")
     print(res)
     out.parent.mkdir(parents=True, exist_ok=True)
