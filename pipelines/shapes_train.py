@@ -143,7 +143,7 @@ def build(kind: str, seed: int = 0):
         tokenizer, tokenizer_2 = tk.clip_tokenizer(words=WORDS), tk.t5_tokenizer(words=WORDS)
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
-            num_attention_heads=2, joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=TEXT_WIDTH,
+            num_attention_heads=4, joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=TEXT_WIDTH,
             guidance_embeds=False, axes_dims_rope=(8, 12, 12),
         )
         return FluxPipeline(
