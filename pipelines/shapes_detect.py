@@ -22,8 +22,13 @@ _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 _NAMES = list(COLOURS)
 # A blob that no shape of the world overlaps by this IoU is no shape ("unclear"). Clean dataset
 # shapes fit ≈ 1 and VAE reconstructions of held-out samples ≥ 0.85 (0.5th percentile), so only
-# shapeless smears, merged shapes and stretched boxes fall under it.
+# shapeless smears, merged shapes and strongly stretched blobs fall under it.
 MIN_FIT = 0.75
+# IoU cannot tell a stretched blob from a disc: a square and a disc overlap by 0.85, so a 1.4 : 1
+# rectangle still fits a disc by > 0.75. Every world shape has the proportions of a square box: the
+# spread of its pixels across over along (std x / std y) is 1 for squares and discs and 0.87 for
+# triangles (0.80–1.12 on VAE reconstructions, 0.5th–99.5th percentile). Outside this range: "unclear".
+SPREAD_RANGE = (0.69, 1.25)
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,7 @@ class Blob:
     kind: str
     box: tuple[int, int, int, int]  # (x0, y0, x1, y1), x1/y1 exclusive
     area: int
-    fit: float = 1.0  # IoU of ``kind``'s best placement over the blob
+    fit: float = 1.0  # IoU of the best-fitting world shape's placement over the blob (for "unclear" too)
 
     @property
     def centre(self) -> tuple[float, float]:
@@ -105,8 +110,9 @@ def _first_guess(kind: str, mask: np.ndarray) -> tuple[float, float, float]:
 
 
 def _fit(kind: str, mask: np.ndarray) -> float:
-    """Best IoU of the world's ``kind`` over the square boolean ``mask``: a greedy search over
-    centre (½-px moves) and side (5 % moves), started from the blob's moments."""
+    """IoU of the world's ``kind`` over the square boolean ``mask`` at the best placement a greedy
+    search finds: moves of the centre by 1 or ½ px and of the side by 5 or 10 %, started from the
+    blob's moments (pixel-centre sampling makes ½-px moves alone stall on plateaus)."""
     size = mask.shape[0]
 
     def iou(p):
@@ -118,8 +124,9 @@ def _fit(kind: str, mask: np.ndarray) -> float:
     score = iou(best)
     while True:
         cx, cy, side = best
-        moves = [(cx - .5, cy, side), (cx + .5, cy, side), (cx, cy - .5, side), (cx, cy + .5, side),
-                 (cx, cy, side * .95), (cx, cy, side * 1.05)]
+        moves = [m for d in (1.0, 0.5) for m in ((cx - d, cy, side), (cx + d, cy, side), (cx, cy - d, side),
+                                                 (cx, cy + d, side))]
+        moves += [(cx, cy, side * f) for f in (0.9, 0.95, 1.05, 1.1)]
         scores = [iou(m) for m in moves]
         i = int(np.argmax(scores))
         if scores[i] <= score:
@@ -137,8 +144,12 @@ def _classify(mask: np.ndarray, box: tuple[int, int, int, int]) -> tuple[str, fl
     oy, ox = max(0, y0 - pad) - (y0 - pad), max(0, x0 - pad) - (x0 - pad)
     crop[oy:oy + part.shape[0], ox:ox + part.shape[1]] = part
     fits = {kind: _fit(kind, crop) for kind in KINDS}
+    best, second = sorted(fits.values(), reverse=True)[:2]
     kind = max(fits, key=fits.get)
-    return (kind if fits[kind] >= MIN_FIT else "unclear"), fits[kind]
+    ys, xs = np.nonzero(crop)
+    spread = np.sqrt(xs.var() / max(ys.var(), 1e-9))
+    clear = best >= MIN_FIT and best > second and SPREAD_RANGE[0] <= spread <= SPREAD_RANGE[1]
+    return (kind if clear else "unclear"), best  # a tie (a blob of a few pixels is square and disc alike) is unclear
 
 
 def detect(image, min_area_frac: float = 0.008, fg_threshold: float = 60.0) -> list[Blob]:
@@ -189,7 +200,7 @@ def track(frames, min_shift_frac: float = 0.08, **detect_kw) -> list[Track]:
         q = max(1, len(seen) // 4)
         dx, dy = centres[-q:].mean(0) - centres[:q].mean(0)
         kinds = [b.kind for _, b in seen]
-        kind = max(set(kinds), key=kinds.count)
+        kind = max(kinds, key=kinds.count)  # a tie goes to the kind seen first (not to set order, which varies by process)
         tracks.append(Track(name, kind, direction(dx, dy, min_shift_frac * width), tuple(map(tuple, centres))))
     return tracks
 

@@ -94,7 +94,8 @@ def test_detector_reads_softened_shapes_as_a_person_would():
     assert detect(_on_background(fat))[0].kind == "triangle"
 
 
-@pytest.mark.parametrize("what", ["tall rectangle", "flat ellipse", "two merged triangles"])
+@pytest.mark.parametrize("what", ["tall rectangle", "flat ellipse", "two merged triangles", "1.4 : 1 rectangle",
+                                  "3-pixel square"])
 def test_detector_calls_a_blob_no_world_shape_fits_unclear(what):
     """The world draws squares, discs and upright triangles in square boxes; anything else is no kind."""
     from attnproc.pipelines.shapes import _mask
@@ -105,10 +106,31 @@ def test_detector_calls_a_blob_no_world_shape_fits_unclear(what):
         "tall rectangle": _mask("square", 64, (20, 10, 32, 40)),
         "flat ellipse": ((xs - 32) / 14) ** 2 + ((ys - 32) / 7) ** 2 <= 1,
         "two merged triangles": _mask("triangle", 64, (10, 20, 26, 36)) | _mask("triangle", 64, (22, 20, 38, 36)),
+        # fits a disc by > MIN_FIT (a square and a disc overlap by 0.85): caught by its proportions
+        "1.4 : 1 rectangle": _mask("square", 64, (20, 24, 44, 41)),
+        # as much a disc as a square at this size: no kind can be read
+        "3-pixel square": _mask("square", 64, (30, 30, 33, 33)),
     }[what]
-    (blob,) = detect(_on_background(mask))
-    assert blob.kind == "unclear" and blob.fit < MIN_FIT
-    assert not verdict("a red square", _on_background(mask))["kind"]
+    (blob,) = detect(_on_background(mask), min_area_frac=0.002)
+    assert blob.kind == "unclear"
+    if what in ("tall rectangle", "flat ellipse", "two merged triangles"):
+        assert blob.fit < MIN_FIT
+    for kind in ("square", "circle", "triangle"):
+        assert not verdict(f"a red {kind}", _on_background(mask))["kind"]
+
+
+def test_fitting_moves_the_shape_off_a_first_guess_a_fringe_pulls_aside():
+    """A bump of fringe on one side drags the centroid (the first guess) off the square; the search recovers it."""
+    from attnproc.pipelines.shapes import _mask
+    from attnproc.pipelines.shapes_detect import _first_guess, _fit
+
+    crop = np.zeros((40, 40), bool)
+    crop |= _mask("square", 40, (6, 6, 22, 22))
+    crop[10:20, 22:28] = True  # a 10 × 6 bump on the right edge
+    cx, cy, side = _first_guess("square", crop)
+    first = _mask("square", 40, (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+    first_iou = (first & crop).sum() / (first | crop).sum()
+    assert first_iou < 0.75 < _fit("square", crop)  # "unclear" at the first guess, a square after the search
 
 
 def test_detector_kind_is_right_on_vae_reconstructions():
