@@ -126,7 +126,8 @@ def edit_rows(pipe, kind, n):
                     u8, *_ = _run(pipe, kind, name, opts, [prompt], [i])
                     shares[name].append(np.mean([_colour_share(u8[0], p.split()[0], b) for p, b in boxes.items()]))
         except Exception as err:
-            rows.append({"method": method, "served": False, "reason": f"{type(err).__name__}: {err}"[:300]})
+            rows.append({"method": method, "options": options, "served": False,
+                         "reason": f"{type(err).__name__}: {err}"[:300]})
             continue
         rows.append({"method": method, "options": options, "served": True, "n": n,
                      "in_region_share": {k: float(np.mean(v)) for k, v in shares.items()}})
