@@ -44,8 +44,8 @@ ROWS = [
     ("sla", {}),  # untrained (zero projection): the block-sparse branch alone, before any fine-tuning
     ("agent", {}),
 ]
-# maskmod at its defaults, and active over the first 60 % of the steps instead of 30 % (models that settle the
-# layout later, such as the retrained flux, need the longer phase)
+# maskmod at its defaults, and active over the first 60 % of the steps instead of 30 % (a probe for models that
+# may settle their layout later; on the retrained flux the defaults do nothing, docs/maskmod.md)
 EDITS = [("maskmod", {}), ("maskmod", {"active_steps": 0.6})]
 PAIRS = [("red", "circle", "blue", "square"), ("green", "triangle", "yellow", "circle"),
          ("blue", "square", "red", "triangle"), ("yellow", "circle", "green", "square")]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from attnproc.pipelines.shapes import batch, render_sample
-from attnproc.pipelines.shapes_detect import detect
+from attnproc.pipelines.shapes_detect import kinds_read_right
 from attnproc.pipelines.shapes_models import quality, shapes_model_dir
 from attnproc.pipelines.shapes_train import SPECS
 
@@ -34,18 +34,6 @@ def reconstruct(vae, x: torch.Tensor, chunk: int = 8) -> np.ndarray:
                          for i in range(0, len(x), chunk)])
     rec = rec.clamp(-1, 1).movedim(1, -1).numpy()
     return ((rec + 1) * 127.5).round().astype(np.uint8)
-
-
-def kind_per_shape(images: np.ndarray, seeds, spec) -> float:
-    """Share of the samples' shapes whose kind the detector reads right on ``images`` (their decodings)."""
-    right = total = 0
-    for seed, image in zip(seeds, images):
-        blobs = detect(image)
-        for shape in render_sample(int(seed), spec.size, spec.frames, spec.max_shapes).shapes:
-            blob = next((b for b in blobs if b.colour == shape.colour), None)
-            right += blob is not None and blob.kind == shape.kind
-            total += 1
-    return right / total
 
 
 def main() -> None:
@@ -69,7 +57,9 @@ def main() -> None:
     q = quality(captions, list(rec))
     res = {"vae": str(a.vae) if a.vae else f"shipped {a.kind}", **{k: v for k, v in q.items() if k != "verdicts"}}
     if a.kind == "sd15":
-        res["kind_per_shape"] = kind_per_shape(rec, np.arange(a.n) + 3_000_000_000, spec)
+        samples = [render_sample(int(s), spec.size, spec.frames, spec.max_shapes) for s in np.arange(a.n) + 3_000_000_000]
+        right, total = kinds_read_right(rec, samples)
+        res["kind_per_shape"] = right / total
     out = a.out or RESULTS / ("shapes-vae.json" if a.kind == "wan21" else f"shapes-vae-{a.kind}.json")
     print(res)
     out.parent.mkdir(parents=True, exist_ok=True)

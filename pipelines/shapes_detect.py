@@ -4,7 +4,8 @@ Pure numpy. Works on what a pipeline writes: uint8 or float ([0, 1] or [-1, 1]) 
 CHW. The background colour is read from the image border, foreground pixels are those far from
 it, each is given the nearest palette colour, and connected regions of one colour are shapes.
 The kind is the world's shape (square, disc, upright triangle), placed and sized freely, that
-overlaps the blob best; a blob that no shape overlaps by ``MIN_FIT`` (IoU) is "unclear". Fitting
+overlaps the blob best; a blob that no shape overlaps by ``MIN_FIT`` (IoU), whose proportions are
+outside ``SPREAD_RANGE``, or that two kinds fit equally well, is "unclear". Fitting
 whole shapes, not thresholds on one statistic, is what keeps the kind right on decoded images:
 a VAE rounds corners and bleeds a pixel of fringe, which moved the old fill-of-box rule across its
 thresholds on 7 % of the shapes of held-out reconstructions (see ``benchmarks/shapes_vae.py``).
@@ -251,3 +252,17 @@ def verdict(prompt: str, media) -> dict:
         "motion": all(p["motion"] for p in per) if video else None,
         "count": len(found) == len(asked),
     }
+
+
+def kinds_read_right(images, samples) -> tuple[int, int]:
+    """(right, total) over the ground-truth shapes of dataset ``samples``: how many of them the detector finds
+    in its colour with its kind on ``images`` (e.g. their VAE decodings), the detector's check where truth is known."""
+    right = total = 0
+    for image, sample in zip(images, samples):
+        blobs = detect(image)
+        for shape in sample.shapes:
+            blob = next((b for b in blobs if b.colour == shape.colour), None)
+            right += blob is not None and blob.kind == shape.kind
+            total += 1
+    return right, total
+

@@ -145,13 +145,9 @@ def test_detector_kind_is_right_on_vae_reconstructions():
     pix, _ = batch(list(seeds), 64, 1, 3)
     with torch.no_grad():
         rec = vae.decode(vae.encode(torch.from_numpy(pix)[:, 0]).latent_dist.mode()).sample.clamp(-1, 1)
-    right = total = 0
-    for seed, image in zip(seeds, rec):
-        blobs = detect(image)
-        for shape in render_sample(seed, 64).shapes:
-            blob = next((b for b in blobs if b.colour == shape.colour), None)
-            right += blob is not None and blob.kind == shape.kind
-            total += 1
+    from attnproc.pipelines.shapes_detect import kinds_read_right
+
+    right, total = kinds_read_right(rec, [render_sample(seed, 64) for seed in seeds])
     assert total > 100 and right / total >= 0.97, (right, total)
 
 
