@@ -13,7 +13,7 @@ a run resumed from a checkpoint continues exactly. Checkpoints (``--work``) are 
 safetensors files written atomically every ``--ckpt-every`` steps; each also exports the EMA
 pipeline (fp16) to ``--out`` (default: the packaged model folder), so a partial run is usable.
 
-    python -m attnproc.pipelines.shapes train wan21   # the shipped recipe (defaults in SPECS)
+    python -m attnproc.pipelines.shapes train wan21   # its shipped recipe (each kind's defaults in SPECS)
     python -m attnproc.pipelines.shapes train sd15 --steps 4000 --batch 32 --out /tmp/sd15
 """
 
@@ -48,6 +48,11 @@ class Spec:
     lr: float
     # recipe defaults of the CLI / ``train`` (what the shipped model was trained with, where it changed)
     steps: int = 3000
+    batch: int = 16
+    cooldown: int = 0  # last denoiser steps over which the rate falls linearly to 0
+    # flow-matching training times before the shift: "uniform" u ~ U(0, 1), or "logit_normal" u = sigmoid(N(0, 1))
+    # (SD3's choice: fewer samples at the ends, where the target is nearly pure noise or pure image)
+    timesteps: str = "uniform"
     vae_steps: int = 600
     vae_batch: int = 16
     vae_lr: float = 1e-3
@@ -59,8 +64,9 @@ class Spec:
 
 WAN_STEPS, WAN_VAE_STEPS, FG_WEIGHT = 10400, 400, 10.0
 SPECS: dict[str, Spec] = {
-    "sd15": Spec(size=64, frames=1, max_shapes=3, max_seq=77, shift=1.0, lr=1e-3),
-    "flux": Spec(size=64, frames=1, max_shapes=3, max_seq=16, shift=2.0, lr=5e-4),
+    "sd15": Spec(size=64, frames=1, max_shapes=3, max_seq=77, shift=1.0, lr=1e-3, steps=16000, vae_steps=200),
+    "flux": Spec(size=64, frames=1, max_shapes=3, max_seq=16, shift=2.0, lr=5e-4, steps=25000, batch=32,
+                 cooldown=5000, vae_steps=200),
     "wan21": Spec(size=32, frames=17, max_shapes=1, max_seq=16, shift=2.0, lr=5e-4, steps=WAN_STEPS,
                    vae_steps=WAN_VAE_STEPS, vae_batch=4, vae_lr=3e-3, vae_fg=FG_WEIGHT,
                    vae_warmup=50),
@@ -231,7 +237,7 @@ def _load_ckpt(path: Path, modules: dict, ema: dict, opt) -> int:
     for k in ema:
         ema[k].copy_(tensors[f"ema.{k}"])
     state = opt.state_dict()
-    for i, pid in enumerate(state["param_groups"][0]["params"]):
+    for i, pid in enumerate(pid for group in state["param_groups"] for pid in group["params"]):
         keys = [k for k in tensors if k.startswith(f"opt.{i}.")]
         if keys:
             state["state"][pid] = {k.split(".", 2)[2]: tensors[k] for k in keys}
@@ -311,7 +317,18 @@ def _text(pipe, kind: str, prompts: list[str]):
     return {"encoder_hidden_states": emb}
 
 
-def _loss(pipe, kind: str, x0: torch.Tensor, cond: dict, gen: torch.Generator) -> torch.Tensor:
+TIMESTEPS = ("uniform", "logit_normal")
+
+
+def sample_u(n: int, gen: torch.Generator, timesteps: str) -> torch.Tensor:
+    """``n`` flow-matching training times in (0, 1), before the shift (:attr:`Spec.timesteps`)."""
+    if timesteps == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=gen))
+    return torch.rand(n, generator=gen)
+
+
+def _loss(pipe, kind: str, x0: torch.Tensor, cond: dict, gen: torch.Generator,
+          timesteps: str = "uniform") -> torch.Tensor:
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=gen)
     if kind == "sd15":
@@ -320,7 +337,7 @@ def _loss(pipe, kind: str, x0: torch.Tensor, cond: dict, gen: torch.Generator) -
         xt = sched.add_noise(x0, noise, t)
         pred = pipe.unet(xt, t, **cond).sample
         return torch.nn.functional.mse_loss(pred, sched.get_velocity(x0, noise, t))
-    u = torch.rand(b, generator=gen)
+    u = sample_u(b, gen, timesteps)
     shift = SPECS[kind].shift
     sigma = shift * u / (1 + (shift - 1) * u)
     s = sigma.view(-1, *([1] * (x0.dim() - 1)))
@@ -362,14 +379,21 @@ class LatentPool:
         return torch.stack([self.latents[i] for i in idx]), [self.captions[i] for i in idx]
 
 
-def train(kind: str, steps: int | None = None, batch_size: int = 16, seed: int = 0, work: Path | None = None,
+def train(kind: str, steps: int | None = None, batch_size: int | None = None, seed: int = 0, work: Path | None = None,
           out: Path | None = None, vae_steps: int | None = None, vae_batch: int | None = None, ckpt_every: int = 200,
-          caption_dropout: float = 0.1, pool: int = 4096, vae_from: Path | None = None, cooldown: int = 0) -> Path:
+          caption_dropout: float = 0.1, pool: int = 4096, vae_from: Path | None = None, cooldown: int | None = None,
+          lr: float | None = None, timesteps: str | None = None) -> Path:
     """Train ``kind`` (both stages; resumes from ``work``) and export the EMA pipeline to ``out``.
 
-    ``cooldown``: the rate falls linearly to 0 over the run's last ``cooldown`` steps (0: constant to the end)."""
+    ``None`` options take the kind's recipe in :data:`SPECS`. ``cooldown``: the rate falls linearly to 0 over
+    the run's last ``cooldown`` steps (0: constant to the end; by default the recipe's share of ``steps``);
+    ``lr``: the denoiser's peak rate; ``timesteps``: as in :class:`Spec`."""
     spec = SPECS[check_kind(kind)]
     steps = spec.steps if steps is None else steps
+    batch_size = spec.batch if batch_size is None else batch_size
+    cooldown = round(spec.cooldown * steps / spec.steps) if cooldown is None else cooldown
+    lr = spec.lr if lr is None else lr
+    timesteps = spec.timesteps if timesteps is None else timesteps
     vae_steps = spec.vae_steps if vae_steps is None else vae_steps
     vae_batch = spec.vae_batch if vae_batch is None else vae_batch
     for name, v in (("steps", steps), ("batch", batch_size), ("vae_steps", vae_steps), ("vae_batch", vae_batch),
@@ -378,6 +402,10 @@ def train(kind: str, steps: int | None = None, batch_size: int = 16, seed: int =
             raise ValueError(f"{name} must be >= 1, got {v}")
     if not 0 <= cooldown <= steps:
         raise ValueError(f"cooldown must be in [0, steps={steps}], got {cooldown}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if timesteps not in TIMESTEPS:
+        raise ValueError(f"timesteps must be one of {TIMESTEPS}, got {timesteps!r}")
     work = Path(work or f"shapes-train/{kind}")
     out = Path(out or MODELS_DIR / kind)
     torch.manual_seed(seed)
@@ -398,7 +426,7 @@ def train(kind: str, steps: int | None = None, batch_size: int = 16, seed: int =
     params = [p for m in modules.values() for p in m.parameters()]
     for m in modules.values():
         m.train()
-    opt = torch.optim.AdamW(params, lr=SPECS[kind].lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema = {k: v.detach().clone().float() for k, v in _flat(modules).items()}
     ckpt = work / "denoiser.safetensors"
     start = _load_ckpt(ckpt, modules, ema, opt) if ckpt.exists() else 0
@@ -411,12 +439,13 @@ def train(kind: str, steps: int | None = None, batch_size: int = 16, seed: int =
         x0, captions = latents.get(step, batch_size)
         drop = torch.rand(len(captions), generator=gen) < caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        loss = _loss(pipe, kind, x0, _text(pipe, kind, captions), gen)
+        loss = _loss(pipe, kind, x0, _text(pipe, kind, captions), gen, timesteps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for g in opt.param_groups:  # linear warm-up, constant, then the optional linear cool-down
-            g["lr"] = SPECS[kind].lr * lr_factor(step, steps, cooldown)
+        factor = lr_factor(step, steps, cooldown)  # linear warm-up, constant, then the optional linear cool-down
+        for g in opt.param_groups:
+            g["lr"] = lr * factor
         opt.step()
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -459,23 +488,31 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train (or resume) one shapes model")
     t.add_argument("kind", choices=sorted(SPECS))
-    t.add_argument("--steps", type=int, default=None, help="denoiser steps (default: the kind's recipe, 3000; wan21 %d)" % WAN_STEPS)
-    t.add_argument("--batch", type=int, default=16, help="denoiser batch (default 16)")
-    t.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: 600; wan21 %d)" % WAN_VAE_STEPS)
-    t.add_argument("--vae-batch", type=int, default=None, help="VAE batch (default 16; wan21 4 clips)")
+    def recipe(field: str) -> str:
+        return ", ".join(f"{k} {getattr(v, field)}" for k, v in SPECS.items())
+
+    t.add_argument("--steps", type=int, default=None, help=f"denoiser steps (default: the recipe: {recipe('steps')})")
+    t.add_argument("--batch", type=int, default=None, help=f"denoiser batch (default: {recipe('batch')})")
+    t.add_argument("--lr", type=float, default=None, help=f"denoiser peak rate (default: {recipe('lr')})")
+    t.add_argument("--cooldown", type=int, default=None,
+                   help=f"last N denoiser steps: the rate falls linearly to 0 (default: the recipe's share of "
+                        f"--steps, {recipe('cooldown')}; 0 is constant; a resumed run with a larger --steps can add one)")
+    t.add_argument("--timesteps", choices=TIMESTEPS, default=None,
+                   help=f"flow-matching training times (default: {recipe('timesteps')}; sd15 ignores it)")
+    t.add_argument("--vae-steps", type=int, default=None, help=f"VAE steps (default: {recipe('vae_steps')})")
+    t.add_argument("--vae-batch", type=int, default=None, help=f"VAE batch (default: {recipe('vae_batch')})")
     t.add_argument("--ckpt-every", type=int, default=200)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--work", type=Path, default=None, help="checkpoint folder (default shapes-train/KIND)")
     t.add_argument("--out", type=Path, default=None, help="exported pipeline folder (default: the packaged one)")
     t.add_argument("--pool", type=int, default=4096, help="distinct training samples (encoded once)")
     t.add_argument("--vae-from", type=Path, default=None, help="start the VAE stage from this vae.safetensors")
-    t.add_argument("--cooldown", type=int, default=0,
-                   help="last N denoiser steps: the rate falls linearly to 0 (default 0: constant; a resumed "
-                        "run with a larger --steps can add one)")
     t.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: on a shared machine more threads can be far slower)")
+                   help="torch CPU threads (default 1; on idle cores 2 threads are ~1.5x faster, but beside "
+                        "another busy process they can be far slower)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     out = train(a.kind, a.steps, a.batch, a.seed, a.work, a.out, a.vae_steps, a.vae_batch, a.ckpt_every,
-                pool=a.pool, vae_from=a.vae_from, cooldown=a.cooldown)
+                pool=a.pool, vae_from=a.vae_from, cooldown=a.cooldown, lr=a.lr,
+                timesteps=a.timesteps)
     print(f"exported {out}")

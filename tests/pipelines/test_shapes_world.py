@@ -204,7 +204,7 @@ def _smoke(tmp_path, steps, name="run"):
     from attnproc.pipelines.shapes_train import train
 
     return train("flux", steps=steps, batch_size=2, seed=0, work=tmp_path / name, out=tmp_path / f"{name}-out",
-                 vae_steps=1, vae_batch=2, ckpt_every=1, pool=4)
+                 vae_steps=1, vae_batch=2, ckpt_every=1, pool=4, cooldown=0)
 
 
 def test_training_smoke_resumes_exactly_and_loads(tmp_path):
@@ -238,6 +238,10 @@ def test_training_rejects_bad_options(tmp_path):
         train("wan21", batch_size=1, vae_batch=0, work=tmp_path)
     with pytest.raises(ValueError, match=r"cooldown must be in \[0, steps=5\], got 6"):
         train("flux", steps=5, batch_size=1, work=tmp_path, cooldown=6)
+    with pytest.raises(ValueError, match="lr must be > 0, got 0"):
+        train("flux", steps=5, batch_size=1, work=tmp_path, lr=0)
+    with pytest.raises(ValueError, match=r"timesteps must be one of \('uniform', 'logit_normal'\), got 'cosine'"):
+        train("flux", steps=5, batch_size=1, work=tmp_path, timesteps="cosine")
     assert not any(tmp_path.iterdir())
 
 
@@ -255,6 +259,31 @@ def test_cooldown_rate_falls_linearly_to_zero_at_the_last_step(tmp_path, monkeyp
     shapes_train.train("flux", steps=2, batch_size=2, work=tmp_path / "w", out=tmp_path / "o", vae_steps=1,
                        vae_batch=2, ckpt_every=2, pool=4, cooldown=2)
     assert calls == [(0, 2, 2), (1, 2, 2)]
+
+
+def test_train_hands_its_timesteps_choice_to_the_loss(tmp_path, monkeypatch):
+    """``train(timesteps=...)`` reaches the flow-matching loss; the default is the recipe's (flux: uniform)."""
+    from attnproc.pipelines import shapes_train
+
+    torch.set_num_threads(1)
+    seen = []
+    sample_u = shapes_train.sample_u
+    monkeypatch.setattr(shapes_train, "sample_u", lambda n, gen, t: seen.append(t) or sample_u(n, gen, t))
+    for name, timesteps in (("default", None), ("ln", "logit_normal")):
+        shapes_train.train("flux", steps=1, batch_size=2, work=tmp_path / name, out=tmp_path / f"{name}-out",
+                           vae_steps=1, vae_batch=2, ckpt_every=1, pool=2, cooldown=0, timesteps=timesteps)
+    assert seen == [shapes_train.SPECS["flux"].timesteps, "logit_normal"] == ["uniform", "logit_normal"]
+
+
+def test_logit_normal_times_thin_out_the_ends():
+    """``sample_u``: uniform puts 20 % of the times within 0.1 of an end, logit-normal (SD3) about 3 %."""
+    from attnproc.pipelines.shapes_train import sample_u
+
+    for name, share in (("uniform", 0.20), ("logit_normal", 0.028)):
+        u = sample_u(20000, torch.Generator().manual_seed(0), name)
+        assert ((u > 0) & (u < 1)).all()
+        assert ((u < 0.1) | (u > 0.9)).float().mean().item() == pytest.approx(share, abs=0.01)
+        assert u.median().item() == pytest.approx(0.5, abs=0.02)
 
 
 def test_vae_loss_weights_shape_pixels():
