@@ -30,16 +30,6 @@ def wilson(rate: float, n: int, z: float = 1.96) -> list[float]:
     return [round(float(centre - half), 3), round(float(centre + half), 3)]
 
 
-def _pipeline(kind: str, folder: str | None):
-    if folder is None:
-        return shapes_pipeline(kind)
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=256, help="prompts × seeds per model (default 256)")
@@ -55,7 +45,7 @@ def main() -> None:
     results = {}
     for kind in a.kinds:
         prompts = eval_prompts(kind, a.n)
-        q = quality(prompts, generate(_pipeline(kind, folders.get(kind)), kind, prompts, list(range(a.n))))
+        q = quality(prompts, generate(shapes_pipeline(kind, folders.get(kind)), kind, prompts, list(range(a.n))))
         call = {k: v for k, v in shapes_call_kwargs(kind, "").items() if k != "prompt"}
         rates = {k: v for k, v in q.items() if k not in ("verdicts", "n")}
         results[kind] = {"call": call, "folder": folders.get(kind, "packaged"), "n": q["n"], **rates,

@@ -46,11 +46,13 @@ def shapes_model_dir(kind: str) -> Path:
     return folder
 
 
-def shapes_pipeline(kind: str):
-    """The trained shapes pipeline of ``kind`` ("sd15", "wan21" or "flux"), fp32 on CPU."""
+def shapes_pipeline(kind: str, folder: str | Path | None = None):
+    """The trained shapes pipeline of ``kind`` ("sd15", "wan21" or "flux"), fp32 on CPU.
+
+    ``folder``: load a retrained copy (a ``shapes train --out``) instead of the packaged one."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(shapes_model_dir(kind), dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(folder or shapes_model_dir(kind), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -237,7 +237,7 @@ def _load_ckpt(path: Path, modules: dict, ema: dict, opt) -> int:
     for k in ema:
         ema[k].copy_(tensors[f"ema.{k}"])
     state = opt.state_dict()
-    for i, pid in enumerate(pid for group in state["param_groups"] for pid in group["params"]):
+    for i, pid in enumerate(state["param_groups"][0]["params"]):
         keys = [k for k in tensors if k.startswith(f"opt.{i}.")]
         if keys:
             state["state"][pid] = {k.split(".", 2)[2]: tensors[k] for k in keys}

@@ -224,7 +224,13 @@ def test_training_smoke_resumes_exactly_and_loads(tmp_path):
     pipe = DiffusionPipeline.from_pretrained(out, dtype=torch.float32)
     assert type(pipe).__name__ == "FluxPipeline"
     assert pipe.transformer.dtype == torch.float32
-    assert next(iter(load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors")).values())).dtype == torch.float16
+    exported = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert next(iter(exported.values())).dtype == torch.float16
+    # shapes_pipeline(kind, folder) loads the retrained copy, not the packaged model
+    from attnproc.pipelines import shapes_pipeline
+
+    retrained = shapes_pipeline("flux", out).transformer.state_dict()
+    assert all(torch.equal(retrained[k], v.float()) for k, v in exported.items())
 
 
 def test_training_rejects_bad_options(tmp_path):
