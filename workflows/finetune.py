@@ -525,7 +525,8 @@ def _noised_call(gen: torch.Generator, batch: tuple, cfg: FinetuneConfig) -> dic
 
 
 def _export(out: Path, cfg: FinetuneConfig, pipe, student, named, handle) -> Path:
-    """The trained tensors by name (``weights.safetensors``); LoRA also in diffusers' format when possible; a
+    """The trained tensors by name (``weights.safetensors``, its metadata: ``train``, ``method`` and the method's
+    ``options`` as JSON, so the weights say what they were trained under); LoRA also in diffusers' format when possible; a
     method's own parameters in its own file format when it has one (``save_weights``: what
     ``apply(..., weights=...)`` loads)."""
     from safetensors.torch import save_file
@@ -536,7 +537,8 @@ def _export(out: Path, cfg: FinetuneConfig, pipe, student, named, handle) -> Pat
         return saver(path, pipe, handle.states())
     partial = path.with_name(path.name + ".partial")
     save_file({n: p.detach().cpu().contiguous() for n, p in named}, str(partial),
-              metadata={"train": cfg.train, "method": json.dumps(cfg.method)})
+              metadata={"train": cfg.train, "method": json.dumps(cfg.method),
+                        "options": json.dumps(cfg.options, sort_keys=True, default=str)})
     os.replace(partial, path)
     if cfg.train == "lora" and hasattr(type(pipe), "save_lora_weights"):
         from peft.utils import get_peft_model_state_dict

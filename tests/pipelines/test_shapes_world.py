@@ -268,17 +268,29 @@ def test_cooldown_rate_falls_linearly_to_zero_at_the_last_step(tmp_path, monkeyp
 
 
 def test_train_hands_its_timesteps_choice_to_the_loss(tmp_path, monkeypatch):
-    """``train(timesteps=...)`` reaches the flow-matching loss; the default is the recipe's (flux: uniform)."""
+    """``train(timesteps=...)`` reaches the flow-matching loss; the default is the recipe's (flux: logit-normal)."""
     from attnproc.pipelines import shapes_train
 
     torch.set_num_threads(1)
     seen = []
     sample_u = shapes_train.sample_u
     monkeypatch.setattr(shapes_train, "sample_u", lambda n, gen, t: seen.append(t) or sample_u(n, gen, t))
-    for name, timesteps in (("default", None), ("ln", "logit_normal")):
+    for name, timesteps in (("default", None), ("uniform", "uniform")):
         shapes_train.train("flux", steps=1, batch_size=2, work=tmp_path / name, out=tmp_path / f"{name}-out",
                            vae_steps=1, vae_batch=2, ckpt_every=1, pool=2, cooldown=0, timesteps=timesteps)
-    assert seen == [shapes_train.SPECS["flux"].timesteps, "logit_normal"] == ["uniform", "logit_normal"]
+    assert seen == [shapes_train.SPECS["flux"].timesteps, "uniform"] == ["logit_normal", "uniform"]
+
+
+def test_flux_starts_from_sd15s_vae_of_the_same_seed():
+    """flux's recipe trains sd15's VAE: the same init for the same seed (and the same data), a different one per seed."""
+    from attnproc.pipelines.shapes_train import build
+
+    def vae(kind, seed):
+        return build(kind, seed).vae.state_dict()
+
+    a, b, c = vae("flux", 0), vae("sd15", 0), vae("flux", 1)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_logit_normal_times_thin_out_the_ends():

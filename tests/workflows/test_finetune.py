@@ -135,6 +135,11 @@ def test_explicit_parameters_train_and_a_method_without_parameters_is_refused(tm
     res = finetune(cfg, pipe=pipe, params=[("proj_out.weight", pipe.transformer.proj_out.weight)], progress=False)
     saved = load_file(res.weights)
     assert list(saved) == ["proj_out.weight"] and not torch.equal(saved["proj_out.weight"], before)
+    from safetensors import safe_open
+
+    with safe_open(str(res.weights), "pt") as f:  # the record of what the weights were trained under
+        meta = f.metadata()
+    assert (meta["train"], json.loads(meta["method"]), json.loads(meta["options"])) == ("full", "radial", BASE["options"])
     with pytest.raises(ValueError, match="train: method: method 'radial' owns no trainable parameters"):
         finetune(parse_finetune_config(dict(BASE, train="method", output=str(tmp_path / "m"))), progress=False)
 
