@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--pool", type=int, default=4096, help="distinct training samples (encoded once)")
     t.add_argument("--vae-from", type=Path, default=None, help="start the VAE stage from this vae.safetensors")
     t.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1; on idle cores 2 threads are ~1.5x faster, but beside "
+                   help="torch CPU threads (default 1; on idle cores 2 threads are ~1.7x faster, but beside "
                         "another busy process they can be far slower)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
