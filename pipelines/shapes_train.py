@@ -14,13 +14,14 @@ safetensors files written atomically every ``--ckpt-every`` steps; each also exp
 pipeline (fp16) to ``--out`` (default: the packaged model folder), so a partial run is usable.
 
     python -m attnproc.pipelines.shapes train wan21   # its recipe (each kind's defaults in SPECS)
-    python -m attnproc.pipelines.shapes train flux --threads 2   # ~45 min on two idle cores
+    python -m attnproc.pipelines.shapes train flux --threads 2 --out /tmp/flux   # ~45 min on two idle cores
     python -m attnproc.pipelines.shapes train sd15 --steps 4000 --batch 32 --out /tmp/sd15
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -190,7 +191,7 @@ def _sd15_vae_init(seed: int) -> dict:
     (one image world, one latent space); from flux's own init, the same 200 steps reconstruct count right in
     72 % of held-out images against 100 %."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         _sd15_unet()
         return _image_vae().state_dict()
 
@@ -232,7 +233,16 @@ def _set_latent_stats(pipe, kind: str, seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _save_ckpt(path: Path, modules: dict, ema: dict, opt, step: int) -> None:
+def recipe_record(modules: dict, **options) -> dict:
+    """What a checkpoint must have been trained with to be resumed: ``options`` (not the step count or cool-down,
+    which a resumed run may extend) and a digest of the modules' initial weights (the seed and the code's init)."""
+    digest = hashlib.sha256()
+    for k, v in sorted(_flat(modules).items()):
+        digest.update(k.encode() + v.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return {**options, "init": digest.hexdigest()[:16]}
+
+
+def _save_ckpt(path: Path, modules: dict, ema: dict, opt, step: int, recipe: dict) -> None:
     tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in _flat(modules).items()}
     tensors.update({f"ema.{k}": v.contiguous() for k, v in ema.items()})
     for i, st in enumerate(opt.state_dict()["state"].values()):
@@ -240,16 +250,26 @@ def _save_ckpt(path: Path, modules: dict, ema: dict, opt, step: int) -> None:
             tensors[f"opt.{i}.{name}"] = torch.as_tensor(v).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    save_file(tensors, str(tmp), metadata={"step": str(step), "recipe": json.dumps(recipe, sort_keys=True)})
     os.replace(tmp, path)
 
 
-def _load_ckpt(path: Path, modules: dict, ema: dict, opt) -> int:
+def _load_ckpt(path: Path, modules: dict, ema: dict, opt, recipe: dict) -> int:
+    """Resume from ``path``; refused (nothing loaded) when it was trained with another :func:`recipe_record`
+    (files written before the record existed load unchecked)."""
     from safetensors import safe_open
 
-    tensors = load_file(str(path))
     with safe_open(str(path), "pt") as f:
-        step = int(f.metadata()["step"])
+        meta = f.metadata()
+    step = int(meta["step"])
+    if "recipe" in meta:
+        saved = json.loads(meta["recipe"])
+        diff = [f"{k} {saved.get(k)!r} -> {recipe.get(k)!r}" for k in sorted(set(saved) | set(recipe))
+                if saved.get(k) != recipe.get(k)]
+        if diff:
+            raise ValueError(f"{path} was trained with another recipe ({'; '.join(diff)}); "
+                             f"use another --work folder, or delete it to start over")
+    tensors = load_file(str(path))
     for name, mod in modules.items():
         mod.load_state_dict({k[len(f"model.{name}."):]: v for k, v in tensors.items()
                              if k.startswith(f"model.{name}.")})
@@ -293,7 +313,8 @@ def train_vae(pipe, kind: str, steps: int, batch_size: int, seed: int, work: Pat
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=spec.vae_lr, weight_decay=0.0)
     modules = {"vae": vae}
-    start = _load_ckpt(ckpt, modules, {}, opt) if ckpt.exists() else 0
+    recipe = recipe_record(modules, seed=seed, batch=batch_size, lr=spec.vae_lr, fg=spec.vae_fg)
+    start = _load_ckpt(ckpt, modules, {}, opt, recipe) if ckpt.exists() else 0
     bar = tqdm(range(start, steps), desc=f"{kind} vae", initial=start, total=steps, mininterval=10)
     for step in bar:
         x, _ = _pixels(kind, step, batch_size, seed + 1)  # whole clips: on 9 frames the Wan VAE drifts on frames 9-16
@@ -310,7 +331,7 @@ def train_vae(pipe, kind: str, steps: int, batch_size: int, seed: int, work: Pat
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % 50 == 0 or step + 1 == steps:
-            _save_ckpt(ckpt, modules, {}, opt, step + 1)
+            _save_ckpt(ckpt, modules, {}, opt, step + 1, recipe)
     vae.eval()
 
 
@@ -448,7 +469,12 @@ def train(kind: str, steps: int | None = None, batch_size: int | None = None, se
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema = {k: v.detach().clone().float() for k, v in _flat(modules).items()}
     ckpt = work / "denoiser.safetensors"
-    start = _load_ckpt(ckpt, modules, ema, opt) if ckpt.exists() else 0
+    recipe = recipe_record(modules, seed=seed, batch=batch_size, lr=lr, timesteps=timesteps, pool=pool,
+                           caption_dropout=caption_dropout)
+    start = _load_ckpt(ckpt, modules, ema, opt, recipe) if ckpt.exists() else 0
+    if start > steps:
+        raise ValueError(f"{ckpt} is at step {start}, past steps={steps}; pass --steps {start} or more, "
+                         f"or another --work folder")
     log = work / "loss.jsonl"
     latents = LatentPool(pipe, kind, pool, seed)
     bar = tqdm(range(start, steps), desc=f"{kind} denoiser", initial=start, total=steps, mininterval=10)
@@ -476,11 +502,13 @@ def train(kind: str, steps: int | None = None, batch_size: int | None = None, se
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
-            _save_ckpt(ckpt, modules, ema, opt, step + 1)
+            _save_ckpt(ckpt, modules, ema, opt, step + 1, recipe)
             with open(log, "a") as f:
                 f.write(json.dumps({"step": step + 1, "loss": float(np.mean(losses[-ckpt_every:])),
                                     "seconds": round(time.time() - t0, 1)}) + "\n")
             _export_ema(pipe, modules, ema, out)
+    if start == steps:  # nothing left to train: the export is the finished run's
+        _export_ema(pipe, modules, ema, out)
     return out
 
 

@@ -1,6 +1,7 @@
 """Shapes world: the dataset's ground truth, the detector against it, the training recipe."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -221,6 +222,24 @@ def test_training_smoke_resumes_exactly_and_loads(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "loss.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+    # a work folder is resumed only by its own recipe, and never past --steps; a refusal changes nothing
+    from attnproc.pipelines.shapes_train import train
+
+    saved = (tmp_path / "resumed" / "denoiser.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"denoiser.safetensors is at step 3, past steps=2; pass --steps 3 or more"):
+        _smoke(tmp_path, 2, "resumed")
+    with pytest.raises(ValueError, match=r"denoiser.safetensors was trained with another recipe \(lr 0.001 -> 0.002\)"):
+        train("flux", steps=4, batch_size=2, work=tmp_path / "resumed", out=tmp_path / "x", vae_steps=1,
+              vae_batch=2, ckpt_every=1, pool=4, cooldown=0, lr=2e-3)
+    with pytest.raises(ValueError, match=r"vae.safetensors was trained with another recipe \(init '[0-9a-f]+' -> "
+                                         r"'[0-9a-f]+'; seed 0 -> 1\)"):
+        train("flux", steps=4, batch_size=2, seed=1, work=tmp_path / "resumed", out=tmp_path / "x", vae_steps=1,
+              vae_batch=2, ckpt_every=1, pool=4, cooldown=0)
+    assert (tmp_path / "resumed" / "denoiser.safetensors").read_bytes() == saved and not (tmp_path / "x").exists()
+    # a finished run asked again exports its EMA again (nothing left to train)
+    shutil.rmtree(out)
+    assert _smoke(tmp_path, 3, "resumed") == out and (out / "model_index.json").exists()
+    assert (tmp_path / "resumed" / "denoiser.safetensors").read_bytes() == saved
     pipe = DiffusionPipeline.from_pretrained(out, dtype=torch.float32)
     assert type(pipe).__name__ == "FluxPipeline"
     assert pipe.transformer.dtype == torch.float32
@@ -291,6 +310,12 @@ def test_flux_starts_from_sd15s_vae_of_the_same_seed():
     a, b, c = vae("flux", 0), vae("sd15", 0), vae("flux", 1)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+    # and the rest of flux's init is what it was before (sums of seed 0's weights as the shipped run drew them):
+    # taking sd15's VAE must not shift the generator for the encoders drawn after it
+    flux = build("flux", 0)
+    sums = [float(sum(v.double().sum() for v in m.state_dict().values()))
+            for m in (flux.transformer, flux.text_encoder, flux.text_encoder_2)]
+    assert sums == pytest.approx([398.5968500310057, 334.06165918370255, 41.5278957117481], rel=1e-9)
 
 
 def test_logit_normal_times_thin_out_the_ends():
