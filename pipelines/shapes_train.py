@@ -21,7 +21,6 @@ pipeline (fp16) to ``--out`` (default: the packaged model folder), so a partial 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -236,10 +235,9 @@ def _set_latent_stats(pipe, kind: str, seed: int) -> None:
 def recipe_record(modules: dict, **options) -> dict:
     """What a checkpoint must have been trained with to be resumed: ``options`` (not the step count or cool-down,
     which a resumed run may extend) and a digest of the modules' initial weights (the seed and the code's init)."""
-    digest = hashlib.sha256()
-    for k, v in sorted(_flat(modules).items()):
-        digest.update(k.encode() + v.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return {**options, "init": digest.hexdigest()[:16]}
+    from .concepts import _digest
+
+    return {**options, "init": _digest(sorted(_flat(modules).items()))}
 
 
 def _save_ckpt(path: Path, modules: dict, ema: dict, opt, step: int, recipe: dict) -> None:
